@@ -1,0 +1,260 @@
+"""The HTTP application: a plain WSGI callable with an explicit route table.
+
+Handlers raise :class:`HTTPError`; one place renders every error as the JSON body of the spec
+(``{"error": word, "message": sentence}``) and tracebacks go to the log only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from typing import Callable, Iterable
+from wsgiref.util import FileWrapper
+
+from polykit_client.artifact import ArtifactError, Limits, is_cache_key
+
+from .config import Config
+from .metrics import Metrics
+from .storage import AlreadyStored, Storage, StorageFull
+from .verification import IncompleteBody, receive
+
+log = logging.getLogger("polykit_cache.app")
+access_log = logging.getLogger("polykit_cache.access")
+
+SEND_CHUNK = 256 * 1024
+REASONS = {
+    200: "OK", 201: "Created", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
+    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+    411: "Length Required", 413: "Content Too Large", 422: "Unprocessable Content",
+    500: "Internal Server Error", 507: "Insufficient Storage",
+}
+
+
+class HTTPError(Exception):
+    """An answer other than success; rendered as JSON by the application."""
+
+    def __init__(self, status: int, error: str, message: str, headers: Iterable[tuple[str, str]] = (), **extra: object) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.headers = list(headers)
+        self.extra = extra
+
+
+class Response:
+    """Status, headers and a body iterable; ``length`` is what the access log records."""
+
+    __slots__ = ("status", "headers", "body", "length")
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: Iterable[bytes], length: int) -> None:
+        self.status, self.headers, self.body, self.length = status, headers, body, length
+
+
+def json_response(status: int, payload: dict, headers: Iterable[tuple[str, str]] = ()) -> Response:
+    data = json.dumps(payload).encode() + b"\n"
+    head = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    return Response(status, head + list(headers), [data], len(data))
+
+
+def error_body(status: int, error: str, message: str, **extra: object) -> dict:
+    """The JSON object of every error answer."""
+    return {"error": error, "message": message, **extra}
+
+
+Handler = Callable[[dict, dict], Response]
+_KEY_PATH = r"/v1/artifacts/(?P<key>[^/]*)"
+
+
+class CacheApp:
+    """The WSGI application of one server; build it with :func:`make_app`."""
+
+    def __init__(self, config: Config, storage: Storage, metrics: Metrics) -> None:
+        self.config = config
+        self.storage = storage
+        self.metrics = metrics
+        self.limits = Limits(max_unpacked_size=config.unpacked_limit)
+        self.routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
+            (re.compile(_KEY_PATH), {"GET": self.get_artifact, "HEAD": self.head_artifact, "PUT": self.put_artifact}),
+            (re.compile(r"/healthz"), {"GET": self.healthz, "HEAD": self.healthz}),
+            (re.compile(r"/metrics"), {"GET": self.prometheus}),
+            (re.compile(r"/v1/stats"), {"GET": self.stats}),
+        ]
+
+    # --- WSGI entry --------------------------------------------------------------------------
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        started = time.perf_counter()
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        try:
+            response = self.dispatch(environ, method)
+        except HTTPError as exc:
+            response = json_response(exc.status, error_body(exc.status, exc.error, exc.message, **exc.extra), exc.headers)
+        except Exception:
+            log.exception("unexpected error answering %s %s", method, environ.get("PATH_INFO", ""))
+            response = json_response(500, error_body(500, "internal_error", "The server failed to answer; see its log."))
+        status = response.status
+        start_response(f"{status} {REASONS.get(status, 'Unknown')}", response.headers)
+        elapsed = time.perf_counter() - started
+        self.metrics.request(method, status, elapsed)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                '%s "%s %s" %d %d %.4f',
+                environ.get("REMOTE_ADDR", "-"), method, environ.get("PATH_INFO", ""), status, response.length, elapsed,
+            )
+        if method == "HEAD":
+            close = getattr(response.body, "close", None)
+            if close is not None:
+                close()
+            return []
+        return response.body
+
+    def dispatch(self, environ: dict, method: str) -> Response:
+        path = environ.get("PATH_INFO", "")
+        for pattern, handlers in self.routes:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            handler = handlers.get(method)
+            if handler is None:
+                allowed = ", ".join(sorted(handlers))
+                raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here; use {allowed}.", [("Allow", allowed)])
+            return handler(environ, match.groupdict())
+        raise HTTPError(404, "not_found", f"No such endpoint: {path}")
+
+    # --- artifacts ---------------------------------------------------------------------------
+
+    def _key(self, params: dict) -> str:
+        key = params["key"]
+        if not is_cache_key(key):
+            raise HTTPError(400, "bad_key", "A cache key is 64 lowercase hexadecimal characters (a SHA-256).")
+        return key
+
+    def _found(self, environ: dict, key: str):
+        info = self.storage.lookup(key)
+        if info is None:
+            self.metrics.lookup(False)
+            raise HTTPError(404, "not_found", f"No artifact is stored under {key}.")
+        return info
+
+    @staticmethod
+    def _artifact_headers(info) -> list[tuple[str, str]]:
+        return [
+            ("Content-Type", "application/zstd"),
+            ("Content-Length", str(info.size)),
+            ("X-Artifact-Hash", info.sha256),
+            ("ETag", f'"{info.sha256}"'),
+            # Artifacts never change once stored (first write wins).
+            ("Cache-Control", "public, max-age=31536000, immutable"),
+        ]
+
+    def _not_modified(self, environ: dict, info) -> Response | None:
+        tags = environ.get("HTTP_IF_NONE_MATCH")
+        if tags and (tags.strip() == "*" or f'"{info.sha256}"' in tags):
+            self.metrics.lookup(True)
+            return Response(304, [("ETag", f'"{info.sha256}"')], [], 0)
+        return None
+
+    def head_artifact(self, environ: dict, params: dict) -> Response:
+        """Answer from the metadata alone; the artifact file is not opened."""
+        info = self._found(environ, self._key(params))
+        cached = self._not_modified(environ, info)
+        if cached is not None:
+            return cached
+        self.metrics.lookup(True)
+        return Response(200, self._artifact_headers(info), [], 0)
+
+    def get_artifact(self, environ: dict, params: dict) -> Response:
+        key = self._key(params)
+        info = self._found(environ, key)
+        cached = self._not_modified(environ, info)
+        if cached is not None:
+            return cached
+        try:
+            fh = open(info.path, "rb")
+        except FileNotFoundError:
+            self.metrics.lookup(False)
+            raise HTTPError(404, "not_found", f"No artifact is stored under {key}.") from None
+        self.metrics.lookup(True, info.size)
+        # The server's file wrapper lets waitress's I/O thread send the file, freeing this worker.
+        wrapper = environ.get("wsgi.file_wrapper", FileWrapper)
+        return Response(200, self._artifact_headers(info), wrapper(fh, SEND_CHUNK), info.size)
+
+    def put_artifact(self, environ: dict, params: dict) -> Response:
+        key = self._key(params)
+        length = self._content_length(environ)
+        if self.storage.exists(key):
+            self.metrics.reject("exists")
+            raise HTTPError(409, "exists", f"An artifact is already stored under {key}; artifacts are immutable.")
+        try:
+            received = receive(self.storage, environ["wsgi.input"], length, key, self.limits)
+        except ArtifactError as exc:
+            self.metrics.reject(exc.reason, length)
+            raise HTTPError(422, "verification_failed", f"The artifact was refused: {exc}", reason=exc.reason) from None
+        except IncompleteBody as exc:
+            self.metrics.reject("incomplete_body")
+            raise HTTPError(400, "incomplete_body", f"The request body is incomplete: {exc}.") from None
+        except StorageFull:
+            self.metrics.reject("storage_full", length)
+            raise HTTPError(507, "storage_full", "The cache's disk is full; the artifact was not stored.") from None
+        claimed = environ.get("HTTP_X_ARTIFACT_HASH")
+        if claimed is not None and claimed.strip().lower() != received.sha256:
+            received.temp.unlink(missing_ok=True)
+            self.metrics.reject("body_hash_mismatch", received.size)
+            raise HTTPError(422, "verification_failed", "The body does not match its X-Artifact-Hash header.", reason="body_hash_mismatch")
+        try:
+            info = self.storage.publish(key, received.temp, received.size, received.sha256)
+        except AlreadyStored:
+            self.metrics.reject("exists", received.size)
+            raise HTTPError(409, "exists", f"An artifact is already stored under {key}; artifacts are immutable.") from None
+        except StorageFull:
+            self.metrics.reject("storage_full", received.size)
+            raise HTTPError(507, "storage_full", "The cache's disk is full; the artifact was not stored.") from None
+        self.metrics.upload(received.size)
+        return json_response(
+            201,
+            {"key": key, "size": info.size, "sha256": info.sha256},
+            [("Location", f"/v1/artifacts/{key}"), ("ETag", f'"{info.sha256}"')],
+        )
+
+    def _content_length(self, environ: dict) -> int:
+        raw = environ.get("CONTENT_LENGTH", "")
+        if raw in ("", None):
+            self.metrics.reject("no_length")
+            raise HTTPError(411, "length_required", "An upload needs a Content-Length header.")
+        try:
+            length = int(raw)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.metrics.reject("bad_length")
+            raise HTTPError(400, "bad_length", f"Content-Length {raw!r} is not a byte count.") from None
+        limit = self.config.max_artifact_size
+        if length > limit:
+            self.metrics.reject("too_large")
+            raise HTTPError(413, "too_large", f"The artifact is {length} bytes; the limit is {limit}.", limit=limit)
+        return length
+
+    # --- service endpoints -------------------------------------------------------------------
+
+    def healthz(self, environ: dict, params: dict) -> Response:
+        return json_response(200, {"status": "ok"})
+
+    def stats(self, environ: dict, params: dict) -> Response:
+        return json_response(200, self.metrics.stats())
+
+    def prometheus(self, environ: dict, params: dict) -> Response:
+        data = self.metrics.prometheus().encode()
+        return Response(
+            200,
+            [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Content-Length", str(len(data)))],
+            [data],
+            len(data),
+        )
+
+
+def make_app(config: Config, storage: Storage, metrics: Metrics | None = None) -> CacheApp:
+    """Build the WSGI application over an opened storage."""
+    return CacheApp(config, storage, metrics or Metrics(storage.totals))

@@ -1,0 +1,156 @@
+"""The server's settings: one frozen dataclass, fed by one table for the command line and environment.
+
+Every option ``--some-name`` can also be set as ``POLYKIT_CACHE_SOME_NAME``; the command line wins
+over the environment, which wins over the default. Sizes accept suffixes (``512M``, ``1GiB``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+ENV_PREFIX = "POLYKIT_CACHE_"
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``1073741824``, ``512M``, ``1GiB`` or ``2 GB`` (units are powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))
+    if not match:
+        raise ValueError(f"not a size: {text!r} (try 1073741824, 512M or 1GiB)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def parse_port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return port
+
+
+def parse_positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{value} must be at least 1")
+    return value
+
+
+def parse_log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"unknown log level {text!r} (debug, info, warning, error)")
+    return level
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server needs to know, decided once at start-up."""
+
+    # Root of the artifact store; created when missing.
+    storage_dir: Path = Path("cache")
+    # Address to listen on; 127.0.0.1 keeps a fresh install private. Use 0.0.0.0 for a team server.
+    bind: str = "127.0.0.1"
+    port: int = 8080
+    # Largest compressed artifact accepted (a body of exactly this size is accepted).
+    max_artifact_size: int = 1 << 30
+    # Largest decompressed size of one artifact; None means 64 x max_artifact_size.
+    max_unpacked_size: int | None = None
+    # Worker threads that run requests; waitress's own I/O thread moves the bytes.
+    threads: int = 4
+    log_level: str = "INFO"
+
+    @property
+    def unpacked_limit(self) -> int:
+        return self.max_unpacked_size if self.max_unpacked_size is not None else 64 * self.max_artifact_size
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    convert: Callable[[str], object]
+    help: str
+    aliases: tuple[str, ...] = ()
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("storage_dir", Path, "folder that holds the artifacts (default: ./cache)", metavar="DIR"),
+    Option("bind", str, "address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)", metavar="ADDR"),
+    Option("port", parse_port, "TCP port (default: 8080; 0 picks a free one)", metavar="PORT"),
+    Option(
+        "max_artifact_size",
+        parse_size,
+        "largest artifact accepted, in bytes or with a unit such as 512M (default: 1GiB)",
+        aliases=("--max-size",),
+        metavar="SIZE",
+    ),
+    Option(
+        "max_unpacked_size",
+        parse_size,
+        "largest decompressed size of one artifact (default: 64 x --max-artifact-size)",
+        metavar="SIZE",
+    ),
+    Option("threads", parse_positive, "worker threads (default: 4)", metavar="N"),
+    Option("log_level", parse_log_level, "debug, info, warning or error (default: info)", metavar="LEVEL"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare every option on a parser; defaults stay unset so the environment can fill them."""
+    for opt in OPTIONS:
+        parser.add_argument(
+            opt.flag,
+            *opt.aliases,
+            dest=opt.name,
+            default=None,
+            metavar=opt.metavar,
+            help=f"{opt.help} [env: {opt.env}]",
+        )
+
+
+def from_sources(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """Build the configuration: command line, then environment, then the defaults above."""
+    values: dict[str, object] = {}
+    for opt in OPTIONS:
+        raw = getattr(args, opt.name, None)
+        source = opt.flag
+        if raw is None and environ.get(opt.env, "") != "":
+            raw, source = environ[opt.env], opt.env
+        if raw is None:
+            continue
+        try:
+            values[opt.name] = opt.convert(raw)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+    return Config(**values)
+
+
+def describe(config: Config) -> str:
+    """The effective settings as one log line (nothing secret is held here)."""
+    parts = [f"{f.name}={getattr(config, f.name)}" for f in fields(config)]
+    parts.append(f"unpacked_limit={config.unpacked_limit}")
+    return " ".join(parts)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Parse ``serve`` options alone (used by tests and the benchmark)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return from_sources(parser.parse_args(list(argv)), os.environ if environ is None else environ)

@@ -1,0 +1,64 @@
+"""Offline maintenance of a storage folder: rehash and reverify every artifact."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from polykit_client.artifact import ArtifactError, Limits, verify_stream
+
+from .storage import Storage
+
+log = logging.getLogger("polykit_cache.maintenance")
+
+
+class _Hashing:
+    def __init__(self, fh) -> None:
+        self._fh = fh
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._fh.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+
+def check_artifact(storage: Storage, key: str, path: Path, limits: Limits) -> str | None:
+    """Why the stored artifact is corrupt, or None when its bytes and its contents both verify."""
+    info = storage.lookup(key)
+    if info is None:
+        return "metadata missing or unreadable"
+    try:
+        with open(path, "rb") as fh:
+            reader = _Hashing(fh)
+            verify_stream(reader, expected_key=key, limits=limits)
+            while reader.read(1 << 20):
+                pass
+    except ArtifactError as exc:
+        return str(exc)
+    if reader.size != info.size or reader.digest.hexdigest() != info.sha256:
+        return "bytes on disk differ from the recorded size or sha256"
+    return None
+
+
+def verify_storage(storage: Storage, limits: Limits = Limits()) -> int:
+    """Verify every artifact; move corrupt ones to ``quarantine/``. Exit status 0 or 1."""
+    quarantine = storage.root / "quarantine"
+    checked = bad = 0
+    for key, path in list(storage.keys()):
+        checked += 1
+        problem = check_artifact(storage, key, path, limits)
+        if problem is None:
+            continue
+        bad += 1
+        quarantine.mkdir(exist_ok=True)
+        for src in (path, path.with_suffix(".json")):
+            if src.exists():
+                os.replace(src, quarantine / src.name)
+        log.error("quarantined %s: %s", key, problem)
+    print(f"verified {checked} artifacts: {checked - bad} good, {bad} quarantined")
+    return 1 if bad else 0

@@ -1,0 +1,132 @@
+"""Counters for /metrics (Prometheus text format 0.0.4) and /v1/stats (JSON).
+
+Counters are plain integers behind one lock: a request touches it a few times, far less than
+the cost of the request itself, and the figures stay consistent with each other.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Callable
+
+# Request duration buckets, in seconds: from a cached HEAD to a large upload.
+BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """All counters of one server; ``stored`` reports (artifacts, bytes) from the storage."""
+
+    def __init__(self, stored: Callable[[], tuple[int, int]]) -> None:
+        self._lock = threading.Lock()
+        self._stored = stored
+        self.started = time.time()
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.hits = self.misses = 0
+        self.bytes_in = self.bytes_out = 0
+        self.uploads = 0
+        self.evictions = 0
+        self._bucket_counts = [0] * (len(BUCKETS) + 1)
+        self._duration_sum = 0.0
+
+    def request(self, method: str, status: int, seconds: float) -> None:
+        index = 0
+        while index < len(BUCKETS) and seconds > BUCKETS[index]:
+            index += 1
+        with self._lock:
+            self.requests[(method, status)] += 1
+            self._bucket_counts[index] += 1
+            self._duration_sum += seconds
+
+    def lookup(self, hit: bool, bytes_out: int = 0) -> None:
+        with self._lock:
+            if hit:
+                self.hits += 1
+                self.bytes_out += bytes_out
+            else:
+                self.misses += 1
+
+    def upload(self, size: int) -> None:
+        with self._lock:
+            self.uploads += 1
+            self.bytes_in += size
+
+    def reject(self, reason: str, size: int = 0) -> None:
+        with self._lock:
+            self.rejected[reason] += 1
+            self.bytes_in += size
+
+    def stats(self) -> dict:
+        """The JSON figures of /v1/stats."""
+        count, size = self._stored()
+        with self._lock:
+            lookups = self.hits + self.misses
+            return {
+                "uptime_seconds": round(time.time() - self.started, 3),
+                "requests": sum(self.requests.values()),
+                "requests_by_status": {str(k): v for k, v in sorted(self._by_status().items())},
+                "hits": self.hits,
+                "misses": self.misses,
+                "hit_rate": round(self.hits / lookups, 4) if lookups else None,
+                "uploads": self.uploads,
+                "uploads_rejected": dict(sorted(self.rejected.items())),
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "evictions": self.evictions,
+                "artifacts": count,
+                "stored_bytes": size,
+            }
+
+    def _by_status(self) -> Counter[int]:
+        out: Counter[int] = Counter()
+        for (_, status), n in self.requests.items():
+            out[status] += n
+        return out
+
+    def prometheus(self) -> str:
+        """The text exposition of /metrics."""
+        count, size = self._stored()
+        lines: list[str] = []
+
+        def family(name: str, kind: str, text: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP {name} {text}")
+            lines.append(f"# TYPE {name} {kind}")
+            for labels, value in samples:
+                lines.append(f"{name}{labels} {value}")
+
+        with self._lock:
+            family(
+                "polykit_cache_requests_total",
+                "counter",
+                "HTTP requests answered, by method and status.",
+                [(f'{{method="{m}",status="{s}"}}', n) for (m, s), n in sorted(self.requests.items())],
+            )
+            cumulative = 0
+            buckets = []
+            for bound, n in zip(BUCKETS, self._bucket_counts):
+                cumulative += n
+                buckets.append((f'{{le="{bound}"}}', cumulative))
+            total = cumulative + self._bucket_counts[-1]
+            buckets.append(('{le="+Inf"}', total))
+            lines.append("# HELP polykit_cache_request_duration_seconds Time to answer a request.")
+            lines.append("# TYPE polykit_cache_request_duration_seconds histogram")
+            lines.extend(f"polykit_cache_request_duration_seconds_bucket{lb} {v}" for lb, v in buckets)
+            lines.append(f"polykit_cache_request_duration_seconds_sum {self._duration_sum:.6f}")
+            lines.append(f"polykit_cache_request_duration_seconds_count {total}")
+            family("polykit_cache_hits_total", "counter", "Artifact lookups that found the key.", [("", self.hits)])
+            family("polykit_cache_misses_total", "counter", "Artifact lookups that did not.", [("", self.misses)])
+            family("polykit_cache_uploads_total", "counter", "Artifacts verified and stored.", [("", self.uploads)])
+            family(
+                "polykit_cache_uploads_rejected_total",
+                "counter",
+                "Uploads refused, by reason.",
+                [(f'{{reason="{r}"}}', n) for r, n in sorted(self.rejected.items())],
+            )
+            family("polykit_cache_received_bytes_total", "counter", "Upload body bytes read.", [("", self.bytes_in)])
+            family("polykit_cache_sent_bytes_total", "counter", "Artifact bytes served.", [("", self.bytes_out)])
+            family("polykit_cache_evictions_total", "counter", "Artifacts evicted to stay under the storage limit.", [("", self.evictions)])
+        family("polykit_cache_stored_artifacts", "gauge", "Artifacts in storage.", [("", count)])
+        family("polykit_cache_stored_bytes", "gauge", "Bytes of artifacts in storage.", [("", size)])
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,195 @@
+"""Artifacts on local disk: a sharded layout, crash-safe publication, and the running totals.
+
+Layout: ``<root>/<k[0:2]>/<k[2:4]>/<key>.zst`` with ``<key>.json`` (size, sha256, created)
+beside it; temporary files only under ``<root>/tmp/``. An artifact exists when its ``.zst``
+exists: it is linked into place with ``os.link``, which is atomic and never replaces an existing
+name, so the first writer wins and a reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from polykit_client.artifact import hash_file, is_cache_key
+
+log = logging.getLogger("polykit_cache.storage")
+
+
+class AlreadyStored(Exception):
+    """Another upload of the key was published first (first write wins)."""
+
+
+class StorageFull(Exception):
+    """The disk refused a write (ENOSPC or EDQUOT)."""
+
+
+def is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    key: str
+    size: int
+    sha256: str
+    created: float
+    path: Path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Storage:
+    """One storage folder. Thread-safe; one instance per server process."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).absolute()
+        self.tmp_dir = self.root / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.count = 0
+        self.bytes = 0
+
+    # --- paths -------------------------------------------------------------------------------
+
+    def artifact_path(self, key: str) -> Path:
+        """Where a key's artifact lives; the key must have been validated (it becomes a path)."""
+        if not is_cache_key(key):
+            raise ValueError(f"invalid cache key {key!r}")
+        return self.root / key[0:2] / key[2:4] / f"{key}.zst"
+
+    def _meta_path(self, key: str) -> Path:
+        return self.artifact_path(key).with_suffix(".json")
+
+    # --- start-up ----------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Remove stale temporaries, repair what a crash left half-published, and count what is stored."""
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    continue
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+        if removed:
+            log.info("removed %d stale temporary files", removed)
+        count = total = 0
+        for key, path in self._scan():
+            meta = self._meta_path(key)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            if not meta.exists():
+                # The artifact was verified and synced before it was linked; only its
+                # metadata was lost, so recompute it rather than throw the artifact away.
+                sha, size = hash_file(path)
+                self._write_meta(key, size, sha, path.stat().st_mtime)
+                log.warning("rebuilt missing metadata of %s", key)
+            count += 1
+            total += size
+        for meta in self.root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*.json"):
+            if not meta.with_suffix(".zst").exists():
+                meta.unlink(missing_ok=True)
+        with self._lock:
+            self.count, self.bytes = count, total
+
+    def _scan(self):
+        for top in sorted(os.scandir(self.root), key=lambda e: e.name):
+            if len(top.name) != 2 or not top.is_dir(follow_symlinks=False):
+                continue
+            for sub in os.scandir(top.path):
+                if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
+                    continue
+                for entry in os.scandir(sub.path):
+                    name = entry.name
+                    if name.endswith(".zst") and is_cache_key(name[:-4]):
+                        yield name[:-4], Path(entry.path)
+
+    def keys(self):
+        """Every stored key (with its artifact path), for maintenance commands."""
+        return self._scan()
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def lookup(self, key: str) -> ArtifactInfo | None:
+        """The stored artifact's metadata, or None when the key is not (yet) published."""
+        path = self.artifact_path(key)
+        try:
+            with open(path.with_suffix(".json"), "rb") as fh:
+                meta = json.load(fh)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            log.error("unreadable metadata for %s", key)
+            return None
+        return ArtifactInfo(key, int(meta["size"]), meta["sha256"], float(meta["created"]), path)
+
+    def exists(self, key: str) -> bool:
+        return self.artifact_path(key).exists()
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def new_temp(self) -> tuple[BinaryIO, Path]:
+        """An open temporary file in ``tmp/``, on the same filesystem as the final names."""
+        fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-", suffix=".part")
+        return os.fdopen(fd, "w+b"), Path(name)
+
+    def publish(self, key: str, temp: Path, size: int, sha256: str) -> ArtifactInfo:
+        """Link a verified, synced temporary file into place; raise AlreadyStored if the key exists."""
+        final = self.artifact_path(key)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(temp, final)
+            except FileExistsError:
+                raise AlreadyStored(key) from None
+            created = time.time()
+            self._write_meta(key, size, sha256, created)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            if is_disk_full(exc):
+                if final.exists() and not self._meta_path(key).exists():
+                    final.unlink(missing_ok=True)
+                raise StorageFull(str(exc)) from None
+            raise
+        finally:
+            temp.unlink(missing_ok=True)
+        with self._lock:
+            self.count += 1
+            self.bytes += size
+        return ArtifactInfo(key, size, sha256, created, final)
+
+    def _write_meta(self, key: str, size: int, sha256: str, created: float) -> None:
+        meta = self._meta_path(key)
+        data = json.dumps({"size": size, "sha256": sha256, "created": created}).encode()
+        fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="meta-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(name, meta)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+
+    def totals(self) -> tuple[int, int]:
+        """(artifacts stored, bytes stored), kept current without touching the disk."""
+        with self._lock:
+            return self.count, self.bytes

@@ -1,0 +1,85 @@
+"""Receiving an upload: copy the body to a temporary file while hashing and verifying it, in one pass.
+
+The body is read in bounded chunks; the same bytes feed the SHA-256 of the body, the temporary
+file and the artifact verifier (zstd -> tar -> manifest), so memory does not grow with the
+artifact and nothing is read twice. Only a body that verified completely is fsynced and
+handed back for publication; on any failure the temporary file is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from polykit_client.artifact import ArtifactError, Limits, verify_stream
+
+from .storage import Storage, StorageFull, is_disk_full
+
+
+class IncompleteBody(Exception):
+    """The request body ended before its Content-Length."""
+
+
+@dataclass(frozen=True)
+class Received:
+    temp: Path
+    size: int
+    sha256: str
+
+
+class _Tee:
+    """Reads at most ``length`` bytes of the body, hashing them and copying them to ``out``."""
+
+    def __init__(self, body: BinaryIO, length: int, out: BinaryIO) -> None:
+        self._body = body
+        self._left = length
+        self._out = out
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        want = self._left if size is None or size < 0 else min(size, self._left)
+        data = self._body.read(want)
+        if not data:
+            raise IncompleteBody(f"body ended after {self.size} of {self.size + self._left} bytes")
+        self._left -= len(data)
+        self.size += len(data)
+        self.digest.update(data)
+        self._out.write(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def receive(storage: Storage, body: BinaryIO, length: int, key: str, limits: Limits) -> Received:
+    """Store the body in a verified, synced temporary file, or raise and leave nothing behind.
+
+    Raises ArtifactError (422), IncompleteBody (400) or StorageFull (507).
+    """
+    out, temp = storage.new_temp()
+    try:
+        with out:
+            tee = _Tee(body, length, out)
+            verify_stream(tee, expected_key=key, limits=limits)
+            tee.drain()  # zstd reads to EOF already; this only guards the byte count
+            out.flush()
+            os.fsync(out.fileno())
+        return Received(temp, tee.size, tee.digest.hexdigest())
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise StorageFull(str(exc)) from None
+        raise
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["ArtifactError", "IncompleteBody", "Received", "receive"]
