@@ -54,7 +54,6 @@ def waitress_settings(config: Config) -> dict:
         "max_request_body_size": config.max_artifact_size + 1,
         # Large receive buffers: 8 KiB reads cap uploads at a few hundred MB/s.
         "recv_bytes": 256 * 1024,
-        "send_bytes": 256 * 1024,
         "asyncore_use_poll": True,
         "ident": "polykit-cache",
         "clear_untrusted_proxy_headers": True,
@@ -86,11 +85,12 @@ class Server:
             signal.signal(signal.SIGTERM, _raise_exit)
             signal.signal(signal.SIGINT, _raise_exit)
         try:
-            self._server.run()
+            self._server.run()  # returns (after closing) on SystemExit or KeyboardInterrupt
         except (SystemExit, KeyboardInterrupt):
-            log.info("stopping")
+            pass
         finally:
             self.close()
+        log.info("stopped")
 
     def close(self) -> None:
         if not self._closed.is_set():

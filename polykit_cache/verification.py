@@ -19,6 +19,10 @@ from polykit_client.artifact import ArtifactError, Limits, verify_stream
 from .storage import Storage, StorageFull, is_disk_full
 
 
+WRITEBACK_STEP = 8 << 20
+_FADVISE = getattr(os, "posix_fadvise", None)
+
+
 class IncompleteBody(Exception):
     """The request body ended before its Content-Length."""
 
@@ -39,6 +43,7 @@ class _Tee:
         self._out = out
         self.digest = hashlib.sha256()
         self.size = 0
+        self._flushed = 0
 
     def read(self, size: int = -1) -> bytes:
         if self._left <= 0:
@@ -51,7 +56,18 @@ class _Tee:
         self.size += len(data)
         self.digest.update(data)
         self._out.write(data)
+        if self.size - self._flushed >= WRITEBACK_STEP:
+            self._start_writeback()
         return data
+
+    def _start_writeback(self) -> None:
+        # Start the disk write of what we have so far without waiting for it (on Linux,
+        # FADV_DONTNEED begins writeback of dirty pages), so the final fsync only waits for
+        # the tail instead of the whole artifact, and big uploads do not flood the page cache.
+        self._out.flush()
+        if _FADVISE is not None:
+            _FADVISE(self._out.fileno(), self._flushed, self.size - self._flushed, os.POSIX_FADV_DONTNEED)
+        self._flushed = self.size
 
     def drain(self) -> None:
         while self.read(1 << 20):

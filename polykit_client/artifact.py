@@ -175,15 +175,23 @@ class Sink(Protocol):
 
 
 class _Counter:
-    """Counts decompressed bytes and stops at the bound, whatever the frame header claims."""
+    """Counts decompressed bytes and stops at the bound, whatever the frame header claims.
+
+    It also remembers where the last non-zero byte was, so data hidden after the end of the
+    tar archive is found even when ``tarfile`` has already buffered it.
+    """
 
     def __init__(self, raw: BinaryIO, limit: int) -> None:
         self._raw = raw
         self._limit = limit
         self.count = 0
+        self.last_nonzero = -1
 
     def read(self, size: int = -1) -> bytes:
         data = self._raw.read(size)
+        used = len(data.rstrip(b"\0"))
+        if used:
+            self.last_nonzero = self.count + used - 1
         self.count += len(data)
         if self.count > self._limit:
             raise ArtifactError(
@@ -214,8 +222,10 @@ def verify_stream(
         meta = _read_metadata_member(tar, limits)
         members = check_manifest(meta, expected_key, limits)
         count = 1
+        end = tar.offset
         while (info := tar.next()) is not None:
             count += 1
+            end = info.offset_data + (-(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if info.isreg() else 0)
             if count > limits.max_members:
                 raise ArtifactError("too_many_members", f"artifact has more than {limits.max_members} members")
             _verify_member(tar, info, members, sink)
@@ -224,12 +234,10 @@ def verify_stream(
             missing = ", ".join(sorted(members)[:5])
             raise ArtifactError("missing_member", f"artifact lacks members its metadata lists: {missing}")
         # The rest of the stream is the tar's zero padding; anything else is smuggled data.
-        while True:
-            rest = counter.read(CHUNK)
-            if not rest:
-                break
-            if rest.count(0) != len(rest):
-                raise ArtifactError("trailing_data", "artifact has data after the end of its tar archive")
+        while counter.read(CHUNK):
+            pass
+        if counter.last_nonzero >= end:
+            raise ArtifactError("trailing_data", "artifact has data after the end of its tar archive")
     except zstd.ZstdError as exc:
         raise ArtifactError("bad_zstd", str(exc)) from None
     except _tar_errors() as exc:

@@ -1,0 +1,239 @@
+"""Helpers shared by the tests: artifacts built by hand, WSGI calls, and real servers."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from wsgiref.util import setup_testing_defaults
+from wsgiref.validate import validator
+
+import zstandard
+
+from polykit_cache.app import make_app
+from polykit_cache.config import Config
+from polykit_cache.server import Server
+from polykit_cache.storage import Storage
+from polykit_client import artifact
+
+KEY = "ab" * 32
+OTHER_KEY = "cd" * 32
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def key_for(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def zst(data: bytes, level: int = 3) -> bytes:
+    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- artifacts --------------------------------------------------------------------------------
+
+
+def pack_tree(tmp: Path, files: dict[str, bytes], key: str = KEY, log: bytes = b"built\n") -> bytes:
+    """A real artifact of the given files, made by the project's own packer."""
+    root = tmp / f"src-{key[:8]}-{len(files)}"
+    root.mkdir(parents=True, exist_ok=True)
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    buf = io.BytesIO()
+    artifact.pack(buf, root, sorted(files), {"package": "web", "task": "build"}, log=log, cache_key=key)
+    return buf.getvalue()
+
+
+def member(name: str, data: bytes = b"", *, kind: bytes = tarfile.REGTYPE, mode: int = 0o644,
+           linkname: str = "", size: int | None = None) -> dict:
+    return {"name": name, "data": data, "kind": kind, "mode": mode, "linkname": linkname, "size": size}
+
+
+def raw_tar(members: list[dict]) -> bytes:
+    """A tar archive written member by member, with no checks: for building bad artifacts."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for m in members:
+            info = tarfile.TarInfo(m["name"])
+            info.type = m["kind"]
+            info.mode = m["mode"]
+            info.linkname = m["linkname"]
+            data = m["data"]
+            info.size = len(data) if m["size"] is None else m["size"]
+            tar.addfile(info, io.BytesIO(data) if info.type == tarfile.REGTYPE else None)
+    return buf.getvalue()
+
+
+def manifest(files: dict[str, bytes], *, key: str = KEY, symlinks: dict | None = None,
+             dirs: tuple[str, ...] = (), log: bytes = b"") -> dict:
+    listing: dict = {p: {"sha256": sha(d), "size": len(d), "mode": 0o644} for p, d in files.items()}
+    listing.update({d: {"type": "dir", "mode": 0o755} for d in dirs})
+    return {
+        "format": 1, "cache_key": key, "package": "web", "task": "build", "command": "make",
+        "created_at": 0, "duration_ms": 1, "exit_code": 0,
+        "files": listing, "symlinks": symlinks or {},
+        "logs": {"output.log": {"sha256": sha(log), "size": len(log)}},
+    }
+
+
+def craft(files: dict[str, bytes], *, key: str = KEY, meta: dict | None = None, extra: list[dict] = (),
+          symlinks: dict | None = None, log: bytes = b"", drop: tuple[str, ...] = ()) -> bytes:
+    """A zstd artifact whose members follow ``files``; ``meta``/``extra``/``drop`` make it wrong."""
+    meta = manifest(files, key=key, symlinks=symlinks, log=log) if meta is None else meta
+    blob = json.dumps(meta).encode()
+    members = [member("polykit-artifact.json", blob)]
+    members += [member("outputs/" + p, d) for p, d in sorted(files.items())]
+    members += [member("outputs/" + p, kind=tarfile.SYMTYPE, linkname=t, mode=0o777) for p, t in (symlinks or {}).items()]
+    members.append(member("logs/output.log", log))
+    members = [m for m in members if m["name"] not in drop] + list(extra)
+    return zst(raw_tar(members))
+
+
+# --- WSGI -------------------------------------------------------------------------------------
+
+
+class Reply:
+    def __init__(self, status: str, headers: list, body: bytes) -> None:
+        self.status = int(status.split()[0])
+        self.headers = {k.lower(): v for k, v in headers}
+        self.body = body
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+class ExplodingInput:
+    """A request body that must never be read (for limits refused from the headers alone)."""
+
+    def read(self, *args):
+        raise AssertionError("the body was read")
+
+    readline = read
+    readlines = read
+
+    def __iter__(self):
+        raise AssertionError("the body was read")
+
+
+def call(app, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+         body_stream=None) -> Reply:
+    """One request through the WSGI app, checked by wsgiref's validator; no socket."""
+    environ: dict = {"REQUEST_METHOD": method, "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": ""}
+    setup_testing_defaults(environ)
+    environ["wsgi.input"] = body_stream if body_stream is not None else io.BytesIO(body or b"")
+    if body is not None:
+        environ["CONTENT_LENGTH"] = str(len(body))
+    for name, value in (headers or {}).items():
+        if name.lower() == "content-length":
+            environ["CONTENT_LENGTH"] = value
+        else:
+            environ["HTTP_" + name.upper().replace("-", "_")] = value
+    captured: dict = {}
+
+    def start_response(status, response_headers, exc_info=None):
+        captured["status"], captured["headers"] = status, response_headers
+        return lambda data: None
+
+    checked = validator(app) if body_stream is None else app
+    result = checked(environ, start_response)
+    try:
+        data = b"".join(result)
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    return Reply(captured["status"], captured["headers"], data)
+
+
+def new_app(storage_dir: Path, **settings):
+    config = Config(storage_dir=storage_dir, **settings)
+    storage = Storage(storage_dir)
+    storage.recover()
+    return make_app(config, storage)
+
+
+# --- real servers -----------------------------------------------------------------------------
+
+
+@contextmanager
+def thread_server(storage_dir: Path, **settings):
+    """The real waitress server on a free loopback port, in this process."""
+    config = Config(storage_dir=storage_dir, port=0, **settings)
+    app = new_app(storage_dir, **settings)
+    server = Server(app, config)
+    thread = threading.Thread(target=server.run, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+    try:
+        yield server.port, app
+    finally:
+        server.close()
+        thread.join(10)
+
+
+class ServerProcess:
+    """``python -m polykit_cache`` as a child process; its log goes to a file (pipes can fill)."""
+
+    def __init__(self, storage_dir: Path, log_path: Path, *args: str) -> None:
+        self.log_path = log_path
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "polykit_cache", "--port", "0", "--storage-dir", str(storage_dir), *args],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        self.port = self._wait_port()
+
+    def _wait_port(self) -> int:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            found = re.findall(r"serving on http://127\.0\.0\.1:(\d+)", text)
+            if found:
+                return int(found[-1])
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{text}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("server did not start in 20 s")
+
+    def peak_rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmHWM")
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+        return self.proc.returncode
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+            timeout: float = 60):
+    """One request over a real socket; returns (status, headers dict, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+    finally:
+        conn.close()

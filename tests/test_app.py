@@ -1,0 +1,212 @@
+"""The WSGI application called directly (no socket): every status code and JSON error body."""
+
+import io
+import os
+
+import pytest
+
+from support import KEY, OTHER_KEY, ExplodingInput, call, craft, key_for, manifest, new_app, pack_tree, sha
+
+ART = f"/v1/artifacts/{KEY}"
+
+
+def assert_error(reply, status, word):
+    assert reply.status == status, reply.body
+    assert reply.headers["content-type"] == "application/json"
+    body = reply.json()
+    assert body["error"] == word
+    assert isinstance(body["message"], str) and body["message"]
+    return body
+
+
+def test_put_then_get_and_head(app, tmp_path):
+    blob = pack_tree(tmp_path, {"dist/a.js": b"x" * 100})
+    put = call(app, "PUT", ART, blob)
+    assert put.status == 201
+    assert put.json() == {"key": KEY, "size": len(blob), "sha256": sha(blob)}
+    get = call(app, "GET", ART)
+    assert get.status == 200 and get.body == blob
+    assert get.headers["content-type"] == "application/zstd"
+    assert get.headers["content-length"] == str(len(blob))
+    assert get.headers["x-artifact-hash"] == sha(blob)
+    assert get.headers["etag"] == f'"{sha(blob)}"'
+    head = call(app, "HEAD", ART)
+    assert head.status == 200 and head.body == b""
+    for name in ("content-type", "content-length", "x-artifact-hash", "etag"):
+        assert head.headers[name] == get.headers[name]
+
+
+def test_first_write_wins(app, tmp_path):
+    first = pack_tree(tmp_path, {"a": b"first"})
+    second = pack_tree(tmp_path, {"a": b"second"})
+    assert call(app, "PUT", ART, first).status == 201
+    assert_error(call(app, "PUT", ART, second), 409, "exists")
+    assert call(app, "GET", ART).body == first
+
+
+def test_if_none_match_gives_304(app, tmp_path):
+    blob = pack_tree(tmp_path, {"a": b"x"})
+    call(app, "PUT", ART, blob)
+    reply = call(app, "GET", ART, headers={"If-None-Match": f'"{sha(blob)}"'})
+    assert reply.status == 304 and reply.body == b""
+
+
+def test_missing_artifact_is_404(app):
+    assert_error(call(app, "GET", ART), 404, "not_found")
+    head = call(app, "HEAD", ART)
+    assert head.status == 404 and head.body == b""
+
+
+@pytest.mark.parametrize("key", ["abc", "AB" * 32, "g" * 64, "ab" * 33, KEY + ".zst", "..%2f" + KEY[5:]])
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT"])
+def test_bad_keys_are_400(app, key, method):
+    reply = call(app, method, f"/v1/artifacts/{key}", b"x" if method == "PUT" else None)
+    assert reply.status == 400
+    if method != "HEAD":
+        assert_error(reply, 400, "bad_key")
+
+
+def test_put_without_length_is_411(app):
+    assert_error(call(app, "PUT", ART), 411, "length_required")
+
+
+def test_put_with_a_bad_length_is_400(app):
+    assert_error(call(app, "PUT", ART, headers={"Content-Length": "ten"}, body_stream=io.BytesIO(b"")), 400, "bad_length")
+
+
+def test_limit_is_refused_from_content_length_before_the_body_is_read(tmp_path):
+    app = new_app(tmp_path / "s", max_artifact_size=1000)
+    reply = call(app, "PUT", ART, headers={"Content-Length": "1001"}, body_stream=ExplodingInput())
+    body = assert_error(reply, 413, "too_large")
+    assert body["limit"] == 1000
+
+
+def test_a_body_of_exactly_the_limit_is_accepted(tmp_path):
+    blob = pack_tree(tmp_path, {"a": os.urandom(2000)})
+    at_limit = new_app(tmp_path / "s1", max_artifact_size=len(blob))
+    assert call(at_limit, "PUT", ART, blob).status == 201
+    below = new_app(tmp_path / "s2", max_artifact_size=len(blob) - 1)
+    assert_error(call(below, "PUT", ART, blob), 413, "too_large")
+
+
+MALFORMED = {
+    "not zstd": b"plain text, not an artifact",
+    "zstd but not tar": __import__("support").zst(b"x" * 4096),
+    "metadata for another key": craft({"a": b"1"}, meta=manifest({"a": b"1"}, key=OTHER_KEY)),
+    "hash mismatch": craft({"a": b"1"}, meta=manifest({"a": b"2"})),
+    "symlink out": craft({}, symlinks={"x": "../../../etc/passwd"}),
+    "truncated": craft({"a": os.urandom(10_000)})[:-100],
+    "empty body": b"",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_uploads_are_422_and_nothing_is_stored(app, case):
+    body = assert_error(call(app, "PUT", ART, MALFORMED[case]), 422, "verification_failed")
+    assert body["reason"]
+    assert call(app, "HEAD", ART).status == 404
+    store = app.storage.root
+    assert not list(store.rglob("*.zst")) and not list(store.rglob("*.json"))
+    assert not any((store / "tmp").iterdir())
+    stats = call(app, "GET", "/v1/stats").json()
+    assert stats["uploads_rejected"] == {body["reason"]: 1}
+    assert stats["artifacts"] == 0
+
+
+def test_x_artifact_hash_on_put_is_checked(app, tmp_path):
+    blob = pack_tree(tmp_path, {"a": b"x"})
+    body = assert_error(call(app, "PUT", ART, blob, headers={"X-Artifact-Hash": "0" * 64}), 422, "verification_failed")
+    assert body["reason"] == "body_hash_mismatch"
+    assert call(app, "PUT", ART, blob, headers={"X-Artifact-Hash": sha(blob)}).status == 201
+
+
+def test_a_body_shorter_than_its_length_is_400(app, tmp_path):
+    blob = pack_tree(tmp_path, {"a": os.urandom(5000)})
+    reply = call(app, "PUT", ART, headers={"Content-Length": str(len(blob) + 10)}, body_stream=io.BytesIO(blob))
+    assert_error(reply, 400, "incomplete_body")
+    assert not any((app.storage.root / "tmp").iterdir())
+
+
+def test_unknown_path_is_404_and_wrong_method_is_405(app):
+    assert_error(call(app, "GET", "/v2/nothing"), 404, "not_found")
+    reply = call(app, "DELETE", ART)
+    assert_error(reply, 405, "method_not_allowed")
+    assert reply.headers["allow"] == "GET, HEAD, PUT"
+    assert_error(call(app, "POST", "/healthz", b""), 405, "method_not_allowed")
+
+
+def test_healthz(app):
+    reply = call(app, "GET", "/healthz")
+    assert reply.status == 200 and reply.json() == {"status": "ok"}
+
+
+def test_stats_and_metrics_follow_the_traffic(app, tmp_path):
+    blob = pack_tree(tmp_path, {"a": b"x" * 10})
+    call(app, "PUT", ART, blob)
+    call(app, "GET", ART)
+    call(app, "HEAD", ART)
+    call(app, "GET", f"/v1/artifacts/{OTHER_KEY}")
+    call(app, "PUT", f"/v1/artifacts/{OTHER_KEY}", b"junk")
+    stats = call(app, "GET", "/v1/stats").json()
+    assert stats["hits"] == 2 and stats["misses"] == 1
+    assert stats["hit_rate"] == round(2 / 3, 4)
+    assert stats["uploads"] == 1 and stats["uploads_rejected"] == {"bad_zstd": 1}
+    assert stats["bytes_out"] == len(blob)
+    assert stats["bytes_in"] == len(blob) + 4
+    assert stats["artifacts"] == 1 and stats["stored_bytes"] == len(blob)
+    assert stats["evictions"] == 0
+    text = call(app, "GET", "/metrics")
+    assert text.headers["content-type"].startswith("text/plain; version=0.0.4")
+    lines = text.body.decode().splitlines()
+    assert 'polykit_cache_requests_total{method="PUT",status="201"} 1' in lines
+    assert 'polykit_cache_requests_total{method="GET",status="404"} 1' in lines
+    assert "polykit_cache_hits_total 2" in lines
+    assert "polykit_cache_misses_total 1" in lines
+    assert 'polykit_cache_uploads_rejected_total{reason="bad_zstd"} 1' in lines
+    assert "polykit_cache_stored_artifacts 1" in lines
+    assert f"polykit_cache_stored_bytes {len(blob)}" in lines
+    assert f"polykit_cache_sent_bytes_total {len(blob)}" in lines
+    assert "polykit_cache_evictions_total 0" in lines
+    assert any(line.startswith('polykit_cache_request_duration_seconds_bucket{le="+Inf"}') for line in lines)
+
+
+def test_storage_layout_and_metadata_file(app, tmp_path):
+    key = key_for("layout")
+    blob = pack_tree(tmp_path, {"a": b"x"}, key=key)
+    assert call(app, "PUT", f"/v1/artifacts/{key}", blob).status == 201
+    path = app.storage.root / key[:2] / key[2:4] / f"{key}.zst"
+    assert path.read_bytes() == blob
+    meta = __import__("json").loads(path.with_suffix(".json").read_text())
+    assert meta["size"] == len(blob) and meta["sha256"] == sha(blob) and meta["created"] > 0
+
+
+def test_an_unexpected_error_is_a_json_500_and_the_app_keeps_serving(app, tmp_path, caplog):
+    blob = pack_tree(tmp_path, {"a": b"x"})
+    call(app, "PUT", ART, blob)
+    # Corrupt the metadata file by hand: the handler fails, the error is rendered, logged.
+    meta = app.storage.artifact_path(KEY).with_suffix(".json")
+    meta.write_text('{"size": "many"}')
+    reply = call(app, "GET", ART)
+    assert_error(reply, 500, "internal_error")
+    assert "Traceback" not in reply.body.decode()
+    assert call(app, "GET", "/healthz").status == 200
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_is_507_and_leaves_nothing_partial(tmp_path):
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("tmpfs mount not permitted here")
+    try:
+        app = new_app(mount)
+        blob = pack_tree(tmp_path, {"big": os.urandom(400_000)})
+        assert_error(call(app, "PUT", ART, blob), 507, "storage_full")
+        assert not list(mount.rglob("*.zst")) and not any((mount / "tmp").iterdir())
+        small = pack_tree(tmp_path, {"a": b"x"}, key=OTHER_KEY)
+        assert call(app, "PUT", f"/v1/artifacts/{OTHER_KEY}", small).status == 201
+        assert call(app, "GET", f"/v1/artifacts/{OTHER_KEY}").body == small
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])

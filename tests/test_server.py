@@ -1,0 +1,202 @@
+"""The real waitress server on a loopback port: the wire, concurrency, crashes and big artifacts."""
+
+import hashlib
+import http.client
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from polykit_client import artifact
+from support import KEY, ServerProcess, key_for, pack_tree, request, sha, thread_server
+
+ART = f"/v1/artifacts/{KEY}"
+
+
+def test_round_trip_over_a_socket(tmp_path):
+    blob = pack_tree(tmp_path, {"dist/app.js": os.urandom(70_000)})
+    with thread_server(tmp_path / "store") as (port, _):
+        status, _, body = request(port, "PUT", ART, blob)
+        assert status == 201, body
+        status, headers, body = request(port, "GET", ART)
+        assert status == 200 and body == blob
+        assert headers["x-artifact-hash"] == sha(blob) and headers["content-length"] == str(len(blob))
+        status, headers, body = request(port, "HEAD", ART)
+        assert status == 200 and body == b"" and headers["content-length"] == str(len(blob))
+        status, _, body = request(port, "PUT", ART, blob)
+        assert status == 409 and json.loads(body)["error"] == "exists"
+        status, _, body = request(port, "GET", "/healthz")
+        assert (status, json.loads(body)) == (200, {"status": "ok"})
+
+
+def test_over_limit_is_a_json_413_from_the_headers_alone(tmp_path):
+    with thread_server(tmp_path / "store", max_artifact_size=1000) as (port, _):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.putrequest("PUT", ART)
+        conn.putheader("Content-Length", str(10 << 30))  # 10 GiB promised, none sent
+        conn.endheaders()
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        conn.close()
+        assert resp.status == 413
+        assert resp.getheader("Content-Type") == "application/json"
+        assert body["error"] == "too_large" and body["message"]
+        # A body of exactly the limit passes waitress's check (it refuses at >= its setting).
+        status, _, body = request(port, "PUT", ART, b"x" * 1000)
+        assert status == 422  # reached the application, which verified it
+
+
+def test_a_malformed_request_gets_a_json_400_and_the_server_keeps_serving(tmp_path):
+    with thread_server(tmp_path / "store") as (port, _):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"PUT /v1/artifacts/x HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400")
+        assert json.loads(body)["error"] == "bad_request"
+        assert request(port, "GET", "/healthz")[0] == 200
+
+
+def test_eight_concurrent_uploads_of_one_key_give_exactly_one_201(tmp_path):
+    blobs = [pack_tree(tmp_path / str(i), {"a": os.urandom(300_000)}) for i in range(8)]
+    with thread_server(tmp_path / "store", threads=8) as (port, _):
+        barrier = threading.Barrier(8)
+        statuses = [None] * 8
+
+        def upload(i):
+            barrier.wait()
+            statuses[i] = request(port, "PUT", ART, blobs[i])[0]
+
+        threads = [threading.Thread(target=upload, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(statuses) == [201] + [409] * 7
+        winner = blobs[statuses.index(201)]
+        assert request(port, "GET", ART)[2] == winner
+    assert not any((tmp_path / "store" / "tmp").iterdir())
+
+
+def stream_upload(port: int, path: str, file: Path) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300, blocksize=256 * 1024)
+    try:
+        with open(file, "rb") as fh:
+            conn.request("PUT", path, body=fh, headers={"Content-Length": str(file.stat().st_size)})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def stream_download(port: int, path: str) -> tuple[int, str, str]:
+    """Download without keeping the body: (size, sha256 of the body, X-Artifact-Hash)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        digest, size = hashlib.sha256(), 0
+        while chunk := resp.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        return size, digest.hexdigest(), resp.getheader("X-Artifact-Hash")
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def big_artifact(tmp_path_factory):
+    """A 300 MiB incompressible artifact on disk (never in memory)."""
+    root = tmp_path_factory.mktemp("big")
+    src = root / "src"
+    (src / "dist").mkdir(parents=True)
+    with open(src / "dist" / "blob.bin", "wb") as fh:
+        for _ in range(300):
+            fh.write(os.urandom(1 << 20))
+    key = key_for("big")
+    out = root / "big.zst"
+    with open(out, "wb") as fh:
+        artifact.pack(fh, src, ["dist"], {"package": "big", "task": "build"}, log=b"", cache_key=key)
+    (src / "dist" / "blob.bin").unlink()
+    return key, out
+
+
+def test_a_300_mib_artifact_round_trips_with_flat_server_memory(tmp_path, big_artifact):
+    key, blob = big_artifact
+    server = ServerProcess(tmp_path / "store", tmp_path / "server.log")
+    try:
+        path = f"/v1/artifacts/{key}"
+        assert stream_upload(server.port, path, blob) == 201
+        size, digest, claimed = stream_download(server.port, path)
+        expected = hashlib.sha256(blob.read_bytes()).hexdigest()
+        assert size == blob.stat().st_size and digest == expected == claimed
+        assert (tmp_path / "store" / key[:2] / key[2:4] / f"{key}.zst").read_bytes() == blob.read_bytes()
+        peak = server.peak_rss_kib()
+        assert peak < 100 * 1024, f"server peak RSS {peak} KiB"
+    finally:
+        server.stop()
+
+
+def test_sigkill_during_an_upload_leaves_nothing_and_the_key_can_be_uploaded_again(tmp_path, big_artifact):
+    key, blob = big_artifact
+    store = tmp_path / "store"
+    path = f"/v1/artifacts/{key}"
+    server = ServerProcess(store, tmp_path / "server.log")
+    uploader = threading.Thread(target=lambda: _ignore_errors(stream_upload, server.port, path, blob), daemon=True)
+    uploader.start()
+    # waitress spools the body first; kill once the application is writing its temporary file.
+    deadline = time.monotonic() + 60
+    while not list((store / "tmp").glob("upload-*")):
+        assert time.monotonic() < deadline, "the upload never reached the application"
+        time.sleep(0.005)
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    server.log.close()
+    uploader.join(30)
+    assert not (store / key[:2] / key[2:4] / f"{key}.zst").exists()
+
+    restarted = ServerProcess(store, tmp_path / "server2.log")
+    try:
+        assert not any((store / "tmp").iterdir()), "stale temporary files survived the restart"
+        assert request(restarted.port, "HEAD", path)[0] == 404
+        assert stream_upload(restarted.port, path, blob) == 201
+        assert request(restarted.port, "HEAD", path)[0] == 200
+    finally:
+        restarted.stop()
+
+
+def _ignore_errors(fn, *args):
+    try:
+        fn(*args)
+    except OSError:
+        pass
+
+
+def test_sigterm_stops_the_server_cleanly(tmp_path):
+    server = ServerProcess(tmp_path / "store", tmp_path / "server.log")
+    assert request(server.port, "GET", "/healthz")[0] == 200
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(15) == 0
+    server.log.close()
+    assert "stopped" in (tmp_path / "server.log").read_text()
+
+
+def test_start_up_logs_the_settings_and_an_access_line_per_request(tmp_path):
+    server = ServerProcess(tmp_path / "store", tmp_path / "server.log", "--max-size", "5M")
+    try:
+        request(server.port, "GET", f"/v1/artifacts/{KEY}")
+    finally:
+        server.stop()
+    text = (tmp_path / "server.log").read_text()
+    assert f"max_artifact_size={5 << 20}" in text
+    assert "no access tokens are configured" in text
+    assert f'"GET /v1/artifacts/{KEY}" 404' in text

@@ -1,0 +1,51 @@
+"""Storage recovery after crashes, and the offline ``verify`` command."""
+
+import json
+import subprocess
+import sys
+
+from polykit_cache.storage import Storage
+from support import KEY, OTHER_KEY, call, key_for, new_app, pack_tree, sha
+
+
+def test_recover_removes_temporaries_and_repairs_half_published_artifacts(tmp_path):
+    store = tmp_path / "store"
+    app = new_app(store)
+    blob = pack_tree(tmp_path, {"a": b"x"})
+    assert call(app, "PUT", f"/v1/artifacts/{KEY}", blob).status == 201
+    (store / "tmp" / "upload-stale.part").write_bytes(b"half an upload")
+    path = app.storage.artifact_path(KEY)
+    path.with_suffix(".json").unlink()  # a crash between the link and the metadata write
+    orphan = app.storage.artifact_path(OTHER_KEY).with_suffix(".json")
+    orphan.parent.mkdir(parents=True)
+    orphan.write_text("{}")  # metadata without its artifact
+
+    storage = Storage(store)
+    storage.recover()
+    assert not any((store / "tmp").iterdir())
+    assert json.loads(path.with_suffix(".json").read_text())["sha256"] == sha(blob)
+    assert not orphan.exists()
+    assert storage.totals() == (1, len(blob))
+
+
+def test_verify_quarantines_corrupt_artifacts(tmp_path):
+    store = tmp_path / "store"
+    app = new_app(store)
+    good, bad = key_for("good"), key_for("bad")
+    for key in (good, bad):
+        assert call(app, "PUT", f"/v1/artifacts/{key}", pack_tree(tmp_path, {"a": b"x" * 1000}, key=key)).status == 201
+    cmd = [sys.executable, "-m", "polykit_cache", "verify", "--storage-dir", str(store)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "verified 2 artifacts: 2 good, 0 quarantined" in out.stdout
+
+    path = app.storage.artifact_path(bad)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit on disk
+    path.write_bytes(bytes(data))
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "1 quarantined" in out.stdout and bad in out.stderr
+    assert (store / "quarantine" / f"{bad}.zst").exists() and not path.exists()
+    assert app.storage.lookup(good) is not None
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
