@@ -1,0 +1,191 @@
+"""The ``polykit`` command: scan, graph, build, test and run, with the local and remote caches."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+UPLOAD_WAIT_SECONDS = 120.0
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-C", "--cwd", default=None, metavar="DIR", help="run as if started in DIR")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _build_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("packages", nargs="*", metavar="PACKAGE", help="packages to run (default: every package with the task)")
+    parser.add_argument("-j", "--parallel", type=int, default=None, metavar="N",
+                        help="tasks run at once (default: [workspace] default_parallel, else the CPU count)")
+    parser.add_argument("--continue-on-error", action="store_true", help="after a failure, go on with tasks that do not depend on it")
+    parser.add_argument("--dry-run", action="store_true", help="compute and print every task's cache key; run nothing")
+    parser.add_argument("--no-cache", action="store_true", help="run every command; neither read nor write any cache")
+    parser.add_argument("--remote-cache-url", default=None, metavar="URL", help="remote cache server [env: POLYKIT_REMOTE_CACHE_URL]")
+    parser.add_argument("--remote-cache-readonly", action="store_true",
+                        help="download from the remote cache, never upload [env: POLYKIT_REMOTE_CACHE_READONLY]")
+    parser.add_argument("--no-remote-cache", action="store_true", help="do not use the remote cache at all")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polykit", description="Polyglot monorepo task runner with a shared build cache.")
+    parser.add_argument("--version", action="version", version=f"polykit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, text in (("scan", "list the packages of the workspace"), ("graph", "show packages and their dependencies")):
+        _common(sub.add_parser(name, help=text))
+    for name in ("build", "test"):
+        p = sub.add_parser(name, help=f"run the {name} task of packages, with caching")
+        _common(p)
+        _build_flags(p)
+    p = sub.add_parser("run", help="run any task of packages, with caching")
+    p.add_argument("task", metavar="TASK")
+    _common(p)
+    _build_flags(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from .graph import GraphError
+    from .workspace import ConfigError, load
+
+    try:
+        ws = load(Path(args.cwd or os.getcwd()))
+        if args.command == "scan":
+            return _scan(ws, args)
+        if args.command == "graph":
+            return _graph(ws, args)
+        task = args.task if args.command == "run" else args.command
+        return _build(ws, task, args)
+    except (ConfigError, GraphError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # e.g. piped into `head`
+        sys.stderr.close()
+        return EXIT_OK
+
+
+def _scan(ws, args) -> int:
+    rows = [{"name": p.name, "path": p.path, "language": p.language, "tasks": sorted(p.tasks),
+             "internal_deps": list(p.internal_deps)} for p in ws.packages.values()]
+    if args.json:
+        print(json.dumps({"root": str(ws.root), "packages": rows}, indent=2))
+        return EXIT_OK
+    for row in rows:
+        print(f"{row['name']:<24} {row['path']:<32} {row['language'] or '-':<8} {', '.join(row['tasks'])}")
+    print(f"{len(rows)} packages in {ws.root}")
+    return EXIT_OK
+
+
+def _graph(ws, args) -> int:
+    from .graph import GraphError, package_cycle
+
+    cycle = package_cycle(ws)
+    if cycle:
+        raise GraphError("dependency cycle between packages: " + " -> ".join(cycle))
+    tasks = {f"{p.name}:{t.name}": sorted(
+        [f"{p.name}:{d}" for d in t.depends_on] + [f"{d}:{t.name}" for d in p.internal_deps if t.name in ws.packages[d].tasks])
+        for p in ws.packages.values() for t in p.tasks.values()}
+    if args.json:
+        print(json.dumps({"packages": {p.name: list(p.internal_deps) for p in ws.packages.values()}, "tasks": tasks}, indent=2))
+        return EXIT_OK
+    for p in ws.packages.values():
+        print(f"{p.name} -> {', '.join(p.internal_deps) or '(none)'}")
+    for name, deps in tasks.items():
+        if deps:
+            print(f"  {name} <- {', '.join(deps)}")
+    return EXIT_OK
+
+
+def _remote(ws, args, console):
+    """The remote backend for this run, or None; a bad URL is a warning, never a failed build."""
+    if args.no_remote_cache or args.no_cache:
+        return None
+    url = args.remote_cache_url or ws.remote.url
+    if not url:
+        return None
+    from .remote import BadRemoteURL, RemoteCache
+
+    try:
+        return RemoteCache(url, token=ws.remote.token, read_only=ws.remote.read_only or args.remote_cache_readonly,
+                           timeout=ws.remote.timeout, max_artifact_size=ws.remote.max_artifact_size, warn=console.warn)
+    except BadRemoteURL as exc:
+        console.warn(f"{exc}; building without the remote cache")
+        return None
+
+
+def _build(ws, task: str, args) -> int:
+    from .cachekey import KeyMaker
+    from .graph import plan, run_graph
+
+    started = time.monotonic()
+    order, deps = plan(ws, task, args.packages)
+    keymaker = KeyMaker(ws)
+    keys = keymaker.compute(order, deps)
+    if args.dry_run:
+        return _dry_run(order, keys, keymaker, args.json)
+    from .localcache import LocalCache
+    from .runner import Console, Summary, TaskRunner, Uploader
+
+    parallel = args.parallel or ws.default_parallel or os.cpu_count() or 1
+    if parallel < 1:
+        print("error: --parallel must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    console = Console(prefix_logs=parallel > 1 and len(order) > 1)
+    local = None if args.no_cache else LocalCache(ws.cache_dir, ws.cache_max_size)
+    remote = _remote(ws, args, console)
+    uploader = Uploader(remote, console) if remote is not None and not remote.read_only else None
+    summary = Summary()
+    runner = TaskRunner(ws, keys, console, local=local, remote=remote, uploader=uploader, summary=summary)
+    outcome = run_graph(order, deps, runner.run, parallel, args.continue_on_error)
+    for node in order:
+        if outcome[node] == "skipped":
+            console.line(f"{node}  skipped (a dependency failed)")
+    if uploader is not None:
+        uploader.finish(UPLOAD_WAIT_SECONDS)
+    if local is not None and summary.misses:
+        local.trim()
+    moved = (remote.bytes_down + remote.bytes_up) if remote is not None else 0
+    elapsed = time.monotonic() - started
+    failed = sum(1 for v in outcome.values() if v == "failed")
+    skipped = sum(1 for v in outcome.values() if v == "skipped")
+    console.line(
+        f"\n{len(order)} tasks: {summary.local_hits} local hits, {summary.remote_hits} remote hits, "
+        f"{summary.misses} misses, {failed} failed" + (f", {skipped} skipped" if skipped else "")
+        + f"; {_size(moved)} moved; {summary.saved_ms / 1000:.1f} s saved; {elapsed:.2f} s"
+    )
+    if args.json:
+        print(json.dumps({"tasks": {str(n): {"key": keys[n], "status": summary.statuses.get(n, outcome[n])} for n in order},
+                          "local_hits": summary.local_hits, "remote_hits": summary.remote_hits, "misses": summary.misses,
+                          "failed": failed, "skipped": skipped, "bytes_moved": moved, "saved_ms": summary.saved_ms}))
+    return EXIT_FAILED if failed or skipped else EXIT_OK
+
+
+def _dry_run(order, keys, keymaker, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"tasks": [{"task": str(n), "package": n.package, "name": n.task, "key": keys[n],
+                                     "components": keymaker.parts[n]} for n in order]}, indent=2))
+    else:
+        for node in order:
+            print(f"{str(node):<40} {keys[node]}")
+    return EXIT_OK
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The task graph: which tasks a command needs, in what order, and running them in parallel.
+
+A task depends on the tasks named in its ``depends_on`` and on the same task of each of its
+package's internal dependencies, so a change upstream reaches every task downstream.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+from .workspace import ConfigError, Workspace
+
+
+@dataclass(frozen=True, order=True)
+class Node:
+    package: str
+    task: str
+
+    def __str__(self) -> str:
+        return f"{self.package}:{self.task}"
+
+
+class GraphError(Exception):
+    """A cycle, or a request for a package or task that does not exist."""
+
+
+def task_deps(ws: Workspace, node: Node) -> list[Node]:
+    """The nodes ``node`` waits for."""
+    pkg = ws.packages[node.package]
+    task = pkg.tasks[node.task]
+    out = [Node(pkg.name, dep) for dep in task.depends_on]
+    out += [Node(dep, node.task) for dep in pkg.internal_deps if node.task in ws.packages[dep].tasks]
+    return out
+
+
+def package_cycle(ws: Workspace) -> list[str] | None:
+    """A cycle among internal dependencies, as the names along it, or None."""
+    edges = {name: list(pkg.internal_deps) for name, pkg in ws.packages.items()}
+    return _find_cycle(sorted(edges), lambda n: edges[n])
+
+
+def _find_cycle(starts: Iterable, edges: Callable) -> list | None:
+    state: dict = {}
+    stack: list = []
+
+    def visit(node) -> list | None:
+        state[node] = "active"
+        stack.append(node)
+        for nxt in edges(node):
+            if state.get(nxt) == "active":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for start in starts:
+        if start not in state:
+            found = visit(start)
+            if found:
+                return found
+    return None
+
+
+def plan(ws: Workspace, task: str, packages: Iterable[str] = ()) -> tuple[list[Node], dict[Node, list[Node]]]:
+    """The nodes needed to run ``task`` in ``packages`` (all that have it when empty), in dependency order."""
+    cycle = package_cycle(ws)
+    if cycle:
+        raise GraphError("dependency cycle between packages: " + " -> ".join(cycle))
+    wanted = list(packages)
+    for name in wanted:
+        if name not in ws.packages:
+            raise GraphError(f"unknown package {name!r} (packages: {', '.join(ws.packages) or 'none'})")
+        if task not in ws.packages[name].tasks:
+            have = ", ".join(sorted(ws.packages[name].tasks)) or "no tasks"
+            raise GraphError(f"package {name!r} has no task {task!r} (it has: {have})")
+    if not wanted:
+        wanted = [name for name, pkg in ws.packages.items() if task in pkg.tasks]
+        if not wanted:
+            known = sorted({t for pkg in ws.packages.values() for t in pkg.tasks})
+            raise GraphError(f"no package has a task {task!r} (tasks: {', '.join(known) or 'none'})")
+    deps: dict[Node, list[Node]] = {}
+    todo = [Node(name, task) for name in wanted]
+    while todo:
+        node = todo.pop()
+        if node in deps:
+            continue
+        deps[node] = task_deps(ws, node)
+        todo.extend(deps[node])
+    cycle = _find_cycle(sorted(deps), lambda n: deps[n])
+    if cycle:
+        raise GraphError("task cycle: " + " -> ".join(map(str, cycle)))
+    return topological(deps), deps
+
+
+def topological(deps: Mapping[Node, list[Node]]) -> list[Node]:
+    """Dependencies first; ties broken by name so the order is stable."""
+    order: list[Node] = []
+    done: set[Node] = set()
+
+    def visit(node: Node) -> None:
+        if node in done:
+            return
+        done.add(node)
+        for dep in sorted(deps[node]):
+            visit(dep)
+        order.append(node)
+
+    for node in sorted(deps):
+        visit(node)
+    return order
+
+
+def run_graph(
+    order: list[Node],
+    deps: Mapping[Node, list[Node]],
+    work: Callable[[Node], bool],
+    parallel: int,
+    continue_on_error: bool = False,
+) -> dict[Node, str]:
+    """Run ``work`` for each node once its dependencies succeeded, ``parallel`` at a time.
+
+    Returns each node's outcome: "ok", "failed", or "skipped" (a dependency failed, or an
+    earlier failure stopped the run without ``continue_on_error``).
+    """
+    waiting = {node: set(deps[node]) for node in order}
+    dependents: dict[Node, list[Node]] = {node: [] for node in order}
+    for node in order:
+        for dep in deps[node]:
+            dependents[dep].append(node)
+    outcome: dict[Node, str] = {}
+    stop = threading.Event()
+
+    def skip_downstream(node: Node) -> None:
+        for child in dependents[node]:
+            if child not in outcome:
+                outcome[child] = "skipped"
+                skip_downstream(child)
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        running: dict[Future, Node] = {}
+
+        def launch() -> None:
+            for node in order:
+                if stop.is_set() or len(running) >= parallel:
+                    return
+                if node not in outcome and not waiting[node] and node not in running.values():
+                    running[pool.submit(work, node)] = node
+
+        launch()
+        while running:
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in finished:
+                node = running.pop(future)
+                ok = bool(future.result())  # work() reports failure by returning False
+                outcome[node] = "ok" if ok else "failed"
+                if ok:
+                    for child in dependents[node]:
+                        waiting[child].discard(node)
+                else:
+                    skip_downstream(node)
+                    if not continue_on_error:
+                        stop.set()
+            launch()
+    for node in order:
+        outcome.setdefault(node, "skipped")
+    return outcome
+
+
+__all__ = ["ConfigError", "GraphError", "Node", "plan", "run_graph", "topological", "package_cycle"]

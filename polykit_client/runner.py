@@ -1,0 +1,319 @@
+"""Running one task with the caches: restore a hit, or run the command and store what it made.
+
+Order per task: local cache, then the remote cache, then the command. A download is verified
+completely (body hash, then every member against the manifest) in a staging folder before
+anything in the package is touched; a cache problem of any kind becomes one warning and a
+local build, never a failed build.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from . import artifact
+from .globs import GlobSet
+from .graph import Node
+from .localcache import LocalCache
+from .workspace import Package, Task, Workspace
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .remote import RemoteCache
+
+
+class Console:
+    """Serialises what tasks print; warnings go to stderr as ``warning: ...`` lines."""
+
+    def __init__(self, prefix_logs: bool, out=None, err=None) -> None:
+        self.prefix_logs = prefix_logs
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self._lock = threading.Lock()
+
+    def line(self, text: str) -> None:
+        with self._lock:
+            self.out.write(text + "\n")
+            self.out.flush()
+
+    def warn(self, message: str) -> None:
+        with self._lock:
+            self.err.write(f"warning: {message}\n")
+            self.err.flush()
+
+    def log(self, node: Node, data: bytes) -> None:
+        """Write a task's output (live or replayed), prefixed with the task when tasks run side by side."""
+        if not data:
+            return
+        text = data.decode("utf-8", "replace")
+        if self.prefix_logs:
+            lines = text.splitlines()
+            text = "".join(f"{node}: {line}\n" for line in lines)
+        with self._lock:
+            self.out.write(text)
+            self.out.flush()
+
+    def progress(self, label: str) -> Callable[[int, int | None], None] | None:
+        """A progress line for long transfers, only when stderr is a terminal."""
+        if not getattr(self.err, "isatty", lambda: False)():
+            return None
+        last = [0.0]
+
+        def show(done: int, total: int | None) -> None:
+            now = time.monotonic()
+            if now - last[0] < 0.2 and (total is None or done < total):
+                return
+            last[0] = now
+            size = f"{done / 1048576:.1f}" + (f"/{total / 1048576:.1f}" if total else "")
+            with self._lock:
+                self.err.write(f"\r{label} {size} MiB")
+                if total is not None and done >= total:
+                    self.err.write("\n")
+                self.err.flush()
+
+        return show
+
+
+@dataclass
+class Summary:
+    """What the run did, for the closing line."""
+
+    local_hits: int = 0
+    remote_hits: int = 0
+    misses: int = 0
+    failed: int = 0
+    saved_ms: int = 0
+    statuses: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, node: Node, status: str, saved_ms: int = 0) -> None:
+        with self.lock:
+            self.statuses[node] = status
+            if status == "hit (local)":
+                self.local_hits += 1
+            elif status == "hit (remote)":
+                self.remote_hits += 1
+            elif status == "miss":
+                self.misses += 1
+            elif status.startswith("failed"):
+                self.failed += 1
+            self.saved_ms += saved_ms
+
+
+class Uploader:
+    """Uploads in one background thread, so the next task never waits for the network."""
+
+    def __init__(self, remote: "RemoteCache", console: Console) -> None:
+        self.remote = remote
+        self.console = console
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="polykit-upload", daemon=True)
+        self._thread.start()
+        self.uploaded = 0
+
+    def submit(self, node: Node, key: str, path: Path) -> None:
+        self._queue.put((node, key, path))
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            node, key, path = item
+            try:
+                if self.remote.store(key, path, self.console.progress(f"{node}  uploading")):
+                    self.uploaded += 1
+            except Exception as exc:  # an upload must never fail the build
+                self.console.warn(f"upload of {node} failed: {exc}")
+            finally:
+                self._queue.task_done()
+
+    def finish(self, bound: float) -> None:
+        """Wait for pending uploads, at most ``bound`` seconds."""
+        self._queue.put(None)
+        self._thread.join(bound)
+        if self._thread.is_alive():
+            self.console.warn(f"gave up waiting for uploads after {bound:.0f} s; they are kept in the local cache")
+
+
+def expand_outputs(pkg_dir: Path, patterns: tuple[str, ...]) -> list[str]:
+    """Files, symlinks and empty folders of the package that match the output globs."""
+    globs = GlobSet(patterns)
+    bases = set()
+    for pattern in globs.patterns:
+        parts = pattern.split("/")
+        literal = []
+        for part in parts:
+            if any(c in part for c in "*?["):
+                break
+            literal.append(part)
+        bases.add("/".join(literal))
+    found: set[str] = set()
+    for base in sorted(bases):
+        top = pkg_dir / base if base else pkg_dir
+        if top.is_symlink() or top.is_file():
+            if globs.matches(base):
+                found.add(base)
+            continue
+        if not top.is_dir():
+            continue
+        for folder, dirs, files in os.walk(top):
+            rel_dir = Path(folder).relative_to(pkg_dir).as_posix()
+            prefix = "" if rel_dir == "." else rel_dir + "/"
+            dirs[:] = [d for d in dirs if d != ".git"]
+            for d in list(dirs):
+                if os.path.islink(os.path.join(folder, d)):
+                    dirs.remove(d)
+                    if globs.matches(prefix + d):
+                        found.add(prefix + d)
+            for f in files:
+                if globs.matches(prefix + f):
+                    found.add(prefix + f)
+            if not dirs and not files and prefix and globs.matches(rel_dir):
+                found.add(rel_dir)
+    return sorted(found)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+class TaskRunner:
+    """Runs tasks of one invocation; ``run(node)`` is what the scheduler calls."""
+
+    def __init__(self, ws: Workspace, keys: dict[Node, str], console: Console, *, local: LocalCache | None,
+                 remote: "RemoteCache | None", uploader: Uploader | None, summary: Summary) -> None:
+        self.ws = ws
+        self.keys = keys
+        self.console = console
+        self.local = local
+        self.remote = remote
+        self.uploader = uploader
+        self.summary = summary
+
+    # --- one task ----------------------------------------------------------------------------
+
+    def run(self, node: Node) -> bool:
+        pkg = self.ws.packages[node.package]
+        task = pkg.tasks[node.task]
+        key = self.keys[node]
+        if self.local is not None:
+            hit = self._try_local(node, pkg, task, key) or self._try_remote(node, pkg, task, key)
+            if hit:
+                return True
+        return self._execute(node, pkg, task, key)
+
+    def _try_local(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
+        path = self.local.get(key)
+        if path is None:
+            return False
+        try:
+            meta, log = self._restore(pkg, task, key, path)
+        except (artifact.ArtifactError, OSError) as exc:
+            self.console.warn(f"{node}: the local cache entry is damaged ({exc}); discarding it")
+            self.local.discard(key)
+            return False
+        self._report_hit(node, "hit (local)", meta, log)
+        return True
+
+    def _try_remote(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
+        if self.remote is None or not self.remote.enabled:
+            return False
+        fh, temp = self.local.new_temp()
+        try:
+            with fh:
+                ok = self.remote.fetch(key, fh, self.console.progress(f"{node}  downloading"))
+            if not ok:
+                return False
+            try:
+                meta, log = self._restore(pkg, task, key, temp)
+            except artifact.ArtifactError as exc:
+                self.console.warn(f"{node}: the remote cache sent an artifact that failed verification ({exc}); building locally")
+                return False
+            self.local.put(key, temp)
+        finally:
+            temp.unlink(missing_ok=True)
+        self._report_hit(node, "hit (remote)", meta, log)
+        return True
+
+    def _report_hit(self, node: Node, status: str, meta: dict, log: bytes) -> None:
+        self.console.line(f"{node}  {status}")
+        self.console.log(node, log)
+        self.summary.add(node, status, int(meta.get("duration_ms", 0)))
+
+    def _restore(self, pkg: Package, task: Task, key: str, path: Path) -> tuple[dict, bytes]:
+        """Verify the artifact into a staging folder, then swap its outputs into the package."""
+        staging = Path(os.path.join(self.local.tmp, f"restore-{key[:16]}-{os.getpid()}-{threading.get_ident()}"))
+        if staging.exists():
+            shutil.rmtree(staging)
+        try:
+            with open(path, "rb") as fh:
+                meta = artifact.extract(fh, staging / "outputs", logs_dir=staging / "logs", expected_key=key)
+            for stale in expand_outputs(pkg.dir, task.outputs or ()):
+                _remove(pkg.dir / stale)
+            restored = list(meta["files"]) + list(meta["symlinks"])
+            for rel in sorted(restored):
+                src, dst = staging / "outputs" / rel, pkg.dir / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if dst.is_dir() and not dst.is_symlink():
+                    if src.is_dir() and not src.is_symlink():
+                        continue  # an empty folder that exists already
+                    shutil.rmtree(dst)
+                os.replace(src, dst)
+            log = (staging / "logs" / artifact.LOG_NAME).read_bytes()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return meta, log
+
+    def _execute(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
+        self.console.line(f"{node}  miss")
+        started = time.monotonic()
+        chunks: list[bytes] = []
+        try:
+            proc = subprocess.Popen(task.command, shell=True, cwd=pkg.dir, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            self.console.line(f"{node}  failed (cannot start: {exc})")
+            self.summary.add(node, "failed")
+            return False
+        assert proc.stdout is not None
+        for line in iter(proc.stdout.readline, b""):
+            chunks.append(line)
+            self.console.log(node, line)
+        code = proc.wait()
+        duration_ms = int((time.monotonic() - started) * 1000)
+        if code != 0:
+            self.console.line(f"{node}  failed (exit {code})")
+            self.summary.add(node, "failed")
+            return False
+        self.summary.add(node, "miss")
+        if self.local is not None:
+            self._store(node, pkg, task, key, b"".join(chunks), duration_ms)
+        return True
+
+    def _store(self, node: Node, pkg: Package, task: Task, key: str, log: bytes, duration_ms: int) -> None:
+        if task.outputs is None:
+            self.console.warn(f"{node} declares no outputs: only its log is cached")
+        meta = {"package": pkg.name, "task": task.name, "command": task.command,
+                "created_at": int(time.time()), "duration_ms": duration_ms, "exit_code": 0}
+        fh, temp = self.local.new_temp()
+        try:
+            with fh:
+                artifact.pack(fh, pkg.dir, expand_outputs(pkg.dir, task.outputs or ()), meta, log=log, cache_key=key)
+            path = self.local.put(key, temp)
+        except (artifact.ArtifactError, OSError) as exc:
+            temp.unlink(missing_ok=True)
+            self.console.warn(f"{node}: its outputs could not be cached ({exc})")
+            return
+        if self.uploader is not None:
+            self.uploader.submit(node, key, path)

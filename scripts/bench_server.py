@@ -1,0 +1,984 @@
+#!/usr/bin/env python3
+"""Benchmark of the cache server's wire protocol, against a bare waitress baseline.
+
+By default two servers are measured back to back, on 127.0.0.1 and a fresh temporary storage
+folder each: ours (``python -m polykit_cache``) and a bare waitress application with the same
+waitress tuning that verifies nothing (PUT reads the body into a temporary file and answers 201;
+GET streams a file with ``wsgi.file_wrapper``). The ratio ours/bare is what the verification,
+the fsyncs and the bookkeeping cost; the absolute figures only describe this machine.
+
+    python scripts/bench_server.py                 # ours and bare, 3 s per measurement
+    python scripts/bench_server.py --quick         # smoke run for CI (small sizes, 1 s each)
+    python scripts/bench_server.py --bare          # the baseline alone
+    python scripts/bench_server.py --no-baseline   # ours alone
+    python scripts/bench_server.py --url http://127.0.0.1:8080 --path-template /cache/{key}
+
+Measured: PUT, GET and HEAD requests per second for 4 KiB artifacts at 1 and 8 connections,
+MiB/s for 1 MiB artifacts at 4 connections, MiB/s for one big artifact each way, the server's
+CPU use during each measurement, and its peak RSS. Every downloaded body is hashed and checked
+against the X-Artifact-Hash header and against the artifact that was uploaded; every upload uses
+a key of its own, so each PUT is a real store (201), never a conflict.
+
+The load generator is plain Python: persistent HTTP/1.1 connections, one process per connection,
+each measurement bounded in time and in count. With two or more CPUs the server is pinned to one
+and the load generator to another, so the two never compete for a core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import http.client
+import ipaddress
+import json
+import math
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+try:
+    from polykit_client.artifact import hash_file, pack
+except ImportError:  # run from a checkout without the project installed
+    sys.path.insert(0, str(ROOT))
+    from polykit_client.artifact import hash_file, pack
+
+BLOCK = 256 * 1024
+SMALL_PAYLOAD = 4 * 1024
+MID_PAYLOAD = 1024 * 1024
+MIB = 1024 * 1024
+LOCALHOST = "127.0.0.1"
+DEFAULT_TEMPLATE = "/v1/artifacts/{key}"
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+# The pools of unique upload keys are sized for these rates (per second of measuring), and the
+# 1 MiB pool is also capped in count to bound disk use and packing time. A faster server only runs
+# out of keys early; its rate is then keys / time taken, and the table marks it.
+SMALL_PUT_C1_RATE = 8000
+SMALL_PUT_C8_RATE = 10000
+MID_PUT_MIBPS = 400
+MID_PUT_MAX = 1024
+LOADGEN_SATURATED = 90.0
+SMALL_READ_SET = 64
+MID_READ_SET = 16
+PACK_BATCH = 256
+
+_LIVE_PROCESSES: list[multiprocessing.process.BaseProcess] = []
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    """One pre-generated artifact: its key, file, and the size and digest a download must match."""
+
+    key: str
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class Corpus:
+    """Every artifact a run needs, packed before any timing starts."""
+
+    put_c1: list[Item]
+    put_c8: list[Item]
+    small_read: list[Item]
+    mid_put: list[Item]
+    mid_read: list[Item]
+    big: Item
+
+    def all_items(self) -> Iterable[Item]:
+        yield from self.put_c1
+        yield from self.put_c8
+        yield from self.small_read
+        yield from self.mid_put
+        yield from self.mid_read
+        yield self.big
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One measurement: a method, a number of connections, the artifacts, and its bounds.
+
+    ``cycle`` reuses the artifacts (reads); otherwise each is used once (uploads need fresh keys),
+    so the count of requests is bounded by the pool as well as by ``seconds``.
+    """
+
+    label: str
+    unit: str
+    method: str
+    concurrency: int
+    items: Sequence[Item]
+    cycle: bool
+    seconds: float
+    timeout: float
+    one_shot: bool = False
+
+
+@dataclass
+class WorkerOutcome:
+    """What one load-generating process saw; summed over the processes of a phase."""
+
+    ok: int = 0
+    nbytes: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+    checked: int = 0
+    bad: int = 0
+    no_header: int = 0
+    start: float = 0.0
+    end: float = 0.0
+    cpu: float = 0.0
+    exhausted: bool = False
+
+
+@dataclass
+class PhaseResult:
+    label: str
+    unit: str
+    value: float | None
+    ok: int
+    elapsed: float
+    statuses: Counter
+    errors: Counter
+    checked: int
+    bad: int
+    no_header: int
+    server_cpu: float | None
+    loadgen_cpu: float
+    exhausted: bool
+
+    @property
+    def failures(self) -> int:
+        return sum(self.statuses.values()) + sum(self.errors.values()) + self.bad
+
+
+@dataclass
+class Target:
+    """A server to measure: where it listens, and its process when we know it."""
+
+    name: str
+    host: str
+    port: int
+    prefix: str
+    template: str
+    pid: int | None = None
+    proc: subprocess.Popen | None = None
+    storage: Path | None = None
+
+    def path(self, key: str) -> str:
+        return self.prefix + self.template.format(key=key)
+
+
+@dataclass
+class TargetReport:
+    name: str
+    results: dict[str, PhaseResult]
+    peak_rss_mib: float | None
+    notes: list[str]
+
+
+# --- machine ------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU model as /proc/cpuinfo names it, for the first line of the report."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    for name in ("model name", "Hardware", "cpu model", "Processor"):
+        match = re.search(rf"^{name}\s*:\s*(.+)$", text, re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    return platform.machine()
+
+
+def machine_line() -> str:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"machine: {cpu_model()}, {os.cpu_count()} cores ({usable} usable), "
+        f"{platform.python_implementation()} {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
+
+
+def versions_line() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from polykit_client import zstd
+
+    parts = []
+    for dist in ("waitress", "zstandard"):
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} missing")
+    return "software: " + ", ".join(parts) + f", zstd backend {zstd.backend_name()}"
+
+
+def plan_cpus(enabled: bool) -> tuple[int | None, int | None]:
+    """(server CPU, load generator CPU), or Nones when pinning is off or pointless."""
+    if not enabled or not hasattr(os, "sched_getaffinity"):
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return cpus[0], cpus[1]
+
+
+def proc_status_kib(pid: int, field_name: str) -> int | None:
+    """A ``kB`` figure of /proc/PID/status (VmHWM is the peak resident set size)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field_name}:\s*(\d+)\s*kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def proc_cpu_seconds(pid: int | None) -> float | None:
+    """User plus system CPU time of a process, all threads, from /proc/PID/stat."""
+    if pid is None:
+        return None
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- corpus -------------------------------------------------------------------------------------
+
+
+def cache_key(nonce: str, kind: str, index: int) -> str:
+    """A fresh key per artifact and per run, so a persistent cache never answers 409."""
+    return hashlib.sha256(f"polykit-bench:{nonce}:{kind}:{index}".encode()).hexdigest()
+
+
+def write_random(path: Path, size: int) -> None:
+    with open(path, "wb") as fh:
+        left = size
+        while left:
+            step = min(left, 8 * MIB)
+            fh.write(os.urandom(step))
+            left -= step
+
+
+def pack_batch(job: tuple[str, list[str], int, str, bool]) -> list[Item]:
+    """Pack artifacts of one payload size into ``out_dir`` (runs in a generator process).
+
+    With ``fresh`` every artifact gets its own random payload; otherwise one random payload is
+    shared by the batch (the server does not deduplicate, so only the keys need to differ).
+    """
+    kind, keys, payload_size, out_dir, fresh = job
+    items: list[Item] = []
+    work = Path(tempfile.mkdtemp(prefix=f"payload-{kind}-", dir=out_dir))
+    try:
+        payload = work / "payload.bin"
+        for number, key in enumerate(keys):
+            if fresh or number == 0:
+                write_random(payload, payload_size)
+            dest = Path(out_dir) / f"{key}.zst"
+            with open(dest, "wb") as fh:
+                pack(fh, work, ["payload.bin"], {"package": "bench", "task": kind, "command": "bench"}, cache_key=key)
+            sha, size = hash_file(dest)
+            items.append(Item(key, str(dest), size, sha))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return items
+
+
+def build_corpus(out_dir: Path, seconds: float, big_bytes: int, processes: int) -> Corpus:
+    """Pack every artifact of the run with the project's own packer, on every core, before timing."""
+    nonce = os.urandom(8).hex()
+    mid_put = min(MID_PUT_MAX, max(32, math.ceil(seconds * MID_PUT_MIBPS)))
+    plan = [
+        ("put1", max(200, math.ceil(seconds * SMALL_PUT_C1_RATE)), SMALL_PAYLOAD, True),
+        ("put8", max(200, math.ceil(seconds * SMALL_PUT_C8_RATE)), SMALL_PAYLOAD, True),
+        ("read", SMALL_READ_SET, SMALL_PAYLOAD, True),
+        ("mid", mid_put, MID_PAYLOAD, False),
+        ("midread", MID_READ_SET, MID_PAYLOAD, True),
+    ]
+    jobs: list[tuple[str, list[str], int, str, bool]] = []
+    for kind, count, size, fresh in plan:
+        keys = [cache_key(nonce, kind, i) for i in range(count)]
+        for start in range(0, count, PACK_BATCH):
+            jobs.append((kind, keys[start : start + PACK_BATCH], size, str(out_dir), fresh))
+    jobs.insert(0, ("big", [cache_key(nonce, "big", 0)], big_bytes, str(out_dir), True))
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(processes) as pool:
+        batches = pool.map(pack_batch, jobs, chunksize=1)
+    by_kind: dict[str, list[Item]] = {}
+    for job, batch in zip(jobs, batches):
+        by_kind.setdefault(job[0], []).extend(batch)
+    corpus = Corpus(
+        put_c1=by_kind["put1"], put_c8=by_kind["put8"], small_read=by_kind["read"],
+        mid_put=by_kind["mid"], mid_read=by_kind["midread"], big=by_kind["big"][0],
+    )
+    index = {item.key: [item.size, item.sha256] for item in corpus.all_items()}
+    (out_dir / "index.json").write_text(json.dumps(index))
+    return corpus
+
+
+# --- the bare baseline server --------------------------------------------------------------------
+
+
+class BareApp:
+    """The least a cache can do over waitress: no verification, no fsync, no bookkeeping.
+
+    PUT reads the body into a temporary file and answers 201; GET and HEAD answer from an
+    in-memory index of the pre-generated artifacts and stream the file with wsgi.file_wrapper.
+    """
+
+    def __init__(self, serve_dir: Path, spool_dir: Path) -> None:
+        self.serve_dir = serve_dir
+        self.spool_dir = spool_dir
+        self.index: dict[str, list] = json.loads((serve_dir / "index.json").read_text())
+        self.pattern = re.compile(r"/v1/artifacts/([0-9a-f]{64})")
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            return self.answer(start_response, "200 OK", b'{"status":"ok"}\n')
+        match = self.pattern.fullmatch(path)
+        if match is None:
+            return self.answer(start_response, "404 Not Found", b'{"error":"not_found"}\n')
+        key = match.group(1)
+        if method == "PUT":
+            self.discard(environ)
+            return self.answer(start_response, "201 Created", b'{"key":"%s"}\n' % key.encode())
+        entry = self.index.get(key)
+        if entry is None or method not in ("GET", "HEAD"):
+            return self.answer(start_response, "404 Not Found", b'{"error":"not_found"}\n')
+        size, sha = entry
+        start_response("200 OK", [
+            ("Content-Type", "application/zstd"), ("Content-Length", str(size)),
+            ("X-Artifact-Hash", sha), ("ETag", f'"{sha}"'),
+        ])
+        if method == "HEAD":
+            return []
+        fh = open(self.serve_dir / f"{key}.zst", "rb")
+        return environ["wsgi.file_wrapper"](fh, BLOCK)
+
+    def discard(self, environ: dict) -> None:
+        left = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"]
+        with tempfile.TemporaryFile(dir=self.spool_dir) as out:
+            while left > 0:
+                data = body.read(min(left, BLOCK))
+                if not data:
+                    break
+                out.write(data)
+                left -= len(data)
+
+    @staticmethod
+    def answer(start_response: Callable, status: str, body: bytes) -> list[bytes]:
+        start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+
+def serve_bare(argv: Sequence[str]) -> int:
+    """Entry of the baseline server process: our waitress settings around :class:`BareApp`."""
+    from waitress.server import create_server
+
+    from polykit_cache.config import Config
+    from polykit_cache.server import waitress_settings
+
+    parser = argparse.ArgumentParser(prog="bench_server.py _bare")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--serve-dir", type=Path, required=True)
+    parser.add_argument("--spool-dir", type=Path, required=True)
+    args = parser.parse_args(list(argv))
+    config = Config(bind=LOCALHOST, port=args.port, threads=args.threads, max_artifact_size=1 << 40)
+    server = create_server(BareApp(args.serve_dir, args.spool_dir), **waitress_settings(config))
+    signal.signal(signal.SIGTERM, _raise_exit)
+    signal.signal(signal.SIGINT, _raise_exit)
+    try:
+        server.run()
+    except (SystemExit, KeyboardInterrupt):
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+# --- server processes ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOCALHOST, 0))
+        return sock.getsockname()[1]
+
+
+def _child_setup(cpu: int | None) -> Callable[[], None]:
+    """Pin the server before it starts any thread, and have it stop if this process dies."""
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+    def setup() -> None:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        if libc is not None:
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return setup
+
+
+def start_server(name: str, cmd: list[str], port: int, workdir: Path, cpu: int | None, storage: Path | None) -> Target:
+    """Start a server process, wait until it answers /healthz, and describe it as a target."""
+    spool = workdir / f"spool-{name}"
+    spool.mkdir()
+    env = dict(os.environ, TMPDIR=str(spool), PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    log = open(workdir / f"{name}.log", "wb")
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            env=env, preexec_fn=_child_setup(cpu), cwd=workdir)
+    log.close()
+    target = Target(name, LOCALHOST, port, "", DEFAULT_TEMPLATE, proc.pid, proc, storage)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            conn = http.client.HTTPConnection(LOCALHOST, port, timeout=1)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                conn.close()
+                return target
+            conn.close()
+        except OSError:
+            time.sleep(0.05)
+    stop_server(target)
+    tail = (workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"the {name} server did not start on port {port}:\n{tail}")
+
+
+def start_ours(workdir: Path, cpu: int | None, threads: int, log_level: str, big_bytes: int) -> Target:
+    storage = workdir / "storage-ours"
+    port = free_port()
+    cmd = [sys.executable, "-m", "polykit_cache", "serve", "--bind", LOCALHOST, "--port", str(port),
+           "--storage-dir", str(storage), "--threads", str(threads), "--log-level", log_level]
+    if big_bytes > 1 << 30:
+        cmd += ["--max-artifact-size", str(big_bytes)]
+    return start_server("ours", cmd, port, workdir, cpu, storage)
+
+
+def start_bare(workdir: Path, serve_dir: Path, cpu: int | None, threads: int) -> Target:
+    spool = workdir / "bare-uploads"
+    spool.mkdir()
+    port = free_port()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_bare", "--port", str(port), "--threads", str(threads),
+           "--serve-dir", str(serve_dir), "--spool-dir", str(spool)]
+    return start_server("bare", cmd, port, workdir, cpu, None)
+
+
+def stop_server(target: Target) -> None:
+    """SIGTERM (the servers' clean stop), then SIGKILL if it does not go in time."""
+    proc = target.proc
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def external_target(url: str, template: str, pid: int | None) -> Target:
+    """A server someone else started; refused unless it is on a loopback address."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"--url must be http://HOST[:PORT][/PREFIX], not {url!r}")
+    address = socket.getaddrinfo(parts.hostname, parts.port or 80, proto=socket.IPPROTO_TCP)[0][4][0]
+    if not ipaddress.ip_address(address).is_loopback:
+        raise ValueError(f"{url} is not a loopback address; this benchmark only loads the local machine")
+    if "{key}" not in template:
+        raise ValueError("--path-template must contain {key}")
+    return Target("target", parts.hostname, parts.port or 80, parts.path.rstrip("/"), template, pid)
+
+
+# --- load generation -----------------------------------------------------------------------------
+
+
+def new_connection(target: Target, timeout: float) -> http.client.HTTPConnection:
+    conn = http.client.HTTPConnection(target.host, target.port, timeout=timeout, blocksize=BLOCK)
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
+
+
+def do_put(conn: http.client.HTTPConnection, path: str, item: Item, body: bytes | None) -> int:
+    """Upload one artifact; small bodies go from memory, large ones stream from their file."""
+    headers = {"Content-Length": str(item.size), "Content-Type": "application/zstd"}
+    if body is not None:
+        conn.request("PUT", path, body=body, headers=headers)
+    else:
+        with open(item.path, "rb") as fh:
+            conn.request("PUT", path, body=fh, headers=headers)
+    resp = conn.getresponse()
+    resp.read()
+    return resp.status
+
+
+def do_get(conn: http.client.HTTPConnection, path: str, item: Item, buf: bytearray, out: WorkerOutcome) -> int:
+    """Download one artifact and check its SHA-256 against X-Artifact-Hash and the upload."""
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    if resp.status != 200:
+        resp.read()
+        return resp.status
+    digest = hashlib.sha256()
+    view = memoryview(buf)
+    got = 0
+    while True:
+        n = resp.readinto(buf)
+        if not n:
+            break
+        digest.update(view[:n])
+        got += n
+    out.nbytes += got
+    out.checked += 1
+    header = resp.getheader("X-Artifact-Hash")
+    body_sha = digest.hexdigest()
+    if header is None:
+        out.no_header += 1
+    if got != item.size or body_sha != item.sha256 or (header is not None and header.strip() != body_sha):
+        out.bad += 1
+    return resp.status
+
+
+def do_head(conn: http.client.HTTPConnection, path: str, item: Item, out: WorkerOutcome) -> int:
+    """HEAD must announce the artifact's size and hash without a body."""
+    conn.request("HEAD", path)
+    resp = conn.getresponse()
+    resp.read()
+    if resp.status == 200:
+        out.checked += 1
+        header = resp.getheader("X-Artifact-Hash")
+        if header is None:
+            out.no_header += 1
+        if resp.getheader("Content-Length") != str(item.size) or (header is not None and header.strip() != item.sha256):
+            out.bad += 1
+    return resp.status
+
+
+def worker_items(phase: Phase, worker: int) -> list[Item]:
+    """Uploads: a disjoint stripe of the pool per worker. Reads: every item, from its own offset."""
+    if not phase.cycle:
+        return list(phase.items[worker :: phase.concurrency])
+    shift = worker * len(phase.items) // phase.concurrency
+    return list(phase.items[shift:]) + list(phase.items[:shift])
+
+
+def run_worker(target: Target, phase: Phase, worker: int, barrier, queue) -> None:
+    """One connection's loop, in its own process; reports a WorkerOutcome even when it fails."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    out = WorkerOutcome()
+    try:
+        items = worker_items(phase, worker)
+        bodies = [Path(i.path).read_bytes() if i.size <= 64 * 1024 else None for i in items] if phase.method == "PUT" else []
+        buf = bytearray(BLOCK)
+        conn = new_connection(target, phase.timeout)
+        barrier.wait()
+        out.start = time.monotonic()
+        cpu0 = time.process_time()
+        deadline = out.start + phase.seconds
+        index = 0
+        while time.monotonic() < deadline:
+            if index >= len(items) and not phase.cycle:
+                out.exhausted = bool(items)
+                break
+            item = items[index % len(items)]
+            path = target.path(item.key)
+            try:
+                if phase.method == "PUT":
+                    status = do_put(conn, path, item, bodies[index])
+                elif phase.method == "GET":
+                    status = do_get(conn, path, item, buf, out)
+                else:
+                    status = do_head(conn, path, item, out)
+            except (OSError, http.client.HTTPException) as exc:
+                out.errors[type(exc).__name__] += 1
+                conn.close()
+                conn = new_connection(target, phase.timeout)
+                status = 0
+            index += 1
+            if 200 <= status < 300:
+                out.ok += 1
+                if phase.method == "PUT":
+                    out.nbytes += item.size
+            elif status:
+                out.statuses[status] += 1
+        out.end = time.monotonic()
+        out.cpu = time.process_time() - cpu0
+        conn.close()
+    except BaseException as exc:  # the parent must always hear back
+        out.errors[f"{type(exc).__name__}: {exc}"] += 1
+        out.end = out.end or time.monotonic()
+    queue.put(out)
+
+
+def run_phase(target: Target, phase: Phase) -> PhaseResult:
+    """Fork one process per connection, release them together, and sum what they report."""
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(phase.concurrency + 1)
+    queue = ctx.SimpleQueue()
+    procs = [ctx.Process(target=run_worker, args=(target, phase, w, barrier, queue), daemon=True)
+             for w in range(phase.concurrency)]
+    _LIVE_PROCESSES.extend(procs)
+    for proc in procs:
+        proc.start()
+    outcomes: list[WorkerOutcome] = []
+    try:
+        barrier.wait(timeout=60)
+        cpu0 = proc_cpu_seconds(target.pid)
+        while len(outcomes) < len(procs):
+            if queue.empty() and not any(p.is_alive() for p in procs):
+                time.sleep(0.05)
+                if queue.empty():
+                    raise RuntimeError(f"{phase.label}: a load generator process died without reporting")
+                continue
+            outcomes.append(queue.get())
+        cpu1 = proc_cpu_seconds(target.pid)
+    finally:
+        for proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+            _LIVE_PROCESSES.remove(proc)
+    return summarise(phase, outcomes, cpu0, cpu1)
+
+
+def summarise(phase: Phase, outcomes: list[WorkerOutcome], cpu0: float | None, cpu1: float | None) -> PhaseResult:
+    started = [o.start for o in outcomes if o.start]
+    elapsed = max(o.end for o in outcomes) - min(started) if started else 0.0
+    total = WorkerOutcome()
+    for o in outcomes:
+        total.ok += o.ok
+        total.nbytes += o.nbytes
+        total.statuses.update(o.statuses)
+        total.errors.update(o.errors)
+        total.checked += o.checked
+        total.bad += o.bad
+        total.no_header += o.no_header
+        total.cpu += o.cpu
+        total.exhausted = total.exhausted or (o.exhausted and not phase.one_shot)
+    value: float | None = None
+    if elapsed > 0 and total.ok:
+        value = total.ok / elapsed if phase.unit == "req/s" else total.nbytes / elapsed / MIB
+    server_cpu = (cpu1 - cpu0) / elapsed * 100 if cpu0 is not None and cpu1 is not None and elapsed > 0 else None
+    return PhaseResult(
+        phase.label, phase.unit, value, total.ok, elapsed, total.statuses, total.errors, total.checked,
+        total.bad, total.no_header, server_cpu, total.cpu / elapsed * 100 if elapsed > 0 else 0.0, total.exhausted,
+    )
+
+
+# --- the measurements ----------------------------------------------------------------------------
+
+
+def phases(corpus: Corpus, seconds: float, big_label: str) -> list[tuple[bool, Phase]]:
+    """Every measurement in order, each flagged as reported (True) or preparation (False)."""
+    small, mid, big = corpus.small_read, corpus.mid_read, corpus.big
+    short, long = 30.0, max(120.0, big.size / (5 * MIB))
+    return [
+        (True, Phase("PUT 4 KiB, 1 connection", "req/s", "PUT", 1, corpus.put_c1, False, seconds, short)),
+        (True, Phase("PUT 4 KiB, 8 connections", "req/s", "PUT", 8, corpus.put_c8, False, seconds, short)),
+        (False, Phase("seed reads", "req/s", "PUT", 1, small + mid, False, 600.0, short)),
+        (True, Phase("GET 4 KiB, 1 connection", "req/s", "GET", 1, small, True, seconds, short)),
+        (True, Phase("GET 4 KiB, 8 connections", "req/s", "GET", 8, small, True, seconds, short)),
+        (True, Phase("HEAD 4 KiB, 1 connection", "req/s", "HEAD", 1, small, True, seconds, short)),
+        (True, Phase("HEAD 4 KiB, 8 connections", "req/s", "HEAD", 8, small, True, seconds, short)),
+        (True, Phase("PUT 1 MiB, 4 connections", "MiB/s", "PUT", 4, corpus.mid_put, False, seconds, short)),
+        (True, Phase("GET 1 MiB, 4 connections", "MiB/s", "GET", 4, mid, True, seconds, short)),
+        (True, Phase(f"PUT one {big_label}", "MiB/s", "PUT", 1, [big], False, long, long, one_shot=True)),
+        (True, Phase(f"GET one {big_label}", "MiB/s", "GET", 1, [big], False, long, long, one_shot=True)),
+    ]
+
+
+def measure(target: Target, corpus: Corpus, seconds: float, big_label: str, progress: Callable[[str], None]) -> TargetReport:
+    """Run every phase against one server and collect its peak RSS and consistency notes."""
+    results: dict[str, PhaseResult] = {}
+    notes: list[str] = []
+    puts_ok = 0
+    for reported, phase in phases(corpus, seconds, big_label):
+        progress(f"{target.name}: {phase.label}")
+        result = run_phase(target, phase)
+        if phase.method == "PUT":
+            puts_ok += result.ok
+        if reported:
+            results[phase.label] = result
+        elif result.failures:
+            notes.append(f"preparing reads: {describe_failures(result)}")
+    rss = proc_status_kib(target.pid, "VmHWM") if target.pid else None
+    if target.name == "ours":
+        notes.extend(check_ours(target, puts_ok))
+    return TargetReport(target.name, results, rss / 1024 if rss is not None else None, notes)
+
+
+def check_ours(target: Target, puts_ok: int) -> list[str]:
+    """Cross-check our server's own counters and storage against what the client saw."""
+    notes: list[str] = []
+    try:
+        conn = http.client.HTTPConnection(target.host, target.port, timeout=10)
+        conn.request("GET", "/v1/stats")
+        stats = json.loads(conn.getresponse().read())
+        conn.close()
+        if stats.get("uploads") != puts_ok or stats.get("artifacts") != puts_ok:
+            notes.append(f"server counted uploads={stats.get('uploads')} artifacts={stats.get('artifacts')}, client got {puts_ok} x 2xx")
+        if stats.get("uploads_rejected"):
+            notes.append(f"server rejected uploads: {stats['uploads_rejected']}")
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        notes.append(f"/v1/stats unreadable: {exc}")
+    if target.storage is not None:
+        leftovers = list((target.storage / "tmp").iterdir()) if (target.storage / "tmp").is_dir() else []
+        if leftovers:
+            notes.append(f"{len(leftovers)} temporary files left in storage tmp/")
+    return notes
+
+
+def describe_failures(result: PhaseResult) -> str:
+    parts = []
+    if result.statuses:
+        parts.append("HTTP " + ", ".join(f"{s} x{n}" for s, n in sorted(result.statuses.items())))
+    if result.errors:
+        parts.append(", ".join(f"{e} x{n}" for e, n in result.errors.items()))
+    if result.bad:
+        parts.append(f"{result.bad} of {result.checked} checks failed")
+    return "; ".join(parts)
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if unit == "req/s":
+        return f"{value:,.0f}"
+    return f"{value:,.1f}"
+
+
+def marks(result: PhaseResult) -> str:
+    """Footnote marks: '*' bounded by count rather than time, '^' load generator saturated."""
+    return ("*" if result.exhausted else "") + ("^" if result.loadgen_cpu >= LOADGEN_SATURATED else "")
+
+
+def render_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A pipe table: readable as plain text, and rendered as a table by Markdown."""
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":" if i else ":" + "-" * (w + 1)) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def report(reports: list[TargetReport]) -> tuple[str, bool]:
+    """The results table, the CPU table and the checks; returns (text, every check passed)."""
+    labels = list(reports[0].results)
+    ratio = len(reports) == 2
+    headers = ["measurement", "unit", *(r.name for r in reports)] + (["ours/bare"] if ratio else [])
+    rows = []
+    for label in labels:
+        results = [r.results[label] for r in reports]
+        row = [label, results[0].unit, *(fmt(x.value, x.unit) + marks(x) for x in results)]
+        if ratio:
+            a, b = results[0].value, results[1].value
+            row.append(f"{a / b:.2f}" if a and b else "n/a")
+        rows.append(row)
+    rss = [r.peak_rss_mib for r in reports]
+    row = ["server peak RSS (VmHWM)", "MiB", *(fmt(x, "MiB") for x in rss)]
+    if ratio:
+        row.append(f"{rss[0] / rss[1]:.2f}" if rss[0] and rss[1] else "n/a")
+    rows.append(row)
+    out = [render_table(headers, rows)]
+    if any(x.exhausted for r in reports for x in r.results.values()):
+        out.append("* used up its pre-generated upload keys before the time was up; the figure is count / time taken")
+    if any(x.loadgen_cpu >= LOADGEN_SATURATED for r in reports for x in r.results.values()):
+        out.append(f"^ the load generator used over {LOADGEN_SATURATED:.0f}% of its core: the server may be faster than this")
+
+    cpu_headers = ["measurement", *(f"{r.name} server" for r in reports), *(f"{r.name} load gen" for r in reports)]
+    cpu_rows = []
+    for label in labels:
+        results = [r.results[label] for r in reports]
+        cpu_rows.append([label, *(fmt(x.server_cpu, "%") for x in results), *(fmt(x.loadgen_cpu, "%") for x in results)])
+    out += ["", "CPU use during each measurement, % of one core:", render_table(cpu_headers, cpu_rows)]
+
+    passed = True
+    out.append("")
+    for r in reports:
+        checked = sum(x.checked for x in r.results.values())
+        bad = sum(x.bad for x in r.results.values())
+        no_header = sum(x.no_header for x in r.results.values())
+        requests = sum(x.ok for x in r.results.values())
+        line = f"checks, {r.name}: {requests} successful requests, {checked} downloads/HEADs checked, {bad} mismatches"
+        if no_header:
+            line += f", {no_header} answers without X-Artifact-Hash (checked against the upload)"
+        out.append(line)
+        for x in r.results.values():
+            if x.failures:
+                passed = False
+                out.append(f"  {x.label}: {describe_failures(x)}")
+        for note in r.notes:
+            passed = False
+            out.append(f"  {note}")
+    return "\n".join(out), passed
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench_server.py",
+        description="Benchmark the cache server (and a bare waitress baseline) over loopback.",
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--url", help="measure an already running server at this loopback base URL instead")
+    which.add_argument("--bare", action="store_true", help="measure only the bare waitress baseline")
+    which.add_argument("--no-baseline", action="store_true", help="measure only our server")
+    parser.add_argument("--path-template", default=DEFAULT_TEMPLATE, help=f"artifact path under --url (default: {DEFAULT_TEMPLATE})")
+    parser.add_argument("--pid", type=int, help="with --url: the server's process id, for its CPU use and peak RSS")
+    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each rate measurement (default: 3)")
+    parser.add_argument("--big-mib", type=int, default=512, help="size of the single big artifact, MiB (default: 512)")
+    parser.add_argument("--threads", type=int, default=4, help="server worker threads (default: 4, the server's default)")
+    parser.add_argument("--server-log-level", default="warning", help="log level of our server (default: warning)")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin the server and the load generator to CPUs")
+    parser.add_argument("--tmp-dir", type=Path, help="where the temporary folder goes (put it on the disk to measure)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 s per measurement, a 16 MiB big artifact")
+    args = parser.parse_args(list(argv))
+    if args.quick:
+        args.seconds = min(args.seconds, 1.0)
+        args.big_mib = min(args.big_mib, 16)
+    if args.seconds <= 0 or args.seconds > 60 or args.big_mib < 1:
+        parser.error("--seconds must be in (0, 60] and --big-mib at least 1")
+    if args.pid is not None and not args.url:
+        parser.error("--pid only goes with --url")
+    return args
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cleanup(targets: list[Target], workdir: Path | None) -> None:
+    """Stop every child we started and remove the temporary folder, whatever happened."""
+    for proc in list(_LIVE_PROCESSES):
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+    for target in targets:
+        stop_server(target)
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_bare"]:
+        return serve_bare(argv[1:])
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    server_cpu, load_cpu = plan_cpus(not args.no_pin)
+    big_bytes = args.big_mib * MIB
+    big_label = f"{args.big_mib} MiB" if args.big_mib < 1024 or args.big_mib % 1024 else f"{args.big_mib // 1024} GiB"
+    targets: list[Target] = []
+    workdir: Path | None = None
+
+    def progress(text: str) -> None:
+        print(f"  ... {text}", file=sys.stderr, flush=True)
+
+    try:
+        external = external_target(args.url, args.path_template, args.pid) if args.url else None
+        workdir = Path(tempfile.mkdtemp(prefix="polykit-bench-", dir=args.tmp_dir))
+        print(machine_line())
+        print(versions_line())
+        progress("packing artifacts")
+        started = time.monotonic()
+        artifacts = workdir / "artifacts"
+        artifacts.mkdir()
+        corpus = build_corpus(artifacts, args.seconds, big_bytes, len(os.sched_getaffinity(0)))
+        progress(f"packed in {time.monotonic() - started:.1f} s")
+        if load_cpu is not None:
+            os.sched_setaffinity(0, {load_cpu})
+        reports: list[TargetReport] = []
+        kinds = ["target"] if external else ["bare"] if args.bare else ["ours"] if args.no_baseline else ["ours", "bare"]
+        for kind in kinds:
+            if kind == "target":
+                target = external
+            elif kind == "ours":
+                target = start_ours(workdir, server_cpu, args.threads, args.server_log_level, big_bytes)
+            else:
+                target = start_bare(workdir, artifacts, server_cpu, args.threads)
+            targets.append(target)
+            reports.append(measure(target, corpus, args.seconds, big_label, progress))
+            stop_server(target)
+        text, passed = report(reports)
+        print(describe_setup(args, corpus, server_cpu, load_cpu, external))
+        print()
+        print(text)
+        return 0 if passed else 1
+    except KeyboardInterrupt:
+        print("interrupted; stopping the servers and removing temporary files", file=sys.stderr)
+        return 130
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        cleanup(targets, workdir)
+
+
+def describe_setup(args: argparse.Namespace, corpus: Corpus, server_cpu: int | None, load_cpu: int | None, external: Target | None) -> str:
+    """The lines under the machine line that say how the figures were obtained."""
+    small = corpus.small_read[0].size
+    mid = corpus.mid_read[0].size
+    if server_cpu is not None:
+        pinning = f"server pinned to CPU {server_cpu}, load generator to CPU {load_cpu}"
+        if external is not None:
+            pinning = f"load generator pinned to CPU {load_cpu} (the external server is not pinned)"
+    else:
+        pinning = "no CPU pinning" + (" (--no-pin)" if args.no_pin else " (fewer than 2 CPUs)")
+    lines = [
+        f"setup: {pinning}; {args.seconds:g} s per rate measurement; server threads {args.threads}"
+        + (f"; log level {args.server_log_level}" if external is None and not args.bare else ""),
+        f"artifacts: 4 KiB random payload = {small} bytes packed, 1 MiB = {mid} bytes, "
+        f"big = {corpus.big.size} bytes; MiB/s counts artifact bytes (1 MiB = 1048576 bytes)",
+        "load: Python http.client, one process per persistent HTTP/1.1 connection; every PUT has a fresh key;",
+        "      every GET body is hashed and checked against X-Artifact-Hash and the uploaded artifact",
+    ]
+    if external is not None:
+        lines.insert(0, f"target: http://{external.host}:{external.port}{external.prefix}{external.template}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
