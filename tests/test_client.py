@@ -1,0 +1,300 @@
+"""The polykit command end to end: real subprocesses, a real polykit-cache, real files."""
+
+import hashlib
+import http.server
+import json
+import os
+import socket
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from sample import Polykit, copy_workspace, make_tools, make_workspace
+from support import request, thread_server
+
+BUILDS = ["api-server:build", "shared-utils:build", "web:build"]
+
+
+@pytest.fixture
+def pk(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    return Polykit(ws, make_tools(tmp_path / "tools"), tmp_path / "marker")
+
+
+def snapshot(folder: Path) -> dict:
+    """Every output entry: bytes and mode of files, targets of symlinks, empty folders."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            out[rel] = ("link", os.readlink(path))
+        elif path.is_dir():
+            if not any(path.iterdir()):
+                out[rel] = ("dir",)
+        else:
+            out[rel] = ("file", path.read_bytes(), path.stat().st_mode & 0o777)
+    return out
+
+
+def outputs(ws: Path) -> dict:
+    return {
+        "web": snapshot(ws / "packages/web/dist"),
+        "api": snapshot(ws / "packages/api-server/target"),
+        "utils": snapshot(ws / "packages/shared-utils/dist"),
+    }
+
+
+def stats(port: int) -> dict:
+    return json.loads(request(port, "GET", "/v1/stats")[2])
+
+
+def status_lines(stdout: str) -> dict:
+    found = {}
+    for line in stdout.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[0].count(":") == 1 and not parts[0].endswith(":"):
+            found[parts[0]] = parts[1]
+    return found
+
+
+def test_a_second_checkout_gets_every_task_from_the_remote_cache(pk, tmp_path):
+    with thread_server(tmp_path / "store") as (port, _):
+        url = f"http://127.0.0.1:{port}"
+        first = pk.run("build", "--remote-cache-url", url)
+        assert pk.ran() == BUILDS
+        assert set(status_lines(first.stdout).values()) == {"miss"}
+        assert "3 misses" in first.stdout
+        assert stats(port)["uploads"] == 3
+        built = outputs(pk.workspace)
+        assert built["web"]["latest.js"] == ("link", "app.js")
+        assert built["web"]["assets/empty"] == ("dir",)
+        assert built["api"]["release/api"][2] == 0o755
+
+        other = copy_workspace(pk.workspace, tmp_path / "second" / "checkout")
+        second = pk.run("build", cwd=other, POLYKIT_REMOTE_CACHE_URL=url)
+        assert pk.ran() == [], "a command ran in the second checkout"
+        assert status_lines(second.stdout) == {t: "hit (remote)" for t in BUILDS}
+        assert outputs(other) == built
+        for word in ("built web", "built api-server", "built shared-utils"):
+            assert word in second.stdout  # logs replayed
+        assert "3 remote hits, 0 misses" in second.stdout
+        assert second.stderr == ""
+
+        third = pk.run("build", cwd=other, POLYKIT_REMOTE_CACHE_URL=url)
+        assert status_lines(third.stdout) == {t: "hit (local)" for t in BUILDS}
+        assert pk.ran() == []
+
+
+def test_a_changed_upstream_input_misses_exactly_downstream(pk, tmp_path):
+    with thread_server(tmp_path / "store") as (port, _):
+        url = f"http://127.0.0.1:{port}"
+        pk.run("build", "--remote-cache-url", url)
+        pk.ran()
+        (pk.workspace / "packages/web/src/app.ts").write_text("console.log('v2');\n")
+        out = pk.run("build", "--remote-cache-url", url)
+        assert pk.ran() == ["web:build"]
+        assert status_lines(out.stdout)["shared-utils:build"] == "hit (local)"
+        (pk.workspace / "packages/shared-utils/src/utils.py").write_text("def helper():\n    return 7\n")
+        pk.run("build", "--remote-cache-url", url)
+        assert pk.ran() == BUILDS
+
+
+def test_a_hit_replaces_stale_outputs(pk, tmp_path):
+    pk.run("build", "--no-remote-cache")
+    pk.ran()
+    dist = pk.workspace / "packages/web/dist"
+    (dist / "app.js").write_text("tampered")
+    (dist / "leftover.txt").write_text("stale")
+    pk.run("build", "--no-remote-cache")
+    assert pk.ran() == []
+    assert "tampered" not in (dist / "app.js").read_text()
+    assert not (dist / "leftover.txt").exists()
+
+
+def test_read_only_never_uploads(pk, tmp_path):
+    with thread_server(tmp_path / "store") as (port, app):
+        pk.run("build", "--remote-cache-url", f"http://127.0.0.1:{port}", "--remote-cache-readonly")
+        assert pk.ran() == BUILDS
+        assert stats(port)["uploads"] == 0
+        assert not any(method == "PUT" for method, _ in app.metrics.requests)
+        pk.run("build", POLYKIT_REMOTE_CACHE_URL=f"http://127.0.0.1:{port}", POLYKIT_REMOTE_CACHE_READONLY="1", cwd=pk.workspace)
+        assert not any(method == "PUT" for method, _ in app.metrics.requests)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_stopped_server_gives_a_green_build_with_a_warning(pk):
+    url = f"http://127.0.0.1:{free_port()}"
+    out = pk.run("build", "--remote-cache-url", url)
+    assert pk.ran() == BUILDS
+    warnings = [line for line in out.stderr.splitlines() if line]
+    assert warnings and all(line.startswith("warning:") for line in warnings)
+    assert url in out.stderr
+    assert any("switched off" in line for line in warnings) or len(warnings) <= 3
+
+
+@contextmanager
+def fake_server(handler_factory):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_factory)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_answering_500_gives_a_green_build_with_a_warning(pk):
+    class Broken(http.server.BaseHTTPRequestHandler):
+        def _fail(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            body = b'{"error": "internal_error", "message": "boom"}'
+            self.send_response(500)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = do_PUT = _fail
+
+        def log_message(self, *args):
+            pass
+
+    with fake_server(Broken) as server:
+        out = pk.run("build", "--remote-cache-url", f"http://127.0.0.1:{server.server_port}")
+    assert pk.ran() == BUILDS
+    assert "warning:" in out.stderr and "500" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_corrupt_artifact_from_the_server_is_refused_and_built_locally(pk, tmp_path):
+    # A server that answers every key with the same (valid) artifact of another task, with an
+    # honest hash header: only the manifest check can catch it.
+    with thread_server(tmp_path / "store") as (port, _):
+        pk.run("build", "--remote-cache-url", f"http://127.0.0.1:{port}")
+        pk.ran()
+        stored = sorted((tmp_path / "store").rglob("*.zst"))[0].read_bytes()
+    digest = hashlib.sha256(stored).hexdigest()
+
+    class Liar(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(stored)))
+            self.send_header("X-Artifact-Hash", digest)
+            self.end_headers()
+            if self.command == "GET":
+                self.wfile.write(stored)
+
+        do_HEAD = do_GET
+
+        def do_PUT(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(201)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    other = copy_workspace(pk.workspace, tmp_path / "other")
+    with fake_server(Liar) as server:
+        out = pk.run("build", "--remote-cache-url", f"http://127.0.0.1:{server.server_port}", cwd=other)
+    # The one task whose key the stolen artifact really carries is a true hit; the others
+    # are refused by their manifests and built locally.
+    assert len(pk.ran()) == 2
+    assert out.stderr.count("failed verification") == 2
+    assert outputs(other)["web"]["app.js"][1].startswith(b"def helper")
+
+
+def test_no_remote_cache_never_connects(pk):
+    accepted = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.2)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+                accepted.append(conn)
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        (pk.workspace / "polykit.toml").write_text(
+            (pk.workspace / "polykit.toml").read_text() + f'url = "http://127.0.0.1:{port}"\n')
+        out = pk.run("build", "--no-remote-cache")
+        assert pk.ran() == BUILDS
+        assert out.stderr == "" and "remote" not in out.stdout.replace("0 remote hits", "")
+        assert accepted == []
+    finally:
+        stop.set()
+        thread.join(2)
+        listener.close()
+        for conn in accepted:
+            conn.close()
+
+
+def test_a_failed_task_is_not_cached_and_stops_its_dependents(pk):
+    toml = pk.workspace / "packages/shared-utils/polykit.toml"
+    toml.write_text(toml.read_text().replace("cat src/*.py", "cat src/*.py && exit 3"))
+    out = pk.run("build", "--no-remote-cache", check=False)
+    assert out.returncode == 1
+    lines = status_lines(out.stdout)
+    assert lines["shared-utils:build"] == "failed (exit 3)"
+    assert lines["web:build"].startswith("skipped") and lines["api-server:build"].startswith("skipped")
+    assert pk.ran() == []  # the marker line comes after the failing step
+    out = pk.run("build", "--no-remote-cache", check=False)
+    assert status_lines(out.stdout)["shared-utils:build"] == "failed (exit 3)"  # not cached
+
+
+def test_continue_on_error_runs_what_does_not_depend_on_the_failure(pk):
+    toml = pk.workspace / "packages/web/polykit.toml"
+    toml.write_text(toml.read_text().replace("mkdir -p dist/assets/empty", "false"))
+    out = pk.run("run", "lint", "-j", "1", "--continue-on-error", "--no-remote-cache", check=False)
+    assert out.returncode == 1
+    assert "web:build  failed (exit 1)" in out.stdout and "web:lint  skipped" in out.stdout
+    assert "shared-utils:build" in pk.ran()
+
+
+def test_no_cache_runs_every_command_and_stores_nothing(pk):
+    pk.run("build", "--no-cache")
+    pk.run("build", "--no-cache")
+    assert pk.ran() == sorted(BUILDS * 2)
+    assert not (pk.workspace / ".polykit" / "cache").exists()
+
+
+def test_a_task_without_outputs_caches_its_log_only_and_says_so(pk):
+    first = pk.run("test", "shared-utils", "--no-remote-cache")
+    assert "warning: shared-utils:test declares no outputs: only its log is cached" in first.stderr
+    pk.ran()
+    second = pk.run("test", "shared-utils", "--no-remote-cache")
+    assert pk.ran() == []
+    assert "testing shared-utils" in second.stdout
+
+
+def test_parallel_runs_prefix_live_output(pk):
+    out = pk.run("build", "-j", "3", "--no-remote-cache")
+    assert "web:build: built web" in out.stdout
+    out = pk.run("build", "-j", "1", "--no-cache")
+    assert "\nbuilt web\n" in out.stdout
+
+
+def test_a_bad_remote_url_is_a_warning_and_the_build_goes_on(pk):
+    out = pk.run("build", "--remote-cache-url", "ftp://nowhere")
+    assert pk.ran() == BUILDS
+    assert out.stderr.startswith("warning:") and "ftp://nowhere" in out.stderr
