@@ -29,10 +29,13 @@ class JsonErrorTask(ErrorTask):
 
     def execute(self) -> None:
         err = self.request.error
-        message = f"{err.reason}: {err.body}"
+        payload = {"error": _WORDS.get(err.code, "bad_request"), "message": f"{err.reason}: {err.body}"}
         if err.code == 413:
-            message = f"The request body is over the artifact size limit ({err.body})."
-        body = json.dumps({"error": _WORDS.get(err.code, "bad_request"), "message": message}).encode() + b"\n"
+            # waitress refuses at >= its setting, which is one above the artifact limit.
+            limit = self.channel.server.adj.max_request_body_size - 1
+            payload["message"] = f"The request body is over the artifact size limit of {limit} bytes."
+            payload["limit"] = limit
+        body = json.dumps(payload).encode() + b"\n"
         self.status = f"{err.code} {err.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
         self.set_close_on_finish()

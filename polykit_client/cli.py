@@ -112,12 +112,12 @@ def _remote(ws, args, console):
     url = args.remote_cache_url or ws.remote.url
     if not url:
         return None
-    from .remote import BadRemoteURL, RemoteCache
+    from .remote import RemoteCache
 
     try:
         return RemoteCache(url, token=ws.remote.token, read_only=ws.remote.read_only or args.remote_cache_readonly,
                            timeout=ws.remote.timeout, max_artifact_size=ws.remote.max_artifact_size, warn=console.warn)
-    except BadRemoteURL as exc:
+    except ValueError as exc:  # a bad URL or token: the build goes on without the remote cache
         console.warn(f"{exc}; building without the remote cache")
         return None
 

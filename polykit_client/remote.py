@@ -1,0 +1,621 @@
+"""The remote cache backend: ``HEAD``/``GET``/``PUT`` of artifacts over plain ``urllib.request``.
+
+A remote cache only ever saves time, so nothing here may fail a build: every problem becomes a
+``False`` answer and at most one warning line, and the caller builds the task locally. After
+``max_failures`` consecutive network failures the backend switches itself off for the rest of the
+run, so an unreachable server costs a few short timeouts rather than one per task.
+
+Downloads are streamed to the caller's file and trusted only when their length and SHA-256 match
+what the server announced; uploads are streamed from disk. Only the standard library is used, so
+the client runs from a zipapp on a bare build agent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import re
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import BinaryIO, Callable, TypeVar
+
+from . import __version__
+
+Progress = Callable[[int, int | None], None]
+T = TypeVar("T")
+
+# Send and receive in 256 KiB blocks: http.client's default of 8 KiB caps uploads at a fraction
+# of what the server can take.
+CHUNK = 256 * 1024
+BACKOFF_START = 0.05
+BACKOFF_BUDGET = 0.5
+MAX_ERROR_BODY = 64 * 1024
+MAX_MESSAGE = 300
+_KEY = re.compile(r"[0-9a-f]{64}")
+_HASH = re.compile(r"[0-9a-fA-F]{64}")
+# Visible ASCII only: anything else cannot travel in a header field (RFC 9110 section 5.5).
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
+class BadRemoteURL(ValueError):
+    """The configured remote cache URL cannot be used; the message names it for the user."""
+
+
+def default_warn(message: str) -> None:
+    """Warnings share stderr with task logs, so each is one line that says what it is."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# --- transport --------------------------------------------------------------------------------
+
+
+class _EarlyAnswerMixin:
+    """Keeps a refused upload readable.
+
+    A server may answer before it has read the whole body (RFC 9110 section 15.5.14: a 413 can
+    be sent as soon as the headers show the length) and then close the connection, so the
+    client's next send fails with a reset or a broken pipe while the answer already waits in
+    the socket. The send error is held back, the rest of the body is skipped, and the answer is
+    read; only when no answer can be read does the send error surface.
+    """
+
+    _body: object = None
+    _send_error: OSError | None = None
+
+    def request(self, method, url, body=None, headers=None, **kwargs):
+        self._body, self._send_error = body, None
+        return super().request(method, url, body, {} if headers is None else headers, **kwargs)
+
+    def send(self, data):
+        if self._send_error is not None:
+            return
+        try:
+            super().send(data)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            self._send_error = exc
+            stop = getattr(self._body, "stop", None)
+            if stop is not None:
+                stop()
+
+    def getresponse(self):
+        try:
+            return super().getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            if self._send_error is not None:
+                raise self._send_error from exc
+            raise
+
+
+class _HTTPConnection(_EarlyAnswerMixin, http.client.HTTPConnection):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("blocksize", CHUNK)
+        super().__init__(*args, **kwargs)
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_HTTPConnection, req)
+
+
+def _build_opener() -> urllib.request.OpenerDirector:
+    """An opener without redirects: a cache that redirects is misconfigured, and a PUT body
+    cannot be replayed to another address anyway (the warning shows the Location instead)."""
+    handlers: list[urllib.request.BaseHandler] = [
+        urllib.request.ProxyHandler(),  # honours http_proxy/https_proxy/no_proxy like curl does
+        _HTTPHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ]
+    if hasattr(http.client, "HTTPSConnection"):  # a Python built without ssl has no https
+        handlers.append(_https_handler())
+    opener = urllib.request.OpenerDirector()
+    for handler in handlers:
+        opener.add_handler(handler)
+    opener.addheaders = [("User-Agent", f"polykit/{__version__}")]
+    return opener
+
+
+def _https_handler() -> urllib.request.BaseHandler:
+    class _HTTPSConnection(_EarlyAnswerMixin, http.client.HTTPSConnection):
+        def __init__(self, *args, **kwargs) -> None:
+            kwargs.setdefault("blocksize", CHUNK)
+            super().__init__(*args, **kwargs)
+
+    class _HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(_HTTPSConnection, req, context=self._context)
+
+    return _HTTPSHandler()
+
+
+class _UploadBody:
+    """The file as a request body: exactly the announced number of bytes, read block by block.
+
+    A body that ends before its Content-Length would leave the server waiting for the rest
+    (RFC 9112 section 6.3), so a file that shrank while being sent is an error at once.
+    """
+
+    def __init__(self, fh: BinaryIO, size: int, progress: Progress | None) -> None:
+        self._fh, self._size, self._progress = fh, size, progress
+        self.sent = 0
+        self._stopped = False
+
+    def read(self, amount: int = -1) -> bytes:
+        left = self._size - self.sent
+        if self._stopped or left <= 0:
+            return b""
+        data = self._fh.read(left if amount is None or amount < 0 else min(amount, left))
+        if not data:
+            raise _FileChanged(f"the file shrank while it was being sent ({self.sent} of {self._size} bytes)")
+        self.sent += len(data)
+        if self._progress is not None:
+            self._progress(self.sent, self._size)
+        return data
+
+    def stop(self) -> None:
+        self._stopped = True
+
+
+class _FileChanged(Exception):
+    """Raised from inside http.client's send loop; deliberately not an OSError so that
+    urllib does not dress it up as a network error."""
+
+
+# --- outcomes ---------------------------------------------------------------------------------
+
+
+class _Failure(Exception):
+    """One failed attempt.
+
+    ``transient`` failures (network errors, timeouts, 5xx, a body cut short) are worth a retry
+    and count towards switching the remote off; the others (a refusal, a corrupt body) would
+    only repeat themselves.
+    """
+
+    def __init__(self, reason: str, *, transient: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+
+
+def _one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """Server text goes into a warning line: no control characters, bounded length."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    """A short human reason for a transport failure (never the request's headers)."""
+    if isinstance(exc, urllib.error.URLError):
+        if not isinstance(exc.reason, BaseException):
+            return _one_line(str(exc.reason))
+        exc = exc.reason
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the server closed the connection without answering"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return "the connection was reset"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({_one_line(str(exc.strerror))})"
+    if isinstance(exc, http.client.HTTPException):
+        return f"malformed answer ({type(exc).__name__})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return _one_line(exc.strerror)
+    return _one_line(str(exc)) or type(exc).__name__
+
+
+def _status_reason(status: int, answer: _Answer | None) -> str:
+    """``HTTP 413 too_large: <the server's message>``; the JSON body is what our server sends
+    with every error, anything else falls back to the reason phrase."""
+    word, message = "", ""
+    try:
+        raw = answer.read(MAX_ERROR_BODY) if answer is not None else b""
+        payload = json.loads(raw) if raw else None
+    except (OSError, http.client.HTTPException, ValueError):
+        payload = None
+    if isinstance(payload, dict):
+        word = payload.get("error") if isinstance(payload.get("error"), str) else ""
+        message = payload.get("message") if isinstance(payload.get("message"), str) else ""
+    if not word and answer is not None:
+        word = answer.reason
+    text = f"HTTP {status}" + (f" {word}" if word else "") + (f": {message}" if message else "")
+    location = answer.headers.get("Location") if answer is not None and answer.headers is not None else None
+    if location and 300 <= status < 400:
+        text += f" (redirected to {location}; point the remote cache URL there)"
+    return _one_line(text)
+
+
+def _is_transient(status: int) -> bool:
+    # RFC 9110 section 15.6: 5xx means the server failed and a repeat may succeed; 507
+    # (RFC 4918 section 11.5, storage full) will not clear up within a retry.
+    return status >= 500 and status != 507
+
+
+def _backoff(retries: int) -> list[float]:
+    """Delays before each retry: 50 ms doubling, all of them together within half a second,
+    because a task waiting on a dead cache should fall back to building quickly."""
+    delays: list[float] = []
+    spent = 0.0
+    for attempt in range(retries):
+        delay = max(0.0, min(BACKOFF_START * 2**attempt, BACKOFF_BUDGET - spent))
+        delays.append(delay)
+        spent += delay
+    return delays
+
+
+def _validate_url(url: str) -> str:
+    """Refuse early, naming the URL, rather than fail later on every task."""
+    if not isinstance(url, str):
+        raise BadRemoteURL(f"remote cache URL {url!r} is not http(s)://host[:port][/prefix]: not a string")
+    shown = url
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        if "@" in parts.netloc:  # whatever precedes the @ may be a secret: never repeat it
+            shown = url.replace(parts.netloc, "***@" + parts.netloc.rpartition("@")[2], 1)
+        problem = _url_problem(parts)
+    except ValueError as exc:  # e.g. a port that is not a number (RFC 3986 section 3.2.3)
+        problem = str(exc)
+    if problem:
+        raise BadRemoteURL(f"remote cache URL {shown!r} is not http(s)://host[:port][/prefix]: {problem}")
+    return urllib.parse.urlunsplit((parts.scheme.lower(), parts.netloc, parts.path.rstrip("/"), "", ""))
+
+
+def _url_problem(parts: urllib.parse.SplitResult) -> str:
+    if parts.scheme.lower() not in ("http", "https"):
+        return f"the scheme must be http or https, not {parts.scheme!r}" if parts.scheme else "no http:// or https://"
+    if not parts.hostname:
+        return "no host name"
+    if parts.username is not None or parts.password is not None:
+        return "credentials do not belong in the URL; use the token setting"
+    _ = parts.port  # raises ValueError when out of range
+    if parts.query or parts.fragment or "?" in parts.geturl() or "#" in parts.geturl():
+        return "no query or fragment is allowed"
+    if any(c.isspace() or not c.isprintable() for c in parts.geturl()):
+        return "it contains spaces or control characters"
+    return ""
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or _KEY.fullmatch(key) is None:
+        raise ValueError(f"a cache key is 64 lowercase hex characters, not {key!r}")
+
+
+# --- the backend ------------------------------------------------------------------------------
+
+
+class RemoteCache:
+    """One remote cache server for one run; safe to share between threads.
+
+    ``bytes_down`` and ``bytes_up`` count completed transfers only (verified downloads, stored
+    uploads): they feed the run summary, where bytes of failed attempts would mislead.
+    """
+
+    def __init__(self, url: str, *, token: str | None = None, read_only: bool = False,
+                 timeout: float = 10.0, retries: int = 2, max_failures: int = 3,
+                 max_artifact_size: int | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
+        self.url = _validate_url(url)
+        if timeout <= 0 or retries < 0 or max_failures < 1:
+            raise ValueError("timeout must be positive, retries at least 0 and max_failures at least 1")
+        if max_artifact_size is not None and max_artifact_size < 0:
+            raise ValueError("max_artifact_size must not be negative")
+        self._token = self._checked_token(token)
+        self.read_only = read_only
+        self.timeout = timeout
+        self.retries = retries
+        self.max_failures = max_failures
+        self.max_artifact_size = max_artifact_size
+        self._warn = warn or default_warn
+        self.enabled = True
+        self.bytes_down = 0
+        self.bytes_up = 0
+        self._failures = 0
+        self._lock = threading.Lock()
+        self._opener = _build_opener()
+
+    @staticmethod
+    def _checked_token(token: str | None) -> str | None:
+        """Tokens often come from files with a trailing newline; anything else odd would make an
+        invalid header, and the error must not echo the secret."""
+        if token is None or not token.strip():
+            return None
+        token = token.strip()
+        if _TOKEN.fullmatch(token) is None:
+            raise ValueError("the remote cache token contains spaces, control or non-ASCII characters")
+        return token
+
+    def __repr__(self) -> str:
+        auth = ", token=<set>" if self._token else ""
+        return f"RemoteCache(url={self.url!r}{auth}, read_only={self.read_only}, enabled={self.enabled})"
+
+    # --- public operations ---------------------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        """Whether the server holds ``key``; any doubt is a no, so the caller builds."""
+        _check_key(key)
+        if not self.enabled:
+            return False
+        try:
+            found = self._with_retries(lambda: self._head(key))
+        except _Failure as failure:
+            self._failed(failure, f"cannot check for artifact {key[:12]}")
+            return False
+        self._succeeded()
+        return found
+
+    def fetch(self, key: str, dest: BinaryIO, progress: Progress | None = None) -> bool:
+        """Download ``key`` into ``dest``; True only for a whole body whose SHA-256 matches.
+
+        On False, ``dest`` may hold a partial or corrupt body: the caller must truncate or
+        discard it. When ``dest`` is seekable a retry rewinds it to where it started.
+        """
+        _check_key(key)
+        if not self.enabled:
+            return False
+        download = _Download(dest, progress)
+        try:
+            size = self._with_retries(lambda: self._get(key, download), download.rewind)
+        except _Failure as failure:
+            self._failed(failure, f"download of {key[:12]} failed", "; the task will be built locally")
+            return False
+        self._succeeded()
+        if size is None:
+            return False
+        with self._lock:
+            self.bytes_down += size
+        return True
+
+    def store(self, key: str, path: Path, progress: Progress | None = None) -> bool:
+        """Upload the artifact file at ``path``; True only when the server stored it now.
+
+        False without a word when the server already has it (another machine was first) or in
+        read-only mode; False with one warning when the upload failed. Never raises for a
+        network or server problem: an upload must not fail a build.
+        """
+        _check_key(key)
+        if self.read_only or not self.enabled:
+            return False
+        path = Path(path)
+        what = f"upload of {key[:12]} failed"
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            self._say(f"remote cache {self.url}: cannot upload {key[:12]}: cannot read {path}: {exc.strerror}")
+            return False
+        if self.max_artifact_size is not None and size > self.max_artifact_size:
+            self._say(f"remote cache {self.url}: not uploading {key[:12]}: it is {size} bytes, "
+                       f"over the max_artifact_size of {self.max_artifact_size} bytes")
+            return False
+        try:
+            # HEAD first: the server spools a whole body before it can answer 409, so asking
+            # is far cheaper than sending an artifact it already has.
+            if self._with_retries(lambda: self._head(key)):
+                self._succeeded()
+                return False
+            stored = self._upload(key, path, size, progress)
+        except _Failure as failure:
+            self._failed(failure, what)
+            return False
+        self._succeeded()
+        if stored:
+            with self._lock:
+                self.bytes_up += size
+        return stored
+
+    # --- single attempts ----------------------------------------------------------------------
+
+    def _head(self, key: str) -> bool:
+        with self._open(self._request("HEAD", key)) as answer:
+            status = answer.status
+            if status in (200, 404):
+                return status == 200
+            raise _Failure(_status_reason(status, answer), transient=_is_transient(status))
+
+    def _get(self, key: str, download: _Download) -> int | None:
+        """One GET; the size of a verified body, or None for a plain miss."""
+        with self._open(self._request("GET", key)) as answer:
+            status = answer.status
+            if status == 404:
+                return None
+            if status != 200:
+                raise _Failure(_status_reason(status, answer), transient=_is_transient(status))
+            return self._receive(answer, download)
+
+    def _receive(self, answer: _Answer, download: _Download) -> int:
+        """Stream the body chunk by chunk: an artifact may be far larger than memory allows."""
+        length, expected = self._announced(answer)
+        digest = hashlib.sha256()
+        buf = memoryview(bytearray(CHUNK))
+        while download.written < length:
+            try:
+                n = answer.readinto(buf[: min(CHUNK, length - download.written)])
+            except (OSError, http.client.HTTPException) as exc:
+                reason = f"{_describe(exc, self.timeout)} after {download.written} of {length} bytes"
+                raise _Failure(reason, transient=True) from None
+            if not n:
+                break
+            digest.update(buf[:n])
+            download.write(buf[:n], length)
+        if download.written != length:
+            # RFC 9112 section 6.3: a body shorter than its Content-Length is incomplete.
+            raise _Failure(f"the body ended after {download.written} of {length} bytes", transient=True)
+        if digest.hexdigest() != expected:
+            raise _Failure("the body does not match its X-Artifact-Hash (corrupt artifact)", transient=False)
+        return length
+
+    def _announced(self, answer: _Answer) -> tuple[int, str]:
+        """Length and digest are both required: without them a truncated or corrupted body
+        could not be told from a good one."""
+        raw_length = answer.headers.get("Content-Length", "")
+        raw_hash = (answer.headers.get("X-Artifact-Hash") or "").strip()
+        if not raw_length.strip().isdigit() or _HASH.fullmatch(raw_hash) is None:
+            raise _Failure("the answer lacks a valid Content-Length or X-Artifact-Hash", transient=False)
+        length = int(raw_length)
+        if self.max_artifact_size is not None and length > self.max_artifact_size:
+            raise _Failure(f"it is {length} bytes, over the max_artifact_size of {self.max_artifact_size} bytes",
+                           transient=False)
+        return length, raw_hash.lower()
+
+    def _upload(self, key: str, path: Path, size: int, progress: Progress | None) -> bool:
+        try:
+            fh = path.open("rb")
+        except OSError as exc:
+            raise _Failure(f"cannot read {path}: {exc.strerror}", transient=False) from None
+        with fh:
+            try:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            except OSError as exc:
+                raise _Failure(f"cannot read {path}: {exc.strerror}", transient=False) from None
+
+            def rewind() -> bool:
+                fh.seek(0)
+                return True
+
+            # PUT is idempotent (RFC 9110 section 9.2.2), so sending it again is safe: a repeat
+            # of an upload that did land gets 409, which is the same outcome.
+            return self._with_retries(lambda: self._put(key, fh, size, digest, progress), rewind)
+
+    def _put(self, key: str, fh: BinaryIO, size: int, digest: str, progress: Progress | None) -> bool:
+        fh.seek(0)
+        body = _UploadBody(fh, size, progress)
+        request = self._request("PUT", key, body)
+        request.add_header("Content-Type", "application/zstd")
+        request.add_header("Content-Length", str(size))
+        request.add_header("X-Artifact-Hash", digest)
+        with self._open(request) as answer:
+            status = answer.status
+            if status == 201:
+                return True
+            if status == 409:  # RFC 9110 section 15.5.10: first write wins; another machine was first
+                return False
+            raise _Failure(_status_reason(status, answer), transient=_is_transient(status))
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def _request(self, method: str, key: str, body: object = None) -> urllib.request.Request:
+        request = urllib.request.Request(f"{self.url}/v1/artifacts/{key}", data=body, method=method)
+        if self._token:
+            # RFC 6750 section 2.1; "unredirected" keeps it from following a redirect elsewhere.
+            request.add_unredirected_header("Authorization", f"Bearer {self._token}")
+        return request
+
+    def _open(self, request: urllib.request.Request) -> _Answer:
+        """Send one request: every HTTP answer comes back (errors included), transport failures
+        become a transient ``_Failure``."""
+        try:
+            return _Answer(self._opener.open(request, timeout=self.timeout))
+        except urllib.error.HTTPError as answer:
+            return _Answer(answer)
+        except _FileChanged as exc:
+            raise _Failure(str(exc), transient=False) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Failure(_describe(exc, self.timeout), transient=True) from None
+        except ValueError as exc:  # http.client refusing the request itself: a repeat would not help
+            raise _Failure(f"cannot send the request: {_one_line(str(exc))}", transient=False) from None
+
+    def _with_retries(self, attempt: Callable[[], T], rewind: Callable[[], bool] | None = None) -> T:
+        """Transient failures get another try, unless the remote was switched off meanwhile or
+        what was already written cannot be taken back."""
+        delays = _backoff(self.retries)
+        while True:
+            try:
+                return attempt()
+            except _Failure as failure:
+                if not (failure.transient and delays and self.enabled) or (rewind is not None and not rewind()):
+                    raise
+                time.sleep(delays.pop(0))
+
+    def _succeeded(self) -> None:
+        with self._lock:
+            self._failures = 0
+
+    def _failed(self, failure: _Failure, what: str, consequence: str = "") -> None:
+        """One warning per failed operation, and the switch-off when failures pile up."""
+        messages: list[str] = []
+        with self._lock:
+            if not self.enabled:
+                return  # switched off while this one was in flight: that was said already
+            messages.append(f"remote cache {self.url}: {what} ({failure.reason}){consequence}")
+            if failure.transient:
+                self._failures += 1
+                if self._failures >= self.max_failures:
+                    self.enabled = False
+                    messages.append(f"remote cache {self.url} switched off for the rest of this run "
+                                    f"after {self._failures} failures")
+        for message in messages:
+            self._say(message)
+
+    def _say(self, message: str) -> None:
+        """The caller prints each warning as one line; a path or a server's text must not break it."""
+        self._warn(_one_line(message, limit=4000))
+
+
+class _Answer:
+    """An HTTP answer, success or error alike, closed after use so no socket is left open."""
+
+    def __init__(self, response: http.client.HTTPResponse | urllib.error.HTTPError) -> None:
+        self.response = response
+        self.status: int = response.status if isinstance(response, http.client.HTTPResponse) else response.code
+        self.headers = response.headers
+
+    def read(self, amount: int) -> bytes:
+        return self.response.read(amount)
+
+    def readinto(self, buf: memoryview) -> int:
+        return self.response.readinto(buf)
+
+    @property
+    def reason(self) -> str:
+        return str(getattr(self.response, "reason", "") or "")
+
+    def __enter__(self) -> _Answer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.response.close()
+
+
+class _Download:
+    """The caller's file, plus what a retry needs: how much was written and where it began."""
+
+    def __init__(self, dest: BinaryIO, progress: Progress | None) -> None:
+        self.dest, self.progress = dest, progress
+        self.start = dest.tell() if _seekable(dest) else None
+        self.written = 0
+
+    def write(self, data: memoryview, total: int) -> None:
+        try:
+            self.dest.write(data)
+        except OSError as exc:  # a local disk problem, not the server's
+            raise _Failure(f"cannot write the download: {exc.strerror or exc}", transient=False) from None
+        self.written += len(data)
+        if self.progress is not None:
+            self.progress(self.written, total)
+
+    def rewind(self) -> bool:
+        """A retry must start from an empty file; a pipe cannot be taken back, so no retry."""
+        if self.written == 0:
+            return True
+        if self.start is None:
+            return False
+        self.dest.seek(self.start)
+        self.dest.truncate()
+        self.written = 0
+        return True
+
+
+def _seekable(stream: BinaryIO) -> bool:
+    try:
+        return stream.seekable()
+    except (AttributeError, OSError, ValueError):
+        return False
