@@ -298,3 +298,35 @@ def test_a_bad_remote_url_is_a_warning_and_the_build_goes_on(pk):
     out = pk.run("build", "--remote-cache-url", "ftp://nowhere")
     assert pk.ran() == BUILDS
     assert out.stderr.startswith("warning:") and "ftp://nowhere" in out.stderr
+
+
+def test_transfers_show_progress_when_stderr_is_a_terminal(pk, tmp_path):
+    import pty
+    import subprocess
+    import sys
+
+    toml = pk.workspace / "packages/web/polykit.toml"
+    toml.write_text(toml.read_text().replace("cat ../shared-utils", "head -c 3000000 /dev/urandom > dist/big.bin && cat ../shared-utils"))
+    with thread_server(tmp_path / "store") as (port, _):
+        url = f"http://127.0.0.1:{port}"
+        pk.run("build", "--remote-cache-url", url)
+        other = copy_workspace(pk.workspace, tmp_path / "other")
+        master, slave = pty.openpty()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "polykit_client", "build", "--remote-cache-url", url],
+                                  cwd=other, env=pk.env, stdout=subprocess.PIPE, stderr=slave, timeout=120)
+            os.close(slave)
+            seen = b""
+            while True:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+        finally:
+            os.close(master)
+    assert proc.returncode == 0
+    assert b"web:build  downloading" in seen and b"MiB" in seen
+    assert b"downloading" not in proc.stdout
