@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -43,7 +42,6 @@ class StatCache:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = threading.Lock()
         self._changed = False
         self.entries: dict[str, list] = {}
         self.tools: dict[str, list] = {}
@@ -55,40 +53,44 @@ class StatCache:
         except (OSError, ValueError, AttributeError):
             pass  # a missing or damaged cache only costs a rehash
 
-    def hash(self, rel: str, full: str, started_ns: int) -> str | None:
-        """SHA-256 of a file, from the cache when its stat is unchanged; None if it vanished."""
-        try:
-            st = os.stat(full)
-        except OSError:
-            return None
-        sig = [st.st_size, st.st_mtime_ns, st.st_ino]
-        cached = self.entries.get(rel)
-        if cached is not None and cached[:3] == sig:
-            return cached[3]
-        try:
-            with open(full, "rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        except OSError:
-            return None
-        if st.st_mtime_ns < started_ns - int(RACY_SECONDS * 1e9):
-            with self._lock:
-                self.entries[rel] = sig + [digest]
-                self._changed = True
-        return digest
+    def remember(self, rel: str, sig: list, digest: str, started_ns: int) -> None:
+        # sig[1] is mtime_ns; a file changed just before it was read may change again within
+        # the same mtime tick, so it is not remembered.
+        if sig[1] < started_ns - int(RACY_SECONDS * 1e9):
+            self.entries[rel] = sig + [digest]
+            self._changed = True
 
     def remember_tool(self, name: str, sig: list, version: str) -> None:
-        with self._lock:
-            self.tools[name] = sig + [version]
-            self._changed = True
+        self.tools[name] = sig + [version]
+        self._changed = True
 
     def save(self) -> None:
         if not self._changed:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": 1, "files": self.entries, "tools": self.tools}, separators=(",", ":")))
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"version": 1, "files": self.entries, "tools": self.tools}, separators=(",", ":")))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only checkout still builds; it only rehashes next time
         self._changed = False
+
+
+def _sha256_small(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _sha256_large(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
 
 
 def list_files(root: Path) -> list[str] | None:
@@ -120,15 +122,19 @@ def walk_files(top: Path, root: Path) -> list[str]:
 
 
 class KeyMaker:
-    """Computes every task's key for one run; input files are listed once and hashed in parallel."""
+    """Computes every task's key for one run; input files are listed once and hashed once."""
+
+    # Files over this size are hashed in a thread pool (hashlib releases the GIL for large
+    # updates); small ones are cheaper to read and hash in one loop than to hand to threads.
+    LARGE_FILE = 256 * 1024
 
     def __init__(self, ws: Workspace, environ: Mapping[str, str] | None = None) -> None:
         self.ws = ws
         self.environ = os.environ if environ is None else environ
         self.stat_cache = StatCache(ws.root / STATE_FILE)
         self._started_ns = time.time_ns()
-        self._files = self._package_files()
         self._toolchains: dict[str, dict] = {}
+        self._files = self._package_files()
         self.keys: dict[Node, str] = {}
         self.parts: dict[Node, dict] = {}
 
@@ -137,18 +143,29 @@ class KeyMaker:
         listing = list_files(self.ws.root)
         if listing is None:
             listing = walk_files(self.ws.root, self.ws.root)
-        else:
-            listing = [f for f in listing if not (set(f.split("/")[:-1]) & SKIP_DIRS)]
-        owners = sorted(((p.path, p.name) for p in self.ws.packages.values()), key=lambda x: -len(x[0]))
+        by_path = {p.path: p.name for p in self.ws.packages.values()}
         files: dict[str, list[str]] = {p.name: [] for p in self.ws.packages.values()}
+        owner_of: dict[str, tuple[str, int] | None] = {}
+
+        def owner(folder: str) -> tuple[str, int] | None:
+            """The package owning a folder, and the length of its path prefix (memoised per folder)."""
+            if folder in owner_of:
+                return owner_of[folder]
+            if folder in by_path:
+                found = (by_path[folder], len(folder) + 1)
+            elif not folder:
+                found = (by_path["."], 0) if "." in by_path else None
+            elif folder.rsplit("/", 1)[-1] in SKIP_DIRS:
+                found = None
+            else:
+                found = owner(folder.rpartition("/")[0])
+            owner_of[folder] = found
+            return found
+
         for rel in listing:
-            for path, name in owners:
-                if path == ".":
-                    files[name].append(rel)
-                    break
-                if rel.startswith(path + "/"):
-                    files[name].append(rel[len(path) + 1 :])
-                    break
+            found = owner(rel.rpartition("/")[0])
+            if found is not None:
+                files[found[0]].append(rel[found[1]:])
         return files
 
     def input_files(self, pkg: Package, task: Task) -> list[str]:
@@ -159,55 +176,90 @@ class KeyMaker:
             wanted = GlobSet(patterns)
             return [f for f in candidates if wanted.matches(f)]
         outputs = GlobSet(p for t in pkg.tasks.values() for p in (t.outputs or ()))
+        if not outputs:
+            return list(candidates)
         return [f for f in candidates if not outputs.matches(f)]
 
-    def hash_inputs(self, pkg: Package, files: Iterable[str]) -> dict[str, str]:
-        base = "" if pkg.path == "." else pkg.path + "/"
-        root = str(self.ws.root)
-        files = sorted(files)
+    def hash_files(self, paths: Iterable[str]) -> dict[str, str]:
+        """SHA-256 of files given relative to the root; unchanged files come from the stat cache."""
+        root = str(self.ws.root) + "/"
+        entries = self.stat_cache.entries
+        digests: dict[str, str] = {}
+        large: list[tuple[str, list]] = []
+        for rel in paths:
+            try:
+                st = os.stat(root + rel)
+            except OSError:
+                continue  # listed by git but deleted: not an input
+            sig = [st.st_size, st.st_mtime_ns, st.st_ino]
+            cached = entries.get(rel)
+            if cached is not None and cached[:3] == sig:
+                digests[rel] = cached[3]
+            elif st.st_size > self.LARGE_FILE:
+                large.append((rel, sig))
+            else:
+                digest = _sha256_small(root + rel)
+                if digest is not None:
+                    digests[rel] = digest
+                    self.stat_cache.remember(rel, sig, digest, self._started_ns)
+        if large:
+            
+            with ThreadPoolExecutor(max_workers=min(8, len(large))) as pool:
+                results = pool.map(lambda item: _sha256_large(root + item[0]), large)
+                for (rel, sig), digest in zip(large, results):
+                    if digest is not None:
+                        digests[rel] = digest
+                        self.stat_cache.remember(rel, sig, digest, self._started_ns)
+        return digests
 
-        def one(rel: str) -> str | None:
-            return self.stat_cache.hash(base + rel, f"{root}/{base}{rel}", self._started_ns)
-
-        if len(files) > 64:
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                digests = list(pool.map(one, files))
-        else:
-            digests = [one(f) for f in files]
-        return {f: d for f, d in zip(files, digests) if d is not None}
+    def _detect(self, language: str) -> dict:
+        tool, arg = TOOLCHAINS[language]
+        found = shutil.which(tool, path=self.environ.get("PATH"))
+        if found is None:
+            return {"language": language, "version": f"missing:{tool}"}
+        st = os.stat(found)
+        sig = [os.path.realpath(found), st.st_size, st.st_mtime_ns]
+        cached = self.stat_cache.tools.get(tool)
+        if cached is not None and cached[:3] == sig:
+            return {"language": language, "version": cached[3]}
+        try:
+            out = subprocess.run([found, arg], capture_output=True, text=True, timeout=30)
+            text = (out.stdout.strip() or out.stderr.strip()).splitlines()
+            version = text[0] if out.returncode == 0 and text else f"error:{tool}"
+        except (OSError, subprocess.SubprocessError):
+            version = f"error:{tool}"
+        if not version.startswith("error:"):
+            self.stat_cache.remember_tool(tool, sig, version)
+        return {"language": language, "version": version}
 
     def toolchain(self, language: str | None) -> dict:
         """The toolchain version for a language, detected once a run (and cached by the tool's stat)."""
         if language is None:
             return {"language": None, "version": "none"}
-        if language in self._toolchains:
-            return self._toolchains[language]
-        tool, arg = TOOLCHAINS[language]
-        found = shutil.which(tool, path=self.environ.get("PATH"))
-        if found is None:
-            version = f"missing:{tool}"
-        else:
-            st = os.stat(found)
-            sig = [os.path.realpath(found), st.st_size, st.st_mtime_ns]
-            cached = self.stat_cache.tools.get(tool)
-            if cached is not None and cached[:3] == sig:
-                version = cached[3]
-            else:
-                try:
-                    out = subprocess.run([found, arg], capture_output=True, text=True, timeout=30)
-                    version = (out.stdout.strip() or out.stderr.strip()).splitlines()[0] if out.returncode == 0 else f"error:{tool}"
-                except (OSError, subprocess.SubprocessError, IndexError):
-                    version = f"error:{tool}"
-                if not version.startswith("error:"):
-                    self.stat_cache.remember_tool(tool, sig, version)
-        self._toolchains[language] = {"language": language, "version": version}
+        if language not in self._toolchains:
+            self._toolchains[language] = self._detect(language)
         return self._toolchains[language]
 
     def compute(self, order: list[Node], deps: Mapping[Node, list[Node]]) -> dict[Node, str]:
         """Keys for every node, dependencies first."""
+        languages = {self.ws.packages[n.package].language for n in order} - {None}
+        # Toolchain commands take tens of milliseconds each; run them while files are hashed.
+        detect = [threading.Thread(target=self.toolchain, args=(lang,)) for lang in sorted(languages)]
+        for thread in detect:
+            thread.start()
+        inputs: dict[Node, tuple[str, list[str]]] = {}
+        for node in order:
+            pkg = self.ws.packages[node.package]
+            base = "" if pkg.path == "." else pkg.path + "/"
+            inputs[node] = (base, self.input_files(pkg, pkg.tasks[node.task]))
+        needed = sorted({base + rel for base, rels in inputs.values() for rel in rels})
+        digests = self.hash_files(needed)
+        for thread in detect:
+            thread.join()
         for node in order:
             pkg = self.ws.packages[node.package]
             task = pkg.tasks[node.task]
+            base, rels = inputs[node]
             env_names = sorted(set(self.ws.remote.env_vars) | set(task.env))
             parts = {
                 "format": KEY_FORMAT,
@@ -215,7 +267,7 @@ class KeyMaker:
                 "task": task.name,
                 "command": task.command,
                 "env": {name: self.environ.get(name) for name in env_names},
-                "inputs": self.hash_inputs(pkg, self.input_files(pkg, task)),
+                "inputs": {rel: digests[base + rel] for rel in sorted(rels) if base + rel in digests},
                 "dependencies": {str(dep): self.keys[dep] for dep in sorted(deps[node])},
                 "toolchain": self.toolchain(pkg.language),
                 "outputs": sorted(task.outputs) if task.outputs is not None else None,

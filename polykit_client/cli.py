@@ -133,7 +133,7 @@ def _build(ws, task: str, args) -> int:
     if args.dry_run:
         return _dry_run(order, keys, keymaker, args.json)
     from .localcache import LocalCache
-    from .runner import Console, Summary, TaskRunner, Uploader
+    from .runner import Console, Summary, TaskRunner
 
     parallel = args.parallel or ws.default_parallel or os.cpu_count() or 1
     if parallel < 1:
@@ -141,11 +141,10 @@ def _build(ws, task: str, args) -> int:
         return EXIT_USAGE
     console = Console(prefix_logs=parallel > 1 and len(order) > 1)
     local = None if args.no_cache else LocalCache(ws.cache_dir, ws.cache_max_size)
-    remote = _remote(ws, args, console)
-    uploader = Uploader(remote, console) if remote is not None and not remote.read_only else None
     summary = Summary()
-    runner = TaskRunner(ws, keys, console, local=local, remote=remote, uploader=uploader, summary=summary)
+    runner = TaskRunner(ws, keys, console, local=local, remote_factory=lambda: _remote(ws, args, console), summary=summary)
     outcome = run_graph(order, deps, runner.run, parallel, args.continue_on_error)
+    remote, uploader = runner.remote, runner.uploader
     for node in order:
         if outcome[node] == "skipped":
             console.line(f"{node}  skipped (a dependency failed)")

@@ -7,7 +7,6 @@ package's internal dependencies, so a change upstream reaches every task downstr
 from __future__ import annotations
 
 import threading
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -129,6 +128,8 @@ def run_graph(
     Returns each node's outcome: "ok", "failed", or "skipped" (a dependency failed, or an
     earlier failure stopped the run without ``continue_on_error``).
     """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait  # only builds need it
+
     waiting = {node: set(deps[node]) for node in order}
     dependents: dict[Node, list[Node]] = {node: [] for node in order}
     for node in order:
@@ -144,7 +145,7 @@ def run_graph(
                 skip_downstream(child)
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        running: dict[Future, Node] = {}
+        running: dict = {}
 
         def launch() -> None:
             for node in order:

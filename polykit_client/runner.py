@@ -192,14 +192,27 @@ class TaskRunner:
     """Runs tasks of one invocation; ``run(node)`` is what the scheduler calls."""
 
     def __init__(self, ws: Workspace, keys: dict[Node, str], console: Console, *, local: LocalCache | None,
-                 remote: "RemoteCache | None", uploader: Uploader | None, summary: Summary) -> None:
+                 remote_factory: Callable[[], "RemoteCache | None"], summary: Summary) -> None:
         self.ws = ws
         self.keys = keys
         self.console = console
         self.local = local
-        self.remote = remote
-        self.uploader = uploader
         self.summary = summary
+        self._remote_factory = remote_factory
+        self._remote_lock = threading.Lock()
+        self._remote_made = False
+        self.remote: RemoteCache | None = None
+        self.uploader: Uploader | None = None
+
+    def _get_remote(self) -> "RemoteCache | None":
+        """The remote backend, made on the first local miss: a build of local hits never pays for it."""
+        with self._remote_lock:
+            if not self._remote_made:
+                self._remote_made = True
+                self.remote = self._remote_factory()
+                if self.remote is not None and not self.remote.read_only:
+                    self.uploader = Uploader(self.remote, self.console)
+            return self.remote
 
     # --- one task ----------------------------------------------------------------------------
 
@@ -227,12 +240,13 @@ class TaskRunner:
         return True
 
     def _try_remote(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
-        if self.remote is None or not self.remote.enabled:
+        remote = self._get_remote()
+        if remote is None or not remote.enabled:
             return False
         fh, temp = self.local.new_temp()
         try:
             with fh:
-                ok = self.remote.fetch(key, fh, self.console.progress(f"{node}  downloading"))
+                ok = remote.fetch(key, fh, self.console.progress(f"{node}  downloading"))
             if not ok:
                 return False
             try:
@@ -315,5 +329,6 @@ class TaskRunner:
             temp.unlink(missing_ok=True)
             self.console.warn(f"{node}: its outputs could not be cached ({exc})")
             return
+        self._get_remote()
         if self.uploader is not None:
             self.uploader.submit(node, key, path)
