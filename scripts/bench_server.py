@@ -22,6 +22,9 @@ a key of its own, so each PUT is a real store (201), never a conflict.
 The load generator is plain Python: persistent HTTP/1.1 connections, one process per connection,
 each measurement bounded in time and in count. With two or more CPUs the server is pinned to one
 and the load generator to another, so the two never compete for a core.
+
+Exit status: 0 when every answer was a success and every check passed, 1 when not (the failures
+are listed under the tables), 2 on a usage or start-up error, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import ctypes
 import hashlib
 import http.client
+import io
 import ipaddress
 import json
 import math
@@ -43,12 +47,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import BinaryIO, Callable, Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 try:
@@ -72,7 +77,9 @@ SMALL_PUT_C1_RATE = 8000
 SMALL_PUT_C8_RATE = 10000
 MID_PUT_MIBPS = 400
 MID_PUT_MAX = 1024
+QUICK_MAX_PUTS = 3000
 LOADGEN_SATURATED = 90.0
+OTHER_BUSY = 25.0
 SMALL_READ_SET = 64
 MID_READ_SET = 16
 PACK_BATCH = 256
@@ -85,12 +92,18 @@ _LIVE_PROCESSES: list[multiprocessing.process.BaseProcess] = []
 
 @dataclass(frozen=True)
 class Item:
-    """One pre-generated artifact: its key, file, and the size and digest a download must match."""
+    """One pre-generated artifact: its key, where its bytes are, and the size and digest to match.
+
+    Upload pools are concatenated in a few pool files (``offset`` > 0 for all but the first)
+    rather than tens of thousands of small files: creating and deleting that many files slows
+    down later file creation on some filesystems, which would skew the server's upload figures.
+    """
 
     key: str
     path: str
     size: int
     sha256: str
+    offset: int = 0
 
 
 @dataclass
@@ -104,21 +117,14 @@ class Corpus:
     mid_read: list[Item]
     big: Item
 
-    def all_items(self) -> Iterable[Item]:
-        yield from self.put_c1
-        yield from self.put_c8
-        yield from self.small_read
-        yield from self.mid_put
-        yield from self.mid_read
-        yield self.big
-
 
 @dataclass(frozen=True)
 class Phase:
     """One measurement: a method, a number of connections, the artifacts, and its bounds.
 
     ``cycle`` reuses the artifacts (reads); otherwise each is used once (uploads need fresh keys),
-    so the count of requests is bounded by the pool as well as by ``seconds``.
+    so the count of requests is bounded by the pool as well as by ``seconds``. A ``one_shot``
+    phase is meant to be bounded by its count (one big transfer), not by time.
     """
 
     label: str
@@ -151,6 +157,8 @@ class WorkerOutcome:
 
 @dataclass
 class PhaseResult:
+    """One row of the report: the figure, what it cost each side in CPU, and what went wrong."""
+
     label: str
     unit: str
     value: float | None
@@ -163,6 +171,7 @@ class PhaseResult:
     no_header: int
     server_cpu: float | None
     loadgen_cpu: float
+    other_cpu: float | None
     exhausted: bool
 
     @property
@@ -212,9 +221,8 @@ def cpu_model() -> str:
 
 
 def machine_line() -> str:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
-        f"machine: {cpu_model()}, {os.cpu_count()} cores ({usable} usable), "
+        f"machine: {cpu_model()}, {os.cpu_count()} cores ({usable_cpus()} usable), "
         f"{platform.python_implementation()} {platform.python_version()}, {platform.system()} {platform.release()}"
     )
 
@@ -231,6 +239,28 @@ def versions_line() -> str:
         except PackageNotFoundError:
             parts.append(f"{dist} missing")
     return "software: " + ", ".join(parts) + f", zstd backend {zstd.backend_name()}"
+
+
+def filesystem_line(path: Path) -> str:
+    """Which filesystem holds the storage: upload figures depend on it more than on the CPU."""
+    try:
+        dev = os.stat(path).st_dev
+        wanted = f"{os.major(dev)}:{os.minor(dev)}"
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if fields[2] != wanted:
+                continue
+            fstype, source = right.split()[:2]
+            text = f"storage: {path} on {fstype} ({source}, mounted at {fields[4]})"
+            journal = Path(f"/sys/fs/ext4/{Path(source).name}/journal_task")
+            if fstype == "ext4" and journal.exists() and journal.read_text().strip() == "<none>":
+                text += ("\n         ext4 without a journal: creating a file skips inodes freed in the last minutes,"
+                         "\n         so upload figures drop after many deletions (such as a previous run's cleanup)")
+            return text
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"storage: {path}"
 
 
 def plan_cpus(enabled: bool) -> tuple[int | None, int | None]:
@@ -253,15 +283,39 @@ def proc_status_kib(pid: int, field_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU time used by the whole machine (user, system, steal), from /proc/stat.
+
+    Whatever the server and the load generator did not use of it was someone else's work: a
+    figure measured while other programs ran is not a figure of the server.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    user, nice, system, steal = (int(fields[i]) for i in (1, 2, 3, 8))
+    return (user + nice + system + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_cpu_seconds(pid: int | None) -> float | None:
-    """User plus system CPU time of a process, all threads, from /proc/PID/stat."""
+    """CPU time of a process, all threads: a big transfer lasts only a few clock ticks, so the
+    nanosecond figures of each thread's schedstat are used, and /proc/PID/stat where they lack."""
     if pid is None:
         return None
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        total = 0
+        for task in os.scandir(f"/proc/{pid}/task"):
+            try:
+                total += int(Path(task.path, "schedstat").read_text().split()[0])
+            except FileNotFoundError:
+                continue  # a thread that just ended
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return None
-    fields = text.rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -274,6 +328,7 @@ def cache_key(nonce: str, kind: str, index: int) -> str:
 
 
 def write_random(path: Path, size: int) -> None:
+    """An incompressible payload: zstd cannot shrink it, so the server moves every byte."""
     with open(path, "wb") as fh:
         left = size
         while left:
@@ -282,49 +337,103 @@ def write_random(path: Path, size: int) -> None:
             left -= step
 
 
-def pack_batch(job: tuple[str, list[str], int, str, bool]) -> list[Item]:
+def _ignore_sigint() -> None:
+    """Child processes leave Ctrl-C to the parent, which stops them (SIGTERM) and cleans up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class FileSlice:
+    """A read-only window on a file, so that http.client streams exactly one artifact."""
+
+    def __init__(self, fd: int, offset: int, size: int) -> None:
+        self._fd = fd
+        self._pos = offset
+        self._left = size
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        want = self._left if size is None or size < 0 else min(size, self._left)
+        data = os.pread(self._fd, want, self._pos)
+        if not data:
+            raise OSError(f"artifact file ends {self._left} bytes early")
+        self._pos += len(data)
+        self._left -= len(data)
+        return data
+
+
+def pack_batch(job: tuple[str, list[str], int, str, bool, bool]) -> list[Item]:
     """Pack artifacts of one payload size into ``out_dir`` (runs in a generator process).
 
     With ``fresh`` every artifact gets its own random payload; otherwise one random payload is
     shared by the batch (the server does not deduplicate, so only the keys need to differ).
+    ``pooled`` artifacts go one after the other into a single pool file; the others get a file
+    ``<key>.zst`` each, which the bare baseline can serve.
     """
-    kind, keys, payload_size, out_dir, fresh = job
-    items: list[Item] = []
+    kind, keys, payload_size, out_dir, fresh, pooled = job
     work = Path(tempfile.mkdtemp(prefix=f"payload-{kind}-", dir=out_dir))
     try:
-        payload = work / "payload.bin"
-        for number, key in enumerate(keys):
-            if fresh or number == 0:
-                write_random(payload, payload_size)
-            dest = Path(out_dir) / f"{key}.zst"
-            with open(dest, "wb") as fh:
-                pack(fh, work, ["payload.bin"], {"package": "bench", "task": kind, "command": "bench"}, cache_key=key)
-            sha, size = hash_file(dest)
-            items.append(Item(key, str(dest), size, sha))
+        if pooled:
+            return _pack_pool(Path(out_dir) / f"pool-{kind}-{keys[0][:16]}.bin", work, kind, keys, payload_size, fresh)
+        return _pack_files(Path(out_dir), work, kind, keys, payload_size, fresh)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _pack_one(dest: BinaryIO, work: Path, kind: str, key: str, payload_size: int, new_payload: bool) -> None:
+    if new_payload:
+        write_random(work / "payload.bin", payload_size)
+    pack(dest, work, ["payload.bin"], {"package": "bench", "task": kind, "command": "bench"}, cache_key=key)
+
+
+def _pack_pool(pool_path: Path, work: Path, kind: str, keys: list[str], payload_size: int, fresh: bool) -> list[Item]:
+    items: list[Item] = []
+    with open(pool_path, "wb") as pool:
+        for number, key in enumerate(keys):
+            packed = io.BytesIO()
+            _pack_one(packed, work, kind, key, payload_size, fresh or number == 0)
+            data = packed.getvalue()
+            items.append(Item(key, str(pool_path), len(data), hashlib.sha256(data).hexdigest(), pool.tell()))
+            pool.write(data)
     return items
 
 
-def build_corpus(out_dir: Path, seconds: float, big_bytes: int, processes: int) -> Corpus:
+def _pack_files(out_dir: Path, work: Path, kind: str, keys: list[str], payload_size: int, fresh: bool) -> list[Item]:
+    items: list[Item] = []
+    for number, key in enumerate(keys):
+        dest = out_dir / f"{key}.zst"
+        with open(dest, "wb") as fh:
+            _pack_one(fh, work, kind, key, payload_size, fresh or number == 0)
+        sha, size = hash_file(dest)
+        items.append(Item(key, str(dest), size, sha))
+    return items
+
+
+def build_corpus(out_dir: Path, seconds: float, big_bytes: int, processes: int, max_puts: int | None) -> Corpus:
     """Pack every artifact of the run with the project's own packer, on every core, before timing."""
     nonce = os.urandom(8).hex()
+    put1 = max(200, math.ceil(seconds * SMALL_PUT_C1_RATE))
+    put8 = max(200, math.ceil(seconds * SMALL_PUT_C8_RATE))
+    if max_puts is not None:
+        put1, put8 = min(put1, max_puts), min(put8, max_puts)
     mid_put = min(MID_PUT_MAX, max(32, math.ceil(seconds * MID_PUT_MIBPS)))
-    plan = [
-        ("put1", max(200, math.ceil(seconds * SMALL_PUT_C1_RATE)), SMALL_PAYLOAD, True),
-        ("put8", max(200, math.ceil(seconds * SMALL_PUT_C8_RATE)), SMALL_PAYLOAD, True),
-        ("read", SMALL_READ_SET, SMALL_PAYLOAD, True),
-        ("mid", mid_put, MID_PAYLOAD, False),
-        ("midread", MID_READ_SET, MID_PAYLOAD, True),
+    plan = [  # kind, count, payload size, a fresh payload each, pooled
+        ("put1", put1, SMALL_PAYLOAD, True, True),
+        ("put8", put8, SMALL_PAYLOAD, True, True),
+        ("read", SMALL_READ_SET, SMALL_PAYLOAD, True, False),
+        ("mid", mid_put, MID_PAYLOAD, False, True),
+        ("midread", MID_READ_SET, MID_PAYLOAD, True, False),
     ]
-    jobs: list[tuple[str, list[str], int, str, bool]] = []
-    for kind, count, size, fresh in plan:
+    jobs: list[tuple[str, list[str], int, str, bool, bool]] = []
+    for kind, count, size, fresh, pooled in plan:
         keys = [cache_key(nonce, kind, i) for i in range(count)]
-        for start in range(0, count, PACK_BATCH):
-            jobs.append((kind, keys[start : start + PACK_BATCH], size, str(out_dir), fresh))
-    jobs.insert(0, ("big", [cache_key(nonce, "big", 0)], big_bytes, str(out_dir), True))
+        batch = PACK_BATCH if size <= SMALL_PAYLOAD else PACK_BATCH // 4
+        for start in range(0, count, batch):
+            jobs.append((kind, keys[start : start + batch], size, str(out_dir), fresh, pooled))
+    jobs.insert(0, ("big", [cache_key(nonce, "big", 0)], big_bytes, str(out_dir), True, False))
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(processes) as pool:
+    with ctx.Pool(processes, initializer=_ignore_sigint) as pool:
         batches = pool.map(pack_batch, jobs, chunksize=1)
     by_kind: dict[str, list[Item]] = {}
     for job, batch in zip(jobs, batches):
@@ -333,8 +442,8 @@ def build_corpus(out_dir: Path, seconds: float, big_bytes: int, processes: int) 
         put_c1=by_kind["put1"], put_c8=by_kind["put8"], small_read=by_kind["read"],
         mid_put=by_kind["mid"], mid_read=by_kind["midread"], big=by_kind["big"][0],
     )
-    index = {item.key: [item.size, item.sha256] for item in corpus.all_items()}
-    (out_dir / "index.json").write_text(json.dumps(index))
+    served = [*corpus.small_read, *corpus.mid_read, corpus.big]
+    (out_dir / "index.json").write_text(json.dumps({item.key: [item.size, item.sha256] for item in served}))
     return corpus
 
 
@@ -351,6 +460,7 @@ class BareApp:
     def __init__(self, serve_dir: Path, spool_dir: Path) -> None:
         self.serve_dir = serve_dir
         self.spool_dir = spool_dir
+        self.local = threading.local()
         self.index: dict[str, list] = json.loads((serve_dir / "index.json").read_text())
         self.pattern = re.compile(r"/v1/artifacts/([0-9a-f]{64})")
 
@@ -380,15 +490,25 @@ class BareApp:
         return environ["wsgi.file_wrapper"](fh, BLOCK)
 
     def discard(self, environ: dict) -> None:
+        """Copy the body into this thread's spool file, emptied each time.
+
+        One reused file per thread rather than a new one per upload: freeing thousands of inodes
+        makes later file creation slower on some filesystems (ext4 without a journal skips
+        recently freed inodes for minutes), which would slow down the server measured next.
+        """
+        out = getattr(self.local, "spool", None)
+        if out is None:
+            out = self.local.spool = tempfile.TemporaryFile(dir=self.spool_dir)
+        out.seek(0)
+        out.truncate()
         left = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"]
-        with tempfile.TemporaryFile(dir=self.spool_dir) as out:
-            while left > 0:
-                data = body.read(min(left, BLOCK))
-                if not data:
-                    break
-                out.write(data)
-                left -= len(data)
+        while left > 0:
+            data = body.read(min(left, BLOCK))
+            if not data:
+                break
+            out.write(data)
+            left -= len(data)
 
     @staticmethod
     def answer(start_response: Callable, status: str, body: bytes) -> list[bytes]:
@@ -463,15 +583,15 @@ def start_server(name: str, cmd: list[str], port: int, workdir: Path, cpu: int |
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             break
+        conn = http.client.HTTPConnection(LOCALHOST, port, timeout=1)
         try:
-            conn = http.client.HTTPConnection(LOCALHOST, port, timeout=1)
             conn.request("GET", "/healthz")
             if conn.getresponse().status == 200:
-                conn.close()
                 return target
-            conn.close()
-        except OSError:
+        except (OSError, http.client.HTTPException):
             time.sleep(0.05)
+        finally:
+            conn.close()
     stop_server(target)
     tail = (workdir / f"{name}.log").read_text(errors="replace")[-2000:]
     raise RuntimeError(f"the {name} server did not start on port {port}:\n{tail}")
@@ -488,11 +608,9 @@ def start_ours(workdir: Path, cpu: int | None, threads: int, log_level: str, big
 
 
 def start_bare(workdir: Path, serve_dir: Path, cpu: int | None, threads: int) -> Target:
-    spool = workdir / "bare-uploads"
-    spool.mkdir()
     port = free_port()
     cmd = [sys.executable, str(Path(__file__).resolve()), "_bare", "--port", str(port), "--threads", str(threads),
-           "--serve-dir", str(serve_dir), "--spool-dir", str(spool)]
+           "--serve-dir", str(serve_dir), "--spool-dir", str(workdir / "spool-bare")]
     return start_server("bare", cmd, port, workdir, cpu, None)
 
 
@@ -514,7 +632,10 @@ def external_target(url: str, template: str, pid: int | None) -> Target:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"--url must be http://HOST[:PORT][/PREFIX], not {url!r}")
-    address = socket.getaddrinfo(parts.hostname, parts.port or 80, proto=socket.IPPROTO_TCP)[0][4][0]
+    try:
+        address = socket.getaddrinfo(parts.hostname, parts.port or 80, proto=socket.IPPROTO_TCP)[0][4][0]
+    except OSError as exc:
+        raise ValueError(f"cannot resolve {parts.hostname}: {exc}") from None
     if not ipaddress.ip_address(address).is_loopback:
         raise ValueError(f"{url} is not a loopback address; this benchmark only loads the local machine")
     if "{key}" not in template:
@@ -532,14 +653,10 @@ def new_connection(target: Target, timeout: float) -> http.client.HTTPConnection
     return conn
 
 
-def do_put(conn: http.client.HTTPConnection, path: str, item: Item, body: bytes | None) -> int:
+def do_put(conn: http.client.HTTPConnection, path: str, item: Item, body: bytes | FileSlice) -> int:
     """Upload one artifact; small bodies go from memory, large ones stream from their file."""
     headers = {"Content-Length": str(item.size), "Content-Type": "application/zstd"}
-    if body is not None:
-        conn.request("PUT", path, body=body, headers=headers)
-    else:
-        with open(item.path, "rb") as fh:
-            conn.request("PUT", path, body=fh, headers=headers)
+    conn.request("PUT", path, body=body, headers=headers)
     resp = conn.getresponse()
     resp.read()
     return resp.status
@@ -597,11 +714,16 @@ def worker_items(phase: Phase, worker: int) -> list[Item]:
 
 def run_worker(target: Target, phase: Phase, worker: int, barrier, queue) -> None:
     """One connection's loop, in its own process; reports a WorkerOutcome even when it fails."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _ignore_sigint()
     out = WorkerOutcome()
     try:
         items = worker_items(phase, worker)
-        bodies = [Path(i.path).read_bytes() if i.size <= 64 * 1024 else None for i in items] if phase.method == "PUT" else []
+        files: dict[str, int] = {}
+        if phase.method == "PUT":
+            for item in items:
+                if item.path not in files:
+                    files[item.path] = os.open(item.path, os.O_RDONLY)
+            preload = [os.pread(files[i.path], i.size, i.offset) if i.size <= 64 * 1024 else None for i in items]
         buf = bytearray(BLOCK)
         conn = new_connection(target, phase.timeout)
         barrier.wait()
@@ -617,7 +739,8 @@ def run_worker(target: Target, phase: Phase, worker: int, barrier, queue) -> Non
             path = target.path(item.key)
             try:
                 if phase.method == "PUT":
-                    status = do_put(conn, path, item, bodies[index])
+                    body = preload[index] or FileSlice(files[item.path], item.offset, item.size)
+                    status = do_put(conn, path, item, body)
                 elif phase.method == "GET":
                     status = do_get(conn, path, item, buf, out)
                 else:
@@ -638,6 +761,7 @@ def run_worker(target: Target, phase: Phase, worker: int, barrier, queue) -> Non
         out.cpu = time.process_time() - cpu0
         conn.close()
     except BaseException as exc:  # the parent must always hear back
+        barrier.abort()  # release the others if this one never got to the start line
         out.errors[f"{type(exc).__name__}: {exc}"] += 1
         out.end = out.end or time.monotonic()
     queue.put(out)
@@ -655,16 +779,22 @@ def run_phase(target: Target, phase: Phase) -> PhaseResult:
         proc.start()
     outcomes: list[WorkerOutcome] = []
     try:
-        barrier.wait(timeout=60)
-        cpu0 = proc_cpu_seconds(target.pid)
+        try:
+            barrier.wait(timeout=60)
+        except threading.BrokenBarrierError:
+            pass  # a worker failed to start; it and the others report why
+        cpu0, busy0, own0 = proc_cpu_seconds(target.pid), machine_busy_seconds(), time.process_time()
+        give_up = time.monotonic() + phase.seconds + phase.timeout + 30
         while len(outcomes) < len(procs):
-            if queue.empty() and not any(p.is_alive() for p in procs):
-                time.sleep(0.05)
-                if queue.empty():
-                    raise RuntimeError(f"{phase.label}: a load generator process died without reporting")
-                continue
-            outcomes.append(queue.get())
-        cpu1 = proc_cpu_seconds(target.pid)
+            if not queue.empty():
+                outcomes.append(queue.get())
+            elif not any(p.is_alive() for p in procs) and queue.empty():
+                raise RuntimeError(f"{phase.label}: a load generator process died without reporting")
+            elif time.monotonic() > give_up:
+                raise RuntimeError(f"{phase.label}: the load generator did not finish in time")
+            else:
+                time.sleep(0.005)
+        cpu1, busy1, own1 = proc_cpu_seconds(target.pid), machine_busy_seconds(), time.process_time()
     finally:
         for proc in procs:
             proc.join(5)
@@ -672,10 +802,13 @@ def run_phase(target: Target, phase: Phase) -> PhaseResult:
                 proc.terminate()
                 proc.join()
             _LIVE_PROCESSES.remove(proc)
-    return summarise(phase, outcomes, cpu0, cpu1)
+    server = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    busy = None if busy0 is None or busy1 is None else busy1 - busy0 - (own1 - own0)
+    return summarise(phase, outcomes, server, busy)
 
 
-def summarise(phase: Phase, outcomes: list[WorkerOutcome], cpu0: float | None, cpu1: float | None) -> PhaseResult:
+def summarise(phase: Phase, outcomes: list[WorkerOutcome], server: float | None, busy: float | None) -> PhaseResult:
+    """Sum the workers' outcomes; CPU figures become % of one core over the phase's wall time."""
     started = [o.start for o in outcomes if o.start]
     elapsed = max(o.end for o in outcomes) - min(started) if started else 0.0
     total = WorkerOutcome()
@@ -692,10 +825,13 @@ def summarise(phase: Phase, outcomes: list[WorkerOutcome], cpu0: float | None, c
     value: float | None = None
     if elapsed > 0 and total.ok:
         value = total.ok / elapsed if phase.unit == "req/s" else total.nbytes / elapsed / MIB
-    server_cpu = (cpu1 - cpu0) / elapsed * 100 if cpu0 is not None and cpu1 is not None and elapsed > 0 else None
+    def percent(seconds: float | None) -> float | None:
+        return None if seconds is None or elapsed <= 0 else max(0.0, seconds / elapsed * 100)
+
+    other = None if busy is None else busy - (server or 0.0) - total.cpu
     return PhaseResult(
         phase.label, phase.unit, value, total.ok, elapsed, total.statuses, total.errors, total.checked,
-        total.bad, total.no_header, server_cpu, total.cpu / elapsed * 100 if elapsed > 0 else 0.0, total.exhausted,
+        total.bad, total.no_header, percent(server), percent(total.cpu) or 0.0, percent(other), total.exhausted,
     )
 
 
@@ -721,7 +857,9 @@ def phases(corpus: Corpus, seconds: float, big_label: str) -> list[tuple[bool, P
     ]
 
 
-def measure(target: Target, corpus: Corpus, seconds: float, big_label: str, progress: Callable[[str], None]) -> TargetReport:
+def measure(
+    target: Target, corpus: Corpus, seconds: float, big_label: str, progress: Callable[[str], None]
+) -> TargetReport:
     """Run every phase against one server and collect its peak RSS and consistency notes."""
     results: dict[str, PhaseResult] = {}
     notes: list[str] = []
@@ -733,8 +871,10 @@ def measure(target: Target, corpus: Corpus, seconds: float, big_label: str, prog
             puts_ok += result.ok
         if reported:
             results[phase.label] = result
-        elif result.failures:
-            notes.append(f"preparing reads: {describe_failures(result)}")
+        else:
+            result.statuses.pop(409, None)  # already stored is fine for the read set
+            if result.failures:
+                notes.append(f"preparing reads: {describe_failures(result)}")
     rss = proc_status_kib(target.pid, "VmHWM") if target.pid else None
     if target.name == "ours":
         notes.extend(check_ours(target, puts_ok))
@@ -750,7 +890,8 @@ def check_ours(target: Target, puts_ok: int) -> list[str]:
         stats = json.loads(conn.getresponse().read())
         conn.close()
         if stats.get("uploads") != puts_ok or stats.get("artifacts") != puts_ok:
-            notes.append(f"server counted uploads={stats.get('uploads')} artifacts={stats.get('artifacts')}, client got {puts_ok} x 2xx")
+            counted = f"uploads={stats.get('uploads')} artifacts={stats.get('artifacts')}"
+            notes.append(f"server counted {counted}, the client got {puts_ok} successful PUTs")
         if stats.get("uploads_rejected"):
             notes.append(f"server rejected uploads: {stats['uploads_rejected']}")
     except (OSError, ValueError, http.client.HTTPException) as exc:
@@ -784,9 +925,18 @@ def fmt(value: float | None, unit: str) -> str:
     return f"{value:,.1f}"
 
 
+def disturbed(result: PhaseResult) -> bool:
+    """Other programs were busy during a measurement long enough for that to mean something."""
+    return result.other_cpu is not None and result.other_cpu >= OTHER_BUSY and result.elapsed >= 0.5
+
+
 def marks(result: PhaseResult) -> str:
-    """Footnote marks: '*' bounded by count rather than time, '^' load generator saturated."""
-    return ("*" if result.exhausted else "") + ("^" if result.loadgen_cpu >= LOADGEN_SATURATED else "")
+    """Footnote marks: '*' bounded by count, '^' load generator saturated, '!' machine not quiet."""
+    return (
+        ("*" if result.exhausted else "")
+        + ("^" if result.loadgen_cpu >= LOADGEN_SATURATED else "")
+        + ("!" if disturbed(result) else "")
+    )
 
 
 def render_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -823,14 +973,21 @@ def report(reports: list[TargetReport]) -> tuple[str, bool]:
     if any(x.exhausted for r in reports for x in r.results.values()):
         out.append("* used up its pre-generated upload keys before the time was up; the figure is count / time taken")
     if any(x.loadgen_cpu >= LOADGEN_SATURATED for r in reports for x in r.results.values()):
-        out.append(f"^ the load generator used over {LOADGEN_SATURATED:.0f}% of its core: the server may be faster than this")
+        out.append(f"^ the load generator used over {LOADGEN_SATURATED:.0f}% of its core: the server may be faster")
+    if any(disturbed(x) for r in reports for x in r.results.values()):
+        out.append(f"! other work used over {OTHER_BUSY:.0f}% of a core meanwhile (see 'other' below): measure again")
 
-    cpu_headers = ["measurement", *(f"{r.name} server" for r in reports), *(f"{r.name} load gen" for r in reports)]
+    cpu_headers = ["measurement", *(f"{r.name} {part}" for r in reports for part in ("server", "load gen", "other"))]
     cpu_rows = []
     for label in labels:
         results = [r.results[label] for r in reports]
-        cpu_rows.append([label, *(fmt(x.server_cpu, "%") for x in results), *(fmt(x.loadgen_cpu, "%") for x in results)])
-    out += ["", "CPU use during each measurement, % of one core:", render_table(cpu_headers, cpu_rows)]
+        cells = [fmt(v, "%") for x in results for v in (x.server_cpu, x.loadgen_cpu, x.other_cpu)]
+        cpu_rows.append([label, *cells])
+    out += [
+        "",
+        "CPU use during each measurement, % of one core ('other': the rest of the machine, kernel threads included):",
+        render_table(cpu_headers, cpu_rows),
+    ]
 
     passed = True
     out.append("")
@@ -839,7 +996,10 @@ def report(reports: list[TargetReport]) -> tuple[str, bool]:
         bad = sum(x.bad for x in r.results.values())
         no_header = sum(x.no_header for x in r.results.values())
         requests = sum(x.ok for x in r.results.values())
-        line = f"checks, {r.name}: {requests} successful requests, {checked} downloads/HEADs checked, {bad} mismatches"
+        refused = sum(sum(x.statuses.values()) for x in r.results.values())
+        errors = sum(sum(x.errors.values()) for x in r.results.values())
+        line = (f"checks, {r.name}: {requests} successful requests, {refused} non-2xx answers, {errors} connection"
+                f" errors; {checked} downloads/HEADs checked, {bad} mismatches")
         if no_header:
             line += f", {no_header} answers without X-Artifact-Hash (checked against the upload)"
         out.append(line)
@@ -865,24 +1025,46 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     which.add_argument("--url", help="measure an already running server at this loopback base URL instead")
     which.add_argument("--bare", action="store_true", help="measure only the bare waitress baseline")
     which.add_argument("--no-baseline", action="store_true", help="measure only our server")
-    parser.add_argument("--path-template", default=DEFAULT_TEMPLATE, help=f"artifact path under --url (default: {DEFAULT_TEMPLATE})")
+    parser.add_argument("--path-template", default=DEFAULT_TEMPLATE,
+                        help=f"artifact path under --url, with {{key}} (default: {DEFAULT_TEMPLATE})")
     parser.add_argument("--pid", type=int, help="with --url: the server's process id, for its CPU use and peak RSS")
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each rate measurement (default: 3)")
     parser.add_argument("--big-mib", type=int, default=512, help="size of the single big artifact, MiB (default: 512)")
-    parser.add_argument("--threads", type=int, default=4, help="server worker threads (default: 4, the server's default)")
+    parser.add_argument("--threads", type=int, default=4, help="server worker threads (default: 4, as the server)")
     parser.add_argument("--server-log-level", default="warning", help="log level of our server (default: warning)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the server and the load generator to CPUs")
     parser.add_argument("--tmp-dir", type=Path, help="where the temporary folder goes (put it on the disk to measure)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 s per measurement, a 16 MiB big artifact")
+    parser.add_argument("--max-puts", type=int, metavar="N",
+                        help="most uploads per 4 KiB upload measurement (default: enough for 8000-10000 per second)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 s per measurement, at most 3000 uploads each, a 16 MiB big artifact")
     args = parser.parse_args(list(argv))
     if args.quick:
         args.seconds = min(args.seconds, 1.0)
         args.big_mib = min(args.big_mib, 16)
-    if args.seconds <= 0 or args.seconds > 60 or args.big_mib < 1:
-        parser.error("--seconds must be in (0, 60] and --big-mib at least 1")
+        args.max_puts = min(args.max_puts or QUICK_MAX_PUTS, QUICK_MAX_PUTS)
+    if args.seconds <= 0 or args.seconds > 60 or args.big_mib < 1 or (args.max_puts is not None and args.max_puts < 8):
+        parser.error("--seconds must be in (0, 60], --big-mib at least 1 and --max-puts at least 8")
     if args.pid is not None and not args.url:
         parser.error("--pid only goes with --url")
     return args
+
+
+def chosen_servers(args: argparse.Namespace) -> list[str]:
+    """Which servers to measure, in order: by default ours, then the baseline."""
+    if args.url:
+        return ["target"]
+    if args.bare:
+        return ["bare"]
+    if args.no_baseline:
+        return ["ours"]
+    return ["ours", "bare"]
+
+
+def usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -925,13 +1107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.monotonic()
         artifacts = workdir / "artifacts"
         artifacts.mkdir()
-        corpus = build_corpus(artifacts, args.seconds, big_bytes, len(os.sched_getaffinity(0)))
+        corpus = build_corpus(artifacts, args.seconds, big_bytes, usable_cpus(), args.max_puts)
         progress(f"packed in {time.monotonic() - started:.1f} s")
         if load_cpu is not None:
             os.sched_setaffinity(0, {load_cpu})
         reports: list[TargetReport] = []
-        kinds = ["target"] if external else ["bare"] if args.bare else ["ours"] if args.no_baseline else ["ours", "bare"]
-        for kind in kinds:
+        for kind in chosen_servers(args):
             if kind == "target":
                 target = external
             elif kind == "ours":
@@ -943,6 +1124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop_server(target)
         text, passed = report(reports)
         print(describe_setup(args, corpus, server_cpu, load_cpu, external))
+        if external is None:
+            print(filesystem_line(workdir))
         print()
         print(text)
         return 0 if passed else 1
@@ -957,7 +1140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cleanup(targets, workdir)
 
 
-def describe_setup(args: argparse.Namespace, corpus: Corpus, server_cpu: int | None, load_cpu: int | None, external: Target | None) -> str:
+def describe_setup(
+    args: argparse.Namespace, corpus: Corpus, server_cpu: int | None, load_cpu: int | None, external: Target | None
+) -> str:
     """The lines under the machine line that say how the figures were obtained."""
     small = corpus.small_read[0].size
     mid = corpus.mid_read[0].size
@@ -968,8 +1153,9 @@ def describe_setup(args: argparse.Namespace, corpus: Corpus, server_cpu: int | N
     else:
         pinning = "no CPU pinning" + (" (--no-pin)" if args.no_pin else " (fewer than 2 CPUs)")
     lines = [
-        f"setup: {pinning}; {args.seconds:g} s per rate measurement; server threads {args.threads}"
-        + (f"; log level {args.server_log_level}" if external is None and not args.bare else ""),
+        f"setup: {pinning}; {args.seconds:g} s per rate measurement"
+        + (f"; server threads {args.threads}" if external is None else "")
+        + (f"; our server's log level {args.server_log_level}" if external is None and not args.bare else ""),
         f"artifacts: 4 KiB random payload = {small} bytes packed, 1 MiB = {mid} bytes, "
         f"big = {corpus.big.size} bytes; MiB/s counts artifact bytes (1 MiB = 1048576 bytes)",
         "load: Python http.client, one process per persistent HTTP/1.1 connection; every PUT has a fresh key;",
