@@ -174,7 +174,8 @@ class CacheApp:
             return cached
         try:
             fh = open(info.path, "rb")
-        except FileNotFoundError:
+        except FileNotFoundError:  # removed since its metadata was read
+            self.storage.forget(key)
             self.metrics.lookup(False)
             raise HTTPError(404, "not_found", f"No artifact is stored under {key}.") from None
         self.metrics.lookup(True, info.size)

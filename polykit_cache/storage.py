@@ -42,15 +42,12 @@ class ArtifactInfo:
     size: int
     sha256: str
     created: float
-    path: Path
+    path: str
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# Metadata of this many artifacts is kept in memory: artifacts never change once published,
+# so a HEAD or GET of a popular key need not reread its JSON file.
+INFO_CACHE_SIZE = 16384
 
 
 class Storage:
@@ -61,6 +58,8 @@ class Storage:
         self.tmp_dir = self.root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._prefix = str(self.root) + "/"
+        self._info: dict[str, ArtifactInfo] = {}
         self.count = 0
         self.bytes = 0
 
@@ -68,9 +67,12 @@ class Storage:
 
     def artifact_path(self, key: str) -> Path:
         """Where a key's artifact lives; the key must have been validated (it becomes a path)."""
+        return Path(self._zst(key))
+
+    def _zst(self, key: str) -> str:
         if not is_cache_key(key):
             raise ValueError(f"invalid cache key {key!r}")
-        return self.root / key[0:2] / key[2:4] / f"{key}.zst"
+        return f"{self._prefix}{key[0:2]}/{key[2:4]}/{key}.zst"
 
     def _meta_path(self, key: str) -> Path:
         return self.artifact_path(key).with_suffix(".json")
@@ -131,19 +133,44 @@ class Storage:
 
     def lookup(self, key: str) -> ArtifactInfo | None:
         """The stored artifact's metadata, or None when the key is not (yet) published."""
-        path = self.artifact_path(key)
+        info = self._info.get(key)
+        if info is not None:
+            return info
+        path = self._zst(key)
         try:
-            with open(path.with_suffix(".json"), "rb") as fh:
+            with open(path[:-4] + ".json", "rb") as fh:
                 meta = json.load(fh)
+            info = ArtifactInfo(key, int(meta["size"]), str(meta["sha256"]), float(meta["created"]), path)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
-            log.error("unreadable metadata for %s", key)
+        except (OSError, ValueError, KeyError, TypeError):
+            info = self._repair_meta(key, path)
+            if info is None:
+                return None
+        with self._lock:
+            if len(self._info) >= INFO_CACHE_SIZE:
+                self._info.pop(next(iter(self._info)))
+            self._info[key] = info
+        return info
+
+    def _repair_meta(self, key: str, path: str) -> ArtifactInfo | None:
+        """Metadata torn by a power loss: the artifact was synced before it was linked, so rehash it."""
+        try:
+            sha, size = hash_file(path)
+            created = os.stat(path).st_mtime
+        except OSError:
             return None
-        return ArtifactInfo(key, int(meta["size"]), meta["sha256"], float(meta["created"]), path)
+        self._write_meta(key, size, sha, created)
+        log.warning("rebuilt unreadable metadata of %s", key)
+        return ArtifactInfo(key, size, sha, created, path)
+
+    def forget(self, key: str) -> None:
+        """Drop a key from the in-memory metadata (after it is removed from disk)."""
+        with self._lock:
+            self._info.pop(key, None)
 
     def exists(self, key: str) -> bool:
-        return self.artifact_path(key).exists()
+        return key in self._info or os.path.exists(self._zst(key))
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -163,7 +190,8 @@ class Storage:
                 raise AlreadyStored(key) from None
             created = time.time()
             self._write_meta(key, size, sha256, created)
-            _fsync_dir(final.parent)
+            # The directory is not synced: after a power loss the link may be gone, which is
+            # only a cache miss; the file itself was synced before it was linked.
         except OSError as exc:
             if is_disk_full(exc):
                 if final.exists() and not self._meta_path(key).exists():
@@ -175,7 +203,7 @@ class Storage:
         with self._lock:
             self.count += 1
             self.bytes += size
-        return ArtifactInfo(key, size, sha256, created, final)
+        return ArtifactInfo(key, size, sha256, created, str(final))
 
     def _write_meta(self, key: str, size: int, sha256: str, created: float) -> None:
         meta = self._meta_path(key)

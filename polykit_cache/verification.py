@@ -86,7 +86,7 @@ def receive(storage: Storage, body: BinaryIO, length: int, key: str, limits: Lim
             verify_stream(tee, expected_key=key, limits=limits)
             tee.drain()  # zstd reads to EOF already; this only guards the byte count
             out.flush()
-            os.fsync(out.fileno())
+            os.fdatasync(out.fileno())
         return Received(temp, tee.size, tee.digest.hexdigest())
     except OSError as exc:
         temp.unlink(missing_ok=True)

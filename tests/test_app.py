@@ -170,6 +170,19 @@ def test_stats_and_metrics_follow_the_traffic(app, tmp_path):
     assert any(line.startswith('polykit_cache_request_duration_seconds_bucket{le="+Inf"}') for line in lines)
 
 
+def test_torn_metadata_is_rebuilt_from_the_artifact(app, tmp_path):
+    from support import new_app
+
+    blob = pack_tree(tmp_path, {"a": b"x"})
+    call(app, "PUT", ART, blob)
+    meta = app.storage.artifact_path(KEY).with_suffix(".json")
+    meta.write_bytes(b"")  # what a power loss can leave of a file written without fsync
+    fresh = new_app(app.storage.root)
+    reply = call(fresh, "HEAD", ART)
+    assert reply.status == 200 and reply.headers["x-artifact-hash"] == sha(blob)
+    assert __import__("json").loads(meta.read_text())["sha256"] == sha(blob)
+
+
 def test_storage_layout_and_metadata_file(app, tmp_path):
     key = key_for("layout")
     blob = pack_tree(tmp_path, {"a": b"x"}, key=key)
@@ -183,9 +196,10 @@ def test_storage_layout_and_metadata_file(app, tmp_path):
 def test_an_unexpected_error_is_a_json_500_and_the_app_keeps_serving(app, tmp_path, caplog):
     blob = pack_tree(tmp_path, {"a": b"x"})
     call(app, "PUT", ART, blob)
-    # Corrupt the metadata file by hand: the handler fails, the error is rendered, logged.
-    meta = app.storage.artifact_path(KEY).with_suffix(".json")
-    meta.write_text('{"size": "many"}')
+    # Put a folder where the artifact file should be: opening it fails, the error is rendered.
+    path = app.storage.artifact_path(KEY)
+    path.unlink()
+    path.mkdir()
     reply = call(app, "GET", ART)
     assert_error(reply, 500, "internal_error")
     assert "Traceback" not in reply.body.decode()
