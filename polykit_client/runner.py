@@ -283,7 +283,8 @@ class TaskRunner:
                     if src.is_dir() and not src.is_symlink():
                         continue  # an empty folder that exists already
                     shutil.rmtree(dst)
-                os.replace(src, dst)
+                # A rename when the cache folder shares the package's filesystem, a copy otherwise.
+                shutil.move(src, dst)
             log = (staging / "logs" / artifact.LOG_NAME).read_bytes()
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -330,3 +330,24 @@ def test_transfers_show_progress_when_stderr_is_a_terminal(pk, tmp_path):
     assert proc.returncode == 0
     assert b"web:build  downloading" in seen and b"MiB" in seen
     assert b"downloading" not in proc.stdout
+
+
+def test_a_local_cache_on_another_filesystem_restores_outputs(pk, tmp_path):
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem to put the cache on")
+    with tempfile.TemporaryDirectory(dir=shm) as cache:
+        root_toml = pk.workspace / "polykit.toml"
+        root_toml.write_text(root_toml.read_text().replace("default_parallel = 4", f'default_parallel = 4\ncache_dir = "{cache}"'))
+        pk.run("build", "--no-remote-cache")
+        built = outputs(pk.workspace)
+        pk.ran()
+        for folder in ("web/dist", "api-server/target", "shared-utils/dist"):
+            import shutil
+
+            shutil.rmtree(pk.workspace / "packages" / folder)
+        out = pk.run("build", "--no-remote-cache")
+        assert pk.ran() == [] and "3 local hits" in out.stdout
+        assert outputs(pk.workspace) == built
