@@ -15,6 +15,7 @@ from wsgiref.util import FileWrapper
 
 from polykit_client.artifact import ArtifactError, Limits, is_cache_key
 
+from .auth import Access
 from .config import Config
 from .metrics import Metrics
 from .storage import AlreadyStored, Storage, StorageFull
@@ -71,16 +72,18 @@ _KEY_PATH = r"/v1/artifacts/(?P<key>[^/]*)"
 class CacheApp:
     """The WSGI application of one server; build it with :func:`make_app`."""
 
-    def __init__(self, config: Config, storage: Storage, metrics: Metrics) -> None:
+    def __init__(self, config: Config, storage: Storage, metrics: Metrics, access: Access) -> None:
         self.config = config
         self.storage = storage
         self.metrics = metrics
+        self.access = access
         self.limits = Limits(max_unpacked_size=config.unpacked_limit)
-        self.routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
-            (re.compile(_KEY_PATH), {"GET": self.get_artifact, "HEAD": self.head_artifact, "PUT": self.put_artifact}),
-            (re.compile(r"/healthz"), {"GET": self.healthz, "HEAD": self.healthz}),
-            (re.compile(r"/metrics"), {"GET": self.prometheus}),
-            (re.compile(r"/v1/stats"), {"GET": self.stats}),
+        # (path pattern, handlers by method, open to everyone); PUT is the only write.
+        self.routes: list[tuple[re.Pattern[str], dict[str, Handler], bool]] = [
+            (re.compile(_KEY_PATH), {"GET": self.get_artifact, "HEAD": self.head_artifact, "PUT": self.put_artifact}, False),
+            (re.compile(r"/healthz"), {"GET": self.healthz, "HEAD": self.healthz}, True),
+            (re.compile(r"/metrics"), {"GET": self.prometheus}, False),
+            (re.compile(r"/v1/stats"), {"GET": self.stats}, False),
         ]
 
     # --- WSGI entry --------------------------------------------------------------------------
@@ -113,16 +116,30 @@ class CacheApp:
 
     def dispatch(self, environ: dict, method: str) -> Response:
         path = environ.get("PATH_INFO", "")
-        for pattern, handlers in self.routes:
+        for pattern, handlers, public in self.routes:
             match = pattern.fullmatch(path)
             if match is None:
                 continue
+            if not public:
+                self._authorize(environ, write=method not in ("GET", "HEAD"))
             handler = handlers.get(method)
             if handler is None:
                 allowed = ", ".join(sorted(handlers))
                 raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here; use {allowed}.", [("Allow", allowed)])
             return handler(environ, match.groupdict())
         raise HTTPError(404, "not_found", f"No such endpoint: {path}")
+
+    def _authorize(self, environ: dict, write: bool) -> None:
+        header = environ.get("HTTP_AUTHORIZATION")
+        denied = self.access.check(header, write)
+        if denied is None:
+            return
+        status, word, message = denied
+        if write:
+            self.metrics.reject("unauthorized" if status == 401 else "forbidden")
+        challenge = 'Bearer realm="polykit-cache"' + (', error="invalid_token"' if header and status == 401 else "")
+        headers = [("WWW-Authenticate", challenge)] if status == 401 else []
+        raise HTTPError(status, word, message, headers)
 
     # --- artifacts ---------------------------------------------------------------------------
 
@@ -256,6 +273,7 @@ class CacheApp:
         )
 
 
-def make_app(config: Config, storage: Storage, metrics: Metrics | None = None) -> CacheApp:
-    """Build the WSGI application over an opened storage."""
-    return CacheApp(config, storage, metrics or Metrics(storage.totals))
+def make_app(config: Config, storage: Storage, metrics: Metrics | None = None, access: Access | None = None) -> CacheApp:
+    """Build the WSGI application over an opened storage; without ``access`` the server is open."""
+    access = access or Access(None, {}, config.allow_anonymous_read)
+    return CacheApp(config, storage, metrics or Metrics(storage.totals), access)

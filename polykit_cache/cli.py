@@ -12,6 +12,7 @@ from polykit_client import __version__, zstd
 
 from . import config as cfg
 from .app import make_app
+from .auth import Access, TokenError
 from .server import Server
 from .storage import Storage
 
@@ -69,7 +70,12 @@ def serve(config: cfg.Config) -> int:
     except OSError as exc:
         log.error("cannot use storage folder %s: %s", config.storage_dir, exc)
         return 1
-    app = make_app(config, storage)
+    try:
+        access = Access(config.token_file, os.environ, config.allow_anonymous_read)
+    except TokenError as exc:
+        log.error("%s", exc)
+        return 2
+    app = make_app(config, storage, access=access)
     try:
         server = Server(app, config)
     except OSError as exc:
@@ -78,9 +84,9 @@ def serve(config: cfg.Config) -> int:
     count, size = storage.totals()
     log.info("polykit-cache %s (%s): %s", __version__, zstd.backend_name(), cfg.describe(config))
     log.info("storage %s holds %d artifacts, %d bytes", storage.root, count, size)
-    log.warning("no access tokens are configured: anyone who can reach this address can read and write")
+    (log.warning if access.open else log.info)("%s", access.describe())
     log.info("serving on http://%s:%d", server.host, server.port)
-    server.run()
+    server.run(on_hangup=access.reload)
     return 0
 
 

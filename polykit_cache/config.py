@@ -40,6 +40,15 @@ def parse_positive(text: str) -> int:
     return value
 
 
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a yes/no value: {text!r} (use 1 or 0, true or false)")
+
+
 def parse_log_level(text: str) -> str:
     level = text.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -63,6 +72,10 @@ class Config:
     # Worker threads that run requests; waitress's own I/O thread moves the bytes.
     threads: int = 4
     log_level: str = "INFO"
+    # "role token" lines (roles read and read-write); without tokens the server is open.
+    token_file: Path | None = None
+    # Let requests without a token read (pull-request builds); writes still need a token.
+    allow_anonymous_read: bool = False
 
     @property
     def unpacked_limit(self) -> int:
@@ -76,6 +89,7 @@ class Option:
     help: str
     aliases: tuple[str, ...] = ()
     metavar: str | None = None
+    switch: bool = False  # a flag without a value on the command line (a yes/no in the environment)
 
     @property
     def flag(self) -> str:
@@ -105,12 +119,24 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("threads", parse_positive, "worker threads (default: 4)", metavar="N"),
     Option("log_level", parse_log_level, "debug, info, warning or error (default: info)", metavar="LEVEL"),
+    Option(
+        "token_file",
+        Path,
+        "file of access tokens, one 'role token' per line (roles: read, read-write); reread on SIGHUP."
+        " POLYKIT_CACHE_TOKENS may hold the same lines instead",
+        metavar="PATH",
+    ),
+    Option("allow_anonymous_read", parse_bool, "let requests without a token read (writes still need one)", switch=True),
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare every option on a parser; defaults stay unset so the environment can fill them."""
     for opt in OPTIONS:
+        if opt.switch:
+            parser.add_argument(opt.flag, *opt.aliases, dest=opt.name, action="store_const", const="1", default=None,
+                                help=f"{opt.help} [env: {opt.env}=1]")
+            continue
         parser.add_argument(
             opt.flag,
             *opt.aliases,

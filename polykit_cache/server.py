@@ -82,11 +82,13 @@ class Server:
     def host(self) -> str:
         return self._server.effective_host
 
-    def run(self, install_signals: bool = True) -> None:
+    def run(self, install_signals: bool = True, on_hangup: Callable[[], None] | None = None) -> None:
         if install_signals:
             # waitress only stops on KeyboardInterrupt/SystemExit; turn SIGTERM into the same.
             signal.signal(signal.SIGTERM, _raise_exit)
             signal.signal(signal.SIGINT, _raise_exit)
+            if on_hangup is not None:
+                signal.signal(signal.SIGHUP, lambda signum, frame: on_hangup())
         try:
             self._server.run()  # returns (after closing) on SystemExit or KeyboardInterrupt
         except (SystemExit, KeyboardInterrupt):

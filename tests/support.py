@@ -21,6 +21,7 @@ from wsgiref.validate import validator
 import zstandard
 
 from polykit_cache.app import make_app
+from polykit_cache.auth import Access
 from polykit_cache.config import Config
 from polykit_cache.server import Server
 from polykit_cache.storage import Storage
@@ -162,7 +163,7 @@ def new_app(storage_dir: Path, **settings):
     config = Config(storage_dir=storage_dir, **settings)
     storage = Storage(storage_dir)
     storage.recover()
-    return make_app(config, storage)
+    return make_app(config, storage, access=Access(config.token_file, {}, config.allow_anonymous_read))
 
 
 # --- real servers -----------------------------------------------------------------------------

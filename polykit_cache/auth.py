@@ -1,0 +1,117 @@
+"""Access control: bearer tokens with a role each (RFC 6750), or an open server when none are set.
+
+Tokens are compared in constant time (``hmac.compare_digest`` against every token, with no early
+exit), and never written to a log or an error message.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from pathlib import Path
+from typing import Mapping
+
+log = logging.getLogger("polykit_cache.auth")
+
+ROLES = ("read", "read-write")
+ENV_TOKENS = "POLYKIT_CACHE_TOKENS"
+
+
+class TokenError(ValueError):
+    """A token file or variable that cannot be used; the message never contains a token."""
+
+
+def parse_tokens(text: str, source: str) -> list[tuple[str, bytes]]:
+    """``role token`` per line (or comma-separated), ``#`` comments; returns (role, token) pairs."""
+    entries: list[tuple[str, bytes]] = []
+    for number, raw in enumerate(text.replace(",", "\n").splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise TokenError(f"{source} line {number}: expected 'role token' (two words)")
+        role, token = parts
+        if role not in ROLES:
+            raise TokenError(f"{source} line {number}: unknown role {role!r} (roles: read, read-write)")
+        if len(token) < 8:
+            raise TokenError(f"{source} line {number}: a token must be at least 8 characters long")
+        entries.append((role, token.encode()))
+    return entries
+
+
+class Access:
+    """Decides who may read and write; reloadable from its token file."""
+
+    def __init__(self, token_file: Path | None, environ: Mapping[str, str], allow_anonymous_read: bool) -> None:
+        self.token_file = token_file
+        self._env_text = environ.get(ENV_TOKENS, "")
+        self.allow_anonymous_read = allow_anonymous_read
+        self._lock = threading.Lock()
+        self._entries = self._load()
+
+    def _load(self) -> list[tuple[str, bytes]]:
+        entries: list[tuple[str, bytes]] = []
+        if self.token_file is not None:
+            try:
+                text = self.token_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise TokenError(f"cannot read token file {self.token_file}: {exc.__class__.__name__}") from None
+            entries += parse_tokens(text, str(self.token_file))
+        if self._env_text.strip():
+            entries += parse_tokens(self._env_text, ENV_TOKENS)
+        return entries
+
+    def reload(self) -> None:
+        """Reread the token file (on SIGHUP); a broken file keeps the tokens already in force."""
+        try:
+            entries = self._load()
+        except TokenError as exc:
+            log.error("tokens not reloaded: %s", exc)
+            return
+        with self._lock:
+            self._entries = entries
+        log.info("reloaded %d access tokens", len(entries))
+
+    @property
+    def open(self) -> bool:
+        return not self._entries
+
+    def describe(self) -> str:
+        if self.open:
+            return "no access tokens are configured: anyone who can reach this address can read and write"
+        counts = {role: sum(1 for r, _ in self._entries if r == role) for role in ROLES}
+        anon = "; anonymous reads allowed" if self.allow_anonymous_read else ""
+        return f"access tokens: {counts['read']} read, {counts['read-write']} read-write{anon}"
+
+    def role(self, header: str | None) -> str | None:
+        """The role of the bearer token in an Authorization header, or None."""
+        if not header:
+            return None
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        given = token.strip().encode("utf-8", "surrogateescape")
+        found = None
+        with self._lock:
+            entries = self._entries
+        for role, known in entries:  # every entry is compared: the time does not tell which matched
+            if hmac.compare_digest(given, known) and found is None:
+                found = role
+        return found
+
+    def check(self, header: str | None, write: bool) -> tuple[int, str, str] | None:
+        """None when allowed, else (status, error word, message) for a 401 or 403."""
+        if self.open:
+            return None
+        role = self.role(header)
+        if role is None:
+            if not write and self.allow_anonymous_read and not header:
+                return None
+            if header:
+                return 401, "unauthorized", "The bearer token is not valid for this cache."
+            return 401, "unauthorized", "This cache needs an Authorization: Bearer <token> header."
+        if write and role != "read-write":
+            return 403, "forbidden", "This token may only read; uploading needs a read-write token."
+        return None
