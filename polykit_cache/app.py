@@ -176,7 +176,9 @@ class CacheApp:
 
     def head_artifact(self, environ: dict, params: dict) -> Response:
         """Answer from the metadata alone; the artifact file is not opened."""
-        info = self._found(environ, self._key(params))
+        key = self._key(params)
+        info = self._found(environ, key)
+        self.storage.touch(key)
         cached = self._not_modified(environ, info)
         if cached is not None:
             return cached
@@ -186,6 +188,7 @@ class CacheApp:
     def get_artifact(self, environ: dict, params: dict) -> Response:
         key = self._key(params)
         info = self._found(environ, key)
+        self.storage.touch(key)
         cached = self._not_modified(environ, info)
         if cached is not None:
             return cached
@@ -253,6 +256,9 @@ class CacheApp:
         if length > limit:
             self.metrics.reject("too_large")
             raise HTTPError(413, "too_large", f"The artifact is {length} bytes; the limit is {limit}.", limit=limit)
+        if self.storage.max_storage is not None and length > self.storage.max_storage:
+            self.metrics.reject("storage_full")
+            raise HTTPError(507, "storage_full", f"The artifact is {length} bytes, more than the whole cache may hold.")
         return length
 
     # --- service endpoints -------------------------------------------------------------------

@@ -34,9 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser("serve", help="serve the cache over HTTP (the default command)")
     cfg.add_arguments(serve)
-    verify = sub.add_parser("verify", help="rehash every stored artifact; quarantine corrupt ones")
-    verify.add_argument("--storage-dir", dest="storage_dir", default=None, metavar="DIR",
-                        help=f"storage folder to check (default: ./cache) [env: {cfg.ENV_PREFIX}STORAGE_DIR]")
+    verify = sub.add_parser("verify", help="rehash every stored artifact; quarantine corrupt ones (exit 1 if any)")
+    cfg.add_arguments(verify, ["storage_dir", "log_level"])
+    gc = sub.add_parser("gc", help="evict least recently used artifacts until the storage is under --max-storage")
+    cfg.add_arguments(gc, ["storage_dir", "max_storage", "log_level"])
+    stats = sub.add_parser("stats", help="print what the storage holds")
+    cfg.add_arguments(stats, ["storage_dir", "log_level"])
+    stats.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -48,24 +52,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(args_list)
     try:
-        if args.command == "verify":
-            config = cfg.from_sources(argparse.Namespace(storage_dir=args.storage_dir), os.environ)
-        else:
-            config = cfg.from_sources(args, os.environ)
+        config = cfg.from_sources(args, os.environ)
     except ValueError as exc:
         parser.error(str(exc))
     cfg.setup_logging(config.log_level)
-    if args.command == "verify":
-        from .maintenance import verify_storage
+    if args.command in ("verify", "gc", "stats"):
+        from . import maintenance
 
-        return verify_storage(Storage(config.storage_dir))
+        if args.command == "gc" and config.max_storage is None:
+            parser.error("gc needs --max-storage (or POLYKIT_CACHE_MAX_STORAGE)")
+        storage = Storage(config.storage_dir, config.max_storage)
+        if args.command == "verify":
+            return maintenance.verify_storage(storage)
+        if args.command == "gc":
+            return maintenance.collect(storage)
+        return maintenance.show_stats(storage, args.json)
     return serve(config)
 
 
 def serve(config: cfg.Config) -> int:
     """Recover the storage, then serve until SIGTERM or SIGINT."""
     try:
-        storage = Storage(config.storage_dir)
+        storage = Storage(config.storage_dir, config.max_storage)
         storage.recover()
     except OSError as exc:
         log.error("cannot use storage folder %s: %s", config.storage_dir, exc)
@@ -81,7 +89,7 @@ def serve(config: cfg.Config) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.bind, config.port, exc)
         return 1
-    count, size = storage.totals()
+    count, size, _ = storage.totals()
     log.info("polykit-cache %s (%s): %s", __version__, zstd.backend_name(), cfg.describe(config))
     log.info("storage %s holds %d artifacts, %d bytes", storage.root, count, size)
     (log.warning if access.open else log.info)("%s", access.describe())

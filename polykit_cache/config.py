@@ -69,6 +69,8 @@ class Config:
     max_artifact_size: int = 1 << 30
     # Largest decompressed size of one artifact; None means 64 x max_artifact_size.
     max_unpacked_size: int | None = None
+    # Total bytes of artifacts kept; beyond it the least recently used are evicted. None: no bound.
+    max_storage: int | None = None
     # Worker threads that run requests; waitress's own I/O thread moves the bytes.
     threads: int = 4
     log_level: str = "INFO"
@@ -117,6 +119,12 @@ OPTIONS: tuple[Option, ...] = (
         "largest decompressed size of one artifact (default: 64 x --max-artifact-size)",
         metavar="SIZE",
     ),
+    Option(
+        "max_storage",
+        parse_size,
+        "total size of artifacts kept; the least recently used are evicted beyond it (default: no bound)",
+        metavar="SIZE",
+    ),
     Option("threads", parse_positive, "worker threads (default: 4)", metavar="N"),
     Option("log_level", parse_log_level, "debug, info, warning or error (default: info)", metavar="LEVEL"),
     Option(
@@ -130,9 +138,11 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare every option on a parser; defaults stay unset so the environment can fill them."""
+def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """Declare the options (all, or those named) on a parser; defaults stay unset so the environment can fill them."""
     for opt in OPTIONS:
+        if names is not None and opt.name not in names:
+            continue
         if opt.switch:
             parser.add_argument(opt.flag, *opt.aliases, dest=opt.name, action="store_const", const="1", default=None,
                                 help=f"{opt.help} [env: {opt.env}=1]")
@@ -151,7 +161,9 @@ def from_sources(args: argparse.Namespace, environ: Mapping[str, str]) -> Config
     """Build the configuration: command line, then environment, then the defaults above."""
     values: dict[str, object] = {}
     for opt in OPTIONS:
-        raw = getattr(args, opt.name, None)
+        if not hasattr(args, opt.name):
+            continue  # an option this command does not take
+        raw = getattr(args, opt.name)
         source = opt.flag
         if raw is None and environ.get(opt.env, "") != "":
             raw, source = environ[opt.env], opt.env

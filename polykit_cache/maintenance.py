@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import time
 import os
 from pathlib import Path
 
@@ -62,3 +64,35 @@ def verify_storage(storage: Storage, limits: Limits = Limits()) -> int:
         log.error("quarantined %s: %s", key, problem)
     print(f"verified {checked} artifacts: {checked - bad} good, {bad} quarantined")
     return 1 if bad else 0
+
+
+def collect(storage: Storage) -> int:
+    """Trim the storage offline to its ``max_storage`` bound, least recently used first."""
+    storage.load_index()  # counts what is stored and evicts down to the bound
+    count, size, evicted = storage.totals()
+    print(f"evicted {evicted} artifacts; {count} artifacts, {size} bytes remain")
+    return 0
+
+
+def show_stats(storage: Storage, as_json: bool) -> int:
+    """What the storage holds, from the files' sizes and last-use times (no artifact is read)."""
+    storage.load_index()
+    count, size, _ = storage.totals()
+    uses = storage.use_range()
+    figures = {
+        "storage_dir": str(storage.root),
+        "artifacts": count,
+        "bytes": size,
+        "least_recent_use": uses[0] if uses else None,
+        "most_recent_use": uses[1] if uses else None,
+        "quarantined": len(list((storage.root / "quarantine").glob("*.zst"))),
+    }
+    if as_json:
+        print(json.dumps(figures))
+        return 0
+    print(f"{figures['artifacts']} artifacts, {figures['bytes']} bytes in {figures['storage_dir']}")
+    if uses:
+        fmt = "%Y-%m-%d %H:%M:%S"
+        print(f"last used between {time.strftime(fmt, time.localtime(uses[0]))} and {time.strftime(fmt, time.localtime(uses[1]))}")
+    print(f"{figures['quarantined']} quarantined")
+    return 0

@@ -16,9 +16,9 @@ BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 
 
 class Metrics:
-    """All counters of one server; ``stored`` reports (artifacts, bytes) from the storage."""
+    """All counters of one server; ``stored`` reports (artifacts, bytes, evictions) from the storage."""
 
-    def __init__(self, stored: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, stored: Callable[[], tuple[int, int, int]]) -> None:
         self._lock = threading.Lock()
         self._stored = stored
         self.started = time.time()
@@ -27,7 +27,6 @@ class Metrics:
         self.hits = self.misses = 0
         self.bytes_in = self.bytes_out = 0
         self.uploads = 0
-        self.evictions = 0
         self._bucket_counts = [0] * (len(BUCKETS) + 1)
         self._duration_sum = 0.0
 
@@ -60,7 +59,7 @@ class Metrics:
 
     def stats(self) -> dict:
         """The JSON figures of /v1/stats."""
-        count, size = self._stored()
+        count, size, evictions = self._stored()
         with self._lock:
             lookups = self.hits + self.misses
             return {
@@ -74,7 +73,7 @@ class Metrics:
                 "uploads_rejected": dict(sorted(self.rejected.items())),
                 "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out,
-                "evictions": self.evictions,
+                "evictions": evictions,
                 "artifacts": count,
                 "stored_bytes": size,
             }
@@ -87,7 +86,7 @@ class Metrics:
 
     def prometheus(self) -> str:
         """The text exposition of /metrics."""
-        count, size = self._stored()
+        count, size, evictions = self._stored()
         lines: list[str] = []
 
         def family(name: str, kind: str, text: str, samples: list[tuple[str, float]]) -> None:
@@ -126,7 +125,7 @@ class Metrics:
             )
             family("polykit_cache_received_bytes_total", "counter", "Upload body bytes read.", [("", self.bytes_in)])
             family("polykit_cache_sent_bytes_total", "counter", "Artifact bytes served.", [("", self.bytes_out)])
-            family("polykit_cache_evictions_total", "counter", "Artifacts evicted to stay under the storage limit.", [("", self.evictions)])
+            family("polykit_cache_evictions_total", "counter", "Artifacts evicted to stay under the storage limit.", [("", evictions)])
         family("polykit_cache_stored_artifacts", "gauge", "Artifacts in storage.", [("", count)])
         family("polykit_cache_stored_bytes", "gauge", "Bytes of artifacts in storage.", [("", size)])
         return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ import os
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -53,15 +54,20 @@ INFO_CACHE_SIZE = 16384
 class Storage:
     """One storage folder. Thread-safe; one instance per server process."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, max_storage: int | None = None) -> None:
         self.root = Path(root).absolute()
         self.tmp_dir = self.root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.max_storage = max_storage
         self._lock = threading.Lock()
         self._prefix = str(self.root) + "/"
         self._info: dict[str, ArtifactInfo] = {}
+        # key -> [last use in ns, size, last use written to the file's mtime], least recently
+        # used first: the order is exact in memory and persisted coarsely (see touch()).
+        self._uses: OrderedDict[str, list[int]] = OrderedDict()
         self.count = 0
         self.bytes = 0
+        self.evictions = 0
 
     # --- paths -------------------------------------------------------------------------------
 
@@ -80,7 +86,12 @@ class Storage:
     # --- start-up ----------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Remove stale temporaries, repair what a crash left half-published, and count what is stored."""
+        """At server start-up: remove stale temporaries, then load the index."""
+        self.sweep_temps()
+        self.load_index()
+
+    def sweep_temps(self) -> None:
+        """Remove what interrupted uploads left in ``tmp/`` (only safe while no server writes)."""
         removed = 0
         for entry in os.scandir(self.tmp_dir):
             try:
@@ -92,13 +103,20 @@ class Storage:
                 pass
         if removed:
             log.info("removed %d stale temporary files", removed)
+
+    def load_index(self) -> None:
+        """Count what is stored and when each artifact was last used, from file sizes and mtimes
+        (no artifact is read), repair metadata a crash left missing, and evict beyond the bound."""
         count = total = 0
+        uses: dict[str, list[int]] = {}
         for key, path in self._scan():
             meta = self._meta_path(key)
             try:
-                size = path.stat().st_size
+                st = path.stat()
             except FileNotFoundError:
                 continue
+            size = st.st_size
+            uses[key] = [st.st_mtime_ns, size, st.st_mtime_ns]
             if not meta.exists():
                 # The artifact was verified and synced before it was linked; only its
                 # metadata was lost, so recompute it rather than throw the artifact away.
@@ -110,8 +128,10 @@ class Storage:
         for meta in self.root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*.json"):
             if not meta.with_suffix(".zst").exists():
                 meta.unlink(missing_ok=True)
+        ordered = OrderedDict(sorted(uses.items(), key=lambda item: item[1][0]))
         with self._lock:
-            self.count, self.bytes = count, total
+            self.count, self.bytes, self._uses = count, total, ordered
+        self.evict()
 
     def _scan(self):
         for top in sorted(os.scandir(self.root), key=lambda e: e.name):
@@ -165,9 +185,13 @@ class Storage:
         return ArtifactInfo(key, size, sha, created, path)
 
     def forget(self, key: str) -> None:
-        """Drop a key from the in-memory metadata (after it is removed from disk)."""
+        """Drop a key that vanished from disk from the in-memory state."""
         with self._lock:
             self._info.pop(key, None)
+            use = self._uses.pop(key, None)
+            if use is not None:
+                self.count -= 1
+                self.bytes -= use[1]
 
     def exists(self, key: str) -> bool:
         return key in self._info or os.path.exists(self._zst(key))
@@ -200,10 +224,69 @@ class Storage:
             raise
         finally:
             temp.unlink(missing_ok=True)
+        now = time.time_ns()
         with self._lock:
             self.count += 1
             self.bytes += size
+            self._uses[key] = [now, size, now]
+        self.evict()
         return ArtifactInfo(key, size, sha256, created, str(final))
+
+    # --- least recently used eviction ---------------------------------------------------------
+
+    # A use is written to the artifact's mtime at most this often, so the order survives a restart
+    # without a write per request.
+    PERSIST_USE_NS = 60 * 10**9
+
+    def touch(self, key: str) -> None:
+        """Record a GET or HEAD as a use: in memory now, on disk now and then."""
+        now = time.time_ns()
+        with self._lock:
+            use = self._uses.get(key)
+            if use is None:
+                return
+            use[0] = now
+            self._uses.move_to_end(key)
+            persist = now - use[2] > self.PERSIST_USE_NS
+            if persist:
+                use[2] = now
+        if persist:
+            try:
+                os.utime(self._zst(key), ns=(now, now))
+            except OSError:
+                pass
+
+    def evict(self, limit: int | None = None) -> list[str]:
+        """Remove least recently used artifacts while the total is over the bound; returns their keys.
+
+        An artifact being downloaded stays readable: its open file outlives the unlink.
+        """
+        limit = self.max_storage if limit is None else limit
+        if limit is None:
+            return []
+        with self._lock:
+            if self.bytes <= limit:
+                return []
+            victims = []
+            freed = 0
+            while self._uses and self.bytes - freed > limit:
+                key, (_, size, _) = self._uses.popitem(last=False)
+                self._info.pop(key, None)
+                victims.append(key)
+                freed += size
+            self.count -= len(victims)
+            self.bytes -= freed
+            self.evictions += len(victims)
+        for key in victims:
+            path = self._zst(key)
+            for name in (path, path[:-4] + ".json"):
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    pass
+        if victims:
+            log.info("evicted %d artifacts (%d bytes) to stay under %d bytes", len(victims), freed, limit)
+        return victims
 
     def _write_meta(self, key: str, size: int, sha256: str, created: float) -> None:
         meta = self._meta_path(key)
@@ -217,7 +300,13 @@ class Storage:
             Path(name).unlink(missing_ok=True)
             raise
 
-    def totals(self) -> tuple[int, int]:
-        """(artifacts stored, bytes stored), kept current without touching the disk."""
+    def totals(self) -> tuple[int, int, int]:
+        """(artifacts stored, bytes stored, evictions so far), kept current without touching the disk."""
         with self._lock:
-            return self.count, self.bytes
+            return self.count, self.bytes, self.evictions
+
+    def use_range(self) -> tuple[float, float] | None:
+        """Last use of the least and of the most recently used artifact (seconds since the epoch)."""
+        with self._lock:
+            times = [use[0] for use in self._uses.values()]
+        return (min(times) / 1e9, max(times) / 1e9) if times else None

@@ -161,7 +161,7 @@ def call(app, method: str, path: str, body: bytes | None = None, headers: dict |
 
 def new_app(storage_dir: Path, **settings):
     config = Config(storage_dir=storage_dir, **settings)
-    storage = Storage(storage_dir)
+    storage = Storage(storage_dir, config.max_storage)
     storage.recover()
     return make_app(config, storage, access=Access(config.token_file, {}, config.allow_anonymous_read))
 

@@ -25,7 +25,7 @@ def test_recover_removes_temporaries_and_repairs_half_published_artifacts(tmp_pa
     assert not any((store / "tmp").iterdir())
     assert json.loads(path.with_suffix(".json").read_text())["sha256"] == sha(blob)
     assert not orphan.exists()
-    assert storage.totals() == (1, len(blob))
+    assert storage.totals() == (1, len(blob), 0)
 
 
 def test_verify_quarantines_corrupt_artifacts(tmp_path):
