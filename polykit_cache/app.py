@@ -103,16 +103,27 @@ class CacheApp:
         elapsed = time.perf_counter() - started
         self.metrics.request(method, status, elapsed)
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                '%s "%s %s" %d %d %.4f',
-                environ.get("REMOTE_ADDR", "-"), method, environ.get("PATH_INFO", ""), status, response.length, elapsed,
-            )
+            access_log.info("%s", self._access_line(environ, method, status, response.length, elapsed))
         if method == "HEAD":
             close = getattr(response.body, "close", None)
             if close is not None:
                 close()
             return []
         return response.body
+
+    def _access_line(self, environ: dict, method: str, status: int, length: int, elapsed: float) -> str:
+        """One access log line; the Authorization header is never part of it."""
+        host = environ.get("REMOTE_ADDR") or "-"
+        path = environ.get("PATH_INFO", "")
+        if self.config.access_log_format == "json":
+            return json.dumps({
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "remote": host, "method": method, "path": path,
+                "status": status, "bytes": length, "duration_ms": round(elapsed * 1000, 3),
+                "user_agent": environ.get("HTTP_USER_AGENT", ""),
+            })
+        protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
+        # NCSA common log format, with the duration in seconds appended.
+        return f'{host} - - [{time.strftime("%d/%b/%Y:%H:%M:%S %z")}] "{method} {path} {protocol}" {status} {length} {elapsed:.4f}'
 
     def dispatch(self, environ: dict, method: str) -> Response:
         path = environ.get("PATH_INFO", "")

@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = cfg.from_sources(args, os.environ)
     except ValueError as exc:
         parser.error(str(exc))
-    cfg.setup_logging(config.log_level)
+    cfg.setup_logging(config.log_level, config.access_log_format)
     if args.command in ("verify", "gc", "stats"):
         from . import maintenance
 

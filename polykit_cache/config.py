@@ -49,6 +49,22 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"not a yes/no value: {text!r} (use 1 or 0, true or false)")
 
 
+def parse_access_log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("common", "json", "off"):
+        raise ValueError(f"unknown access log format {text!r} (common, json or off)")
+    return value
+
+
+def parse_proxy_headers(text: str) -> tuple[str, ...]:
+    known = ("x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port", "x-forwarded-by", "forwarded")
+    names = tuple(name.strip().lower() for name in text.replace(",", " ").split() if name.strip())
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown proxy header {name!r} (known: {', '.join(known)})")
+    return names
+
+
 def parse_log_level(text: str) -> str:
     level = text.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -78,6 +94,12 @@ class Config:
     token_file: Path | None = None
     # Let requests without a token read (pull-request builds); writes still need a token.
     allow_anonymous_read: bool = False
+    # One line per request on stderr: "common" (NCSA common log format plus the duration), "json" or "off".
+    access_log_format: str = "common"
+    # Address of a reverse proxy whose forwarding headers are believed (waitress's trusted_proxy);
+    # "*" trusts any peer: only when the port is reachable from the proxy alone.
+    trusted_proxy: str | None = None
+    trusted_proxy_headers: tuple[str, ...] = ("x-forwarded-for",)
 
     @property
     def unpacked_limit(self) -> int:
@@ -135,6 +157,11 @@ OPTIONS: tuple[Option, ...] = (
         metavar="PATH",
     ),
     Option("allow_anonymous_read", parse_bool, "let requests without a token read (writes still need one)", switch=True),
+    Option("access_log_format", parse_access_log_format, "one line per request: common, json or off (default: common)",
+           metavar="FORMAT"),
+    Option("trusted_proxy", str, "address of the reverse proxy whose X-Forwarded-* headers are believed", metavar="ADDR"),
+    Option("trusted_proxy_headers", parse_proxy_headers,
+           "forwarding headers taken from the trusted proxy (default: x-forwarded-for)", metavar="NAMES"),
 )
 
 
@@ -183,8 +210,19 @@ def describe(config: Config) -> str:
     return " ".join(parts)
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, access_log_format: str = "common") -> None:
+    """Server messages with time and level; access lines as they are, so tools can parse them."""
     logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    access = logging.getLogger("polykit_cache.access")
+    access.propagate = False
+    access.handlers[:] = []
+    if access_log_format == "off" or getattr(logging, level) > logging.INFO:
+        access.setLevel(logging.WARNING)
+        return
+    access.setLevel(logging.INFO)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
 
 
 def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:

@@ -59,7 +59,10 @@ def waitress_settings(config: Config) -> dict:
         "recv_bytes": 256 * 1024,
         "asyncore_use_poll": True,
         "ident": "polykit-cache",
+        # Forwarding headers from anyone but the trusted proxy are dropped, never believed.
         "clear_untrusted_proxy_headers": True,
+        **({"trusted_proxy": config.trusted_proxy, "trusted_proxy_headers": set(config.trusted_proxy_headers)}
+           if config.trusted_proxy else {}),
     }
 
 

@@ -199,4 +199,34 @@ def test_start_up_logs_the_settings_and_an_access_line_per_request(tmp_path):
     text = (tmp_path / "server.log").read_text()
     assert f"max_artifact_size={5 << 20}" in text
     assert "no access tokens are configured" in text
-    assert f'"GET /v1/artifacts/{KEY}" 404' in text
+    assert f'"GET /v1/artifacts/{KEY} HTTP/1.1" 404' in text
+
+
+def test_json_access_log_shows_the_client_behind_a_trusted_proxy_and_no_token(tmp_path):
+    forwarded = {"X-Forwarded-For": "203.0.113.7", "Authorization": "Bearer very-secret-token-1"}
+    trusting = ServerProcess(tmp_path / "s1", tmp_path / "trusting.log", "--access-log-format", "json",
+                             "--trusted-proxy", "127.0.0.1")
+    plain = ServerProcess(tmp_path / "s2", tmp_path / "plain.log")
+    try:
+        request(trusting.port, "GET", f"/v1/artifacts/{KEY}", headers=forwarded)
+        request(plain.port, "GET", f"/v1/artifacts/{KEY}", headers=forwarded)
+    finally:
+        trusting.stop()
+        plain.stop()
+    lines = [json.loads(line) for line in (tmp_path / "trusting.log").read_text().splitlines() if line.startswith("{")]
+    entry = [e for e in lines if e["path"] == f"/v1/artifacts/{KEY}"][0]
+    assert entry["remote"] == "203.0.113.7" and entry["status"] == 404 and entry["method"] == "GET"
+    assert isinstance(entry["duration_ms"], float)
+    plain_log = (tmp_path / "plain.log").read_text()
+    assert f'127.0.0.1 - - [' in plain_log and "203.0.113.7" not in plain_log  # untrusted headers are dropped
+    for log in (tmp_path / "trusting.log", tmp_path / "plain.log"):
+        assert "very-secret-token-1" not in log.read_text()
+
+
+def test_access_log_off(tmp_path):
+    server = ServerProcess(tmp_path / "s", tmp_path / "server.log", "--access-log-format", "off")
+    try:
+        request(server.port, "GET", "/healthz")
+    finally:
+        server.stop()
+    assert "/healthz" not in (tmp_path / "server.log").read_text()
