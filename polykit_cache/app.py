@@ -122,6 +122,7 @@ class CacheApp:
                 "user_agent": environ.get("HTTP_USER_AGENT", ""),
             })
         protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
+        path = json.dumps(path)[1:-1]  # a decoded path may hold quotes or newlines: never forge a line
         # NCSA common log format, with the duration in seconds appended.
         return f'{host} - - [{time.strftime("%d/%b/%Y:%H:%M:%S %z")}] "{method} {path} {protocol}" {status} {length} {elapsed:.4f}'
 

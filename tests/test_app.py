@@ -224,3 +224,12 @@ def test_a_full_disk_is_507_and_leaves_nothing_partial(tmp_path):
         assert call(app, "GET", f"/v1/artifacts/{OTHER_KEY}").body == small
     finally:
         subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_the_access_log_cannot_be_forged_through_the_path(app, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="polykit_cache.access"):
+        call(app, "GET", '/v1/artifacts/x"\n127.0.0.1 - - [forged] "GET /admin')
+    lines = [r.getMessage() for r in caplog.records if r.name == "polykit_cache.access"]
+    assert len(lines) == 1 and "\n" not in lines[0] and '\\"' in lines[0]
