@@ -50,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args_list or args_list[0].startswith("-") and args_list[0] not in ("-h", "--help", "--version"):
         args_list.insert(0, "serve")
     parser = build_parser()
+    if args_list in (["-h"], ["--help"]):
+        # `polykit-cache` alone serves, so its help shows the server's options too.
+        print(parser.format_help())
+        parser.parse_args(["serve", "--help"])
     args = parser.parse_args(args_list)
     try:
         config = cfg.from_sources(args, os.environ)
