@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from _machine import machine_line, usable_cpus  # scripts/ is on sys.path when a script runs
+
 LOCALHOST = "127.0.0.1"
 SERVER_READY_TIMEOUT = 30.0
 SERVER_STOP_TIMEOUT = 10.0
@@ -86,26 +88,6 @@ class BenchError(Exception):
 
 
 # --- the machine and the tools ------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """The CPU model as /proc/cpuinfo names it, so figures from different machines are not mixed up."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return platform.processor() or platform.machine()
-    for name in ("model name", "Hardware", "cpu model", "Processor"):
-        match = re.search(rf"^{name}\s*:\s*(.+)$", text, re.MULTILINE)
-        if match:
-            return match.group(1).strip()
-    return platform.machine()
-
-
-def machine_line() -> str:
-    """The first line of the report: start-up and hashing speed depend on all of these."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"machine: {cpu_model()}, {os.cpu_count()} cores ({usable} usable), "
-            f"{platform.python_implementation()} {platform.python_version()}, {platform.system()} {platform.release()}")
 
 
 def console_script(name: str, module: str, prefer_module: bool) -> tuple[list[str], str]:

@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Sequence
 
+from _machine import machine_line, usable_cpus  # scripts/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parent.parent
 try:
     from polykit_client.artifact import hash_file, pack
@@ -205,26 +207,6 @@ class TargetReport:
 
 
 # --- machine ------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """The CPU model as /proc/cpuinfo names it, for the first line of the report."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return platform.processor() or platform.machine()
-    for name in ("model name", "Hardware", "cpu model", "Processor"):
-        match = re.search(rf"^{name}\s*:\s*(.+)$", text, re.MULTILINE)
-        if match:
-            return match.group(1).strip()
-    return platform.machine()
-
-
-def machine_line() -> str:
-    return (
-        f"machine: {cpu_model()}, {os.cpu_count()} cores ({usable_cpus()} usable), "
-        f"{platform.python_implementation()} {platform.python_version()}, {platform.system()} {platform.release()}"
-    )
 
 
 def versions_line() -> str:
@@ -1059,12 +1041,6 @@ def chosen_servers(args: argparse.Namespace) -> list[str]:
     if args.no_baseline:
         return ["ours"]
     return ["ours", "bare"]
-
-
-def usable_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -1,0 +1,31 @@
+"""What machine a benchmark ran on: the first line of every report, so figures are not mixed up."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU model as /proc/cpuinfo names it."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    for name in ("model name", "Hardware", "cpu model", "Processor"):
+        match = re.search(rf"^{name}\s*:\s*(.+)$", text, re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    return platform.machine()
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def machine_line() -> str:
+    """CPU, cores, Python and OS: start-up, hashing and I/O speed depend on all of these."""
+    return (f"machine: {cpu_model()}, {os.cpu_count()} cores ({usable_cpus()} usable), "
+            f"{platform.python_implementation()} {platform.python_version()}, {platform.system()} {platform.release()}")
