@@ -168,9 +168,10 @@ class Storage:
             if info is None:
                 return None
         with self._lock:
-            if len(self._info) >= INFO_CACHE_SIZE:
-                self._info.pop(next(iter(self._info)))
-            self._info[key] = info
+            if key in self._uses:  # an eviction may have removed it since its metadata was read
+                if len(self._info) >= INFO_CACHE_SIZE:
+                    self._info.pop(next(iter(self._info)))
+                self._info[key] = info
         return info
 
     def _repair_meta(self, key: str, path: str) -> ArtifactInfo | None:
@@ -187,6 +188,8 @@ class Storage:
     def forget(self, key: str) -> None:
         """Drop a key that vanished from disk from the in-memory state."""
         with self._lock:
+            if os.path.exists(self._zst(key)):
+                return  # uploaded again since it was found missing
             self._info.pop(key, None)
             use = self._uses.pop(key, None)
             if use is not None:
@@ -200,7 +203,12 @@ class Storage:
 
     def new_temp(self) -> tuple[BinaryIO, Path]:
         """An open temporary file in ``tmp/``, on the same filesystem as the final names."""
-        fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-", suffix=".part")
+        try:
+            fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-", suffix=".part")
+        except OSError as exc:
+            if is_disk_full(exc):  # no space, or no inode left
+                raise StorageFull(str(exc)) from None
+            raise
         return os.fdopen(fd, "w+b"), Path(name)
 
     def publish(self, key: str, temp: Path, size: int, sha256: str) -> ArtifactInfo:

@@ -233,3 +233,27 @@ def test_the_access_log_cannot_be_forged_through_the_path(app, caplog):
         call(app, "GET", '/v1/artifacts/x"\n127.0.0.1 - - [forged] "GET /admin')
     lines = [r.getMessage() for r in caplog.records if r.name == "polykit_cache.access"]
     assert len(lines) == 1 and "\n" not in lines[0] and '\\"' in lines[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_no_inode_left_is_507_too(tmp_path):
+    import subprocess
+
+    mount = tmp_path / "few-inodes"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=64", "tmpfs", str(mount)]).returncode:
+        pytest.skip("tmpfs mount not permitted here")
+    try:
+        app = new_app(mount)
+        filler = mount / "filler"
+        filler.mkdir()
+        for i in range(1000):
+            try:
+                (filler / str(i)).touch()
+            except OSError:
+                break
+        else:
+            pytest.skip("the inode limit did not apply")
+        assert_error(call(app, "PUT", ART, pack_tree(tmp_path, {"a": b"x"})), 507, "storage_full")
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
