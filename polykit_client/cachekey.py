@@ -203,7 +203,8 @@ class KeyMaker:
                     digests[rel] = digest
                     self.stat_cache.remember(rel, sig, digest, self._started_ns)
         if large:
-            
+            from concurrent.futures import ThreadPoolExecutor  # only runs with large inputs import it
+
             with ThreadPoolExecutor(max_workers=min(8, len(large))) as pool:
                 results = pool.map(lambda item: _sha256_large(root + item[0]), large)
                 for (rel, sig), digest in zip(large, results):

@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -52,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from _machine import machine_line, usable_cpus  # scripts/ is on sys.path when a script runs
+from _machine import machine_line  # scripts/ is on sys.path when a script runs
 
 LOCALHOST = "127.0.0.1"
 SERVER_READY_TIMEOUT = 30.0

@@ -39,7 +39,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import re
 import shutil
 import signal

@@ -6,7 +6,6 @@ import hashlib
 import http.client
 import io
 import json
-import os
 import re
 import subprocess
 import sys

@@ -39,6 +39,16 @@ def test_an_input_file_changes_its_task_only(pk):
     assert changed(before, pk.keys()) == {"web:build"}
 
 
+def test_large_input_files_are_hashed_and_change_the_key(pk):
+    big = pk.workspace / "packages/web/src/bundle.bin"
+    big.write_bytes(os.urandom(600_000))  # above the size hashed in the thread pool
+    before = pk.keys()
+    data = bytearray(big.read_bytes())
+    data[-1] ^= 1
+    big.write_bytes(bytes(data))
+    assert changed(before, pk.keys()) == {"web:build"}
+
+
 def test_an_upstream_input_changes_every_task_downstream(pk):
     before = pk.keys()
     (pk.workspace / "packages/shared-utils/src/utils.py").write_text("def helper():\n    return 43\n")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from polykit_client.workspace import ConfigError, load
+from polykit_client.workspace import load
 from sample import Polykit, make_tools, make_workspace
 
 
