@@ -77,7 +77,9 @@ class CacheApp:
         self.storage = storage
         self.metrics = metrics
         self.access = access
-        self.limits = Limits(max_unpacked_size=config.unpacked_limit)
+        # A manifest is parsed in memory; 8 MiB of JSON (some 60,000 files) bounds what one
+        # upload can make a worker hold, whatever the body's size.
+        self.limits = Limits(max_unpacked_size=config.unpacked_limit, max_metadata_size=8 << 20, max_members=200_000)
         # (path pattern, handlers by method, open to everyone); PUT is the only write.
         self.routes: list[tuple[re.Pattern[str], dict[str, Handler], bool]] = [
             (re.compile(_KEY_PATH), {"GET": self.get_artifact, "HEAD": self.head_artifact, "PUT": self.put_artifact}, False),

@@ -22,17 +22,25 @@ class TokenError(ValueError):
     """A token file or variable that cannot be used; the message never contains a token."""
 
 
-def parse_tokens(text: str, source: str) -> list[tuple[str, bytes]]:
-    """``role token`` per line (or comma-separated), ``#`` comments; returns (role, token) pairs."""
+def parse_tokens(text: str, source: str, commas: bool = False) -> list[tuple[str, bytes]]:
+    """``role token`` per line, ``#`` comments; returns (role, token) pairs.
+
+    A ``#`` starts a comment only at the start of a word, so it may appear inside a token;
+    commas separate entries only in the environment variable, where lines are awkward.
+    """
     entries: list[tuple[str, bytes]] = []
-    for number, raw in enumerate(text.replace(",", "\n").splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
+    lines = text.replace(",", "\n").splitlines() if commas else text.splitlines()
+    for number, raw in enumerate(lines, 1):
+        words = []
+        for word in raw.split():
+            if word.startswith("#"):
+                break
+            words.append(word)
+        if not words:
             continue
-        parts = line.split()
-        if len(parts) != 2:
+        if len(words) != 2:
             raise TokenError(f"{source} line {number}: expected 'role token' (two words)")
-        role, token = parts
+        role, token = words
         if role not in ROLES:
             raise TokenError(f"{source} line {number}: unknown role {role!r} (roles: read, read-write)")
         if len(token) < 8:
@@ -60,7 +68,10 @@ class Access:
                 raise TokenError(f"cannot read token file {self.token_file}: {exc.__class__.__name__}") from None
             entries += parse_tokens(text, str(self.token_file))
         if self._env_text.strip():
-            entries += parse_tokens(self._env_text, ENV_TOKENS)
+            entries += parse_tokens(self._env_text, ENV_TOKENS, commas=True)
+        if not entries and (self.token_file is not None or self._env_text.strip()):
+            # Tokens were asked for: an empty list must never turn into an open server.
+            raise TokenError(f"{self.token_file or ENV_TOKENS} holds no tokens")
         return entries
 
     def reload(self) -> None:

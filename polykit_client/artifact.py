@@ -30,6 +30,7 @@ LOG_NAME = "output.log"
 FILE_MODES = (0o644, 0o755)
 DIR_MODE = 0o755
 CHUNK = 1024 * 1024
+DEFAULT_MAX_ARTIFACT_SIZE = 1 << 30  # the server's default limit; the client's default download bound
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 

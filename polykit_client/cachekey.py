@@ -38,7 +38,7 @@ RACY_SECONDS = 2.0
 
 
 class StatCache:
-    """(size, mtime_ns, inode) -> sha256 per file, kept between runs so unchanged files are not read."""
+    """(size, mtime_ns, inode, ctime_ns) -> sha256 per file, kept between runs so unchanged files are not read."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -47,7 +47,7 @@ class StatCache:
         self.tools: dict[str, list] = {}
         try:
             data = json.loads(path.read_text())
-            if data.get("version") == 1:
+            if data.get("version") == 2:
                 self.entries = data.get("files", {})
                 self.tools = data.get("tools", {})
         except (OSError, ValueError, AttributeError):
@@ -70,7 +70,7 @@ class StatCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"version": 1, "files": self.entries, "tools": self.tools}, separators=(",", ":")))
+            tmp.write_text(json.dumps({"version": 2, "files": self.entries, "tools": self.tools}, separators=(",", ":")))
             os.replace(tmp, self.path)
         except OSError:
             pass  # a read-only checkout still builds; it only rehashes next time
@@ -191,10 +191,11 @@ class KeyMaker:
                 st = os.stat(root + rel)
             except OSError:
                 continue  # listed by git but deleted: not an input
-            sig = [st.st_size, st.st_mtime_ns, st.st_ino]
+            # ctime too: a rewrite that puts the old mtime back cannot hide from it.
+            sig = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
             cached = entries.get(rel)
-            if cached is not None and cached[:3] == sig:
-                digests[rel] = cached[3]
+            if cached is not None and cached[:4] == sig:
+                digests[rel] = cached[4]
             elif st.st_size > self.LARGE_FILE:
                 large.append((rel, sig))
             else:

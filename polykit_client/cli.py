@@ -112,11 +112,13 @@ def _remote(ws, args, console):
     url = args.remote_cache_url or ws.remote.url
     if not url:
         return None
+    from .artifact import DEFAULT_MAX_ARTIFACT_SIZE
     from .remote import RemoteCache
 
     try:
         return RemoteCache(url, token=ws.remote.token, read_only=ws.remote.read_only or args.remote_cache_readonly,
-                           timeout=ws.remote.timeout, max_artifact_size=ws.remote.max_artifact_size, warn=console.warn)
+                           timeout=ws.remote.timeout, warn=console.warn,
+                           max_artifact_size=ws.remote.max_artifact_size or DEFAULT_MAX_ARTIFACT_SIZE)
     except ValueError as exc:  # a bad URL or token: the build goes on without the remote cache
         console.warn(f"{exc}; building without the remote cache")
         return None
@@ -135,7 +137,7 @@ def _build(ws, task: str, args) -> int:
     from .localcache import LocalCache
     from .runner import Console, Summary, TaskRunner
 
-    parallel = args.parallel or ws.default_parallel or os.cpu_count() or 1
+    parallel = args.parallel if args.parallel is not None else (ws.default_parallel or os.cpu_count() or 1)
     if parallel < 1:
         print("error: --parallel must be at least 1", file=sys.stderr)
         return EXIT_USAGE

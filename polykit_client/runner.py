@@ -52,13 +52,17 @@ class Console:
         """Write a task's output (live or replayed), prefixed with the task when tasks run side by side."""
         if not data:
             return
-        text = data.decode("utf-8", "replace")
         if self.prefix_logs:
-            lines = text.splitlines()
-            text = "".join(f"{node}: {line}\n" for line in lines)
+            data = b"".join(b"%s: %s\n" % (str(node).encode(), line) for line in data.splitlines())
+        buffer = getattr(self.out, "buffer", None)
         with self._lock:
-            self.out.write(text)
-            self.out.flush()
+            if buffer is not None:  # the task's bytes as they are, whatever the terminal's encoding
+                self.out.flush()
+                buffer.write(data)
+                buffer.flush()
+            else:
+                self.out.write(data.decode("utf-8", "replace"))
+                self.out.flush()
 
     def progress(self, label: str) -> Callable[[int, int | None], None] | None:
         """A progress line for long transfers, only when stderr is a terminal."""
@@ -181,6 +185,15 @@ def expand_outputs(pkg_dir: Path, patterns: tuple[str, ...]) -> list[str]:
     return sorted(found)
 
 
+def _check_no_link_above(root: Path, rel: str) -> None:
+    """Refuse to write ``rel`` when a folder on its way inside ``root`` is a symlink."""
+    parent = root
+    for part in rel.split("/")[:-1]:
+        parent = parent / part
+        if parent.is_symlink():
+            raise artifact.ArtifactError("unsafe_path", f"{rel!r} would be written through the symlink {part!r}")
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -199,6 +212,8 @@ class TaskRunner:
         self.local = local
         self.summary = summary
         self._remote_factory = remote_factory
+        # What a downloaded artifact may unpack to: bounded like the server's default.
+        self.limits = artifact.Limits(max_unpacked_size=64 * (ws.remote.max_artifact_size or artifact.DEFAULT_MAX_ARTIFACT_SIZE))
         self._remote_lock = threading.Lock()
         self._remote_made = False
         self.remote: RemoteCache | None = None
@@ -217,6 +232,14 @@ class TaskRunner:
     # --- one task ----------------------------------------------------------------------------
 
     def run(self, node: Node) -> bool:
+        try:
+            return self._run(node)
+        except Exception as exc:  # a bug or an unusable folder fails this task, never the whole run
+            self.console.line(f"{node}  failed ({exc.__class__.__name__}: {exc})")
+            self.summary.add(node, "failed")
+            return False
+
+    def _run(self, node: Node) -> bool:
         pkg = self.ws.packages[node.package]
         task = pkg.tasks[node.task]
         key = self.keys[node]
@@ -232,9 +255,12 @@ class TaskRunner:
             return False
         try:
             meta, log = self._restore(pkg, task, key, path)
-        except (artifact.ArtifactError, OSError) as exc:
+        except artifact.ArtifactError as exc:
             self.console.warn(f"{node}: the local cache entry is damaged ({exc}); discarding it")
             self.local.discard(key)
+            return False
+        except OSError as exc:
+            self.console.warn(f"{node}: could not restore from the local cache ({exc}); building locally")
             return False
         self._report_hit(node, "hit (local)", meta, log)
         return True
@@ -243,7 +269,11 @@ class TaskRunner:
         remote = self._get_remote()
         if remote is None or not remote.enabled:
             return False
-        fh, temp = self.local.new_temp()
+        try:
+            fh, temp = self.local.new_temp()
+        except OSError as exc:
+            self.console.warn(f"{node}: the local cache folder is not usable ({exc}); building locally")
+            return False
         try:
             with fh:
                 ok = remote.fetch(key, fh, self.console.progress(f"{node}  downloading"))
@@ -253,6 +283,9 @@ class TaskRunner:
                 meta, log = self._restore(pkg, task, key, temp)
             except artifact.ArtifactError as exc:
                 self.console.warn(f"{node}: the remote cache sent an artifact that failed verification ({exc}); building locally")
+                return False
+            except OSError as exc:
+                self.console.warn(f"{node}: could not restore the remote artifact ({exc}); building locally")
                 return False
             self.local.put(key, temp)
         finally:
@@ -266,18 +299,28 @@ class TaskRunner:
         self.summary.add(node, status, int(meta.get("duration_ms", 0)))
 
     def _restore(self, pkg: Package, task: Task, key: str, path: Path) -> tuple[dict, bytes]:
-        """Verify the artifact into a staging folder, then swap its outputs into the package."""
+        """Verify the artifact into a staging folder, then swap its outputs into the package.
+
+        An artifact may only place what the task declares as outputs, and never through a
+        symlink: a poisoned cache entry must not overwrite sources or write outside the package.
+        """
         staging = Path(os.path.join(self.local.tmp, f"restore-{key[:16]}-{os.getpid()}-{threading.get_ident()}"))
         if staging.exists():
             shutil.rmtree(staging)
         try:
             with open(path, "rb") as fh:
-                meta = artifact.extract(fh, staging / "outputs", logs_dir=staging / "logs", expected_key=key)
+                meta = artifact.extract(fh, staging / "outputs", logs_dir=staging / "logs", expected_key=key,
+                                        limits=self.limits)
+            restored = sorted(list(meta["files"]) + list(meta["symlinks"]))
+            declared = GlobSet(task.outputs or ())
+            for rel in restored:
+                if not declared.matches(rel):
+                    raise artifact.ArtifactError("undeclared_output", f"the artifact holds {rel!r}, which is not a declared output")
             for stale in expand_outputs(pkg.dir, task.outputs or ()):
                 _remove(pkg.dir / stale)
-            restored = list(meta["files"]) + list(meta["symlinks"])
-            for rel in sorted(restored):
+            for rel in restored:
                 src, dst = staging / "outputs" / rel, pkg.dir / rel
+                _check_no_link_above(pkg.dir, rel)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 if dst.is_dir() and not dst.is_symlink():
                     if src.is_dir() and not src.is_symlink():
@@ -321,7 +364,11 @@ class TaskRunner:
             self.console.warn(f"{node} declares no outputs: only its log is cached")
         meta = {"package": pkg.name, "task": task.name, "command": task.command,
                 "created_at": int(time.time()), "duration_ms": duration_ms, "exit_code": 0}
-        fh, temp = self.local.new_temp()
+        try:
+            fh, temp = self.local.new_temp()
+        except OSError as exc:
+            self.console.warn(f"{node}: its outputs could not be cached ({exc})")
+            return
         try:
             with fh:
                 artifact.pack(fh, pkg.dir, expand_outputs(pkg.dir, task.outputs or ()), meta, log=log, cache_key=key)

@@ -256,7 +256,10 @@ def load(start: Path | str, environ: Mapping[str, str] | None = None) -> Workspa
     root_file = root / ROOT_FILE
     data, text = load_toml(root_file)
     settings, remote = _parse_root(root, data, text, environ)
-    top = root / settings["packages_dir"]
+    top = (root / settings["packages_dir"]).resolve()
+    if top != root.resolve() and root.resolve() not in top.parents:
+        raise ConfigError(root_file, f"packages_dir {settings['packages_dir']!r} must be a folder inside the workspace",
+                          _line_of(text, "packages_dir"))
     if not top.is_dir():
         top = root
     packages: dict[str, Package] = {}

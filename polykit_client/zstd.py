@@ -81,7 +81,9 @@ class FrameTracker:
             if magic == _FRAME_MAGIC:
                 self._state, self._want = "descriptor", 1
             elif magic & _SKIPPABLE_MASK == _SKIPPABLE_MAGIC:
-                self._state, self._want = "skippable-size", 4
+                # Our packer never writes them, and their bytes would be stored and served
+                # without any check: refuse them.
+                raise ZstdError("skippable zstd frames are not allowed in an artifact")
             else:
                 raise ZstdError("not a zstd stream (bad frame magic number)")
         elif state == "skippable-size":

@@ -79,6 +79,23 @@ def test_bad_token_lines_are_named_without_the_token(text, problem):
     assert "sometoken123" not in str(err.value)
 
 
+def test_an_empty_token_file_never_opens_the_server(tmp_path):
+    token_file = tmp_path / "tokens"
+    token_file.write_text("# nothing yet\n")
+    with pytest.raises(TokenError, match="holds no tokens"):
+        Access(token_file, {}, False)
+    token_file.write_text(f"read-write {WRITER}\n")
+    access = Access(token_file, {}, False)
+    token_file.write_text("")  # truncated by an editor when SIGHUP arrives
+    access.reload()
+    assert not access.open and access.check(None, write=True)[0] == 401
+
+
+def test_a_hash_inside_a_token_is_part_of_it():
+    assert parse_tokens("read-write abcdefgh#ijkl  # CI", "f") == [("read-write", b"abcdefgh#ijkl")]
+    assert parse_tokens("read abcdefgh,ijkl", "f") == [("read", b"abcdefgh,ijkl")]
+
+
 def test_tokens_from_the_environment(tmp_path):
     access = Access(None, {"POLYKIT_CACHE_TOKENS": f"read {READER}, read-write {WRITER}"}, False)
     assert access.role(f"Bearer {READER}") == "read" and access.role(f"bearer {WRITER}") == "read-write"

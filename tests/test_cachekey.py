@@ -164,3 +164,15 @@ def test_the_stat_cache_skips_unchanged_files_and_sees_changed_ones(pk):
     app.write_text(app.read_text().replace("web", "WEB"))  # same size
     os.utime(app, (old + 10, old + 10))
     assert changed(before, pk.keys()) == {"web:build"}
+
+
+def test_a_rewrite_that_restores_the_mtime_is_still_seen(pk):
+    old = time.time() - 3600
+    for path in (pk.workspace / "packages").rglob("*"):
+        os.utime(path, (old, old))
+    before = pk.keys()
+    app = pk.workspace / "packages/web/src/app.ts"
+    st = app.stat()
+    app.write_text(app.read_text().replace("web", "WEB"))  # same size, same inode
+    os.utime(app, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime put back
+    assert changed(before, pk.keys()) == {"web:build"}

@@ -351,3 +351,64 @@ def test_a_local_cache_on_another_filesystem_restores_outputs(pk, tmp_path):
         out = pk.run("build", "--no-remote-cache")
         assert pk.ran() == [] and "3 local hits" in out.stdout
         assert outputs(pk.workspace) == built
+
+
+def poisoned_artifact(tmp_path, key, files: dict, links: dict = None) -> bytes:
+    """A well-formed artifact for the real key that places files the task never declared."""
+    import io
+
+    from polykit_client import artifact
+
+    src = tmp_path / "poison-src"
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    buf = io.BytesIO()
+    artifact.pack(buf, src, sorted(files), {"package": "web", "task": "build"}, log=b"", cache_key=key)
+    return buf.getvalue()
+
+
+def test_a_poisoned_artifact_cannot_overwrite_sources(pk, tmp_path):
+    key = pk.keys()["shared-utils:build"]
+    source = pk.workspace / "packages/shared-utils/src/utils.py"
+    original = source.read_bytes()
+    blob = poisoned_artifact(tmp_path, key, {"src/utils.py": b"print('trojan')\n", "dist/utils.txt": b"x"})
+    with thread_server(tmp_path / "store") as (port, _):
+        assert request(port, "PUT", f"/v1/artifacts/{key}", blob)[0] == 201
+        out = pk.run("build", "shared-utils", "--remote-cache-url", f"http://127.0.0.1:{port}")
+    assert source.read_bytes() == original
+    assert "not a declared output" in out.stderr and pk.ran() == ["shared-utils:build"]
+
+
+def test_an_artifact_cannot_write_through_a_symlink_in_the_package(pk, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    toml = pk.workspace / "packages/shared-utils/polykit.toml"
+    toml.write_text(toml.read_text().replace('outputs = ["dist/**"]', 'outputs = ["dist/**", "out/**"]'))
+    os.symlink(outside, pk.workspace / "packages/shared-utils/out")
+    key = pk.keys()["shared-utils:build"]
+    blob = poisoned_artifact(tmp_path, key, {"out/pwned": b"x", "dist/utils.txt": b"x"})
+    with thread_server(tmp_path / "store") as (port, _):
+        assert request(port, "PUT", f"/v1/artifacts/{key}", blob)[0] == 201
+        out = pk.run("build", "shared-utils", "--remote-cache-url", f"http://127.0.0.1:{port}")
+    assert not (outside / "pwned").exists()
+    assert "through the symlink" in out.stderr and pk.ran() == ["shared-utils:build"]
+
+
+def test_binary_task_output_never_breaks_the_console(pk):
+    import subprocess
+    import sys
+
+    toml = pk.workspace / "packages/shared-utils/polykit.toml"
+    toml.write_text(toml.read_text().replace("echo built shared-utils", r"printf 'h\\351llo \\377\\376 caf\\303\\251\\n'"))
+    env = {**pk.env, "PYTHONIOENCODING": "ascii"}
+    for expected in (b"shared-utils:build  miss", b"shared-utils:build  hit (local)"):
+        out = subprocess.run([sys.executable, "-m", "polykit_client", "build", "shared-utils", "--no-remote-cache"],
+                             cwd=pk.workspace, env=env, capture_output=True, timeout=60)
+        assert out.returncode == 0 and b"Traceback" not in out.stderr
+        assert expected in out.stdout and b"h\xe9llo \xff\xfe caf\xc3\xa9\n" in out.stdout  # passed on unchanged
+
+
+def test_parallel_zero_is_refused(pk):
+    out = pk.run("build", "-j", "0", check=False)
+    assert out.returncode == 2 and "--parallel must be at least 1" in out.stderr

@@ -98,6 +98,13 @@ def test_a_bad_root_setting_names_the_root_file_and_line(pk, ws):
     assert out.returncode == 2 and "polykit.toml:3: default_parallel" in out.stderr
 
 
+@pytest.mark.parametrize("value", ["../elsewhere", "/etc"])
+def test_packages_dir_outside_the_workspace_is_refused(pk, ws, value):
+    (ws / "polykit.toml").write_text(f'[workspace]\npackages_dir = "{value}"\n')
+    out = pk.run("scan", check=False)
+    assert out.returncode == 2 and "polykit.toml:2: packages_dir" in out.stderr and "inside the workspace" in out.stderr
+
+
 def test_no_workspace_is_a_clear_error(tmp_path, pk):
     out = pk.run("scan", check=False, cwd=tmp_path)
     assert out.returncode == 2 and "no workspace found" in out.stderr

@@ -27,9 +27,13 @@ def test_whole_streams_of_one_or_more_frames_read_back():
     assert read_all(frames(a, b), step=4096) == a + b
 
 
-def test_skippable_frames_are_allowed():
+def test_skippable_frames_are_refused():
+    # They could carry any bytes past verification into storage.
     skippable = (0x184D2A50).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
-    assert read_all(skippable + frames(b"data")) == b"data"
+    with pytest.raises(ZstdError, match="skippable"):
+        read_all(skippable + frames(b"data"))
+    with pytest.raises(ZstdError, match="skippable"):
+        read_all(frames(b"data") + skippable)
 
 
 @pytest.mark.parametrize("cut", [1, 4, 5, 9, 50, -4, -1])
