@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -75,6 +76,17 @@ class StatCache:
         except OSError:
             pass  # a read-only checkout still builds; it only rehashes next time
         self._changed = False
+
+
+def _tree_digest(folder: str) -> str:
+    """SHA-256 over the relative paths and contents of every file under a folder (its .git aside)."""
+    digest = hashlib.sha256()
+    for rel in walk_files(Path(folder), Path(folder)):
+        if rel == ".git" or rel.startswith(".git/"):
+            continue
+        file_digest = _sha256_large(os.path.join(folder, rel)) or "unreadable"
+        digest.update(f"{rel}\0{file_digest}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 def _sha256_small(path: str) -> str | None:
@@ -191,6 +203,10 @@ class KeyMaker:
                 st = os.stat(root + rel)
             except OSError:
                 continue  # listed by git but deleted: not an input
+            if stat.S_ISDIR(st.st_mode):
+                # git lists a submodule as one entry: its files count through one tree digest.
+                digests[rel] = _tree_digest(root + rel)
+                continue
             # ctime too: a rewrite that puts the old mtime back cannot hide from it.
             sig = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
             cached = entries.get(rel)

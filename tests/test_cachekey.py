@@ -176,3 +176,20 @@ def test_a_rewrite_that_restores_the_mtime_is_still_seen(pk):
     app.write_text(app.read_text().replace("web", "WEB"))  # same size, same inode
     os.utime(app, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime put back
     assert changed(before, pk.keys()) == {"web:build"}
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_files_of_a_git_submodule_are_inputs(pk, tmp_path):
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "protocol.file.allow=always"]
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "lib.c").write_text("int x;\n")
+    subprocess.run(git + ["init", "-q"], cwd=lib, check=True)
+    subprocess.run(git + ["add", "."], cwd=lib, check=True)
+    subprocess.run(git + ["commit", "-qm", "lib"], cwd=lib, check=True)
+    subprocess.run(git + ["init", "-q"], cwd=pk.workspace, check=True)
+    subprocess.run(git + ["submodule", "add", "-q", str(lib), "packages/web/vendor"], cwd=pk.workspace,
+                   check=True, capture_output=True)
+    before = pk.keys()
+    (pk.workspace / "packages/web/vendor/lib.c").write_text("int y;\n")
+    assert changed(before, pk.keys()) == {"web:build"}
