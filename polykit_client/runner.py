@@ -8,6 +8,9 @@ local build, never a failed build.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import queue
 import shutil
@@ -233,11 +236,29 @@ class TaskRunner:
 
     def run(self, node: Node) -> bool:
         try:
-            return self._run(node)
+            with self._task_lock(node):
+                return self._run(node)
         except Exception as exc:  # a bug or an unusable folder fails this task, never the whole run
             self.console.line(f"{node}  failed ({exc.__class__.__name__}: {exc})")
             self.summary.add(node, "failed")
             return False
+
+    @contextlib.contextmanager
+    def _task_lock(self, node: Node):
+        """One polykit at a time per task in a workspace: two runs must not swap the same outputs."""
+        folder = self.ws.root / ".polykit" / "locks"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            name = hashlib.sha256(str(node).encode()).hexdigest()[:32]
+            fd = os.open(folder / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            yield  # a read-only checkout: no other run can write there either
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _run(self, node: Node) -> bool:
         pkg = self.ws.packages[node.package]

@@ -412,3 +412,21 @@ def test_binary_task_output_never_breaks_the_console(pk):
 def test_parallel_zero_is_refused(pk):
     out = pk.run("build", "-j", "0", check=False)
     assert out.returncode == 2 and "--parallel must be at least 1" in out.stderr
+
+
+def test_concurrent_runs_in_one_workspace_never_damage_each_other(pk):
+    import subprocess
+    import sys
+
+    toml = pk.workspace / "packages/web/polykit.toml"
+    toml.write_text(toml.read_text().replace("mkdir -p dist/assets/empty", "mkdir -p dist/assets/empty dist/many && for i in $(seq 1500); do echo $i > dist/many/$i; done"))
+    pk.run("build", "--no-remote-cache")
+    expected = outputs(pk.workspace)
+    for _ in range(3):
+        runs = [subprocess.Popen([sys.executable, "-m", "polykit_client", "build", "--no-remote-cache"], cwd=pk.workspace,
+                                 env=pk.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        results = [r.communicate(timeout=120) + (r.returncode,) for r in runs]
+        for stdout, stderr, code in results:
+            assert code == 0 and "warning" not in stderr, stderr
+            assert "3 local hits" in stdout
+        assert outputs(pk.workspace) == expected
