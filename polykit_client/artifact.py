@@ -440,6 +440,14 @@ class _HashingReader:
         return data
 
 
+def _log_entry(log: bytes | Path) -> dict:
+    """The manifest entry of the log, given as bytes or as a file (a long log never sits in memory)."""
+    if isinstance(log, Path):
+        sha, size = hash_file(log)
+        return {"sha256": sha, "size": size}
+    return {"sha256": hashlib.sha256(log).hexdigest(), "size": len(log)}
+
+
 def _tarinfo(name: str, kind: bytes, mode: int, size: int = 0, target: str = "") -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
@@ -458,7 +466,7 @@ def pack(
     outputs: Iterable[str],
     metadata: dict,
     *,
-    log: bytes = b"",
+    log: bytes | Path = b"",
     cache_key: str,
     level: int = zstd.DEFAULT_LEVEL,
 ) -> dict:
@@ -477,7 +485,7 @@ def pack(
         cache_key=cache_key,
         files=files,
         symlinks=links,
-        logs={LOG_NAME: {"sha256": hashlib.sha256(log).hexdigest(), "size": len(log)}},
+        logs={LOG_NAME: _log_entry(log)},
     )
     blob = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
     with zstd.CompressingWriter(dest, level) as writer:
@@ -498,5 +506,10 @@ def pack(
                     tar.addfile(_tarinfo(name, tarfile.REGTYPE, entry["mode"], entry["size"]), reader)
                 if reader.digest.hexdigest() != entry["sha256"]:
                     raise ArtifactError("changed_while_packing", f"output {rel!r} changed while it was packed")
-            tar.addfile(_tarinfo(LOGS_PREFIX + LOG_NAME, tarfile.REGTYPE, 0o644, len(log)), io.BytesIO(log))
+            entry = meta["logs"][LOG_NAME]
+            with (open(log, "rb") if isinstance(log, Path) else io.BytesIO(log)) as fh:
+                reader = _HashingReader(fh)
+                tar.addfile(_tarinfo(LOGS_PREFIX + LOG_NAME, tarfile.REGTYPE, 0o644, entry["size"]), reader)
+            if reader.digest.hexdigest() != entry["sha256"]:
+                raise ArtifactError("changed_while_packing", "the log changed while it was packed")
     return meta

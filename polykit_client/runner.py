@@ -16,6 +16,7 @@ import queue
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,11 @@ from .workspace import Package, Task, Workspace
 
 if TYPE_CHECKING:  # pragma: no cover
     from .remote import RemoteCache
+
+
+# Output is read and written in lines of at most this many bytes: a task printing binary data
+# without newlines cannot make a line grow without bound.
+LINE_LIMIT = 64 * 1024
 
 
 class Console:
@@ -66,6 +72,12 @@ class Console:
             else:
                 self.out.write(data.decode("utf-8", "replace"))
                 self.out.flush()
+
+    def log_file(self, node: Node, path: Path) -> None:
+        """Replay a captured log line by line, so a long one never sits in memory."""
+        with open(path, "rb") as fh:
+            while line := fh.readline(LINE_LIMIT):
+                self.log(node, line)
 
     def progress(self, label: str) -> Callable[[int, int | None], None] | None:
         """A progress line for long transfers, only when stderr is a terminal."""
@@ -314,12 +326,15 @@ class TaskRunner:
         self._report_hit(node, "hit (remote)", meta, log)
         return True
 
-    def _report_hit(self, node: Node, status: str, meta: dict, log: bytes) -> None:
+    def _report_hit(self, node: Node, status: str, meta: dict, log: Path) -> None:
         self.console.line(f"{node}  {status}")
-        self.console.log(node, log)
+        try:
+            self.console.log_file(node, log)
+        finally:
+            log.unlink(missing_ok=True)
         self.summary.add(node, status, int(meta.get("duration_ms", 0)))
 
-    def _restore(self, pkg: Package, task: Task, key: str, path: Path) -> tuple[dict, bytes]:
+    def _restore(self, pkg: Package, task: Task, key: str, path: Path) -> tuple[dict, Path]:
         """Verify the artifact into a staging folder, then swap its outputs into the package.
 
         An artifact may only place what the task declares as outputs, and never through a
@@ -349,7 +364,10 @@ class TaskRunner:
                     shutil.rmtree(dst)
                 # A rename when the cache folder shares the package's filesystem, a copy otherwise.
                 shutil.move(src, dst)
-            log = (staging / "logs" / artifact.LOG_NAME).read_bytes()
+            fd, name = tempfile.mkstemp(dir=self.local.tmp, suffix=".log")
+            os.close(fd)
+            log = Path(name)
+            os.replace(staging / "logs" / artifact.LOG_NAME, log)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return meta, log
@@ -357,30 +375,46 @@ class TaskRunner:
     def _execute(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
         self.console.line(f"{node}  miss")
         started = time.monotonic()
-        chunks: list[bytes] = []
+        # The output goes to the console as it comes and to a file for the artifact's log.
+        capture = tempfile.NamedTemporaryFile(prefix="polykit-log-", suffix=".log", delete=False,
+                                              dir=self._capture_dir())
+        log = Path(capture.name)
         try:
-            proc = subprocess.Popen(task.command, shell=True, cwd=pkg.dir, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        except OSError as exc:
-            self.console.line(f"{node}  failed (cannot start: {exc})")
-            self.summary.add(node, "failed")
-            return False
-        assert proc.stdout is not None
-        for line in iter(proc.stdout.readline, b""):
-            chunks.append(line)
-            self.console.log(node, line)
-        code = proc.wait()
-        duration_ms = int((time.monotonic() - started) * 1000)
-        if code != 0:
-            self.console.line(f"{node}  failed (exit {code})")
-            self.summary.add(node, "failed")
-            return False
-        self.summary.add(node, "miss")
-        if self.local is not None:
-            self._store(node, pkg, task, key, b"".join(chunks), duration_ms)
-        return True
+            with capture:
+                try:
+                    proc = subprocess.Popen(task.command, shell=True, cwd=pkg.dir, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                except OSError as exc:
+                    self.console.line(f"{node}  failed (cannot start: {exc})")
+                    self.summary.add(node, "failed")
+                    return False
+                assert proc.stdout is not None
+                while line := proc.stdout.readline(LINE_LIMIT):
+                    capture.write(line)
+                    self.console.log(node, line)
+                code = proc.wait()
+            duration_ms = int((time.monotonic() - started) * 1000)
+            if code != 0:
+                self.console.line(f"{node}  failed (exit {code})")
+                self.summary.add(node, "failed")
+                return False
+            self.summary.add(node, "miss")
+            if self.local is not None:
+                self._store(node, pkg, task, key, log, duration_ms)
+            return True
+        finally:
+            log.unlink(missing_ok=True)
 
-    def _store(self, node: Node, pkg: Package, task: Task, key: str, log: bytes, duration_ms: int) -> None:
+    def _capture_dir(self) -> str | None:
+        if self.local is None:
+            return None
+        try:
+            self.local.tmp.mkdir(parents=True, exist_ok=True)
+            return str(self.local.tmp)
+        except OSError:
+            return None
+
+    def _store(self, node: Node, pkg: Package, task: Task, key: str, log: Path, duration_ms: int) -> None:
         if task.outputs is None:
             self.console.warn(f"{node} declares no outputs: only its log is cached")
         meta = {"package": pkg.name, "task": task.name, "command": task.command,

@@ -430,3 +430,16 @@ def test_concurrent_runs_in_one_workspace_never_damage_each_other(pk):
             assert code == 0 and "warning" not in stderr, stderr
             assert "3 local hits" in stdout
         assert outputs(pk.workspace) == expected
+
+
+def test_a_long_log_without_newlines_is_captured_and_replayed(pk):
+    import subprocess
+    import sys
+
+    toml = pk.workspace / "packages/shared-utils/polykit.toml"
+    toml.write_text(toml.read_text().replace("echo built shared-utils", "head -c 30000000 /dev/zero | tr -c x x"))
+    for expected in (b"shared-utils:build  miss", b"shared-utils:build  hit (local)"):
+        out = subprocess.run([sys.executable, "-m", "polykit_client", "build", "shared-utils", "--no-remote-cache", "-j", "1"],
+                             cwd=pk.workspace, env=pk.env, capture_output=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert expected in out.stdout and out.stdout.count(b"x") >= 30_000_000
