@@ -14,7 +14,7 @@ from . import config as cfg
 from .app import make_app
 from .auth import Access, TokenError
 from .server import Server
-from .storage import Storage
+from .storage import Storage, StorageBusy
 
 log = logging.getLogger("polykit_cache")
 
@@ -78,7 +78,11 @@ def serve(config: cfg.Config) -> int:
     """Recover the storage, then serve until SIGTERM or SIGINT."""
     try:
         storage = Storage(config.storage_dir, config.max_storage)
+        storage.lock()
         storage.recover()
+    except StorageBusy as exc:
+        log.error("%s", exc)
+        return 1
     except OSError as exc:
         log.error("cannot use storage folder %s: %s", config.storage_dir, exc)
         return 1

@@ -31,9 +31,9 @@ class _Hashing:
 
 def check_artifact(storage: Storage, key: str, path: Path, limits: Limits) -> str | None:
     """Why the stored artifact is corrupt, or None when its bytes and its contents both verify."""
-    info = storage.lookup(key)
+    info = storage.lookup(key) or storage.repair_meta(key)  # lost metadata is rebuilt, not a corruption
     if info is None:
-        return "metadata missing or unreadable"
+        return "unreadable artifact"
     try:
         with open(path, "rb") as fh:
             reader = _Hashing(fh)

@@ -9,6 +9,7 @@ name, so the first writer wins and a reader never sees a partial file.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -27,6 +28,10 @@ log = logging.getLogger("polykit_cache.storage")
 
 class AlreadyStored(Exception):
     """Another upload of the key was published first (first write wins)."""
+
+
+class StorageBusy(Exception):
+    """Another server holds the storage folder."""
 
 
 class StorageFull(Exception):
@@ -84,6 +89,16 @@ class Storage:
         return self.artifact_path(key).with_suffix(".json")
 
     # --- start-up ----------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Claim the folder for this server; a second server would sweep the first one's uploads."""
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StorageBusy(f"another polykit-cache is serving {self.root}") from None
+        self._lock_fd = fd  # held, and so locked, until the process ends
 
     def recover(self) -> None:
         """At server start-up: remove stale temporaries, then load the index."""
@@ -173,6 +188,10 @@ class Storage:
                     self._info.pop(next(iter(self._info)))
                 self._info[key] = info
         return info
+
+    def repair_meta(self, key: str) -> ArtifactInfo | None:
+        """Rebuild a key's metadata from its artifact file, if the file is there."""
+        return self._repair_meta(key, self._zst(key))
 
     def _repair_meta(self, key: str, path: str) -> ArtifactInfo | None:
         """Metadata torn by a power loss: the artifact was synced before it was linked, so rehash it."""

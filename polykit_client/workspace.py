@@ -121,9 +121,9 @@ def _expect(cond: bool, path: Path, text: str, key: str, message: str) -> None:
         raise ConfigError(path, message, _line_of(text, key))
 
 
-def _str_list(value: Any, path: Path, text: str, key: str) -> tuple[str, ...]:
+def _str_list(value: Any, path: Path, text: str, key: str, what: str | None = None) -> tuple[str, ...]:
     _expect(isinstance(value, list) and all(isinstance(v, str) for v in value), path, text, key,
-            f"{key} must be a list of strings")
+            f"{what or key} must be a list of strings")
     return tuple(value)
 
 
@@ -223,7 +223,8 @@ def parse_package(root: Path, config_file: Path) -> Package:
     tasks: dict[str, Task] = {}
     for task, spec in specs.items():
         _expect(_NAME.fullmatch(task) is not None and ":" not in task, config_file, text, task, f"invalid task name {task!r}")
-        lists = {f: _str_list(spec[f], config_file, text, task) for f in ("depends_on", "outputs", "inputs", "env") if f in spec}
+        lists = {f: _str_list(spec[f], config_file, text, task, f"task {task!r}: {f}")
+                 for f in ("depends_on", "outputs", "inputs", "env") if f in spec}
         tasks[task] = Task(task, spec["command"], lists.get("depends_on", ()), lists.get("outputs"), lists.get("inputs"),
                            lists.get("env", ()))
     for task in tasks.values():
@@ -263,7 +264,9 @@ def load(start: Path | str, environ: Mapping[str, str] | None = None) -> Workspa
     if not top.is_dir():
         top = root
     packages: dict[str, Package] = {}
-    for config_file in _scan(top, root_file):
+    # The root's own polykit.toml may also describe a package (a single-package workspace).
+    found = ([root_file] if "name" in data or "tasks" in data else []) + _scan(top, root_file)
+    for config_file in found:
         pkg = parse_package(root, config_file)
         if pkg.name in packages:
             raise ConfigError(config_file, f"package name {pkg.name!r} is already used by {packages[pkg.name].config_file}")

@@ -49,3 +49,27 @@ def test_verify_quarantines_corrupt_artifacts(tmp_path):
     assert (store / "quarantine" / f"{bad}.zst").exists() and not path.exists()
     assert app.storage.lookup(good) is not None
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+
+
+def test_verify_rebuilds_lost_metadata_instead_of_quarantining(tmp_path):
+    store = tmp_path / "store"
+    app = new_app(store)
+    blob = pack_tree(tmp_path, {"a": b"x"})
+    call(app, "PUT", f"/v1/artifacts/{KEY}", blob)
+    app.storage.artifact_path(KEY).with_suffix(".json").unlink()
+    out = subprocess.run([sys.executable, "-m", "polykit_cache", "verify", "--storage-dir", str(store)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "1 good" in out.stdout
+    assert json.loads(app.storage.artifact_path(KEY).with_suffix(".json").read_text())["sha256"] == sha(blob)
+
+
+def test_a_second_server_on_the_same_storage_is_refused(tmp_path):
+    from support import ServerProcess
+
+    first = ServerProcess(tmp_path / "store", tmp_path / "first.log")
+    try:
+        out = subprocess.run([sys.executable, "-m", "polykit_cache", "--port", "0", "--storage-dir", str(tmp_path / "store")],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 1 and "another polykit-cache is serving" in out.stderr
+    finally:
+        first.stop()

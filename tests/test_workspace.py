@@ -142,3 +142,19 @@ def test_scan_and_graph(pk):
     assert graph["tasks"]["web:lint"] == ["web:build"]
     assert graph["tasks"]["api-server:build"] == ["shared-utils:build"]
     assert "web -> shared-utils" in pk.run("graph").stdout
+
+
+def test_the_root_itself_can_be_a_package(tmp_path, pk):
+    root = tmp_path / "single"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "a.txt").write_text("a")
+    (root / "polykit.toml").write_text('name = "solo"\n[tasks]\nbuild = { command = "mkdir -p out && cp src/a.txt out/", outputs = ["out"] }\n[workspace]\n')
+    out = pk.run("build", "--no-remote-cache", cwd=root)
+    assert "solo:build  miss" in out.stdout and (root / "out" / "a.txt").exists()
+    assert "solo:build  hit (local)" in pk.run("build", "--no-remote-cache", cwd=root).stdout
+
+
+def test_a_task_list_of_the_wrong_type_names_the_field(pk, ws):
+    write_pkg(ws, "zz", 'name = "zz"\n[tasks]\nbuild = { command = "b", depends_on = "lint" }\nlint = "l"\n')
+    out = pk.run("scan", check=False)
+    assert out.returncode == 2 and "task 'build': depends_on must be a list of strings" in out.stderr
