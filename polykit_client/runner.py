@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import queue
@@ -200,6 +201,11 @@ def expand_outputs(pkg_dir: Path, patterns: tuple[str, ...]) -> list[str]:
     return sorted(found)
 
 
+@functools.lru_cache(maxsize=None)
+def _globs(patterns: tuple[str, ...] | None) -> GlobSet:
+    return GlobSet(patterns or ())
+
+
 def _check_no_link_above(root: Path, rel: str) -> None:
     """Refuse to write ``rel`` when a folder on its way inside ``root`` is a symlink."""
     parent = root
@@ -259,10 +265,13 @@ class TaskRunner:
     def _task_lock(self, node: Node):
         """One polykit at a time per task in a workspace: two runs must not swap the same outputs."""
         folder = self.ws.root / ".polykit" / "locks"
+        name = folder / f"{hashlib.sha256(str(node).encode()).hexdigest()[:32]}.lock"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            name = hashlib.sha256(str(node).encode()).hexdigest()[:32]
-            fd = os.open(folder / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:
             yield  # a read-only checkout: no other run can write there either
             return
@@ -287,7 +296,7 @@ class TaskRunner:
         if path is None:
             return False
         try:
-            meta, log = self._restore(pkg, task, key, path)
+            self._restore(node, "hit (local)", pkg, task, key, path)
         except artifact.ArtifactError as exc:
             self.console.warn(f"{node}: the local cache entry is damaged ({exc}); discarding it")
             self.local.discard(key)
@@ -295,7 +304,6 @@ class TaskRunner:
         except OSError as exc:
             self.console.warn(f"{node}: could not restore from the local cache ({exc}); building locally")
             return False
-        self._report_hit(node, "hit (local)", meta, log)
         return True
 
     def _try_remote(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
@@ -313,28 +321,24 @@ class TaskRunner:
             if not ok:
                 return False
             try:
-                meta, log = self._restore(pkg, task, key, temp)
+                self._restore(node, "hit (remote)", pkg, task, key, temp, keep=self.local.put)
             except artifact.ArtifactError as exc:
                 self.console.warn(f"{node}: the remote cache sent an artifact that failed verification ({exc}); building locally")
                 return False
             except OSError as exc:
                 self.console.warn(f"{node}: could not restore the remote artifact ({exc}); building locally")
                 return False
-            self.local.put(key, temp)
         finally:
             temp.unlink(missing_ok=True)
-        self._report_hit(node, "hit (remote)", meta, log)
         return True
 
     def _report_hit(self, node: Node, status: str, meta: dict, log: Path) -> None:
         self.console.line(f"{node}  {status}")
-        try:
-            self.console.log_file(node, log)
-        finally:
-            log.unlink(missing_ok=True)
+        self.console.log_file(node, log)
         self.summary.add(node, status, int(meta.get("duration_ms", 0)))
 
-    def _restore(self, pkg: Package, task: Task, key: str, path: Path) -> tuple[dict, Path]:
+    def _restore(self, node: Node, status: str, pkg: Package, task: Task, key: str, path: Path,
+                 keep: Callable[[str, Path], object] | None = None) -> None:
         """Verify the artifact into a staging folder, then swap its outputs into the package.
 
         An artifact may only place what the task declares as outputs, and never through a
@@ -348,7 +352,7 @@ class TaskRunner:
                 meta = artifact.extract(fh, staging / "outputs", logs_dir=staging / "logs", expected_key=key,
                                         limits=self.limits)
             restored = sorted(list(meta["files"]) + list(meta["symlinks"]))
-            declared = GlobSet(task.outputs or ())
+            declared = _globs(task.outputs)
             for rel in restored:
                 if not declared.matches(rel):
                     raise artifact.ArtifactError("undeclared_output", f"the artifact holds {rel!r}, which is not a declared output")
@@ -364,13 +368,11 @@ class TaskRunner:
                     shutil.rmtree(dst)
                 # A rename when the cache folder shares the package's filesystem, a copy otherwise.
                 shutil.move(src, dst)
-            fd, name = tempfile.mkstemp(dir=self.local.tmp, suffix=".log")
-            os.close(fd)
-            log = Path(name)
-            os.replace(staging / "logs" / artifact.LOG_NAME, log)
+            if keep is not None:
+                keep(key, path)  # a verified download joins the local cache
+            self._report_hit(node, status, meta, staging / "logs" / artifact.LOG_NAME)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return meta, log
 
     def _execute(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
         self.console.line(f"{node}  miss")
