@@ -146,6 +146,7 @@ def _build(ws, task: str, args) -> int:
     summary = Summary()
     runner = TaskRunner(ws, keys, console, local=local, remote_factory=lambda: _remote(ws, args, console), summary=summary)
     outcome = run_graph(order, deps, runner.run, parallel, args.continue_on_error)
+    runner.save_records()
     remote, uploader = runner.remote, runner.uploader
     for node in order:
         if outcome[node] == "skipped":

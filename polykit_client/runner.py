@@ -8,10 +8,12 @@ local build, never a failed build.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import functools
 import hashlib
+import json
 import os
 import queue
 import shutil
@@ -33,6 +35,9 @@ from .workspace import Package, Task, Workspace
 if TYPE_CHECKING:  # pragma: no cover
     from .remote import RemoteCache
 
+
+RECORDS_FILE = ".polykit/outputs.json"
+RECORD_LOG_LIMIT = 64 * 1024
 
 # Output is read and written in lines of at most this many bytes: a task printing binary data
 # without newlines cannot make a line grow without bound.
@@ -201,6 +206,12 @@ def expand_outputs(pkg_dir: Path, patterns: tuple[str, ...]) -> list[str]:
     return sorted(found)
 
 
+def _signature(path: Path) -> list[int]:
+    """What changes when a file, folder or link is touched in any way (ctime cannot be set back)."""
+    st = os.lstat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_mode]
+
+
 @functools.lru_cache(maxsize=None)
 def _globs(patterns: tuple[str, ...] | None) -> GlobSet:
     return GlobSet(patterns or ())
@@ -233,6 +244,9 @@ class TaskRunner:
         self.local = local
         self.summary = summary
         self._remote_factory = remote_factory
+        self._lock_file: int | None = None
+        self._record_cache: dict | None = None
+        self._records_changed = False
         # What a downloaded artifact may unpack to: bounded like the server's default.
         self.limits = artifact.Limits(max_unpacked_size=64 * (ws.remote.max_artifact_size or artifact.DEFAULT_MAX_ARTIFACT_SIZE))
         self._remote_lock = threading.Lock()
@@ -263,33 +277,108 @@ class TaskRunner:
 
     @contextlib.contextmanager
     def _task_lock(self, node: Node):
-        """One polykit at a time per task in a workspace: two runs must not swap the same outputs."""
-        folder = self.ws.root / ".polykit" / "locks"
-        name = folder / f"{hashlib.sha256(str(node).encode()).hexdigest()[:32]}.lock"
-        try:
-            try:
-                fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:
-                folder.mkdir(parents=True, exist_ok=True)
-                fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:
+        """One polykit at a time per task in a workspace: two runs must not swap the same outputs.
+
+        One lock file for the workspace, one byte of it per task (POSIX record locks), so a fresh
+        checkout does not pay for creating a lock file per task.
+        """
+        fd = self._lock_fd()
+        if fd is None:
             yield  # a read-only checkout: no other run can write there either
             return
+        offset = int(hashlib.sha256(str(node).encode()).hexdigest()[:8], 16)
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            os.close(fd)
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+
+    def _lock_fd(self) -> int | None:
+        with self._remote_lock:
+            if self._lock_file is None:
+                path = self.ws.root / ".polykit" / "tasks.lock"
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    self._lock_file = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                except OSError:
+                    self._lock_file = -1
+            return self._lock_file if self._lock_file >= 0 else None
 
     def _run(self, node: Node) -> bool:
         pkg = self.ws.packages[node.package]
         task = pkg.tasks[node.task]
         key = self.keys[node]
         if self.local is not None:
-            hit = self._try_local(node, pkg, task, key) or self._try_remote(node, pkg, task, key)
+            hit = (self._outputs_in_place(node, pkg, task, key) or self._try_local(node, pkg, task, key)
+                   or self._try_remote(node, pkg, task, key))
             if hit:
                 return True
         return self._execute(node, pkg, task, key)
+
+    # --- outputs already in place ----------------------------------------------------------------
+    # After a task is built or restored, a record keeps its key, the signature of each output
+    # (size, mtime, inode, ctime, mode) and its log. When the same key comes back and every output
+    # is still exactly as left, nothing needs restoring: only the log is replayed. Records live in
+    # one file, read once and written once a run; a lost record only costs a full restore.
+
+    def _records(self) -> dict:
+        with self._remote_lock:
+            if self._record_cache is None:
+                try:
+                    data = json.loads((self.ws.root / RECORDS_FILE).read_text())
+                    self._record_cache = data["tasks"] if data.get("version") == 1 else {}
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    self._record_cache = {}
+            return self._record_cache
+
+    def save_records(self) -> None:
+        """Write the records of this run (called once, at its end)."""
+        if not self._records_changed:
+            return
+        path = self.ws.root / RECORDS_FILE
+        try:
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"version": 1, "tasks": self._records()}, separators=(",", ":")))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
+    def _outputs_in_place(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
+        record = self._records().get(str(node))
+        try:
+            if record is None or record.get("key") != key:
+                return False
+            current = expand_outputs(pkg.dir, task.outputs or ())
+            if current != sorted(record["files"]) or any(_signature(pkg.dir / rel) != record["files"][rel] for rel in current):
+                return False
+            log = base64.b64decode(record["log"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        self.console.line(f"{node}  hit (local)")
+        self.console.log(node, log)
+        self.summary.add(node, "hit (local)", int(record.get("duration_ms", 0)))
+        return True
+
+    def _forget_record(self, node: Node) -> None:
+        records = self._records()
+        with self._remote_lock:
+            if records.pop(str(node), None) is not None:
+                self._records_changed = True
+
+    def _write_record(self, node: Node, pkg: Package, task: Task, key: str, log: Path, duration_ms: int,
+                      outputs: list[str] | None = None) -> None:
+        try:
+            if log.stat().st_size > RECORD_LOG_LIMIT:
+                return  # a long log stays in the artifact only; such a task is restored each time
+            outputs = expand_outputs(pkg.dir, task.outputs or ()) if outputs is None else outputs
+            record = {"key": key, "duration_ms": duration_ms, "files": {rel: _signature(pkg.dir / rel) for rel in outputs},
+                      "log": base64.b64encode(log.read_bytes()).decode()}
+        except OSError:
+            return
+        records = self._records()
+        with self._remote_lock:
+            records[str(node)] = record
+            self._records_changed = True
 
     def _try_local(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
         path = self.local.get(key)
@@ -356,6 +445,7 @@ class TaskRunner:
             for rel in restored:
                 if not declared.matches(rel):
                     raise artifact.ArtifactError("undeclared_output", f"the artifact holds {rel!r}, which is not a declared output")
+            self._forget_record(node)
             for stale in expand_outputs(pkg.dir, task.outputs or ()):
                 _remove(pkg.dir / stale)
             for rel in restored:
@@ -370,12 +460,14 @@ class TaskRunner:
                 shutil.move(src, dst)
             if keep is not None:
                 keep(key, path)  # a verified download joins the local cache
+            self._write_record(node, pkg, task, key, staging / "logs" / artifact.LOG_NAME, int(meta.get("duration_ms", 0)))
             self._report_hit(node, status, meta, staging / "logs" / artifact.LOG_NAME)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _execute(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
         self.console.line(f"{node}  miss")
+        self._forget_record(node)
         started = time.monotonic()
         # The output goes to the console as it comes and to a file for the artifact's log.
         capture = tempfile.NamedTemporaryFile(prefix="polykit-log-", suffix=".log", delete=False,
@@ -426,14 +518,16 @@ class TaskRunner:
         except OSError as exc:
             self.console.warn(f"{node}: its outputs could not be cached ({exc})")
             return
+        outputs = expand_outputs(pkg.dir, task.outputs or ())
         try:
             with fh:
-                artifact.pack(fh, pkg.dir, expand_outputs(pkg.dir, task.outputs or ()), meta, log=log, cache_key=key)
+                artifact.pack(fh, pkg.dir, outputs, meta, log=log, cache_key=key)
             path = self.local.put(key, temp)
         except (artifact.ArtifactError, OSError) as exc:
             temp.unlink(missing_ok=True)
             self.console.warn(f"{node}: its outputs could not be cached ({exc})")
             return
+        self._write_record(node, pkg, task, key, log, duration_ms, outputs)
         self._get_remote()
         if self.uploader is not None:
             self.uploader.submit(node, key, path)

@@ -443,3 +443,19 @@ def test_a_long_log_without_newlines_is_captured_and_replayed(pk):
                              cwd=pk.workspace, env=pk.env, capture_output=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert expected in out.stdout and out.stdout.count(b"x") >= 30_000_000
+
+
+def test_outputs_already_in_place_are_not_restored_again(pk):
+    pk.run("build", "--no-remote-cache")
+    app_js = pk.workspace / "packages/web/dist/app.js"
+    inode = app_js.stat().st_ino
+    out = pk.run("build", "--no-remote-cache")
+    assert "3 local hits" in out.stdout and "built web" in out.stdout  # the log is still replayed
+    assert app_js.stat().st_ino == inode  # left alone, not rewritten
+    # Changed in place with its size and mtime put back: ctime gives it away, the hit restores.
+    st = app_js.stat()
+    original = app_js.read_bytes()
+    app_js.write_bytes(original.upper()[: len(original)])
+    os.utime(app_js, ns=(st.st_atime_ns, st.st_mtime_ns))
+    out = pk.run("build", "--no-remote-cache")
+    assert "3 local hits" in out.stdout and app_js.read_bytes() == original
