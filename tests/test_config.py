@@ -73,3 +73,21 @@ def test_an_unusable_port_is_a_clear_error(tmp_path):
                              capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_switches_and_lists_from_flags_and_environment():
+    assert parse(["--allow-anonymous-read"], {}).allow_anonymous_read is True
+    assert parse([], {"POLYKIT_CACHE_ALLOW_ANONYMOUS_READ": "true"}).allow_anonymous_read is True
+    assert parse([], {"POLYKIT_CACHE_ALLOW_ANONYMOUS_READ": "0"}).allow_anonymous_read is False
+    cfg = parse(["--trusted-proxy", "10.0.0.5", "--trusted-proxy-headers", "x-forwarded-for,x-forwarded-proto"], {})
+    assert cfg.trusted_proxy == "10.0.0.5" and cfg.trusted_proxy_headers == ("x-forwarded-for", "x-forwarded-proto")
+    from polykit_cache.server import waitress_settings
+
+    settings = waitress_settings(cfg)
+    assert settings["trusted_proxy"] == "10.0.0.5" and settings["trusted_proxy_headers"] == {"x-forwarded-for", "x-forwarded-proto"}
+    assert "trusted_proxy" not in waitress_settings(parse([], {}))
+    assert parse(["--max-storage", "10G", "--access-log-format", "JSON"], {}).max_storage == 10 << 30
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--trusted-proxy-headers", "x-real-ip"])
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--access-log-format", "xml"])
