@@ -2,6 +2,7 @@
 
 import io
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -208,13 +209,7 @@ def test_an_unexpected_error_is_a_json_500_and_the_app_keeps_serving(app, tmp_pa
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_full_disk_is_507_and_leaves_nothing_partial(tmp_path):
-    import subprocess
-
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
-        pytest.skip("tmpfs mount not permitted here")
-    try:
+    with small_tmpfs(tmp_path / "small", "size=256k") as mount:
         app = new_app(mount)
         blob = pack_tree(tmp_path, {"big": os.urandom(400_000)})
         assert_error(call(app, "PUT", ART, blob), 507, "storage_full")
@@ -222,8 +217,6 @@ def test_a_full_disk_is_507_and_leaves_nothing_partial(tmp_path):
         small = pack_tree(tmp_path, {"a": b"x"}, key=OTHER_KEY)
         assert call(app, "PUT", f"/v1/artifacts/{OTHER_KEY}", small).status == 201
         assert call(app, "GET", f"/v1/artifacts/{OTHER_KEY}").body == small
-    finally:
-        subprocess.run(["umount", "-l", str(mount)])
 
 
 def test_the_access_log_cannot_be_forged_through_the_path(app, caplog):
@@ -237,13 +230,7 @@ def test_the_access_log_cannot_be_forged_through_the_path(app, caplog):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_no_inode_left_is_507_too(tmp_path):
-    import subprocess
-
-    mount = tmp_path / "few-inodes"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=64", "tmpfs", str(mount)]).returncode:
-        pytest.skip("tmpfs mount not permitted here")
-    try:
+    with small_tmpfs(tmp_path / "few-inodes", "size=4m,nr_inodes=64") as mount:
         app = new_app(mount)
         filler = mount / "filler"
         filler.mkdir()
@@ -255,5 +242,17 @@ def test_no_inode_left_is_507_too(tmp_path):
         else:
             pytest.skip("the inode limit did not apply")
         assert_error(call(app, "PUT", ART, pack_tree(tmp_path, {"a": b"x"})), 507, "storage_full")
+
+
+@contextmanager
+def small_tmpfs(mount, options):
+    """A tiny filesystem of our own to fill up; skips where mounting is not permitted."""
+    import subprocess
+
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)]).returncode:
+        pytest.skip("tmpfs mount not permitted here")
+    try:
+        yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)])

@@ -6,13 +6,12 @@ import json
 import os
 import socket
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from sample import Polykit, copy_workspace, make_tools, make_workspace
-from support import request, thread_server
+from support import request, serve_handler, thread_server
 
 BUILDS = ["api-server:build", "shared-utils:build", "web:build"]
 
@@ -139,18 +138,6 @@ def test_a_stopped_server_gives_a_green_build_with_a_warning(pk):
     assert any("switched off" in line for line in warnings) or len(warnings) <= 3
 
 
-@contextmanager
-def fake_server(handler_factory):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_factory)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_a_server_answering_500_gives_a_green_build_with_a_warning(pk):
     class Broken(http.server.BaseHTTPRequestHandler):
         def _fail(self):
@@ -169,7 +156,7 @@ def test_a_server_answering_500_gives_a_green_build_with_a_warning(pk):
         def log_message(self, *args):
             pass
 
-    with fake_server(Broken) as server:
+    with serve_handler(Broken) as server:
         out = pk.run("build", "--remote-cache-url", f"http://127.0.0.1:{server.server_port}")
     assert pk.ran() == BUILDS
     assert "warning:" in out.stderr and "500" in out.stderr
@@ -206,7 +193,7 @@ def test_a_corrupt_artifact_from_the_server_is_refused_and_built_locally(pk, tmp
             pass
 
     other = copy_workspace(pk.workspace, tmp_path / "other")
-    with fake_server(Liar) as server:
+    with serve_handler(Liar) as server:
         out = pk.run("build", "--remote-cache-url", f"http://127.0.0.1:{server.server_port}", cwd=other)
     # The one task whose key the stolen artifact really carries is a true hit; the others
     # are refused by their manifests and built locally.

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from polykit_client.remote import BadRemoteURL, RemoteCache, default_warn
-from support import KEY, OTHER_KEY, key_for, pack_tree, request, sha, thread_server
+from support import KEY, OTHER_KEY, key_for, pack_tree, request, serve_handler, sha, thread_server
 
 TOKEN = "s3cret-Token.value"
 
@@ -64,17 +64,8 @@ def fake_server(respond):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    server.seen = []
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serve_handler(Handler, seen=[]) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def send(handler, status: int, body: bytes = b"", headers: dict | None = None, length: int | None = None):
