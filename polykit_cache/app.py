@@ -219,7 +219,7 @@ class CacheApp:
 
     def put_artifact(self, environ: dict, params: dict) -> Response:
         key = self._key(params)
-        length = self._content_length(environ)
+        length = self.content_length(environ)
         if self.storage.exists(key):
             self.metrics.reject("exists")
             raise HTTPError(409, "exists", f"An artifact is already stored under {key}; artifacts are immutable.")
@@ -254,7 +254,8 @@ class CacheApp:
             [("Location", f"/v1/artifacts/{key}"), ("ETag", f'"{info.sha256}"')],
         )
 
-    def _content_length(self, environ: dict) -> int:
+    def content_length(self, environ: dict) -> int:
+        """The upload's declared length, refused (411, 400, 413, 507) before the body is read."""
         raw = environ.get("CONTENT_LENGTH", "")
         if raw in ("", None):
             self.metrics.reject("no_length")
@@ -295,5 +296,9 @@ class CacheApp:
 
 def make_app(config: Config, storage: Storage, metrics: Metrics | None = None, access: Access | None = None) -> CacheApp:
     """Build the WSGI application over an opened storage; without ``access`` the server is open."""
+    from . import bazel, kv  # the other tools' protocols build on this module
+
     access = access or Access(None, {}, config.allow_anonymous_read)
-    return CacheApp(config, storage, metrics or Metrics(storage.totals), access)
+    app = CacheApp(config, storage, metrics or Metrics(storage.totals), access)
+    app.routes += kv.routes(app) + bazel.routes(app)  # /kv/ first: its paths may end like bazel's
+    return app

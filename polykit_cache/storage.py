@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import stat as stat_module
 import threading
 import time
 from collections import OrderedDict
@@ -51,6 +52,8 @@ class ArtifactInfo:
     path: str
 
 
+BLOBS = "blobs"
+
 # Metadata of this many artifacts is kept in memory: artifacts never change once published,
 # so a HEAD or GET of a popular key need not reread its JSON file.
 INFO_CACHE_SIZE = 16384
@@ -84,6 +87,10 @@ class Storage:
         if not is_cache_key(key):
             raise ValueError(f"invalid cache key {key!r}")
         return f"{self._prefix}{key[0:2]}/{key[2:4]}/{key}.zst"
+
+    def _data_path(self, key: str) -> str:
+        """The file of an index key: an artifact (a bare cache key) or another protocol's blob."""
+        return f"{self._prefix}{BLOBS}/{key}" if "/" in key else self._zst(key)
 
     def _meta_path(self, key: str) -> Path:
         return self.artifact_path(key).with_suffix(".json")
@@ -140,6 +147,10 @@ class Storage:
                 log.warning("rebuilt missing metadata of %s", key)
             count += 1
             total += size
+        for key, st in self._scan_blobs():
+            uses[key] = [st.st_mtime_ns, st.st_size, st.st_mtime_ns]
+            count += 1
+            total += st.st_size
         for meta in self.root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*.json"):
             if not meta.with_suffix(".zst").exists():
                 meta.unlink(missing_ok=True)
@@ -147,6 +158,18 @@ class Storage:
         with self._lock:
             self.count, self.bytes, self._uses = count, total, ordered
         self.evict()
+
+    def _scan_blobs(self):
+        top = self.root / BLOBS
+        for folder, _, files in os.walk(top):
+            for name in files:
+                full = os.path.join(folder, name)
+                try:
+                    st = os.lstat(full)
+                except FileNotFoundError:
+                    continue
+                if stat_module.S_ISREG(st.st_mode):
+                    yield os.path.relpath(full, top), st
 
     def _scan(self):
         for top in sorted(os.scandir(self.root), key=lambda e: e.name):
@@ -279,7 +302,7 @@ class Storage:
                 use[2] = now
         if persist:
             try:
-                os.utime(self._zst(key), ns=(now, now))
+                os.utime(self._data_path(key), ns=(now, now))
             except OSError:
                 pass
 
@@ -305,8 +328,8 @@ class Storage:
             self.bytes -= freed
             self.evictions += len(victims)
         for key in victims:
-            path = self._zst(key)
-            for name in (path, path[:-4] + ".json"):
+            path = self._data_path(key)
+            for name in (path,) if "/" in key else (path, path[:-4] + ".json"):
                 try:
                     os.unlink(name)
                 except FileNotFoundError:
@@ -326,6 +349,59 @@ class Storage:
         except BaseException:
             Path(name).unlink(missing_ok=True)
             raise
+
+    # --- other protocols' blobs -------------------------------------------------------------
+    # Opaque blobs live under blobs/<protocol>/..., apart from artifacts, so a blob is never
+    # served as an artifact nor the other way round. They share the index, the bound and the
+    # eviction order. ``name`` is a relative path whose parts the protocol module validated.
+
+    def blob_stat(self, name: str) -> int | None:
+        """The blob's size, or None when it is not stored."""
+        try:
+            st = os.stat(self._data_path(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_size if stat_module.S_ISREG(st.st_mode) else None
+
+    @staticmethod
+    def blob_size_of(fh: BinaryIO) -> int:
+        return os.fstat(fh.fileno()).st_size
+
+    def open_blob(self, name: str) -> BinaryIO | None:
+        try:
+            return open(self._data_path(name), "rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def publish_blob(self, name: str, temp: Path, size: int, replace: bool = False) -> bool:
+        """Publish a received blob; False when it existed already and ``replace`` is off (first write wins)."""
+        final = self._data_path(name)
+        try:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            if replace:
+                os.replace(temp, final)
+            else:
+                try:
+                    os.link(temp, final)
+                except FileExistsError:
+                    return False
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise StorageFull(str(exc)) from None
+            raise
+        finally:
+            temp.unlink(missing_ok=True)
+        now = time.time_ns()
+        with self._lock:
+            if replace and name in self._uses:
+                self.bytes -= self._uses[name][1]
+                self.count -= 1
+            self.count += 1
+            self.bytes += size
+            self._uses[name] = [now, size, now]
+            self._uses.move_to_end(name)
+        self.evict()
+        return True
 
     def totals(self) -> tuple[int, int, int]:
         """(artifacts stored, bytes stored, evictions so far), kept current without touching the disk."""

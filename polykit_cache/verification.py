@@ -12,7 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from polykit_client.artifact import ArtifactError, Limits, verify_stream
 
@@ -75,16 +75,26 @@ class _Tee:
 
 
 def receive(storage: Storage, body: BinaryIO, length: int, key: str, limits: Limits) -> Received:
-    """Store the body in a verified, synced temporary file, or raise and leave nothing behind.
+    """Store an artifact body in a verified, synced temporary file, or raise and leave nothing behind.
 
     Raises ArtifactError (422), IncompleteBody (400) or StorageFull (507).
     """
+    return _spool(storage, body, length, lambda tee: verify_stream(tee, expected_key=key, limits=limits))
+
+
+def receive_blob(storage: Storage, body: BinaryIO, length: int) -> Received:
+    """Store an opaque blob of another protocol the same way, hashed but not otherwise checked."""
+    return _spool(storage, body, length, None)
+
+
+def _spool(storage: Storage, body: BinaryIO, length: int, check: Callable[[_Tee], object] | None) -> Received:
     out, temp = storage.new_temp()
     try:
         with out:
             tee = _Tee(body, length, out)
-            verify_stream(tee, expected_key=key, limits=limits)
-            tee.drain()  # zstd reads to EOF already; this only guards the byte count
+            if check is not None:
+                check(tee)
+            tee.drain()  # a checked artifact was read to its end already; this guards the byte count
             out.flush()
             os.fdatasync(out.fileno())
         return Received(temp, tee.size, tee.digest.hexdigest())
@@ -98,4 +108,4 @@ def receive(storage: Storage, body: BinaryIO, length: int, key: str, limits: Lim
         raise
 
 
-__all__ = ["ArtifactError", "IncompleteBody", "Received", "receive"]
+__all__ = ["ArtifactError", "IncompleteBody", "Received", "receive", "receive_blob"]

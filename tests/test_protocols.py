@@ -1,0 +1,99 @@
+"""Other build tools' protocols on the same storage: Bazel's HTTP cache and the key-value cache."""
+
+import hashlib
+import os
+
+import pytest
+
+from support import call, key_for, new_app, pack_tree
+
+BLOB = os.urandom(5000)
+DIGEST = hashlib.sha256(BLOB).hexdigest()
+
+
+@pytest.mark.parametrize("prefix", ["", "/main-instance", "/team/project"])
+def test_bazel_cas_round_trip_with_an_optional_instance(app, prefix):
+    path = f"{prefix}/cas/{DIGEST}"
+    assert call(app, "GET", path).status == 404
+    put = call(app, "PUT", path, BLOB)
+    assert put.status == 200
+    get = call(app, "GET", path)
+    assert get.status == 200 and get.body == BLOB and get.headers["content-length"] == str(len(BLOB))
+    head = call(app, "HEAD", path)
+    assert head.status == 200 and head.body == b"" and head.headers["content-length"] == str(len(BLOB))
+    assert call(app, "PUT", path, BLOB).status == 200  # again: still 2xx
+
+
+def test_instances_do_not_see_each_other(app):
+    call(app, "PUT", f"/one/cas/{DIGEST}", BLOB)
+    assert call(app, "GET", f"/two/cas/{DIGEST}").status == 404
+    assert call(app, "GET", f"/cas/{DIGEST}").status == 404
+
+
+def test_a_cas_upload_whose_hash_differs_is_refused_and_not_stored(app):
+    wrong = "0" * 64
+    reply = call(app, "PUT", f"/cas/{wrong}", BLOB)
+    assert reply.status == 400 and reply.json()["error"] == "hash_mismatch"
+    assert call(app, "HEAD", f"/cas/{wrong}").status == 404
+    assert not any((app.storage.root / "tmp").iterdir())
+
+
+def test_action_cache_entries_may_be_replaced(app):
+    key = key_for("action")
+    assert call(app, "PUT", f"/ac/{key}", b"first result").status == 200
+    assert call(app, "PUT", f"/ac/{key}", b"second result").status == 200
+    assert call(app, "GET", f"/ac/{key}").body == b"second result"
+    assert app.storage.totals()[:2] == (1, len(b"second result"))
+
+
+@pytest.mark.parametrize("path", [f"/../cas/{DIGEST}", f"/a/../cas/{DIGEST}", f"/.hidden/cas/{DIGEST}"])
+def test_bad_instance_names_are_400(app, path):
+    assert call(app, "PUT", path, BLOB).status == 400
+
+
+def test_key_value_cache_first_write_wins_and_2xx_when_it_exists(app):
+    path = "/kv/ccache/ab/cdef0123456789"
+    assert call(app, "HEAD", path).status == 404
+    assert call(app, "PUT", path, b"object one").status == 201
+    assert call(app, "PUT", path, b"object two").status == 200
+    assert call(app, "GET", path).body == b"object one"
+    assert call(app, "HEAD", path).headers["content-length"] == "10"
+
+
+@pytest.mark.parametrize("path", ["/kv/ns/../x", "/kv/ns/a//b", "/kv/../x", "/kv/ns/.x", "/kv/ns/a b"])
+def test_key_value_paths_are_checked(app, path):
+    assert call(app, "PUT", path, b"x").status in (400, 404)
+    assert not (app.storage.root.parent / "x").exists()
+
+
+def test_limits_tokens_and_eviction_apply_to_blobs(tmp_path):
+    limited = new_app(tmp_path / "s1", max_artifact_size=100)
+    reply = call(limited, "PUT", "/kv/gradle/key1", b"x" * 101)
+    assert reply.status == 413 and reply.json()["error"] == "too_large"
+    evicting = new_app(tmp_path / "s2", max_storage=2500)
+    for i in range(3):
+        assert call(evicting, "PUT", f"/kv/gradle/k{i}", os.urandom(1000)).status == 201
+    assert [call(evicting, "HEAD", f"/kv/gradle/k{i}").status for i in range(3)] == [404, 200, 200]
+    assert evicting.storage.totals()[2] == 1
+    restarted = new_app(tmp_path / "s2", max_storage=2500)  # blobs are counted at start-up too
+    assert restarted.storage.totals()[:2] == (2, 2000)
+
+
+def test_a_blob_is_never_served_as_an_artifact_nor_the_other_way_round(app, tmp_path):
+    key = key_for("shared-key")
+    artifact = pack_tree(tmp_path, {"a": b"x"}, key=key)
+    assert call(app, "PUT", f"/v1/artifacts/{key}", artifact).status == 201
+    assert call(app, "GET", f"/cas/{key}").status == 404
+    assert call(app, "GET", f"/ac/{key}").status == 404
+    assert call(app, "PUT", f"/ac/{DIGEST}", b"not an artifact").status == 200
+    assert call(app, "GET", f"/v1/artifacts/{DIGEST}").status == 404
+
+
+def test_read_tokens_cannot_write_blobs(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("read reader-token-1\nread-write writer-token-1\n")
+    app = new_app(tmp_path / "s", token_file=tokens)
+    assert call(app, "PUT", f"/cas/{DIGEST}", BLOB).status == 401
+    assert call(app, "PUT", f"/cas/{DIGEST}", BLOB, headers={"Authorization": "Bearer reader-token-1"}).status == 403
+    assert call(app, "PUT", f"/cas/{DIGEST}", BLOB, headers={"Authorization": "Bearer writer-token-1"}).status == 200
+    assert call(app, "GET", f"/cas/{DIGEST}", headers={"Authorization": "Bearer reader-token-1"}).body == BLOB
