@@ -42,3 +42,20 @@ def test_ccache_gets_remote_hits_with_two_empty_local_caches(tmp_path, layout):
         second = compile_all(src, tmp_path / "ccache-2", remote)
         assert second.get("remote_storage_hit", 0) == len(SOURCES), second
         assert {name: (src / (name[:-2] + ".o")).read_bytes() for name in SOURCES} == objects
+
+
+@pytest.mark.skipif(shutil.which("ccache") is None or shutil.which("gcc") is None, reason="ccache and gcc are not installed")
+def test_ccache_sends_its_bearer_token(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, text in SOURCES.items():
+        (src / name).write_text(text)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("read-write ccache-token-123\n")
+    with thread_server(tmp_path / "store", token_file=tokens) as (port, app):
+        denied = compile_all(src, tmp_path / "c0", f"http://127.0.0.1:{port}/kv/ccache")
+        assert app.metrics.stats()["uploads"] == 0 and denied.get("remote_storage_hit", 0) == 0
+        compile_all(src, tmp_path / "c1", f"http://127.0.0.1:{port}/kv/ccache|bearer-token=ccache-token-123")
+        assert app.metrics.stats()["uploads"] >= len(SOURCES)  # a manifest and a result per file
+        second = compile_all(src, tmp_path / "c2", f"http://127.0.0.1:{port}/kv/ccache|bearer-token=ccache-token-123")
+        assert second.get("remote_storage_hit", 0) == len(SOURCES)
