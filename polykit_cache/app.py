@@ -130,17 +130,23 @@ class CacheApp:
 
     def dispatch(self, environ: dict, method: str) -> Response:
         path = environ.get("PATH_INFO", "")
-        for pattern, handlers, public in self.routes:
+        for route in self.routes:
+            pattern, handlers, public = route[:3]
             match = pattern.fullmatch(path)
             if match is None:
                 continue
-            if not public:
-                self._authorize(environ, write=method not in ("GET", "HEAD"))
-            handler = handlers.get(method)
-            if handler is None:
-                allowed = ", ".join(sorted(handlers))
-                raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here; use {allowed}.", [("Allow", allowed)])
-            return handler(environ, match.groupdict())
+            try:
+                if not public:
+                    self._authorize(environ, write=method == "PUT")  # PUT is every protocol's only write
+                handler = handlers.get(method)
+                if handler is None:
+                    allowed = ", ".join(sorted(handlers))
+                    raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here; use {allowed}.", [("Allow", allowed)])
+                return handler(environ, match.groupdict())
+            except HTTPError as exc:
+                if len(route) > 3:  # a protocol whose clients expect errors in their own shape
+                    return route[3](exc)
+                raise
         raise HTTPError(404, "not_found", f"No such endpoint: {path}")
 
     def _authorize(self, environ: dict, write: bool) -> None:
@@ -296,9 +302,10 @@ class CacheApp:
 
 def make_app(config: Config, storage: Storage, metrics: Metrics | None = None, access: Access | None = None) -> CacheApp:
     """Build the WSGI application over an opened storage; without ``access`` the server is open."""
-    from . import bazel, kv  # the other tools' protocols build on this module
+    from . import bazel, kv, nx, turbo  # the other tools' protocols build on this module
 
     access = access or Access(None, {}, config.allow_anonymous_read)
     app = CacheApp(config, storage, metrics or Metrics(storage.totals), access)
-    app.routes += kv.routes(app) + bazel.routes(app)  # /kv/ first: its paths may end like bazel's
+    # Fixed prefixes first: a bazel instance name could otherwise swallow them.
+    app.routes += turbo.routes(app) + nx.routes(app) + kv.routes(app) + bazel.routes(app)
     return app

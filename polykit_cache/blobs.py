@@ -24,7 +24,7 @@ def check_segments(parts: Iterable[str], what: str) -> None:
             raise HTTPError(400, "bad_key", f"{what} may only hold letters, digits, '_', '-' and '.' in each part.")
 
 
-def get_blob(app, environ: dict, name: str, head: bool) -> Response:
+def get_blob(app, environ: dict, name: str, head: bool, extra_headers: Iterable[tuple[str, str]] = ()) -> Response:
     """Answer GET or HEAD of a blob from disk (sent by waitress's I/O thread)."""
     fh = None if head else app.storage.open_blob(name)
     size = app.storage.blob_stat(name) if head else None
@@ -34,7 +34,7 @@ def get_blob(app, environ: dict, name: str, head: bool) -> Response:
         app.metrics.lookup(False)
         raise HTTPError(404, "not_found", "No such blob is stored.")
     app.storage.touch(name)
-    headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(size))]
+    headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(size)), *extra_headers]
     if head:
         app.metrics.lookup(True)
         return Response(200, headers, [], 0)
@@ -44,7 +44,7 @@ def get_blob(app, environ: dict, name: str, head: bool) -> Response:
 
 
 def put_blob(app, environ: dict, name: str, *, replace: bool = False, expected_sha256: str | None = None,
-             created: int = 201, existing: int = 200) -> Response:
+             created: int = 201, existing: int = 200, meta: dict | None = None) -> Response:
     """Store a blob; a repeated PUT of a kept key answers ``existing`` (first write wins unless ``replace``)."""
     length = app.content_length(environ)
     if not replace and app.storage.blob_stat(name) is not None:
@@ -61,7 +61,7 @@ def put_blob(app, environ: dict, name: str, *, replace: bool = False, expected_s
         app.metrics.reject("hash_mismatch", received.size)
         raise HTTPError(400, "hash_mismatch", "The body's SHA-256 differs from its content-addressed key; not stored.")
     try:
-        stored = app.storage.publish_blob(name, received.temp, received.size, replace=replace)
+        stored = app.storage.publish_blob(name, received.temp, received.size, replace=replace, meta=meta)
     except StorageFull:
         app.metrics.reject("storage_full", received.size)
         raise HTTPError(507, "storage_full", "The cache's disk is full; the blob was not stored.") from None

@@ -53,6 +53,7 @@ class ArtifactInfo:
 
 
 BLOBS = "blobs"
+BLOB_META = "blob-meta"
 
 # Metadata of this many artifacts is kept in memory: artifacts never change once published,
 # so a HEAD or GET of a popular key need not reread its JSON file.
@@ -329,7 +330,8 @@ class Storage:
             self.evictions += len(victims)
         for key in victims:
             path = self._data_path(key)
-            for name in (path,) if "/" in key else (path, path[:-4] + ".json"):
+            sidecar = f"{self._prefix}{BLOB_META}/{key}.json"
+            for name in (path, sidecar) if "/" in key else (path, path[:-4] + ".json"):
                 try:
                     os.unlink(name)
                 except FileNotFoundError:
@@ -373,7 +375,19 @@ class Storage:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
-    def publish_blob(self, name: str, temp: Path, size: int, replace: bool = False) -> bool:
+    def blob_meta(self, name: str) -> dict:
+        """What a protocol stored beside a blob (for example turbo's duration and tag), or {}."""
+        try:
+            with open(self._blob_meta_path(name), "rb") as fh:
+                meta = json.load(fh)
+            return meta if isinstance(meta, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _blob_meta_path(self, name: str) -> str:
+        return f"{self._prefix}{BLOB_META}/{name}.json"
+
+    def publish_blob(self, name: str, temp: Path, size: int, replace: bool = False, meta: dict | None = None) -> bool:
         """Publish a received blob; False when it existed already and ``replace`` is off (first write wins)."""
         final = self._data_path(name)
         try:
@@ -391,6 +405,16 @@ class Storage:
             raise
         finally:
             temp.unlink(missing_ok=True)
+        if meta:
+            path = self._blob_meta_path(name)
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+                with open(tmp, "w") as fh:
+                    json.dump(meta, fh)
+                os.replace(tmp, path)
+            except OSError:
+                log.error("could not store the metadata of blob %s", name)
         now = time.time_ns()
         with self._lock:
             if replace and name in self._uses:

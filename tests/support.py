@@ -132,7 +132,8 @@ class ExplodingInput:
 def call(app, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
          body_stream=None) -> Reply:
     """One request through the WSGI app, checked by wsgiref's validator; no socket."""
-    environ: dict = {"REQUEST_METHOD": method, "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": ""}
+    path, _, query = path.partition("?")
+    environ: dict = {"REQUEST_METHOD": method, "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": query}
     setup_testing_defaults(environ)
     environ["wsgi.input"] = body_stream if body_stream is not None else io.BytesIO(body or b"")
     if body is not None:

@@ -97,3 +97,54 @@ def test_read_tokens_cannot_write_blobs(tmp_path):
     assert call(app, "PUT", f"/cas/{DIGEST}", BLOB, headers={"Authorization": "Bearer reader-token-1"}).status == 403
     assert call(app, "PUT", f"/cas/{DIGEST}", BLOB, headers={"Authorization": "Bearer writer-token-1"}).status == 200
     assert call(app, "GET", f"/cas/{DIGEST}", headers={"Authorization": "Bearer reader-token-1"}).body == BLOB
+
+
+def test_turbo_artifacts_by_team_with_duration_and_tag(app):
+    path = "/v8/artifacts/0123456789abcdef"
+    assert call(app, "GET", "/v8/artifacts/status").json() == {"status": "enabled"}
+    assert call(app, "GET", path + "?slug=team-a").status == 404
+    put = call(app, "PUT", path + "?slug=team-a", b"turbo tarball",
+               headers={"x-artifact-duration": "5120", "x-artifact-tag": "c2lnbmF0dXJl"})
+    assert put.status == 202
+    got = call(app, "GET", path + "?slug=team-a")
+    assert got.body == b"turbo tarball"
+    assert got.headers["x-artifact-duration"] == "5120" and got.headers["x-artifact-tag"] == "c2lnbmF0dXJl"
+    head = call(app, "HEAD", path + "?teamId=team-a")  # the same team, named as turbo may name it
+    assert head.status == 200 and head.headers["x-artifact-duration"] == "5120"
+    assert call(app, "GET", path + "?slug=team-b").status == 404
+    assert call(app, "PUT", path + "?slug=team-a", b"another").status == 202  # 2xx, first blob kept
+    assert call(app, "GET", path + "?slug=team-a").body == b"turbo tarball"
+    assert call(app, "POST", "/v8/artifacts/events?slug=team-a", b'[{"event": "HIT"}]').status == 200
+
+
+def test_turbo_batch_query_and_bad_headers(app):
+    call(app, "PUT", "/v8/artifacts/aaaa?team=t", b"1234")
+    reply = call(app, "POST", "/v8/artifacts?team=t", b'{"hashes": ["aaaa", "bbbb"]}')
+    assert reply.json() == {"aaaa": {"size": 4, "taskDurationMs": 0, "tag": None}, "bbbb": None}
+    assert call(app, "POST", "/v8/artifacts?team=t", b"nope").status == 400
+    bad = call(app, "PUT", "/v8/artifacts/cccc?team=t", b"x", headers={"x-artifact-duration": "soon"})
+    assert bad.status == 400 and bad.json()["error"]["code"] == "bad_request"
+
+
+def test_turbo_errors_have_turbo_s_shape(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("read turbo-reader-1\n")
+    app = new_app(tmp_path / "s", token_file=tokens)
+    denied = call(app, "GET", "/v8/artifacts/status")
+    assert denied.status == 401 and set(denied.json()["error"]) == {"code", "message"}
+    forbidden = call(app, "PUT", "/v8/artifacts/abcd", b"x", headers={"Authorization": "Bearer turbo-reader-1"})
+    assert forbidden.status == 403 and forbidden.json()["error"]["code"] == "forbidden"
+
+
+def test_nx_records_are_never_overridden_and_errors_are_plain_text(tmp_path, app):
+    assert call(app, "PUT", "/v1/cache/nxhash123", b"nx output").status == 200
+    conflict = call(app, "PUT", "/v1/cache/nxhash123", b"other")
+    assert conflict.status == 409 and conflict.headers["content-type"].startswith("text/plain")
+    assert call(app, "GET", "/v1/cache/nxhash123").body == b"nx output"
+    assert call(app, "GET", "/v1/cache/missing1").status == 404
+    tokens = tmp_path / "tokens"
+    tokens.write_text("read nx-reader-token\n")
+    secured = new_app(tmp_path / "s", token_file=tokens)
+    denied = call(secured, "GET", "/v1/cache/nxhash123")
+    assert denied.status == 401 and denied.headers["content-type"].startswith("text/plain")
+    assert call(secured, "PUT", "/v1/cache/x1", b"x", headers={"Authorization": "Bearer nx-reader-token"}).status == 403

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from pathlib import Path
 import subprocess
 
 import pytest
@@ -59,3 +60,53 @@ def test_ccache_sends_its_bearer_token(tmp_path):
         assert app.metrics.stats()["uploads"] >= len(SOURCES)  # a manifest and a result per file
         second = compile_all(src, tmp_path / "c2", f"http://127.0.0.1:{port}/kv/ccache|bearer-token=ccache-token-123")
         assert second.get("remote_storage_hit", 0) == len(SOURCES)
+
+
+def find_turbo():
+    local = Path(__file__).resolve().parent.parent / ".ci" / "tools" / "node_modules" / ".bin" / "turbo"
+    return str(local) if local.exists() else shutil.which("turbo")
+
+
+TURBO_FILES = {
+    "package.json": '{"name": "tw", "private": true, "packageManager": "npm@10.9.0", "workspaces": ["packages/*"]}\n',
+    "turbo.json": '{"tasks": {"build": {"dependsOn": ["^build"], "outputs": ["dist/**"]}}}\n',
+    ".gitignore": "dist/\n.turbo/\nnode_modules/\n",
+    "package-lock.json": '{"name": "tw", "lockfileVersion": 3, "requires": true, "packages": {"": {"name": "tw", '
+                         '"workspaces": ["packages/*"]}, "node_modules/a": {"resolved": "packages/a", "link": true}, '
+                         '"node_modules/b": {"resolved": "packages/b", "link": true}, "packages/a": {"name": "a", '
+                         '"version": "1.0.0"}, "packages/b": {"name": "b", "version": "1.0.0"}}}\n',
+}
+
+
+@pytest.mark.skipif(find_turbo() is None or shutil.which("git") is None, reason="turbo (npm) or git is not installed")
+def test_turbo_gets_remote_hits_in_a_second_clone(tmp_path):
+    first = tmp_path / "first"
+    for rel, text in TURBO_FILES.items():
+        (first / rel).parent.mkdir(parents=True, exist_ok=True)
+        (first / rel).write_text(text)
+    for name in ("a", "b"):
+        (first / "packages" / name).mkdir(parents=True)
+        script = f"mkdir -p dist && echo built-{name} > dist/out.txt && echo ran >> ../../../ran-{name}"
+        (first / "packages" / name / "package.json").write_text(
+            '{"name": "%s", "version": "1.0.0", "scripts": {"build": "%s"}}\n' % (name, script))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(git + ["init", "-q"], cwd=first, check=True)
+    subprocess.run(git + ["add", "."], cwd=first, check=True)
+    subprocess.run(git + ["commit", "-qm", "sources"], cwd=first, check=True)
+    second = tmp_path / "second"
+    subprocess.run(["git", "clone", "-q", str(first), str(second)], check=True)
+    env = {**os.environ, "TURBO_TELEMETRY_DISABLED": "1", "DO_NOT_TRACK": "1", "TURBO_NO_UPDATE_NOTIFIER": "1"}
+    with thread_server(tmp_path / "store") as (port, app):
+        command = [find_turbo(), "run", "build", f"--api=http://127.0.0.1:{port}", "--token=any-token", "--team=my-team"]
+        one = subprocess.run(command, cwd=first, env=env, capture_output=True, text=True, timeout=120)
+        assert one.returncode == 0, one.stdout + one.stderr
+        assert "cache miss" in one.stdout and app.metrics.stats()["uploads"] == 2
+        two = subprocess.run(command, cwd=second, env=env, capture_output=True, text=True, timeout=120)
+    output = two.stdout + two.stderr
+    assert two.returncode == 0, output
+    assert "2 cached, 2 total" in output and "FULL TURBO" in output
+    lowered = output.lower()
+    assert "failed to contact remote cache" not in lowered
+    assert not [line for line in lowered.splitlines() if "warning" in line and "cache" in line], output
+    assert (second / "packages/a/dist/out.txt").read_text() == "built-a\n"
+    assert (tmp_path / "ran-a").read_text().count("ran") == 1  # the second clone ran nothing

@@ -1,0 +1,41 @@
+"""Nx's self-hosted remote cache (``NX_SELF_HOSTED_REMOTE_CACHE_SERVER``), as its OpenAPI spec says.
+
+``PUT /v1/cache/{hash}`` stores (``409`` when the record exists: records are never overridden),
+``GET /v1/cache/{hash}`` returns it; ``401``/``403`` come with a plain-text body.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .app import HTTPError, Response
+from .blobs import get_blob, put_blob
+
+
+def render_error(exc: HTTPError) -> Response:
+    """Nx's clients read errors as plain text."""
+    body = (exc.message + "\n").encode()
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *exc.headers]
+    return Response(exc.status, headers, [body], len(body))
+
+
+def routes(app) -> list:
+    """(pattern, handlers by method, public, error renderer) entries for the app's route table."""
+
+    def name(params: dict) -> str:
+        return f"nx/{params['hash'][:2]}/{params['hash']}"
+
+    def get(environ: dict, params: dict) -> Response:
+        return get_blob(app, environ, name(params), head=False)
+
+    def head(environ: dict, params: dict) -> Response:
+        return get_blob(app, environ, name(params), head=True)
+
+    def put(environ: dict, params: dict) -> Response:
+        answer = put_blob(app, environ, name(params), created=200, existing=409)
+        if answer.status == 409:
+            raise HTTPError(409, "exists", "Cannot override an existing record.")
+        return answer
+
+    return [(re.compile(r"/v1/cache/(?P<hash>[A-Za-z0-9_-]{1,128})"), {"GET": get, "HEAD": head, "PUT": put}, False,
+             render_error)]
