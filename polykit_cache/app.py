@@ -81,12 +81,20 @@ class CacheApp:
         # upload can make a worker hold, whatever the body's size.
         self.limits = Limits(max_unpacked_size=config.unpacked_limit, max_metadata_size=8 << 20, max_members=200_000)
         # (path pattern, handlers by method, open to everyone); PUT is the only write.
-        self.routes: list[tuple[re.Pattern[str], dict[str, Handler], bool]] = [
-            (re.compile(_KEY_PATH), {"GET": self.get_artifact, "HEAD": self.head_artifact, "PUT": self.put_artifact}, False),
-            (re.compile(r"/healthz"), {"GET": self.healthz, "HEAD": self.healthz}, True),
-            (re.compile(r"/metrics"), {"GET": self.prometheus}, False),
-            (re.compile(r"/v1/stats"), {"GET": self.stats}, False),
+        # (path pattern, handlers by method, open to everyone, error renderer or None, protocol)
+        self.routes: list[tuple] = [
+            (re.compile(_KEY_PATH), {"GET": self.get_artifact, "HEAD": self.head_artifact, "PUT": self.put_artifact},
+             False, None, "polykit"),
+            (re.compile(r"/healthz"), {"GET": self.healthz, "HEAD": self.healthz}, True, None, "polykit"),
+            (re.compile(r"/metrics"), {"GET": self.prometheus}, False, None, "polykit"),
+            (re.compile(r"/v1/stats"), {"GET": self.stats}, False, None, "polykit"),
         ]
+
+    def add_routes(self, protocol: str, entries: list) -> None:
+        """Another tool's routes: (pattern, handlers, public[, error renderer]) each."""
+        for entry in entries:
+            pattern, handlers, public = entry[:3]
+            self.routes.append((pattern, handlers, public, entry[3] if len(entry) > 3 else None, protocol))
 
     # --- WSGI entry --------------------------------------------------------------------------
 
@@ -103,7 +111,7 @@ class CacheApp:
         status = response.status
         start_response(f"{status} {REASONS.get(status, 'Unknown')}", response.headers)
         elapsed = time.perf_counter() - started
-        self.metrics.request(method, status, elapsed)
+        self.metrics.request(method, status, elapsed, environ.get("polykit.protocol", "polykit"))
         if access_log.isEnabledFor(logging.INFO):
             access_log.info("%s", self._access_line(environ, method, status, response.length, elapsed))
         if method == "HEAD":
@@ -130,11 +138,11 @@ class CacheApp:
 
     def dispatch(self, environ: dict, method: str) -> Response:
         path = environ.get("PATH_INFO", "")
-        for route in self.routes:
-            pattern, handlers, public = route[:3]
+        for pattern, handlers, public, render, protocol in self.routes:
             match = pattern.fullmatch(path)
             if match is None:
                 continue
+            environ["polykit.protocol"] = protocol
             try:
                 if not public:
                     self._authorize(environ, write=method == "PUT")  # PUT is every protocol's only write
@@ -144,8 +152,8 @@ class CacheApp:
                     raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here; use {allowed}.", [("Allow", allowed)])
                 return handler(environ, match.groupdict())
             except HTTPError as exc:
-                if len(route) > 3:  # a protocol whose clients expect errors in their own shape
-                    return route[3](exc)
+                if render is not None:  # a protocol whose clients expect errors in their own shape
+                    return render(exc)
                 raise
         raise HTTPError(404, "not_found", f"No such endpoint: {path}")
 
@@ -307,5 +315,6 @@ def make_app(config: Config, storage: Storage, metrics: Metrics | None = None, a
     access = access or Access(None, {}, config.allow_anonymous_read)
     app = CacheApp(config, storage, metrics or Metrics(storage.totals), access)
     # Fixed prefixes first: a bazel instance name could otherwise swallow them.
-    app.routes += turbo.routes(app) + nx.routes(app) + kv.routes(app) + bazel.routes(app)
+    for protocol, module in (("turbo", turbo), ("nx", nx), ("kv", kv), ("bazel", bazel)):
+        app.add_routes(protocol, module.routes(app))
     return app

@@ -30,15 +30,16 @@ def get_blob(app, environ: dict, name: str, head: bool, extra_headers: Iterable[
     size = app.storage.blob_stat(name) if head else None
     if fh is not None:
         size = app.storage.blob_size_of(fh)
+    protocol = environ.get("polykit.protocol", "polykit")
     if size is None:
-        app.metrics.lookup(False)
+        app.metrics.lookup(False, protocol=protocol)
         raise HTTPError(404, "not_found", "No such blob is stored.")
     app.storage.touch(name)
     headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(size)), *extra_headers]
     if head:
-        app.metrics.lookup(True)
+        app.metrics.lookup(True, protocol=protocol)
         return Response(200, headers, [], 0)
-    app.metrics.lookup(True, size)
+    app.metrics.lookup(True, size, protocol=protocol)
     wrapper = environ.get("wsgi.file_wrapper", FileWrapper)
     return Response(200, headers, wrapper(fh, SEND_CHUNK), size)
 

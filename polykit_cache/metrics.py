@@ -22,7 +22,8 @@ class Metrics:
         self._lock = threading.Lock()
         self._stored = stored
         self.started = time.time()
-        self.requests: Counter[tuple[str, int]] = Counter()
+        self.requests: Counter[tuple[str, str, int]] = Counter()  # (protocol, method, status)
+        self.lookups: Counter[tuple[str, bool]] = Counter()  # (protocol, hit)
         self.rejected: Counter[str] = Counter()
         self.hits = self.misses = 0
         self.bytes_in = self.bytes_out = 0
@@ -30,17 +31,18 @@ class Metrics:
         self._bucket_counts = [0] * (len(BUCKETS) + 1)
         self._duration_sum = 0.0
 
-    def request(self, method: str, status: int, seconds: float) -> None:
+    def request(self, method: str, status: int, seconds: float, protocol: str = "polykit") -> None:
         index = 0
         while index < len(BUCKETS) and seconds > BUCKETS[index]:
             index += 1
         with self._lock:
-            self.requests[(method, status)] += 1
+            self.requests[(protocol, method, status)] += 1
             self._bucket_counts[index] += 1
             self._duration_sum += seconds
 
-    def lookup(self, hit: bool, bytes_out: int = 0) -> None:
+    def lookup(self, hit: bool, bytes_out: int = 0, protocol: str = "polykit") -> None:
         with self._lock:
+            self.lookups[(protocol, hit)] += 1
             if hit:
                 self.hits += 1
                 self.bytes_out += bytes_out
@@ -74,15 +76,24 @@ class Metrics:
                 "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out,
                 "evictions": evictions,
+                "by_protocol": self._by_protocol(),
                 "artifacts": count,
                 "stored_bytes": size,
             }
 
     def _by_status(self) -> Counter[int]:
         out: Counter[int] = Counter()
-        for (_, status), n in self.requests.items():
+        for (_, _, status), n in self.requests.items():
             out[status] += n
         return out
+
+    def _by_protocol(self) -> dict:
+        out: dict = {}
+        for (protocol, _, _), n in self.requests.items():
+            out.setdefault(protocol, {"requests": 0, "hits": 0, "misses": 0})["requests"] += n
+        for (protocol, hit), n in self.lookups.items():
+            out.setdefault(protocol, {"requests": 0, "hits": 0, "misses": 0})["hits" if hit else "misses"] += n
+        return dict(sorted(out.items()))
 
     def prometheus(self) -> str:
         """The text exposition of /metrics."""
@@ -99,8 +110,8 @@ class Metrics:
             family(
                 "polykit_cache_requests_total",
                 "counter",
-                "HTTP requests answered, by method and status.",
-                [(f'{{method="{m}",status="{s}"}}', n) for (m, s), n in sorted(self.requests.items())],
+                "HTTP requests answered, by protocol, method and status.",
+                [(f'{{protocol="{p}",method="{m}",status="{s}"}}', n) for (p, m, s), n in sorted(self.requests.items())],
             )
             cumulative = 0
             buckets = []
@@ -114,8 +125,10 @@ class Metrics:
             lines.extend(f"polykit_cache_request_duration_seconds_bucket{lb} {v}" for lb, v in buckets)
             lines.append(f"polykit_cache_request_duration_seconds_sum {self._duration_sum:.6f}")
             lines.append(f"polykit_cache_request_duration_seconds_count {total}")
-            family("polykit_cache_hits_total", "counter", "Artifact lookups that found the key.", [("", self.hits)])
-            family("polykit_cache_misses_total", "counter", "Artifact lookups that did not.", [("", self.misses)])
+            family("polykit_cache_hits_total", "counter", "Lookups that found the key, by protocol.",
+                   [(f'{{protocol="{p}"}}', n) for (p, hit), n in sorted(self.lookups.items()) if hit])
+            family("polykit_cache_misses_total", "counter", "Lookups that did not, by protocol.",
+                   [(f'{{protocol="{p}"}}', n) for (p, hit), n in sorted(self.lookups.items()) if not hit])
             family("polykit_cache_uploads_total", "counter", "Artifacts verified and stored.", [("", self.uploads)])
             family(
                 "polykit_cache_uploads_rejected_total",

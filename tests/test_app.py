@@ -159,10 +159,10 @@ def test_stats_and_metrics_follow_the_traffic(app, tmp_path):
     text = call(app, "GET", "/metrics")
     assert text.headers["content-type"].startswith("text/plain; version=0.0.4")
     lines = text.body.decode().splitlines()
-    assert 'polykit_cache_requests_total{method="PUT",status="201"} 1' in lines
-    assert 'polykit_cache_requests_total{method="GET",status="404"} 1' in lines
-    assert "polykit_cache_hits_total 2" in lines
-    assert "polykit_cache_misses_total 1" in lines
+    assert 'polykit_cache_requests_total{protocol="polykit",method="PUT",status="201"} 1' in lines
+    assert 'polykit_cache_requests_total{protocol="polykit",method="GET",status="404"} 1' in lines
+    assert 'polykit_cache_hits_total{protocol="polykit"} 2' in lines
+    assert 'polykit_cache_misses_total{protocol="polykit"} 1' in lines
     assert 'polykit_cache_uploads_rejected_total{reason="bad_zstd"} 1' in lines
     assert "polykit_cache_stored_artifacts 1" in lines
     assert f"polykit_cache_stored_bytes {len(blob)}" in lines

@@ -117,9 +117,9 @@ def test_read_only_never_uploads(pk, tmp_path):
         pk.run("build", "--remote-cache-url", f"http://127.0.0.1:{port}", "--remote-cache-readonly")
         assert pk.ran() == BUILDS
         assert stats(port)["uploads"] == 0
-        assert not any(method == "PUT" for method, _ in app.metrics.requests)
+        assert not any(method == "PUT" for _, method, _ in app.metrics.requests)
         pk.run("build", POLYKIT_REMOTE_CACHE_URL=f"http://127.0.0.1:{port}", POLYKIT_REMOTE_CACHE_READONLY="1", cwd=pk.workspace)
-        assert not any(method == "PUT" for method, _ in app.metrics.requests)
+        assert not any(method == "PUT" for _, method, _ in app.metrics.requests)
 
 
 def free_port() -> int:

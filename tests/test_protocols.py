@@ -148,3 +148,17 @@ def test_nx_records_are_never_overridden_and_errors_are_plain_text(tmp_path, app
     denied = call(secured, "GET", "/v1/cache/nxhash123")
     assert denied.status == 401 and denied.headers["content-type"].startswith("text/plain")
     assert call(secured, "PUT", "/v1/cache/x1", b"x", headers={"Authorization": "Bearer nx-reader-token"}).status == 403
+
+
+def test_metrics_are_labelled_by_protocol(app):
+    call(app, "PUT", f"/cas/{DIGEST}", BLOB)
+    call(app, "GET", f"/cas/{DIGEST}")
+    call(app, "GET", "/kv/gradle/missing")
+    call(app, "GET", "/v8/artifacts/abcd?team=t")
+    lines = call(app, "GET", "/metrics").body.decode().splitlines()
+    assert 'polykit_cache_requests_total{protocol="bazel",method="PUT",status="200"} 1' in lines
+    assert 'polykit_cache_hits_total{protocol="bazel"} 1' in lines
+    assert 'polykit_cache_misses_total{protocol="kv"} 1' in lines
+    assert 'polykit_cache_misses_total{protocol="turbo"} 1' in lines
+    by_protocol = call(app, "GET", "/v1/stats").json()["by_protocol"]
+    assert by_protocol["bazel"] == {"requests": 2, "hits": 1, "misses": 0}

@@ -35,7 +35,7 @@ def artifact_file(tmp_path: Path, key: str = KEY, size: int = 50_000) -> tuple[P
 
 
 def puts(app) -> int:
-    return sum(n for (method, _), n in app.metrics.requests.items() if method == "PUT")
+    return sum(n for (_, method, _), n in app.metrics.requests.items() if method == "PUT")
 
 
 # --- fixtures imitating broken servers --------------------------------------------------------
@@ -162,7 +162,7 @@ def test_a_miss_is_silent(tmp_path):
         assert remote.fetch(KEY, dest) is False
         assert remote.exists(KEY) is False
         assert dest.getvalue() == b"" and remote.bytes_down == 0
-        assert app.metrics.requests[("GET", 404)] == 1
+        assert app.metrics.requests[("polykit", "GET", 404)] == 1
     assert warnings == [] and remote.enabled
 
 
@@ -191,7 +191,7 @@ def test_a_409_from_a_concurrent_upload_is_silent(tmp_path):
 
         assert remote.store(KEY, path, progress=other_machine_first) is False
         assert raced == [201]
-        assert app.metrics.requests[("PUT", 409)] == 1
+        assert app.metrics.requests[("polykit", "PUT", 409)] == 1
         assert remote.bytes_up == 0 and remote.enabled
     assert warnings == []
 
@@ -258,7 +258,7 @@ def test_a_422_warns_with_the_servers_message(tmp_path):
     with thread_server(tmp_path / "store") as (port, app):
         remote = remote_for(port, warnings)
         assert remote.store(KEY, junk) is False
-        assert app.metrics.requests[("PUT", 422)] == 1  # a refusal is not retried
+        assert app.metrics.requests[("polykit", "PUT", 422)] == 1  # a refusal is not retried
     assert len(warnings) == 1
     assert "HTTP 422 verification_failed: The artifact was refused" in warnings[0]
     assert "\n" not in warnings[0] and f"127.0.0.1:{port}" in warnings[0]
