@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from typing import Callable, Iterable
@@ -206,6 +207,10 @@ class CacheApp:
         """Answer from the metadata alone; the artifact file is not opened."""
         key = self._key(params)
         info = self._found(environ, key)
+        if not os.path.exists(info.path):  # removed behind our back (verify's quarantine, gc)
+            self.storage.forget(key)
+            self.metrics.lookup(False)
+            raise HTTPError(404, "not_found", f"No artifact is stored under {key}.")
         self.storage.touch(key)
         cached = self._not_modified(environ, info)
         if cached is not None:

@@ -240,7 +240,8 @@ class Storage:
                 self.bytes -= use[1]
 
     def exists(self, key: str) -> bool:
-        return key in self._info or os.path.exists(self._zst(key))
+        """Whether the artifact file is there; the disk, not the cache, since maintenance may move it."""
+        return os.path.exists(self._zst(key))
 
     # --- writes ------------------------------------------------------------------------------
 

@@ -73,3 +73,21 @@ def test_a_second_server_on_the_same_storage_is_refused(tmp_path):
         assert out.returncode == 1 and "another polykit-cache is serving" in out.stderr
     finally:
         first.stop()
+
+
+def test_an_artifact_quarantined_beside_a_live_server_can_be_uploaded_again(tmp_path):
+    store = tmp_path / "store"
+    app = new_app(store)
+    blob = pack_tree(tmp_path, {"a": b"x" * 100})
+    path = f"/v1/artifacts/{KEY}"
+    assert call(app, "PUT", path, blob).status == 201
+    assert call(app, "HEAD", path).status == 200  # its metadata is now cached in memory
+    data = bytearray(app.storage.artifact_path(KEY).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    app.storage.artifact_path(KEY).write_bytes(bytes(data))
+    out = subprocess.run([sys.executable, "-m", "polykit_cache", "verify", "--storage-dir", str(store)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert call(app, "HEAD", path).status == 404
+    assert call(app, "PUT", path, blob).status == 201
+    assert call(app, "GET", path).body == blob
