@@ -32,6 +32,7 @@ def get_blob(app, environ: dict, name: str, head: bool, extra_headers: Iterable[
         size = app.storage.blob_size_of(fh)
     protocol = environ.get("polykit.protocol", "polykit")
     if size is None:
+        app.storage.forget(name)  # in case it was moved away behind the server's back
         app.metrics.lookup(False, protocol=protocol)
         raise HTTPError(404, "not_found", "No such blob is stored.")
     app.storage.touch(name)

@@ -9,9 +9,9 @@ import time
 import os
 from pathlib import Path
 
-from polykit_client.artifact import ArtifactError, Limits, verify_stream
+from polykit_client.artifact import ArtifactError, Limits, hash_file, verify_stream
 
-from .storage import Storage
+from .storage import BLOBS, Storage
 
 log = logging.getLogger("polykit_cache.maintenance")
 
@@ -62,8 +62,29 @@ def verify_storage(storage: Storage, limits: Limits = Limits()) -> int:
             if src.exists():
                 os.replace(src, quarantine / src.name)
         log.error("quarantined %s: %s", key, problem)
+    blobs_checked, blobs_bad = verify_content_addressed(storage, quarantine)
     print(f"verified {checked} artifacts: {checked - bad} good, {bad} quarantined")
-    return 1 if bad else 0
+    if blobs_checked:
+        print(f"verified {blobs_checked} content-addressed blobs: {blobs_checked - blobs_bad} good, {blobs_bad} quarantined")
+    return 1 if bad or blobs_bad else 0
+
+
+def verify_content_addressed(storage: Storage, quarantine: Path) -> tuple[int, int]:
+    """Rehash Bazel CAS blobs, whose name is their SHA-256; other tools' blobs cannot be checked."""
+    checked = bad = 0
+    for path in sorted((storage.root / BLOBS / "bazel").glob("**/cas/*/*")):
+        if not path.is_file() or len(path.name) != 64:
+            continue
+        checked += 1
+        sha, _ = hash_file(path)
+        if sha == path.name:
+            continue
+        bad += 1
+        target = quarantine / "blobs" / path.relative_to(storage.root / BLOBS)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        log.error("quarantined %s: its content no longer matches its SHA-256", path.relative_to(storage.root))
+    return checked, bad
 
 
 def collect(storage: Storage) -> int:

@@ -231,7 +231,7 @@ class Storage:
     def forget(self, key: str) -> None:
         """Drop a key that vanished from disk from the in-memory state."""
         with self._lock:
-            if os.path.exists(self._zst(key)):
+            if os.path.exists(self._data_path(key)):
                 return  # uploaded again since it was found missing
             self._info.pop(key, None)
             use = self._uses.pop(key, None)

@@ -162,3 +162,25 @@ def test_metrics_are_labelled_by_protocol(app):
     assert 'polykit_cache_misses_total{protocol="turbo"} 1' in lines
     by_protocol = call(app, "GET", "/v1/stats").json()["by_protocol"]
     assert by_protocol["bazel"] == {"requests": 2, "hits": 1, "misses": 0}
+
+
+def test_verify_rehashes_bazel_cas_blobs(app, tmp_path):
+    import subprocess
+    import sys
+
+    call(app, "PUT", f"/cas/{DIGEST}", BLOB)
+    other = os.urandom(100)
+    other_digest = hashlib.sha256(other).hexdigest()
+    call(app, "PUT", f"/inst/cas/{other_digest}", other)
+    store = app.storage.root
+    run = lambda: subprocess.run([sys.executable, "-m", "polykit_cache", "verify", "--storage-dir", str(store)],
+                                 capture_output=True, text=True, timeout=60)
+    out = run()
+    assert out.returncode == 0 and "verified 2 content-addressed blobs: 2 good" in out.stdout
+    blob = store / "blobs" / "bazel" / "_" / "cas" / DIGEST[:2] / DIGEST
+    blob.write_bytes(b"flipped" + blob.read_bytes()[7:])
+    out = run()
+    assert out.returncode == 1 and "1 quarantined" in out.stdout
+    assert not blob.exists() and call(app, "GET", f"/cas/{DIGEST}").status == 404
+    assert app.storage.totals()[:2] == (1, len(other))  # the server's own count follows
+    assert call(app, "GET", f"/inst/cas/{other_digest}").body == other
