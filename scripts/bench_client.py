@@ -69,7 +69,7 @@ SERVING = re.compile(r"serving on http://([\d.]+):(\d+)")
 
 @dataclass(frozen=True)
 class Target:
-    """A goal of the issue, with what turbo 2.11 measured on the same shape."""
+    """A performance goal, with what turbo 2.11 measured on the same shape."""
 
     limit: float
     turbo: str

@@ -1,4 +1,4 @@
-"""Robustness of a real server under load (issue 5, item 5): a soak under eviction pressure, SIGKILL at
+"""Robustness of a real server under load: a soak under eviction pressure, SIGKILL at
 random moments, slow clients and a full disk.
 
 Every test talks to a ``python -m polykit_cache`` child process on 127.0.0.1 only; every loop is
@@ -161,7 +161,7 @@ def soak_client(port, pool, keys, rng, deadline, log, errors) -> None:
 
 def test_soak_under_eviction_pressure(tmp_path, pool):
     """Eight clients mix PUT/GET/HEAD against one server for POLYKIT_SOAK_SECONDS (default 20 s;
-    ``POLYKIT_SOAK_SECONDS=60`` gives the issue's full 60 s soak) with ``--max-storage`` about a
+    ``POLYKIT_SOAK_SECONDS=60`` gives a full minute) with ``--max-storage`` about a
     quarter of the pool: no 5xx, no connection errors, every download is the artifact uploaded
     under its key, a 404 of a stored key only after its eviction, flat server RSS, evictions
     counted, and ``polykit-cache verify`` clean afterwards."""
