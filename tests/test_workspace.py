@@ -158,3 +158,19 @@ def test_a_task_list_of_the_wrong_type_names_the_field(pk, ws):
     write_pkg(ws, "zz", 'name = "zz"\n[tasks]\nbuild = { command = "b", depends_on = "lint" }\nlint = "l"\n')
     out = pk.run("scan", check=False)
     assert out.returncode == 2 and "task 'build': depends_on must be a list of strings" in out.stderr
+
+
+def test_every_root_setting_is_read_and_checked(pk, ws):
+    (ws / "polykit.toml").write_text(
+        '[workspace]\npackages_dir = "packages"\ncache_dir = "build-cache"\ncache_max_size = 1000\ndefault_parallel = 2\n'
+        '[remote_cache]\nurl = "http://c:1"\ntimeout = 2.5\nmax_artifact_size = 4096\nread_only = true\n'
+        'input_files = ["src/**"]\nenv_vars = ["CI"]\n')
+    w = load(ws, {})
+    assert (w.cache_dir, w.cache_max_size, w.default_parallel) == (ws.resolve() / "build-cache", 1000, 2)
+    assert (w.remote.timeout, w.remote.max_artifact_size, w.remote.read_only) == (2.5, 4096, True)
+    assert w.remote.input_files == ("src/**",) and w.remote.env_vars == ("CI",)
+    (ws / "polykit.toml").write_text('[remote_cache]\ntimeout = 0\n')
+    out = pk.run("scan", check=False)
+    assert out.returncode == 2 and "polykit.toml:2: timeout must be a positive number" in out.stderr
+    (ws / "polykit.toml").write_text('[remote_cache]\nbogus = 1\n')
+    assert "unknown [remote_cache] setting 'bogus'" in pk.run("scan", check=False).stderr
