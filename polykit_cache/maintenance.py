@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 import os
 from pathlib import Path
 
-from polykit_client.artifact import ArtifactError, Limits, hash_file, verify_stream
+from polykit_client.artifact import ArtifactError, HashingReader, Limits, hash_file, verify_stream
 
 from .storage import BLOBS, Storage
 
 log = logging.getLogger("polykit_cache.maintenance")
-
-
-class _Hashing:
-    def __init__(self, fh) -> None:
-        self._fh = fh
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._fh.read(size)
-        self.digest.update(data)
-        self.size += len(data)
-        return data
 
 
 def check_artifact(storage: Storage, key: str, path: Path, limits: Limits) -> str | None:
@@ -36,7 +22,7 @@ def check_artifact(storage: Storage, key: str, path: Path, limits: Limits) -> st
         return "unreadable artifact"
     try:
         with open(path, "rb") as fh:
-            reader = _Hashing(fh)
+            reader = HashingReader(fh)
             verify_stream(reader, expected_key=key, limits=limits)
             while reader.read(1 << 20):
                 pass

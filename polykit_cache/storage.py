@@ -342,13 +342,15 @@ class Storage:
         return victims
 
     def _write_meta(self, key: str, size: int, sha256: str, created: float) -> None:
-        meta = self._meta_path(key)
-        data = json.dumps({"size": size, "sha256": sha256, "created": created}).encode()
+        self._write_json(self._meta_path(key), {"size": size, "sha256": sha256, "created": created})
+
+    def _write_json(self, path: Path | str, value: object) -> None:
+        """Replace a small JSON file atomically; the temporary lives in tmp/, swept at start-up."""
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="meta-", suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(name, meta)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(value, fh)
+            os.replace(name, path)
         except BaseException:
             Path(name).unlink(missing_ok=True)
             raise
@@ -410,10 +412,7 @@ class Storage:
             path = self._blob_meta_path(name)
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-                with open(tmp, "w") as fh:
-                    json.dump(meta, fh)
-                os.replace(tmp, path)
+                self._write_json(path, meta)
             except OSError:
                 log.error("could not store the metadata of blob %s", name)
         now = time.time_ns()

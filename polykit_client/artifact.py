@@ -427,16 +427,19 @@ def collect_outputs(root: Path, paths: Iterable[str]) -> tuple[dict, dict]:
     return dict(sorted(files.items())), dict(sorted(links.items()))
 
 
-class _HashingReader:
-    """Hashes what ``tarfile`` copies, so a file changed while packing is caught."""
+class HashingReader:
+    """Hashes and counts what passes through a read: a file changed while packing is caught,
+    and a stored artifact is rehashed while it is reverified, in one read."""
 
     def __init__(self, fh: BinaryIO) -> None:
         self._fh = fh
         self.digest = hashlib.sha256()
+        self.size = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self._fh.read(size)
         self.digest.update(data)
+        self.size += len(data)
         return data
 
 
@@ -502,13 +505,13 @@ def pack(
                     tar.addfile(_tarinfo(name, tarfile.DIRTYPE, DIR_MODE))
                     continue
                 with open(root / rel, "rb") as fh:
-                    reader = _HashingReader(fh)
+                    reader = HashingReader(fh)
                     tar.addfile(_tarinfo(name, tarfile.REGTYPE, entry["mode"], entry["size"]), reader)
                 if reader.digest.hexdigest() != entry["sha256"]:
                     raise ArtifactError("changed_while_packing", f"output {rel!r} changed while it was packed")
             entry = meta["logs"][LOG_NAME]
             with (open(log, "rb") if isinstance(log, Path) else io.BytesIO(log)) as fh:
-                reader = _HashingReader(fh)
+                reader = HashingReader(fh)
                 tar.addfile(_tarinfo(LOGS_PREFIX + LOG_NAME, tarfile.REGTYPE, 0o644, entry["size"]), reader)
             if reader.digest.hexdigest() != entry["sha256"]:
                 raise ArtifactError("changed_while_packing", "the log changed while it was packed")

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from .artifact import hash_file
 from .globs import GlobSet
 from .graph import Node
 from .workspace import SKIP_DIRS, Package, Task, Workspace
@@ -99,8 +100,7 @@ def _sha256_small(path: str) -> str | None:
 
 def _sha256_large(path: str) -> str | None:
     try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
+        return hash_file(path)[0]
     except OSError:
         return None
 

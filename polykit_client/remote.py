@@ -69,6 +69,10 @@ class _EarlyAnswerMixin:
     _body: object = None
     _send_error: OSError | None = None
 
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("blocksize", CHUNK)  # large sends: 8 KiB blocks cap an upload's speed
+        super().__init__(*args, **kwargs)
+
     def request(self, method, url, body=None, headers=None, **kwargs):
         self._body, self._send_error = body, None
         return super().request(method, url, body, {} if headers is None else headers, **kwargs)
@@ -94,9 +98,7 @@ class _EarlyAnswerMixin:
 
 
 class _HTTPConnection(_EarlyAnswerMixin, http.client.HTTPConnection):
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("blocksize", CHUNK)
-        super().__init__(*args, **kwargs)
+    pass
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
@@ -124,9 +126,7 @@ def _build_opener() -> urllib.request.OpenerDirector:
 
 def _https_handler() -> urllib.request.BaseHandler:
     class _HTTPSConnection(_EarlyAnswerMixin, http.client.HTTPSConnection):
-        def __init__(self, *args, **kwargs) -> None:
-            kwargs.setdefault("blocksize", CHUNK)
-            super().__init__(*args, **kwargs)
+        pass
 
     class _HTTPSHandler(urllib.request.HTTPSHandler):
         def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:

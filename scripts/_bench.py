@@ -1,10 +1,12 @@
-"""What machine a benchmark ran on: the first line of every report, so figures are not mixed up."""
+"""What the benchmarks share: the machine line every report starts with, and stopping a server."""
 
 from __future__ import annotations
 
 import os
 import platform
 import re
+import signal
+import subprocess
 from pathlib import Path
 
 
@@ -29,3 +31,15 @@ def machine_line() -> str:
     """CPU, cores, Python and OS: start-up, hashing and I/O speed depend on all of these."""
     return (f"machine: {cpu_model()}, {os.cpu_count()} cores ({usable_cpus()} usable), "
             f"{platform.python_implementation()} {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM (a server's clean stop), then SIGKILL if it does not go in time."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from _machine import machine_line  # scripts/ is on sys.path when a script runs
+from _bench import machine_line, stop_process  # scripts/ is on sys.path when a script runs
 
 LOCALHOST = "127.0.0.1"
 SERVER_READY_TIMEOUT = 30.0
@@ -291,15 +291,7 @@ def start_server(workdir: Path, prefer_module: bool, env: dict[str, str]) -> Ser
 
 
 def stop_server(proc: subprocess.Popen | None) -> None:
-    """SIGTERM is the server's clean stop; SIGKILL if it does not go in time."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(SERVER_STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc, SERVER_STOP_TIMEOUT)
 
 
 # --- running the client -------------------------------------------------------------------------

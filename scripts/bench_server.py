@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Sequence
 
-from _machine import machine_line, usable_cpus  # scripts/ is on sys.path when a script runs
+from _bench import machine_line, stop_process, usable_cpus  # scripts/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 try:
@@ -596,16 +596,7 @@ def start_bare(workdir: Path, serve_dir: Path, cpu: int | None, threads: int) ->
 
 
 def stop_server(target: Target) -> None:
-    """SIGTERM (the servers' clean stop), then SIGKILL if it does not go in time."""
-    proc = target.proc
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(target.proc, STOP_TIMEOUT)
 
 
 def external_target(url: str, template: str, pid: int | None) -> Target:

@@ -152,10 +152,16 @@ def test_git_ignored_files_are_not_inputs(pk):
     assert changed(before, pk.keys()) == {"web:build"}
 
 
-def test_the_stat_cache_skips_unchanged_files_and_sees_changed_ones(pk):
+def age_tree(workspace):
+    """Files an hour old: the stat cache keeps only files not touched in the last seconds."""
     old = time.time() - 3600
-    for path in (pk.workspace / "packages").rglob("*"):
+    for path in (workspace / "packages").rglob("*"):
         os.utime(path, (old, old))
+    return old
+
+
+def test_the_stat_cache_skips_unchanged_files_and_sees_changed_ones(pk):
+    old = age_tree(pk.workspace)
     before = pk.keys()
     state = json.loads((pk.workspace / ".polykit/state.json").read_text())
     assert "packages/web/src/app.ts" in state["files"]
@@ -167,9 +173,7 @@ def test_the_stat_cache_skips_unchanged_files_and_sees_changed_ones(pk):
 
 
 def test_a_rewrite_that_restores_the_mtime_is_still_seen(pk):
-    old = time.time() - 3600
-    for path in (pk.workspace / "packages").rglob("*"):
-        os.utime(path, (old, old))
+    age_tree(pk.workspace)
     before = pk.keys()
     app = pk.workspace / "packages/web/src/app.ts"
     st = app.stat()
