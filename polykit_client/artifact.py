@@ -16,11 +16,15 @@ import os
 import re
 import stat
 import tarfile
+import unicodedata
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Protocol
+from typing import BinaryIO, Iterable, Iterator, Protocol
 
-from . import zstd
+from . import nofollow, zstd
+from .nofollow import LinkInPath
+from .tarstream import ENCODING, Member, TarFormatError, TarReader, member_info
 
 FORMAT = 1
 METADATA_NAME = "polykit-artifact.json"
@@ -47,8 +51,8 @@ class Limits:
     """Bounds on what one artifact may unpack to: the decompression-bomb and tar-bomb guards."""
 
     max_unpacked_size: int = 64 << 30
-    max_members: int = 1_000_000
-    max_metadata_size: int = 64 << 20
+    max_members: int = 200_000
+    max_metadata_size: int = 8 << 20
     max_window_log: int = zstd.MAX_WINDOW_LOG
 
 
@@ -77,7 +81,7 @@ def check_symlink(path: str, target: object) -> str:
     Allowing ``..`` only as leading components means the link resolves through real folders
     (no entry may sit under a symlink), so a chain of links cannot climb out either.
     """
-    if not isinstance(target, str) or not target or "\x00" in target or "\\" in target:
+    if not isinstance(target, str) or not target or len(target) > 4096 or "\x00" in target or "\\" in target:
         raise ArtifactError("unsafe_link", f"symlink {path!r} has an invalid target")
     if target.startswith("/"):
         raise ArtifactError("unsafe_link", f"symlink {path!r} points to an absolute path")
@@ -103,6 +107,37 @@ def _check_file_entry(path: str, entry: object, modes: tuple[int, ...]) -> None:
         raise ArtifactError("bad_metadata", f"entry {path!r} has mode {mode!r}, not one of {modes}")
 
 
+def fold(path: str) -> str:
+    """The spelling two filesystems could both take for ``path``: case-folded, canonically decomposed.
+
+    macOS (APFS, HFS+), Windows, vfat and ext4 with casefold treat ``A``/``a`` and ``é`` in
+    NFC/NFD as one name; comparing folded names makes the manifest rules hold on all of them
+    (Unicode canonical caseless matching, Unicode 15 §3.13: NFD(casefold(NFD(x)))).
+    """
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", path).casefold())
+
+
+def _check_layout(kinds: dict[str, str]) -> None:
+    """No two entries for one path and nothing under a file or a symlink, comparing folded names.
+
+    On a case- or normalisation-insensitive filesystem ``x/A`` (a link) and ``x/a/f`` (a file)
+    meet: the file would be written through the link. Refusing such names in the manifest,
+    on the server and on every client alike, keeps an artifact's meaning the same everywhere.
+    """
+    folded: dict[str, tuple[str, str]] = {}
+    for path, kind in kinds.items():
+        other = folded.setdefault(fold(path), (path, kind))
+        if other[0] != path:
+            raise ArtifactError("path_conflict", f"{path!r} and {other[0]!r} are one path on a case-insensitive filesystem")
+    for path in kinds:
+        parent = path.rpartition("/")[0]
+        while parent:
+            above = folded.get(fold(parent))
+            if above is not None and above[1] in ("file", "symlink"):
+                raise ArtifactError("path_conflict", f"{path!r} lies under the {above[1]} {above[0]!r}")
+            parent = parent.rpartition("/")[0]
+
+
 def check_manifest(meta: object, expected_key: str | None, limits: Limits) -> dict[str, tuple]:
     """Validate a manifest; return the tar members it promises, by member name."""
     if not isinstance(meta, dict):
@@ -123,6 +158,10 @@ def check_manifest(meta: object, expected_key: str | None, limits: Limits) -> di
     for field in ("created_at", "duration_ms", "exit_code"):
         if field in meta and (not isinstance(meta[field], int) or isinstance(meta[field], bool)):
             raise ArtifactError("bad_metadata", f"metadata field {field!r} must be an integer")
+    # The log is part of the format (it is replayed on every hit): an artifact without it is
+    # refused here, on the server and on the client alike, never half used.
+    if list(meta["logs"]) != [LOG_NAME]:
+        raise ArtifactError("bad_metadata", f"metadata must list exactly one log, {LOG_NAME!r}")
 
     members: dict[str, tuple] = {}
     kinds: dict[str, str] = {}
@@ -146,19 +185,13 @@ def check_manifest(meta: object, expected_key: str | None, limits: Limits) -> di
             raise ArtifactError("path_conflict", f"{path!r} is listed both as a file and a symlink")
         members[OUTPUTS_PREFIX + path] = ("symlink", target)
         kinds[path] = "symlink"
-    for name, entry in meta["logs"].items():
-        check_relpath(name, "log name")
-        _check_file_entry(name, entry, (0o644,))
-        members[LOGS_PREFIX + name] = ("file", entry["sha256"], entry["size"], 0o644)
-        declared += entry["size"]
-    for path in kinds:
-        parent = path.rpartition("/")[0]
-        while parent:
-            if kinds.get(parent) in ("file", "symlink"):
-                raise ArtifactError("path_conflict", f"{path!r} lies under the {kinds[parent]} {parent!r}")
-            parent = parent.rpartition("/")[0]
+    entry = meta["logs"][LOG_NAME]
+    _check_file_entry(LOG_NAME, entry, (0o644,))
+    members[LOGS_PREFIX + LOG_NAME] = ("file", entry["sha256"], entry["size"], 0o644)
+    declared += entry["size"]
     if len(members) + 1 > limits.max_members:
         raise ArtifactError("too_many_members", f"artifact lists {len(members)} members, over {limits.max_members}")
+    _check_layout(kinds)
     if declared > limits.max_unpacked_size:
         raise ArtifactError(
             "unpacked_too_large",
@@ -173,26 +206,19 @@ class Sink(Protocol):
     def open_file(self, name: str, mode: int) -> BinaryIO: ...
     def make_dir(self, name: str) -> None: ...
     def make_symlink(self, name: str, target: str) -> None: ...
+    def finish(self) -> None: ...
 
 
 class _Counter:
-    """Counts decompressed bytes and stops at the bound, whatever the frame header claims.
-
-    It also remembers where the last non-zero byte was, so data hidden after the end of the
-    tar archive is found even when ``tarfile`` has already buffered it.
-    """
+    """Counts decompressed bytes and stops at the bound, whatever the frame header claims."""
 
     def __init__(self, raw: BinaryIO, limit: int) -> None:
         self._raw = raw
         self._limit = limit
         self.count = 0
-        self.last_nonzero = -1
 
     def read(self, size: int = -1) -> bytes:
         data = self._raw.read(size)
-        used = len(data.rstrip(b"\0"))
-        if used:
-            self.last_nonzero = self.count + used - 1
         self.count += len(data)
         if self.count > self._limit:
             raise ArtifactError(
@@ -201,8 +227,18 @@ class _Counter:
         return data
 
 
-def _tar_errors():
-    return (tarfile.TarError, EOFError)
+@contextmanager
+def _reading(raw: BinaryIO, limits: Limits) -> Iterator[TarReader]:
+    """A tar reader over the decompressed, counted stream; its errors become ArtifactErrors."""
+    counter = _Counter(zstd.DecompressingReader(raw, limits.max_window_log), limits.max_unpacked_size)
+    try:
+        yield TarReader(counter)
+    except zstd.ZstdError as exc:
+        raise ArtifactError("bad_zstd", str(exc)) from None
+    except TarFormatError as exc:
+        raise ArtifactError(exc.reason, str(exc)) from None
+    except LinkInPath as exc:
+        raise ArtifactError("unsafe_path", str(exc)) from None
 
 
 def verify_stream(
@@ -217,51 +253,54 @@ def verify_stream(
     Raises :class:`ArtifactError` at the first problem. With a ``sink``, each member is handed
     over as it is checked; the caller must discard the sink's work if an error is raised.
     """
-    counter = _Counter(zstd.DecompressingReader(raw, limits.max_window_log), limits.max_unpacked_size)
-    try:
-        tar = tarfile.open(fileobj=counter, mode="r|", bufsize=CHUNK)
+    with _reading(raw, limits) as tar:
         meta = _read_metadata_member(tar, limits)
         members = check_manifest(meta, expected_key, limits)
-        count = 1
-        end = tar.offset
         while (info := tar.next()) is not None:
-            count += 1
-            end = info.offset_data + (-(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if info.isreg() else 0)
-            if count > limits.max_members:
-                raise ArtifactError("too_many_members", f"artifact has more than {limits.max_members} members")
             _verify_member(tar, info, members, sink)
-            tar.members.clear()  # stream mode keeps every TarInfo; we need none of them
         if members:
             missing = ", ".join(sorted(members)[:5])
             raise ArtifactError("missing_member", f"artifact lacks members its metadata lists: {missing}")
-        # The rest of the stream is the tar's zero padding; anything else is smuggled data.
-        while counter.read(CHUNK):
-            pass
-        if counter.last_nonzero >= end:
-            raise ArtifactError("trailing_data", "artifact has data after the end of its tar archive")
-    except zstd.ZstdError as exc:
-        raise ArtifactError("bad_zstd", str(exc)) from None
-    except _tar_errors() as exc:
-        raise ArtifactError("bad_tar", f"not a valid tar archive: {exc}") from None
+        tar.finish()  # the rest of the stream is zero padding; anything else is smuggled data
+        if sink is not None:
+            sink.finish()
     return meta
 
 
-def _read_metadata_member(tar: tarfile.TarFile, limits: Limits) -> dict:
+# What a manifest may hold, whatever its byte size: one object per entry and a few around them,
+# nested no deeper than the format's three levels (and a little room). Checked on the raw bytes
+# before parsing, so a hostile manifest costs neither memory nor recursion.
+MAX_MANIFEST_DEPTH = 8
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def _check_json_shape(data: bytes, limits: Limits) -> None:
+    containers = data.count(b"{") + data.count(b"[")  # strings may hold some: an upper bound
+    if containers > limits.max_members + 16:
+        raise ArtifactError("bad_metadata", f"{METADATA_NAME} holds more than {limits.max_members} entries")
+    depth = 0
+    for byte in _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS):
+        depth += 1 if byte in b"[{" else -1
+        if depth > MAX_MANIFEST_DEPTH:
+            raise ArtifactError("bad_metadata", f"{METADATA_NAME} is nested deeper than {MAX_MANIFEST_DEPTH} levels")
+
+
+def _read_metadata_member(tar: TarReader, limits: Limits) -> dict:
     first = tar.next()
-    if first is None or first.name != METADATA_NAME or not first.isreg():
+    if first is None or first.name != METADATA_NAME or first.kind != "file":
         raise ArtifactError("bad_metadata", f"the first member must be the file {METADATA_NAME}")
     if first.size > limits.max_metadata_size:
         raise ArtifactError("bad_metadata", f"{METADATA_NAME} is over {limits.max_metadata_size} bytes")
-    data = tar.extractfile(first).read()
-    if len(data) != first.size:
-        raise ArtifactError("bad_tar", f"{METADATA_NAME} is truncated")
+    data = b"".join(tar.data())
+    _check_json_shape(data, limits)
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ArtifactError("bad_metadata", f"{METADATA_NAME} is not valid JSON: {exc}") from None
 
 
-def _verify_member(tar: tarfile.TarFile, info: tarfile.TarInfo, members: dict, sink: Sink | None) -> None:
+def _verify_member(tar: TarReader, info: Member, members: dict, sink: Sink | None) -> None:
     name = info.name
     if name.startswith(OUTPUTS_PREFIX):
         check_relpath(name[len(OUTPUTS_PREFIX):], "member")
@@ -274,81 +313,83 @@ def _verify_member(tar: tarfile.TarFile, info: tarfile.TarInfo, members: dict, s
     if expected is None:
         raise ArtifactError("unlisted_member", f"member {name!r} is not listed in the metadata (or repeated)")
     kind = expected[0]
-    if not (info.isreg() or info.isdir() or info.issym()):
-        raise ArtifactError("bad_member_type", f"member {name!r} is a device, fifo or hard link")
     if kind == "dir":
-        if not info.isdir():
+        if info.kind != "dir":
             raise ArtifactError("type_mismatch", f"member {name!r} should be a directory")
         if sink is not None:
             sink.make_dir(name)
         return
     if kind == "symlink":
-        if not info.issym() or info.linkname != expected[1]:
+        if info.kind != "symlink" or info.linkname != expected[1]:
             raise ArtifactError("type_mismatch", f"member {name!r} should be a symlink to {expected[1]!r}")
         if sink is not None:
             sink.make_symlink(name, expected[1])
         return
     _, sha, size, mode = expected
-    if not info.isreg():
+    if info.kind != "file":
         raise ArtifactError("type_mismatch", f"member {name!r} should be a regular file")
     if info.size != size:
         raise ArtifactError("size_mismatch", f"member {name!r} has {info.size} bytes, metadata says {size}")
-    if info.mode & 0o7777 != mode:
-        raise ArtifactError("mode_mismatch", f"member {name!r} has mode {info.mode & 0o7777:o}, metadata says {mode:o}")
-    src = tar.extractfile(info)
+    if info.mode != mode:
+        raise ArtifactError("mode_mismatch", f"member {name!r} has mode {info.mode:o}, metadata says {mode:o}")
     out = sink.open_file(name, mode) if sink is not None else None
     digest = hashlib.sha256()
-    got = 0
     try:
-        while True:
-            chunk = src.read(CHUNK)
-            if not chunk:
-                break
+        for chunk in tar.data():
             digest.update(chunk)
-            got += len(chunk)
             if out is not None:
                 out.write(chunk)
     finally:
         if out is not None:
             out.close()
-    if got != size:
-        raise ArtifactError("size_mismatch", f"member {name!r} is truncated")
     if digest.hexdigest() != sha:
         raise ArtifactError("hash_mismatch", f"member {name!r} does not match its sha256")
 
 
 class _DirSink:
-    """Writes verified members under fresh folders, refusing to follow or replace anything."""
+    """Writes verified members under fresh folders, never through a link, symlinks last.
+
+    Every path is walked from its root one component at a time without following links
+    (see :mod:`nofollow`), and files are created with ``O_EXCL``: a name that an
+    insensitive filesystem merges with an earlier one fails instead of landing elsewhere.
+    Symlinks are only created once every file and folder is written, so no write can pass
+    through a link the artifact itself made.
+    """
 
     def __init__(self, outputs_dir: Path, logs_dir: Path | None) -> None:
         self._roots = {OUTPUTS_PREFIX: outputs_dir, LOGS_PREFIX: logs_dir}
+        self._links: list[tuple[str, str]] = []
 
-    def _path(self, name: str) -> Path | None:
+    def _where(self, name: str) -> tuple[Path | None, str]:
         prefix = OUTPUTS_PREFIX if name.startswith(OUTPUTS_PREFIX) else LOGS_PREFIX
-        root = self._roots[prefix]
-        if root is None:
-            return None
-        path = root / name[len(prefix):]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
+        return self._roots[prefix], name[len(prefix):]
 
     def open_file(self, name: str, mode: int) -> BinaryIO:
-        path = self._path(name)
-        if path is None:
+        root, rel = self._where(name)
+        if root is None:
             return open(os.devnull, "wb")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        os.fchmod(fd, mode)  # the umask must not change what the manifest promised
-        return os.fdopen(fd, "wb")
+        try:
+            return os.fdopen(nofollow.create_file(root, rel, mode), "wb")
+        except FileExistsError:
+            raise ArtifactError("path_conflict", f"member {name!r} names an entry that exists already") from None
 
     def make_dir(self, name: str) -> None:
-        path = self._path(name)
-        if path is not None:
-            path.mkdir(mode=DIR_MODE, exist_ok=True)
+        root, rel = self._where(name)
+        if root is not None:
+            nofollow.make_dirs(root, rel)
 
     def make_symlink(self, name: str, target: str) -> None:
-        path = self._path(name)
-        if path is not None:
-            os.symlink(target, path)
+        self._links.append((name, target))
+
+    def finish(self) -> None:
+        for name, target in self._links:
+            root, rel = self._where(name)
+            if root is None:
+                continue
+            try:
+                nofollow.make_symlink(root, rel, target)
+            except FileExistsError:
+                raise ArtifactError("path_conflict", f"member {name!r} names an entry that exists already") from None
 
 
 def extract(
@@ -372,16 +413,24 @@ def extract(
     return verify_stream(raw, expected_key=expected_key, limits=limits, sink=_DirSink(outputs_dir, logs_dir))
 
 
+def place(staging: Path, dest: Path, meta: dict) -> None:
+    """Move an extracted artifact's outputs from ``staging`` into ``dest``: files and folders, then links.
+
+    No component of either side is followed through a symlink (a folder of the package that is
+    a link, or one swapped for a link meanwhile, stops the restore with ``unsafe_path``).
+    """
+    paths = sorted(meta["files"]) + sorted(meta["symlinks"])
+    try:
+        for rel in paths:
+            nofollow.move(staging, dest, rel)
+    except LinkInPath as exc:
+        raise ArtifactError("unsafe_path", str(exc)) from None
+
+
 def read_metadata(raw: BinaryIO, limits: Limits = Limits()) -> dict:
     """Read and validate only the manifest at the head of an artifact."""
-    counter = _Counter(zstd.DecompressingReader(raw, limits.max_window_log), limits.max_unpacked_size)
-    try:
-        tar = tarfile.open(fileobj=counter, mode="r|", bufsize=64 * 1024)
+    with _reading(raw, limits) as tar:
         meta = _read_metadata_member(tar, limits)
-    except zstd.ZstdError as exc:
-        raise ArtifactError("bad_zstd", str(exc)) from None
-    except _tar_errors() as exc:
-        raise ArtifactError("bad_tar", f"not a valid tar archive: {exc}") from None
     check_manifest(meta, None, limits)
     return meta
 
@@ -451,18 +500,6 @@ def _log_entry(log: bytes | Path) -> dict:
     return {"sha256": hashlib.sha256(log).hexdigest(), "size": len(log)}
 
 
-def _tarinfo(name: str, kind: bytes, mode: int, size: int = 0, target: str = "") -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.mode = mode
-    info.size = size
-    info.linkname = target
-    info.mtime = 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
 def pack(
     dest: BinaryIO,
     root: Path,
@@ -492,27 +529,27 @@ def pack(
     )
     blob = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
     with zstd.CompressingWriter(dest, level) as writer:
-        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
-            tar.addfile(_tarinfo(METADATA_NAME, tarfile.REGTYPE, 0o644, len(blob)), io.BytesIO(blob))
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT, encoding=ENCODING, bufsize=CHUNK) as tar:
+            tar.addfile(member_info(METADATA_NAME, tarfile.REGTYPE, 0o644, len(blob)), io.BytesIO(blob))
             entries = [(p, "file") for p in files] + [(p, "link") for p in links]
             for rel, kind in sorted(entries):
                 name = OUTPUTS_PREFIX + rel
                 if kind == "link":
-                    tar.addfile(_tarinfo(name, tarfile.SYMTYPE, 0o777, target=links[rel]))
+                    tar.addfile(member_info(name, tarfile.SYMTYPE, 0o777, target=links[rel]))
                     continue
                 entry = files[rel]
                 if entry.get("type") == "dir":
-                    tar.addfile(_tarinfo(name, tarfile.DIRTYPE, DIR_MODE))
+                    tar.addfile(member_info(name, tarfile.DIRTYPE, DIR_MODE))
                     continue
                 with open(root / rel, "rb") as fh:
                     reader = HashingReader(fh)
-                    tar.addfile(_tarinfo(name, tarfile.REGTYPE, entry["mode"], entry["size"]), reader)
+                    tar.addfile(member_info(name, tarfile.REGTYPE, entry["mode"], entry["size"]), reader)
                 if reader.digest.hexdigest() != entry["sha256"]:
                     raise ArtifactError("changed_while_packing", f"output {rel!r} changed while it was packed")
             entry = meta["logs"][LOG_NAME]
             with (open(log, "rb") if isinstance(log, Path) else io.BytesIO(log)) as fh:
                 reader = HashingReader(fh)
-                tar.addfile(_tarinfo(LOGS_PREFIX + LOG_NAME, tarfile.REGTYPE, 0o644, entry["size"]), reader)
+                tar.addfile(member_info(LOGS_PREFIX + LOG_NAME, tarfile.REGTYPE, 0o644, entry["size"]), reader)
             if reader.digest.hexdigest() != entry["sha256"]:
                 raise ArtifactError("changed_while_packing", "the log changed while it was packed")
     return meta

@@ -1,0 +1,206 @@
+"""A strict, streaming reader for the one tar layout artifacts use; and the header the packer writes.
+
+``tarfile`` reads a whole PAX or GNU extended header (types ``x``, ``g``, ``L``, ``K``) into one
+bytes object before anything can look at its size, takes sparse members whose expanded size
+hides the bytes after them, and never looks at padding or at header fields it does not use.
+An artifact is only ever written by :func:`polykit_client.artifact.pack`, so this reader accepts
+exactly what that writes and checks every byte of it:
+
+- each header, with its PAX extended header if it has one, must be byte for byte the header
+  :func:`header` builds for the same name, type, mode, size and link target (POSIX ustar,
+  POSIX.1-2001 pax for long or non-ASCII names, mtime 0, owner 0 with empty names);
+- a PAX header is at most :data:`MAX_PAX_HEADER` bytes, checked before it is read, and may only
+  hold the records in :data:`PAX_KEYS` (no ``comment``, no ``GNU.sparse.*``, no global header);
+- only regular files, folders and symlinks: no sparse, GNU long-name, device, fifo or hard link;
+- the padding after a member's data, the end-of-archive blocks and everything after them are
+  zero bytes.
+
+So every byte of an accepted archive is either compared here or hashed against the manifest.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+BLOCK = tarfile.BLOCKSIZE
+CHUNK = 1024 * 1024
+# A PAX header holds at most a path and a link target (4096 bytes each, see artifact.check_relpath)
+# and a size: 16 KiB is ample, and it is all this reader ever holds of one header.
+MAX_PAX_HEADER = 16 * 1024
+# The records tarfile's PAX writer emits for our members: a long or non-ASCII path or link
+# target, and the size of a file over 8 GiB (POSIX.1-2001, "pax Extended Header Keywords").
+PAX_KEYS = frozenset({"path", "linkpath", "size"})
+MEMBER_TYPES = {tarfile.REGTYPE: "file", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink"}
+_ZERO_BLOCK = bytes(BLOCK)
+ENCODING = "utf-8"  # of names in PAX records, whatever the locale
+
+
+class TarFormatError(ValueError):
+    """The stream is not an archive of the form we write; ``reason`` is a machine word."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    kind: str  # "file", "dir" or "symlink"
+    mode: int
+    size: int
+    linkname: str
+
+
+def member_info(name: str, kind: bytes, mode: int, size: int = 0, target: str = "") -> tarfile.TarInfo:
+    """The header the packer writes for a member: no times, owners or names beyond the manifest's."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = mode
+    info.size = size
+    info.linkname = target
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def header(name: str, kind: bytes, mode: int, size: int = 0, target: str = "") -> bytes:
+    """The exact bytes of that header (PAX header included when needed), as a ``w|`` PAX tarfile writes it."""
+    return member_info(name, kind, mode, size, target).tobuf(tarfile.PAX_FORMAT, ENCODING, "strict")
+
+
+def _octal(field: bytes, what: str) -> int:
+    digits = field.rstrip(b"\0 ")
+    if not digits or not digits.isdigit() or b"8" in digits or b"9" in digits:
+        raise TarFormatError("bad_tar", f"tar header field {what} is not an octal number")
+    return int(digits, 8)
+
+
+def _text(field: bytes) -> str:
+    try:
+        return field.split(b"\0", 1)[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise TarFormatError("bad_tar", "a tar header name is not UTF-8") from None
+
+
+def _check_block(block: bytes) -> None:
+    if block[257:265] != b"ustar\x0000":
+        raise TarFormatError("bad_tar", "not a POSIX ustar header")
+    stored = _octal(block[148:156], "chksum")
+    if stored != sum(block[:148]) + 8 * 0x20 + sum(block[156:]):
+        raise TarFormatError("bad_tar", "a tar header checksum does not match")
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """Parse ``"%d %s=%s\\n"`` records; any key outside :data:`PAX_KEYS` is refused."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos, pos + 20)
+        if space <= pos or not data[pos:space].isdigit():
+            raise TarFormatError("bad_tar", "a PAX record has no valid length")
+        length = int(data[pos:space])
+        record = data[space + 1:pos + length]
+        if length <= space - pos or pos + length > len(data) or not record.endswith(b"\n") or b"=" not in record:
+            raise TarFormatError("bad_tar", "a PAX record is malformed")
+        key, _, value = record[:-1].partition(b"=")
+        name = key.decode("ascii", "replace")
+        if name not in PAX_KEYS:
+            raise TarFormatError("bad_header", f"PAX record {name!r} is not one the packer writes")
+        if name in records:
+            raise TarFormatError("bad_header", f"PAX record {name!r} is repeated")
+        try:
+            records[name] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TarFormatError("bad_tar", f"PAX record {name!r} is not UTF-8") from None
+        pos += length
+    return records
+
+
+class TarReader:
+    """Reads members one by one from a stream of tar bytes; nothing is held beyond one header."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._left = 0  # data bytes of the current member not read yet
+        self._padding = 0
+
+    def _read_exact(self, size: int) -> bytes:
+        parts = []
+        while size > 0:
+            data = self._stream.read(min(size, CHUNK))
+            if not data:
+                raise TarFormatError("bad_tar", "the tar archive ends inside a member")
+            parts.append(data)
+            size -= len(data)
+        return b"".join(parts)
+
+    def next(self) -> Member | None:
+        """The next member's header, or None at the end-of-archive block."""
+        if self._left or self._padding:
+            raise RuntimeError("read the data of the previous member first")
+        block = self._read_exact(BLOCK)
+        if block == _ZERO_BLOCK:
+            return None
+        _check_block(block)
+        raw = block
+        records: dict[str, str] = {}
+        if block[156:157] == tarfile.XHDTYPE:
+            size = _octal(block[124:136], "size")
+            if size > MAX_PAX_HEADER:
+                raise TarFormatError("header_too_large", f"a PAX header of {size} bytes is over {MAX_PAX_HEADER}")
+            data = self._read_exact(size + (-size % BLOCK))
+            if data[size:].strip(b"\0"):
+                raise TarFormatError("bad_padding", "the padding of a PAX header is not zero")
+            records = _pax_records(data[:size])
+            block = self._read_exact(BLOCK)
+            _check_block(block)
+            raw += data + block
+        kind_byte = block[156:157]
+        kind = MEMBER_TYPES.get(kind_byte)
+        name = records.get("path") or _member_name(block)
+        if kind is None:
+            raise TarFormatError("bad_member_type", f"member {name!r} is not a file, folder or symlink (type {kind_byte!r})")
+        if kind == "dir":
+            name = name.rstrip("/")
+        mode = _octal(block[100:108], "mode")
+        size = int(records["size"]) if records.get("size", "").isdigit() else _octal(block[124:136], "size")
+        linkname = records.get("linkpath") or _text(block[157:257])
+        member = Member(name, kind, mode, size if kind == "file" else 0, linkname if kind == "symlink" else "")
+        try:
+            expected = header(member.name, kind_byte, mode & 0o7777, member.size, member.linkname)
+        except (ValueError, UnicodeEncodeError):
+            expected = b""
+        if raw != expected:
+            raise TarFormatError("bad_header", f"the header of member {name!r} carries fields the packer does not write")
+        self._left = member.size
+        self._padding = -member.size % BLOCK
+        return member
+
+    def data(self) -> Iterator[bytes]:
+        """The current member's data in chunks; its padding is checked to be zero."""
+        while self._left:
+            chunk = self._stream.read(min(self._left, CHUNK))
+            if not chunk:
+                raise TarFormatError("bad_tar", "the tar archive ends inside a member")
+            self._left -= len(chunk)
+            yield chunk
+        if self._padding:
+            pad = self._read_exact(self._padding)
+            self._padding = 0
+            if pad.strip(b"\0"):
+                raise TarFormatError("bad_padding", "the padding after a member's data is not zero")
+
+    def finish(self) -> None:
+        """After the end-of-archive block: the rest of the stream must be zero bytes."""
+        while data := self._stream.read(CHUNK):
+            if data.strip(b"\0"):
+                raise TarFormatError("trailing_data", "artifact has data after the end of its tar archive")
+
+
+def _member_name(block: bytes) -> str:
+    prefix, name = _text(block[345:500]), _text(block[0:100])
+    return f"{prefix}/{name}" if prefix else name
