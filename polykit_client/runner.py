@@ -217,15 +217,6 @@ def _globs(patterns: tuple[str, ...] | None) -> GlobSet:
     return GlobSet(patterns or ())
 
 
-def _check_no_link_above(root: Path, rel: str) -> None:
-    """Refuse to write ``rel`` when a folder on its way inside ``root`` is a symlink."""
-    parent = root
-    for part in rel.split("/")[:-1]:
-        parent = parent / part
-        if parent.is_symlink():
-            raise artifact.ArtifactError("unsafe_path", f"{rel!r} would be written through the symlink {part!r}")
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -448,16 +439,7 @@ class TaskRunner:
             self._forget_record(node)
             for stale in expand_outputs(pkg.dir, task.outputs or ()):
                 _remove(pkg.dir / stale)
-            for rel in restored:
-                src, dst = staging / "outputs" / rel, pkg.dir / rel
-                _check_no_link_above(pkg.dir, rel)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                if dst.is_dir() and not dst.is_symlink():
-                    if src.is_dir() and not src.is_symlink():
-                        continue  # an empty folder that exists already
-                    shutil.rmtree(dst)
-                # A rename when the cache folder shares the package's filesystem, a copy otherwise.
-                shutil.move(src, dst)
+            artifact.place(staging / "outputs", pkg.dir, meta)
             if keep is not None:
                 keep(key, path)  # a verified download joins the local cache
             self._write_record(node, pkg, task, key, staging / "logs" / artifact.LOG_NAME, int(meta.get("duration_ms", 0)))
