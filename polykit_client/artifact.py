@@ -346,7 +346,7 @@ def _verify_member(tar: TarReader, info: Member, members: dict, sink: Sink | Non
         raise ArtifactError("hash_mismatch", f"member {name!r} does not match its sha256")
 
 
-class _DirSink:
+class DirSink:
     """Writes verified members under fresh folders, never through a link, symlinks last.
 
     Every path is walked from its root one component at a time without following links
@@ -410,7 +410,7 @@ def extract(
             folder.mkdir(parents=True, exist_ok=True)
             if any(folder.iterdir()):
                 raise FileExistsError(f"{folder} is not empty")
-    return verify_stream(raw, expected_key=expected_key, limits=limits, sink=_DirSink(outputs_dir, logs_dir))
+    return verify_stream(raw, expected_key=expected_key, limits=limits, sink=DirSink(outputs_dir, logs_dir))
 
 
 def place(staging: Path, dest: Path, meta: dict) -> None:

@@ -103,6 +103,38 @@ def craft(files: dict[str, bytes], *, key: str = KEY, meta: dict | None = None, 
     return zst(raw_tar(members))
 
 
+def header(name: str, size: int = 0, *, kind: bytes = tarfile.REGTYPE, mode: int = 0o644, linkname: str = "",
+           fmt: int = tarfile.USTAR_FORMAT, **fields) -> bytes:
+    """One raw tar header; ``fields`` set other TarInfo attributes (mtime, uname, ...)."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.mode, info.linkname, info.mtime = kind, size, mode, linkname, 0
+    for attr, value in fields.items():
+        setattr(info, attr, value)
+    return info.tobuf(format=fmt, encoding="utf-8", errors="surrogateescape")
+
+
+def padded(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+
+
+def pax_header(records: dict[str, bytes], kind: bytes = tarfile.XHDTYPE) -> bytes:
+    """A PAX extended header (POSIX.1-2001) carrying exactly ``records``."""
+    body = b""
+    for key, value in records.items():
+        tail = b" " + key.encode() + b"=" + value + b"\n"
+        length = len(tail) + len(str(len(tail)))
+        length = len(tail) + len(str(length))
+        body += str(length).encode() + tail
+    return header("././@PaxHeader", len(body), kind=kind) + padded(body)
+
+
+def tar_member(name: str, data: bytes = b"", mode: int = 0o644) -> bytes:
+    return header(name, len(data), mode=mode) + padded(data)
+
+
+TAR_END = b"\0" * 1024
+
+
 # --- WSGI -------------------------------------------------------------------------------------
 
 

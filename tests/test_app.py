@@ -1,12 +1,15 @@
 """The WSGI application called directly (no socket): every status code and JSON error body."""
 
 import io
+import json
 import os
 from contextlib import contextmanager
 
 import pytest
 
-from support import KEY, OTHER_KEY, ExplodingInput, call, craft, key_for, manifest, new_app, pack_tree, sha
+from support import (
+    KEY, OTHER_KEY, TAR_END, ExplodingInput, call, craft, key_for, manifest, new_app, pack_tree, pax_header, sha, tar_member, zst,
+)
 
 ART = f"/v1/artifacts/{KEY}"
 
@@ -92,12 +95,19 @@ def test_a_body_of_exactly_the_limit_is_accepted(tmp_path):
 
 MALFORMED = {
     "not zstd": b"plain text, not an artifact",
-    "zstd but not tar": __import__("support").zst(b"x" * 4096),
+    "zstd but not tar": zst(b"x" * 4096),
     "metadata for another key": craft({"a": b"1"}, meta=manifest({"a": b"1"}, key=OTHER_KEY)),
     "hash mismatch": craft({"a": b"1"}, meta=manifest({"a": b"2"})),
     "symlink out": craft({}, symlinks={"x": "../../../etc/passwd"}),
     "truncated": craft({"a": os.urandom(10_000)})[:-100],
     "empty body": b"",
+    "names one filesystem merges": craft({"a/X": b"1", "a/x": b"2"}),
+    "a file under a link of another case": craft({"d/a/f": b"1"}, symlinks={"d/A": "."}),
+    "no log member": craft({"a": b"1"}, meta={**manifest({"a": b"1"}), "logs": {}}, drop=("logs/output.log",)),
+    "a PAX comment": zst(
+        tar_member("polykit-artifact.json", json.dumps(manifest({})).encode())
+        + pax_header({"comment": b"unchecked"}) + tar_member("logs/output.log") + TAR_END),
+    "a manifest nested 100,000 deep": zst(tar_member("polykit-artifact.json", b"[" * 100_000) + TAR_END),
 }
 
 

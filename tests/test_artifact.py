@@ -9,7 +9,9 @@ import pytest
 
 from polykit_client import artifact
 from polykit_client.artifact import ArtifactError, Limits
-from support import KEY, OTHER_KEY, craft, manifest, member, raw_tar, sha, zst
+from support import (
+    KEY, OTHER_KEY, TAR_END, craft, header, manifest, member, pax_header, padded, raw_tar, sha, tar_member, zst,
+)
 
 
 def make_tree(root: Path) -> None:
@@ -241,3 +243,376 @@ def test_check_relpath_and_cache_keys():
         with pytest.raises(ArtifactError):
             artifact.check_relpath(bad)
     assert artifact.check_relpath("a/b.c") == "a/b.c"
+
+
+# --- names one filesystem would merge -------------------------------------------------------
+
+NFC, NFD = "caf\u00e9", "cafe\u0301"
+
+MERGED_NAMES = {
+    "two files differing by case": craft({"dist/App.js": b"1", "dist/app.js": b"2"}),
+    "two files in NFC and NFD": craft({f"dist/{NFC}": b"1", f"dist/{NFD}": b"2"}),
+    "a file and a symlink differing by case": craft({"dist/a": b"1"}, symlinks={"dist/A": "a2"}),
+    "a file under a symlink differing by case": craft({"x/a/f": b"1"}, symlinks={"x/A": "."}),
+    "a file under a file in NFD": craft({f"x/{NFC}": b"1", f"x/{NFD}/f": b"2"}),
+    "a file under a symlink in NFC": craft({f"x/{NFD}/B/f": b"1"}, symlinks={f"x/{NFC}": ".."}),
+    "a folder and a file differing by case": craft(
+        {"d": b"1"}, meta={**manifest({"d": b"1"}), "files": {**manifest({"d": b"1"})["files"], "D": {"type": "dir"}}}
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MERGED_NAMES))
+def test_names_that_differ_only_by_case_or_normalisation_are_refused(case, tmp_path):
+    with pytest.raises(ArtifactError) as err:
+        artifact.extract(io.BytesIO(MERGED_NAMES[case]), tmp_path / "out", logs_dir=tmp_path / "logs")
+    assert err.value.reason == "path_conflict", str(err.value)
+    assert not any((tmp_path / "out").iterdir())  # refused from the manifest, before any member
+
+
+def test_fold_is_caseless_and_canonical():
+    assert artifact.fold("Dist/APP.js") == artifact.fold("dist/app.js")
+    assert artifact.fold(NFC) == artifact.fold(NFD) == artifact.fold("CAF\u00c9")
+    assert artifact.fold("stra\u00dfe") == artifact.fold("STRASSE")
+    assert artifact.fold("a") != artifact.fold("b")
+
+
+def test_folders_that_differ_by_case_may_hold_different_files(tmp_path):
+    # Not the same entry twice: on an insensitive filesystem both land in one folder.
+    blob = craft({"A/x": b"1", "a/y": b"2"})
+    artifact.extract(io.BytesIO(blob), tmp_path / "out", logs_dir=tmp_path / "logs", expected_key=KEY)
+    assert (tmp_path / "out" / "A" / "x").read_bytes() == b"1"
+
+
+# --- extraction never follows a link ----------------------------------------------------------
+
+
+class WatchingSink(artifact.DirSink):
+    """The real sink, checking before every file and folder it writes that no symlink exists yet."""
+
+    def __init__(self, out: Path, logs: Path) -> None:
+        super().__init__(out, logs)
+        self.out = out
+        self.writes = 0
+
+    def _no_links_yet(self) -> None:
+        assert not [p for p in self.out.rglob("*") if p.is_symlink()]
+        self.writes += 1
+
+    def open_file(self, name, mode):
+        self._no_links_yet()
+        return super().open_file(name, mode)
+
+    def make_dir(self, name):
+        self._no_links_yet()
+        super().make_dir(name)
+
+
+def test_symlinks_are_made_after_every_file_whatever_the_member_order(tmp_path):
+    files, links = {"b/f": b"1", "z/g": b"2"}, {"a": "b", "b/l": "f", "y": "z/g"}
+    meta = manifest(files, symlinks=links, dirs=("e",))
+    members = [member("polykit-artifact.json", __import__("json").dumps(meta).encode())]
+    members += [member("outputs/" + p, kind=tarfile.SYMTYPE, linkname=t, mode=0o777) for p, t in links.items()]
+    members += [member("outputs/e", kind=tarfile.DIRTYPE, mode=0o755)]
+    members += [member("outputs/" + p, d) for p, d in files.items()] + [member("logs/output.log", b"")]
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    out.mkdir()
+    logs.mkdir()
+    sink = WatchingSink(out, logs)
+    artifact.verify_stream(io.BytesIO(zst(raw_tar(members))), expected_key=KEY, sink=sink)
+    assert sink.writes == 4  # two files, a folder and the log
+    assert (out / "a").is_symlink() and (out / "a" / "f").read_bytes() == b"1"
+    assert os.readlink(out / "y") == "z/g" and (out / "e").is_dir()
+
+
+class SwapAfter:
+    """A stream that swaps a folder of the extraction for a link to ``outside`` once ``after`` bytes are read."""
+
+    def __init__(self, data: bytes, after: int, folder: Path, outside: Path) -> None:
+        self._fh, self._after, self._folder, self._outside = io.BytesIO(data), after, folder, outside
+        self.swapped = False
+
+    def read(self, size=-1):
+        data = self._fh.read(size if size and size > 0 else -1)
+        if not self.swapped and self._fh.tell() >= self._after and self._folder.is_dir():
+            self._folder.rename(self._folder.with_name("moved"))
+            os.symlink(self._outside, self._folder)
+            self.swapped = True
+        return data
+
+
+def test_a_folder_swapped_for_a_link_mid_restore_is_not_followed(tmp_path):
+    big = os.urandom(3 << 20)  # incompressible, so the stream is read in several pieces
+    blob = craft({"d/a.bin": big, "d/z.txt": b"late"})
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    stream = SwapAfter(blob, len(blob) // 2, out / "d", outside)
+    with pytest.raises(ArtifactError) as err:
+        artifact.extract(stream, out, logs_dir=tmp_path / "logs", expected_key=KEY)
+    assert stream.swapped and err.value.reason == "unsafe_path"
+    assert not any(outside.iterdir())
+
+
+def test_place_moves_files_then_links_and_never_through_a_link_in_the_destination(tmp_path):
+    src = tmp_path / "src"
+    make_tree(src)
+    staging, logs = tmp_path / "staging", tmp_path / "logs"
+    meta = artifact.extract(io.BytesIO(pack(src)), staging, logs_dir=logs, expected_key=KEY)
+    dest = tmp_path / "pkg"
+    (dest / "dist" / "empty").mkdir(parents=True)
+    (dest / "dist" / "latest").mkdir()  # a folder where the artifact has a link: replaced
+    artifact.place(staging, dest, meta)
+    assert (dest / "dist" / "sub" / "data.bin").read_bytes() == (src / "dist" / "sub" / "data.bin").read_bytes()
+    assert os.readlink(dest / "dist" / "latest") == "app.js"
+    assert (dest / "dist" / "sublink" / "data.bin").is_file()
+
+    outside, other = tmp_path / "outside", tmp_path / "pkg2"
+    outside.mkdir()
+    other.mkdir()
+    os.symlink(outside, other / "dist")
+    staging2 = tmp_path / "staging2"
+    meta = artifact.extract(io.BytesIO(pack(src)), staging2, logs_dir=tmp_path / "logs2", expected_key=KEY)
+    with pytest.raises(ArtifactError) as err:
+        artifact.place(staging2, other, meta)
+    assert err.value.reason == "unsafe_path" and "through the symlink" in str(err.value)
+    assert not any(outside.iterdir())
+
+
+# --- every byte checked, memory bounded -------------------------------------------------------
+
+
+def _tar(*parts: bytes, meta: dict | None = None, files: dict | None = None) -> bytes:
+    import json
+
+    files = {"a.js": b"x"} if files is None else files
+    blob = json.dumps(meta or manifest(files)).encode()
+    return zst(tar_member("polykit-artifact.json", blob) + b"".join(parts))
+
+
+def _sparse(name: str, realsize: int, stored: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.mode, info.mtime = tarfile.GNUTYPE_SPARSE, len(stored), 0o644, 0
+    head = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    head[386:398] = tarfile.itn(0, 12, tarfile.GNU_FORMAT)
+    head[398:410] = tarfile.itn(len(stored), 12, tarfile.GNU_FORMAT)
+    head[483:495] = tarfile.itn(realsize, 12, tarfile.GNU_FORMAT)
+    head[148:156] = b"        "
+    head[148:156] = ("%06o\0 " % sum(head[:512])).encode()
+    return bytes(head) + padded(stored)
+
+
+LOG = tar_member("logs/output.log", b"")
+A_JS = tar_member("outputs/a.js", b"x")
+
+UNCHECKED = {
+    "a PAX comment record": (_tar(pax_header({"comment": b"hidden" * 100}), A_JS, LOG, TAR_END), "bad_header"),
+    "a PAX record on the manifest": (
+        zst(pax_header({"comment": b"x"}) + tar_member("polykit-artifact.json", b"{}") + TAR_END), "bad_header"),
+    "a PAX global header": (_tar(pax_header({"path": b"x"}, kind=tarfile.XGLTYPE), A_JS, LOG, TAR_END), "bad_member_type"),
+    "GNU sparse records in PAX": (_tar(pax_header({"GNU.sparse.size": b"99"}), A_JS, LOG, TAR_END), "bad_header"),
+    "a PAX header over the bound": (_tar(pax_header({"path": b"a" * 20_000}), A_JS, LOG, TAR_END), "header_too_large"),
+    "a GNU long name": (
+        _tar(header("././@LongLink", 13, kind=tarfile.GNUTYPE_LONGNAME) + padded(b"outputs/a.js\0"), A_JS, LOG, TAR_END),
+        "bad_member_type"),
+    "a sparse member hiding data after the archive": (
+        _tar(LOG, _sparse("outputs/a.js", 1 << 20, b"x"), TAR_END, b"SMUGGLED" * 100, files={"a.js": b"x" + bytes((1 << 20) - 1)}),
+        "bad_tar"),
+    "non-zero padding after a member": (_tar(header("outputs/a.js", 1) + b"x" + b"hidden" + bytes(505), LOG, TAR_END), "bad_padding"),
+    "non-zero padding after the manifest": (
+        zst(header("polykit-artifact.json", 2) + b"{}" + b"!" + bytes(509) + TAR_END), "bad_padding"),
+    "a member with an mtime": (_tar(header("outputs/a.js", 1, mtime=1_700_000_000) + padded(b"x"), LOG, TAR_END), "bad_header"),
+    "a member with an owner name": (_tar(header("outputs/a.js", 1, uname="root") + padded(b"x"), LOG, TAR_END), "bad_header"),
+    "a member with a uid": (_tar(header("outputs/a.js", 1, uid=1000) + padded(b"x"), LOG, TAR_END), "bad_header"),
+    "a GNU-format header": (_tar(header("outputs/a.js", 1, fmt=tarfile.GNU_FORMAT) + padded(b"x"), LOG, TAR_END), "bad_tar"),
+    "a symlink last, then data": (
+        _tar(LOG, header("outputs/l", kind=tarfile.SYMTYPE, mode=0o777, linkname="a"), TAR_END, b"\x01" * 10,
+             meta={**manifest({}), "symlinks": {"l": "a"}}),
+        "trailing_data"),
+    "a folder last, then data": (
+        _tar(LOG, header("outputs/e/", kind=tarfile.DIRTYPE, mode=0o755), TAR_END, b"\x01",
+             meta=manifest({}, dirs=("e",))),
+        "trailing_data"),
+    "a folder with a size": (
+        _tar(LOG, header("outputs/e/", 512, kind=tarfile.DIRTYPE, mode=0o755) + bytes(512), TAR_END,
+             meta=manifest({}, dirs=("e",))),
+        "bad_header"),
+    "a bad header checksum": (_tar(A_JS[:100] + b"\x07" + A_JS[101:], LOG, TAR_END), "bad_tar"),
+    "data in the end-of-archive blocks": (_tar(A_JS, LOG, b"\0" * 700 + b"\x01" + b"\0" * 323), "trailing_data"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNCHECKED))
+def test_bytes_nothing_would_check_are_refused(case):
+    blob, reason = UNCHECKED[case]
+    with pytest.raises(ArtifactError) as err:
+        artifact.verify_stream(io.BytesIO(blob), expected_key=KEY)
+    assert err.value.reason == reason, str(err.value)
+
+
+def test_the_same_members_written_canonically_verify():
+    # The control for the table above: headers exactly as the packer writes them pass.
+    assert artifact.verify_stream(io.BytesIO(_tar(A_JS, LOG, TAR_END)), expected_key=KEY)["files"]["a.js"]["size"] == 1
+
+
+def test_long_and_non_ascii_names_round_trip_through_pax_headers(tmp_path):
+    long_dir = "d" * 150
+    files = {f"{long_dir}/{'n' * 120}.js": b"long", f"dist/{NFC}.txt": b"accent", "dist/\u65e5\u672c.txt": b"cjk"}
+    src = tmp_path / "src"
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    (src / "dist" / ("l" * 110)).symlink_to("../" + long_dir)
+    blob = pack(src, paths=("dist", long_dir))
+    out = tmp_path / "out"
+    artifact.extract(io.BytesIO(blob), out, logs_dir=tmp_path / "logs", expected_key=KEY)
+    for rel, data in files.items():
+        assert (out / rel).read_bytes() == data
+    assert os.readlink(out / "dist" / ("l" * 110)) == "../" + long_dir
+
+
+def test_an_extended_header_is_bounded_before_it_is_read(tmp_path):
+    # 256 MiB of PAX record in a few KiB of zstd, after a valid manifest: refused from the
+    # header's size field, so no side ever holds it (measured in a fresh process: VmHWM).
+    import json
+    import subprocess
+    import sys
+
+    import zstandard
+
+    co = zstandard.ZstdCompressor(level=3).compressobj()
+    record = 256 << 20
+    head = tar_member("polykit-artifact.json", json.dumps(manifest({"a.js": b"x"})).encode())
+    head += header("././@PaxHeader", record + 20, kind=tarfile.XHDTYPE) + b"%d comment=" % (record + 20)
+    parts = [co.compress(head)] + [co.compress(b"A" * (1 << 20)) for _ in range(record >> 20)] + [co.flush()]
+    path = tmp_path / "bomb.zst"
+    path.write_bytes(b"".join(parts))
+    assert path.stat().st_size < 64 * 1024
+    code = (
+        "import sys\n"
+        "from polykit_client import artifact\n"
+        "try:\n"
+        "    artifact.verify_stream(open(sys.argv[1], 'rb'), limits=artifact.Limits(max_unpacked_size=1 << 40))\n"
+        "except artifact.ArtifactError as exc:\n"
+        "    peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+        "    print(exc.reason, peak)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    reason, peak_kib = out.stdout.split()
+    assert reason == "header_too_large" and int(peak_kib) < 100 * 1024
+
+
+MANIFESTS = {
+    "nested 100,000 deep": b"[" * 100_000,
+    "nested in an extra field": b'{"format": 1, "extra": ' + b"[" * 50 + b"]" * 50 + b"}",
+    "too many objects": b"[" + b",".join([b"{}"] * 300) + b"]",
+    "over the byte bound": b'{"pad": "' + b" " * 5000 + b'"}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFESTS))
+def test_a_manifest_is_bounded_in_bytes_objects_and_depth(case):
+    blob = zst(tar_member("polykit-artifact.json", MANIFESTS[case]) + TAR_END)
+    with pytest.raises(ArtifactError) as err:
+        artifact.verify_stream(io.BytesIO(blob), limits=Limits(max_members=200, max_metadata_size=4096))
+    assert err.value.reason == "bad_metadata"
+
+
+def test_brackets_inside_names_do_not_count_as_nesting():
+    files = {"pages/[slug]/{id}.js": b"1", "pages/[[...all]].js": b"2"}
+    assert artifact.verify_stream(io.BytesIO(craft(files)), expected_key=KEY)["files"].keys() == files.keys()
+
+
+@pytest.mark.parametrize("logs", [{}, {"output.log": None, "other.log": None}, {"other.log": None}])
+def test_the_log_member_is_required_and_alone(logs):
+    meta = manifest({"a": b"1"})
+    entry = meta["logs"]["output.log"]
+    meta["logs"] = {name: entry for name in logs}
+    with pytest.raises(ArtifactError) as err:
+        artifact.verify_stream(io.BytesIO(craft({"a": b"1"}, meta=meta)), expected_key=KEY)
+    assert err.value.reason == "bad_metadata" and "output.log" in str(err.value)
+
+
+# --- on a real case-insensitive filesystem ----------------------------------------------------
+
+
+@pytest.fixture
+def insensitive_dir(tmp_path):
+    """A folder on a case- and normalisation-insensitive FUSE mount (root, /dev/fuse, libfuse2, fusepy)."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("a FUSE mount needs root and /dev/fuse")
+    probe = subprocess.run([sys.executable, "-c", "import fuse"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("fusepy or libfuse2 is not installed")
+    back, mnt = tmp_path / "back", tmp_path / "mnt"
+    back.mkdir()
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("insensitive_fs.py")), str(back), str(mnt)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if os.path.ismount(mnt) or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        if not os.path.ismount(mnt):
+            pytest.skip("the FUSE filesystem could not be mounted here")
+        (mnt / "Probe").mkdir()
+        assert (mnt / "probe").is_dir() and (mnt / "PROBE").is_dir()
+        (mnt / "Probe").rmdir()
+        yield mnt
+    finally:
+        if os.path.ismount(mnt):
+            tool = ["fusermount", "-u"] if shutil.which("fusermount") else ["umount", "-l"]
+            subprocess.run([*tool, str(mnt)], capture_output=True)
+        proc.terminate()
+        proc.wait(10)
+
+
+def escape_artifact() -> bytes:
+    """``x/A`` a link to the top, ``x/a/B`` a link climbing further, and a file written through both."""
+    x = "a1/a2/a3/a4/a5"
+    links = {f"{x}/A": "../../../../..", f"{x}/a/B": "../../../../.."}
+    path = f"{x}/a/b/.git/hooks/post-checkout"
+    return craft({path: b"#!/bin/sh\n"}, symlinks=links)
+
+
+def test_on_an_insensitive_mount_a_link_beside_a_folder_of_its_name_cannot_escape(insensitive_dir):
+    staging = insensitive_dir / "ws" / "cache" / "restore"
+    with pytest.raises(ArtifactError) as err:
+        artifact.extract(io.BytesIO(escape_artifact()), staging / "outputs", logs_dir=staging / "logs", expected_key=KEY)
+    assert err.value.reason == "path_conflict"
+    written = [p for p in (insensitive_dir / "ws").rglob("*") if not p.is_dir()]
+    assert written == []
+
+
+def test_on_an_insensitive_mount_the_walk_never_passes_a_link_under_another_spelling(insensitive_dir, tmp_path):
+    from polykit_client import nofollow
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = insensitive_dir / "root"
+    root.mkdir()
+    os.symlink(outside, root / "A")
+    os.symlink(outside, root / NFC)
+    for rel in ("a/x", f"{NFD}/x", "A/x"):
+        with pytest.raises(nofollow.LinkInPath):
+            nofollow.create_file(root, rel, 0o644)
+    (root / "F").write_bytes(b"")
+    with pytest.raises(FileExistsError):
+        nofollow.create_file(root, "f", 0o644)  # O_EXCL: the second spelling is the same file
+    assert not any(outside.iterdir())
+
+
+def test_on_an_insensitive_mount_a_restore_round_trips(insensitive_dir, tmp_path):
+    src = tmp_path / "src"
+    make_tree(src)
+    staging, pkg = insensitive_dir / "staging", insensitive_dir / "pkg"
+    meta = artifact.extract(io.BytesIO(pack(src)), staging / "outputs", logs_dir=staging / "logs", expected_key=KEY)
+    pkg.mkdir()
+    artifact.place(staging / "outputs", pkg, meta)
+    assert (pkg / "dist" / "sub" / "data.bin").read_bytes() == (src / "dist" / "sub" / "data.bin").read_bytes()
+    assert os.readlink(pkg / "DIST" / "latest") == "app.js"
