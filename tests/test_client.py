@@ -202,6 +202,38 @@ def test_a_corrupt_artifact_from_the_server_is_refused_and_built_locally(pk, tmp
     assert outputs(other)["web"]["app.js"][1].startswith(b"def helper")
 
 
+def test_an_artifact_without_its_log_is_one_miss_and_one_warning(pk, tmp_path):
+    # The log is part of the format: such an artifact fails verification before anything is
+    # restored, so the task gets one status line, never "hit" and then "miss".
+    from support import craft, manifest
+
+    key = pk.keys()["shared-utils:build"]
+    files = {"dist/utils.txt": b"from the server\n"}
+    blob = craft(files, key=key, meta={**manifest(files, key=key), "logs": {}}, drop=("logs/output.log",))
+
+    class NoLog(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(blob)))
+            self.send_header("X-Artifact-Hash", hashlib.sha256(blob).hexdigest())
+            self.end_headers()
+            if self.command == "GET":
+                self.wfile.write(blob)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    with serve_handler(NoLog) as server:
+        out = pk.run("build", "shared-utils", "--remote-cache-readonly",
+                     "--remote-cache-url", f"http://127.0.0.1:{server.server_port}")
+    lines = [line for line in out.stdout.splitlines() if line.startswith("shared-utils:build  ")]
+    assert lines == ["shared-utils:build  miss"]
+    assert out.stderr.count("warning:") == 1 and "output.log" in out.stderr
+    assert pk.ran() == ["shared-utils:build"]
+
+
 def test_no_remote_cache_never_connects(pk):
     accepted = []
     listener = socket.socket()
