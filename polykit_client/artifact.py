@@ -1,10 +1,15 @@
 """The artifact format (a zstd-compressed POSIX tar with a JSON manifest first): pack, verify, extract.
 
 Both sides use this module: the client packs outputs and restores them, the server verifies an
-upload before it stores it. Verification and extraction are one pass over the stream, so neither
-side holds an artifact in memory, and nothing is trusted that the manifest does not vouch for.
-We never call ``tarfile``'s own extraction: every member is checked here and written with
-``O_EXCL``/``O_NOFOLLOW`` (the tar filter bypasses of CVE-2025-4517 and friends do not apply).
+upload before it stores it, with the same rules and the same bounds. Verification and
+extraction are one pass over the stream, so neither side holds an artifact in memory, and
+nothing is trusted that the manifest does not vouch for: the tar layer (:mod:`tarstream`)
+compares every header byte with what :func:`pack` writes and bounds extended headers before
+reading them; the manifest is bounded in bytes, entries and nesting before it is parsed; names
+are compared case-folded and normalised (:func:`fold`). We never call ``tarfile``'s own
+extraction: members are written through :mod:`nofollow`, which opens every path component
+relative to its parent with ``O_NOFOLLOW``, and symlinks are made last (the tar filter
+bypasses of CVE-2025-4517 and friends do not apply).
 """
 
 from __future__ import annotations
@@ -509,11 +514,14 @@ def pack(
     log: bytes | Path = b"",
     cache_key: str,
     level: int = zstd.DEFAULT_LEVEL,
+    limits: Limits = Limits(),
 ) -> dict:
     """Write a deterministic artifact of ``outputs`` (paths relative to ``root``) to ``dest``.
 
     Same files and same metadata give the same bytes: members are sorted and carry no times,
-    owners or umask-dependent modes. Returns the manifest written.
+    owners or umask-dependent modes. Returns the manifest written. Outputs that no verifier
+    would accept (names one filesystem merges, a manifest over the bounds) raise
+    :class:`ArtifactError` before anything is written.
     """
     if not is_cache_key(cache_key):
         raise ArtifactError("bad_metadata", f"invalid cache key {cache_key!r}")
@@ -528,6 +536,10 @@ def pack(
         logs={LOG_NAME: _log_entry(log)},
     )
     blob = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    if len(blob) > limits.max_metadata_size:
+        raise ArtifactError("bad_metadata", f"the manifest would be over {limits.max_metadata_size} bytes")
+    _check_json_shape(blob, limits)
+    check_manifest(meta, cache_key, limits)
     with zstd.CompressingWriter(dest, level) as writer:
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT, encoding=ENCODING, bufsize=CHUNK) as tar:
             tar.addfile(member_info(METADATA_NAME, tarfile.REGTYPE, 0o644, len(blob)), io.BytesIO(blob))

@@ -616,3 +616,19 @@ def test_on_an_insensitive_mount_a_restore_round_trips(insensitive_dir, tmp_path
     artifact.place(staging / "outputs", pkg, meta)
     assert (pkg / "dist" / "sub" / "data.bin").read_bytes() == (src / "dist" / "sub" / "data.bin").read_bytes()
     assert os.readlink(pkg / "DIST" / "latest") == "app.js"
+
+
+def test_pack_refuses_outputs_no_verifier_would_accept(tmp_path):
+    src = tmp_path / "src"
+    (src / "dist").mkdir(parents=True)
+    (src / "dist" / "App.js").write_text("1")
+    (src / "dist" / "app.js").write_text("2")
+    with pytest.raises(ArtifactError) as err:
+        pack(src)
+    assert err.value.reason == "path_conflict"
+    (src / "dist" / "App.js").unlink()
+    for i in range(12):
+        (src / "dist" / f"f{i}").write_text("")
+    with pytest.raises(ArtifactError) as err:
+        artifact.pack(io.BytesIO(), src, ["dist"], {}, cache_key=KEY, limits=Limits(max_members=10))
+    assert err.value.reason == "too_many_members"
