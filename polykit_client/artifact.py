@@ -38,6 +38,7 @@ LOGS_PREFIX = "logs/"
 LOG_NAME = "output.log"
 FILE_MODES = (0o644, 0o755)
 DIR_MODE = 0o755
+LINK_MODE = 0o777
 CHUNK = 1024 * 1024
 DEFAULT_MAX_ARTIFACT_SIZE = 1 << 30  # the server's default limit; the client's default download bound
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -293,8 +294,8 @@ def _check_json_shape(data: bytes, limits: Limits) -> None:
 
 def _read_metadata_member(tar: TarReader, limits: Limits) -> dict:
     first = tar.next()
-    if first is None or first.name != METADATA_NAME or first.kind != "file":
-        raise ArtifactError("bad_metadata", f"the first member must be the file {METADATA_NAME}")
+    if first is None or first.name != METADATA_NAME or first.kind != "file" or first.mode != 0o644:
+        raise ArtifactError("bad_metadata", f"the first member must be the file {METADATA_NAME}, mode 0644")
     if first.size > limits.max_metadata_size:
         raise ArtifactError("bad_metadata", f"{METADATA_NAME} is over {limits.max_metadata_size} bytes")
     data = b"".join(tar.data())
@@ -321,12 +322,16 @@ def _verify_member(tar: TarReader, info: Member, members: dict, sink: Sink | Non
     if kind == "dir":
         if info.kind != "dir":
             raise ArtifactError("type_mismatch", f"member {name!r} should be a directory")
+        if info.mode != DIR_MODE:
+            raise ArtifactError("mode_mismatch", f"directory {name!r} has mode {info.mode:o}, not {DIR_MODE:o}")
         if sink is not None:
             sink.make_dir(name)
         return
     if kind == "symlink":
         if info.kind != "symlink" or info.linkname != expected[1]:
             raise ArtifactError("type_mismatch", f"member {name!r} should be a symlink to {expected[1]!r}")
+        if info.mode != LINK_MODE:
+            raise ArtifactError("mode_mismatch", f"symlink {name!r} has mode {info.mode:o}, not {LINK_MODE:o}")
         if sink is not None:
             sink.make_symlink(name, expected[1])
         return
@@ -547,7 +552,7 @@ def pack(
             for rel, kind in sorted(entries):
                 name = OUTPUTS_PREFIX + rel
                 if kind == "link":
-                    tar.addfile(member_info(name, tarfile.SYMTYPE, 0o777, target=links[rel]))
+                    tar.addfile(member_info(name, tarfile.SYMTYPE, LINK_MODE, target=links[rel]))
                     continue
                 entry = files[rel]
                 if entry.get("type") == "dir":

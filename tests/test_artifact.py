@@ -436,6 +436,16 @@ UNCHECKED = {
         _tar(LOG, header("outputs/e/", 512, kind=tarfile.DIRTYPE, mode=0o755) + bytes(512), TAR_END,
              meta=manifest({}, dirs=("e",))),
         "bad_header"),
+    "a folder with another mode": (
+        _tar(LOG, header("outputs/e/", kind=tarfile.DIRTYPE, mode=0o777), TAR_END, meta=manifest({}, dirs=("e",))),
+        "mode_mismatch"),
+    "a symlink with another mode": (
+        _tar(LOG, header("outputs/l", kind=tarfile.SYMTYPE, mode=0o755, linkname="a"), TAR_END,
+             meta={**manifest({}), "symlinks": {"l": "a"}}),
+        "mode_mismatch"),
+    "a manifest member with another mode": (
+        zst(tar_member("polykit-artifact.json", __import__("json").dumps(manifest({})).encode(), mode=0o755) + LOG + TAR_END),
+        "bad_metadata"),
     "a bad header checksum": (_tar(A_JS[:100] + b"\x07" + A_JS[101:], LOG, TAR_END), "bad_tar"),
     "data in the end-of-archive blocks": (_tar(A_JS, LOG, b"\0" * 700 + b"\x01" + b"\0" * 323), "trailing_data"),
 }
