@@ -54,11 +54,16 @@ class ArtifactError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what one artifact may unpack to: the decompression-bomb and tar-bomb guards."""
+    """Bounds on what one artifact may unpack to: the decompression-bomb and tar-bomb guards.
+
+    The defaults are the server's, and the client's too, so both sides accept the same
+    artifacts. Together with the fixed bounds of :mod:`tarstream` (a PAX header) and
+    ``MAX_MANIFEST_DEPTH`` they keep the memory of one verification a constant.
+    """
 
     max_unpacked_size: int = 64 << 30
-    max_members: int = 200_000
-    max_metadata_size: int = 8 << 20
+    max_members: int = 200_000  # tar members, and objects in the manifest
+    max_metadata_size: int = 8 << 20  # bytes of manifest JSON
     max_window_log: int = zstd.MAX_WINDOW_LOG
 
 

@@ -3,12 +3,13 @@
 import io
 import json
 import os
+import tarfile
 from contextlib import contextmanager
 
 import pytest
 
 from support import (
-    KEY, OTHER_KEY, TAR_END, ExplodingInput, call, craft, key_for, manifest, new_app, pack_tree, pax_header, sha, tar_member, zst,
+    KEY, OTHER_KEY, TAR_END, ExplodingInput, call, craft, header, key_for, manifest, new_app, pack_tree, pax_header, sha, tar_member, zst,
 )
 
 ART = f"/v1/artifacts/{KEY}"
@@ -107,6 +108,9 @@ MALFORMED = {
     "a PAX comment": zst(
         tar_member("polykit-artifact.json", json.dumps(manifest({})).encode())
         + pax_header({"comment": b"unchecked"}) + tar_member("logs/output.log") + TAR_END),
+    "a PAX header claiming 1 GiB": zst(
+        tar_member("polykit-artifact.json", json.dumps(manifest({})).encode())
+        + header("././@PaxHeader", 1 << 30, kind=tarfile.XHDTYPE) + b"1073741824 comment="),
     "a manifest nested 100,000 deep": zst(tar_member("polykit-artifact.json", b"[" * 100_000) + TAR_END),
 }
 

@@ -644,3 +644,17 @@ def test_pack_refuses_outputs_no_verifier_would_accept(tmp_path):
     with pytest.raises(ArtifactError) as err:
         artifact.pack(io.BytesIO(), src, ["dist"], {}, cache_key=KEY, limits=Limits(max_members=10))
     assert err.value.reason == "too_many_members"
+
+
+def test_the_header_layout_is_pinned_so_artifacts_verify_across_python_versions():
+    # The verifier compares headers byte for byte with what the packer writes, and a client
+    # on one Python uploads to a server on another: the bytes must not drift (3.11-3.13 agree).
+    import hashlib
+
+    from polykit_client.tarstream import header
+
+    members = [("outputs/a.js", tarfile.REGTYPE, 0o644, 5), ("outputs/" + "d" * 150 + "/x", tarfile.REGTYPE, 0o755, 9),
+               (f"outputs/{NFC}", tarfile.REGTYPE, 0o644, 1), ("outputs/e", tarfile.DIRTYPE, 0o755),
+               ("outputs/l", tarfile.SYMTYPE, 0o777, 0, "../" + "x" * 120), ("outputs/big", tarfile.REGTYPE, 0o644, 9 << 30)]
+    digest = hashlib.sha256(b"".join(header(*m) for m in members)).hexdigest()
+    assert digest.startswith("77d9ec8e5dcb5982")
