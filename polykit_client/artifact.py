@@ -140,12 +140,14 @@ def _check_layout(kinds: dict[str, str]) -> None:
         other = folded.setdefault(fold(path), (path, kind))
         if other[0] != path:
             raise ArtifactError("path_conflict", f"{path!r} and {other[0]!r} are one path on a case-insensitive filesystem")
+    checked: set[str] = set()  # folders whose whole chain of parents is known to be clear
     for path in kinds:
         parent = path.rpartition("/")[0]
-        while parent:
+        while parent and parent not in checked:
             above = folded.get(fold(parent))
             if above is not None and above[1] in ("file", "symlink"):
                 raise ArtifactError("path_conflict", f"{path!r} lies under the {above[1]} {above[0]!r}")
+            checked.add(parent)
             parent = parent.rpartition("/")[0]
 
 
