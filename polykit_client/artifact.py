@@ -123,7 +123,7 @@ def fold(path: str) -> str:
 
     macOS (APFS, HFS+), Windows, vfat and ext4 with casefold treat ``A``/``a`` and ``é`` in
     NFC/NFD as one name; comparing folded names makes the manifest rules hold on all of them
-    (Unicode canonical caseless matching, Unicode 15 §3.13: NFD(casefold(NFD(x)))).
+    (canonical caseless matching, The Unicode Standard §3.13, D145: NFD(casefold(NFD(x)))).
     """
     return unicodedata.normalize("NFD", unicodedata.normalize("NFD", path).casefold())
 
