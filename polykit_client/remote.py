@@ -56,6 +56,7 @@ DEADLINE_RATE = 1024 * 1024
 # The digits of a Content-Length (RFC 9110 section 8.6: 1*DIGIT, ASCII only; str.isdigit and int
 # would also take "²", "١٠" or "1_0"), at most 19 of them, so the number fits in 64 bits.
 _LENGTH = re.compile(r"[0-9]{1,19}")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # any control character but HTAB
 _KEY = re.compile(r"[0-9a-f]{64}")
 _HASH = re.compile(r"[0-9a-fA-F]{64}")
 # Visible ASCII only: anything else cannot travel in a header field (RFC 9110 section 5.5).
@@ -493,10 +494,16 @@ class RemoteCache:
             deadline.close()
 
     def _head(self, key: str, deadline: Deadline) -> bool:
+        """Whether the server holds ``key``. A ``200`` carries the same Content-Length and
+        X-Artifact-Hash as a GET would; when they are missing or malformed the answer is not
+        believed, since a yes makes the caller skip its upload."""
         with self._open(self._request("HEAD", key, deadline)) as answer:
             status = answer.status
-            if status in (200, 404):
-                return status == 200
+            if status == 200:
+                self._announced(answer)
+                return True
+            if status == 404:
+                return False
             raise _Failure(_status_reason(status, answer), transient=_is_transient(status))
 
     def _get(self, key: str, download: _Download, deadline: Deadline) -> int | None:
@@ -541,6 +548,10 @@ class RemoteCache:
         Transfer-Encoding beside a Content-Length is refused too (RFC 9112 section 6.3: it may
         be an attempt at response splitting and ought to be handled as an error).
         """
+        if answer.headers.defects or any(_CONTROL.search(value) for value in answer.headers.values()):
+            # RFC 9110 section 5.5: no control characters in a field; RFC 9112 section 5.2:
+            # no line folding; every line of the block a field (http.client records the rest).
+            raise _Failure("the answer's header block is malformed", transient=False)
         lengths = {v.strip() for v in answer.headers.get_all("Content-Length") or ()}
         hashes = {v.strip().lower() for v in answer.headers.get_all("X-Artifact-Hash") or ()}
         if len(lengths) != 1 or len(hashes) != 1:
