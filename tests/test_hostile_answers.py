@@ -248,3 +248,65 @@ def test_the_deadline_comes_from_the_file_or_the_environment(tmp_path):
         (root / "polykit.toml").write_text(f'[remote_cache]\ndeadline = {bad}\n')
         with pytest.raises(ConfigError, match="polykit.toml:2: deadline must be a positive number of seconds"):
             load(root, {})
+
+
+# --- the runner's last safety net -------------------------------------------------------------
+
+
+class Unforeseen:
+    """A backend that breaks its promise never to raise. No real server can make the real one
+    do that (the table above shows), so this fake stands in for the bug the net is there for."""
+
+    read_only = False
+    enabled = True
+    bytes_down = bytes_up = 0
+
+    def fetch(self, key, dest, progress=None):
+        raise RuntimeError("unforeseen\nin two lines")
+
+    def store(self, key, path, progress=None):
+        raise RuntimeError("unforeseen upload")
+
+
+def build_in_process(root, remote_factory):
+    """One ``build`` through the runner itself, with the given remote backend."""
+    from polykit_client.cachekey import KeyMaker
+    from polykit_client.graph import plan, run_graph
+    from polykit_client.localcache import LocalCache
+    from polykit_client.runner import Console, Summary, TaskRunner
+
+    ws = load(root, {})
+    order, deps = plan(ws, "build", [])
+    keys = KeyMaker(ws, {}).compute(order, deps)
+    out, err = io.StringIO(), io.StringIO()
+    runner = TaskRunner(ws, keys, Console(False, out, err), local=LocalCache(ws.cache_dir, ws.cache_max_size),
+                        remote_factory=remote_factory, summary=Summary())
+    outcome = run_graph(order, deps, runner.run, 1, False)
+    if runner.uploader is not None:
+        runner.uploader.finish(30)
+    return outcome, out.getvalue(), err.getvalue()
+
+
+def test_an_exception_from_the_backend_is_one_warning_and_a_local_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYKIT_TEST_MARKER", str(tmp_path / "marker"))
+    root = one_task_workspace(tmp_path / "ws")
+    outcome, out, err = build_in_process(root, Unforeseen)
+    assert "failed" not in outcome.values()
+    assert out.splitlines()[0] == "web:build  miss" and "hit" not in out
+    assert (tmp_path / "marker").read_text().split() == ["web:build"]
+    assert err.splitlines() == [
+        "warning: web:build: the remote cache failed unexpectedly (RuntimeError: unforeseen in two lines); building locally",
+        "warning: upload of web:build failed (RuntimeError: unforeseen upload)",
+    ]
+
+
+def test_a_backend_that_cannot_be_made_is_one_warning_and_a_build_without_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYKIT_TEST_MARKER", str(tmp_path / "marker"))
+    root = one_task_workspace(tmp_path / "ws")
+
+    def factory():
+        raise RuntimeError("no backend")
+
+    outcome, out, err = build_in_process(root, factory)
+    assert "failed" not in outcome.values() and out.splitlines()[0] == "web:build  miss"
+    assert err.splitlines() == ["warning: the remote cache cannot be used (RuntimeError: no backend); building without it"]
