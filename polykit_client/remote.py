@@ -485,7 +485,7 @@ class RemoteCache:
         deadline = self._watchdog.start(self.deadline_for(size))
         try:
             return attempt(deadline)
-        except Exception as exc:
+        except Exception:
             if deadline.expired:
                 raise _Failure(f"the transfer took longer than its deadline of {deadline.seconds:g} s",
                                transient=True, retry=False) from None
