@@ -319,8 +319,9 @@ class TaskRunner:
         task = pkg.tasks[node.task]
         key = self.keys[node]
         if self.local is not None:
-            hit = (self._outputs_in_place(node, pkg, task, key) or self._try_local(node, pkg, task, key)
-                   or self._try_remote(node, pkg, task, key))
+            hit = (self._outputs_in_place(node, pkg, task, key)
+                   or self._guarded(node, "local", lambda: self._try_local(node, pkg, task, key))
+                   or self._guarded(node, "remote", lambda: self._try_remote(node, pkg, task, key)))
             if hit:
                 return True
         return self._execute(node, pkg, task, key)
@@ -405,24 +406,24 @@ class TaskRunner:
             return False
         return True
 
-    def _try_remote(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
-        """A remote hit, or False to build locally.
+    def _guarded(self, node: Node, cache: str, attempt: Callable[[], bool]) -> bool:
+        """The last safety net of a cache lookup: a cache only ever saves time.
 
-        The final safety net of the remote path: the backend and the restore turn every problem
-        they know of into one warning, and anything else raised here (whatever a server sent, or
-        a bug) becomes one warning and a local build too, never a failed task. A hit that was
-        already reported stays a hit, so a task never gets a second status line.
+        The backend and the restore turn every problem they know of into one warning; anything
+        else raised (whatever a server sent, a damaged entry, or a bug) becomes one warning and
+        a local build too, never a failed task. A hit that was already reported stays a hit, so
+        a task never gets a second status line.
         """
         try:
-            return self._fetch_remote(node, pkg, task, key)
+            return attempt()
         except Exception as exc:
             if node in self.summary.statuses:
-                self.console.warn(f"{node}: the remote hit ended with an error ({_flat(exc)})")
+                self.console.warn(f"{node}: the {cache} hit ended with an error ({_flat(exc)})")
                 return True
-            self.console.warn(f"{node}: the remote cache failed unexpectedly ({_flat(exc)}); building locally")
+            self.console.warn(f"{node}: the {cache} cache failed unexpectedly ({_flat(exc)}); building locally")
             return False
 
-    def _fetch_remote(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
+    def _try_remote(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
         remote = self._get_remote()
         if remote is None or not remote.enabled:
             return False

@@ -310,3 +310,18 @@ def test_a_backend_that_cannot_be_made_is_one_warning_and_a_build_without_it(tmp
     outcome, out, err = build_in_process(root, factory)
     assert "failed" not in outcome.values() and out.splitlines()[0] == "web:build  miss"
     assert err.splitlines() == ["warning: the remote cache cannot be used (RuntimeError: no backend); building without it"]
+
+
+def test_a_local_entry_with_a_deeply_nested_manifest_is_one_warning_and_a_local_build(tmp_path):
+    from support import member, raw_tar, zst
+
+    pk = Polykit(one_task_workspace(tmp_path / "ws"), make_tools(tmp_path / "tools"), tmp_path / "marker")
+    key = pk.keys()["web:build"]
+    entry = pk.workspace / ".polykit" / "cache" / key[:2] / f"{key}.zst"
+    entry.parent.mkdir(parents=True)
+    entry.write_bytes(zst(raw_tar([member("polykit-artifact.json", b"[" * 100_000)])))
+    out = pk.run("build", "--no-remote-cache")
+    assert pk.ran() == ["web:build"]
+    assert [line for line in out.stdout.splitlines() if line.startswith("web:build")] == ["web:build  miss"]
+    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith("warning: web:build: the local cache")
+    assert "Traceback" not in out.stderr
