@@ -117,9 +117,9 @@ def _remote(ws, args, console):
 
     try:
         return RemoteCache(url, token=ws.remote.token, read_only=ws.remote.read_only or args.remote_cache_readonly,
-                           timeout=ws.remote.timeout, warn=console.warn,
+                           timeout=ws.remote.timeout, deadline=ws.remote.deadline, warn=console.warn,
                            max_artifact_size=ws.remote.max_artifact_size or DEFAULT_MAX_ARTIFACT_SIZE)
-    except ValueError as exc:  # a bad URL or token: the build goes on without the remote cache
+    except ValueError as exc:  # a bad URL, token or proxy: the build goes on without the remote cache
         console.warn(f"{exc}; building without the remote cache")
         return None
 

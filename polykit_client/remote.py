@@ -8,13 +8,20 @@ run, so an unreachable server costs a few short timeouts rather than one per tas
 Downloads are streamed to the caller's file and trusted only when their length and SHA-256 match
 what the server announced; uploads are streamed from disk. Only the standard library is used, so
 the client runs from a zipapp on a bare build agent.
+
+Whatever a server (or something posing as one) answers is bounded: http.client refuses a status
+or header line over 64 KiB and more than 100 header fields, error bodies are read up to 64 KiB,
+and every transfer has an overall deadline (``deadline.py``) besides the per-read timeout.
+Proxies come from the environment as curl reads it (``proxy.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import json
+import os
 import re
 import socket
 import sys
@@ -24,9 +31,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import BinaryIO, Callable, TypeVar
+from typing import BinaryIO, Callable, Mapping, TypeVar
 
 from . import __version__
+from .deadline import Deadline, Watchdog
+from .proxy import Proxy, proxy_for
 
 Progress = Callable[[int, int | None], None]
 T = TypeVar("T")
@@ -38,6 +47,16 @@ BACKOFF_START = 0.05
 BACKOFF_BUDGET = 0.5
 MAX_ERROR_BODY = 64 * 1024
 MAX_MESSAGE = 300
+# The default deadline of one transfer: DEADLINE_TIMEOUTS per-read timeouts (connecting, sending
+# the request and receiving the answer's head may each take one) plus one second per
+# DEADLINE_RATE bytes of body. 1 MiB/s (8 Mbit/s) is slower than any link a shared build cache
+# pays off over, yet it gives the largest default artifact (1 GiB) 17 minutes.
+DEADLINE_TIMEOUTS = 3
+DEADLINE_RATE = 1024 * 1024
+# The digits of a Content-Length (RFC 9110 section 8.6: 1*DIGIT, ASCII only; str.isdigit and int
+# would also take "²", "١٠" or "1_0"), at most 19 of them, so the number fits in 64 bits.
+_LENGTH = re.compile(r"[0-9]{1,19}")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # any control character but HTAB
 _KEY = re.compile(r"[0-9a-f]{64}")
 _HASH = re.compile(r"[0-9a-fA-F]{64}")
 # Visible ASCII only: anything else cannot travel in a header field (RFC 9110 section 5.5).
@@ -69,9 +88,24 @@ class _EarlyAnswerMixin:
     _body: object = None
     _send_error: OSError | None = None
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, deadline: Deadline | None = None, **kwargs) -> None:
         kwargs.setdefault("blocksize", CHUNK)  # large sends: 8 KiB blocks cap an upload's speed
         super().__init__(*args, **kwargs)
+        self._deadline = deadline
+        if deadline is not None:
+            create = self._create_connection
+
+            def created(*args, **kwargs):
+                sock = create(*args, **kwargs)
+                deadline.watch(sock)  # the plain socket: a proxy's CONNECT answer is read on it
+                return sock
+
+            self._create_connection = created
+
+    def connect(self):
+        super().connect()
+        if self._deadline is not None:
+            self._deadline.watch(self.sock)  # the TLS socket, when there is one
 
     def request(self, method, url, body=None, headers=None, **kwargs):
         self._body, self._send_error = body, None
@@ -101,16 +135,20 @@ class _HTTPConnection(_EarlyAnswerMixin, http.client.HTTPConnection):
     pass
 
 
+def _with_deadline(connection_class: type, req: urllib.request.Request) -> Callable[..., http.client.HTTPConnection]:
+    return functools.partial(connection_class, deadline=getattr(req, "deadline", None))
+
+
 class _HTTPHandler(urllib.request.HTTPHandler):
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_HTTPConnection, req)
+        return self.do_open(_with_deadline(_HTTPConnection, req), req)
 
 
 def _build_opener() -> urllib.request.OpenerDirector:
     """An opener without redirects: a cache that redirects is misconfigured, and a PUT body
-    cannot be replayed to another address anyway (the warning shows the Location instead)."""
+    cannot be replayed to another address anyway (the warning shows the Location instead).
+    Nor with urllib's ProxyHandler: the proxy is chosen per request, as curl chooses it."""
     handlers: list[urllib.request.BaseHandler] = [
-        urllib.request.ProxyHandler(),  # honours http_proxy/https_proxy/no_proxy like curl does
         _HTTPHandler(),
         urllib.request.HTTPDefaultErrorHandler(),
         urllib.request.HTTPErrorProcessor(),
@@ -130,7 +168,7 @@ def _https_handler() -> urllib.request.BaseHandler:
 
     class _HTTPSHandler(urllib.request.HTTPSHandler):
         def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-            return self.do_open(_HTTPSConnection, req, context=self._context)
+            return self.do_open(_with_deadline(_HTTPSConnection, req), req, context=self._context)
 
     return _HTTPSHandler()
 
@@ -174,15 +212,17 @@ class _FileChanged(Exception):
 class _Failure(Exception):
     """One failed attempt.
 
-    ``transient`` failures (network errors, timeouts, 5xx, a body cut short) are worth a retry
-    and count towards switching the remote off; the others (a refusal, a corrupt body) would
+    ``transient`` failures (network errors, timeouts, 5xx, a body cut short) count towards
+    switching the remote off and are worth a retry, unless ``retry`` is False (a transfer that
+    ran out of time would only be as slow again); the others (a refusal, a corrupt body) would
     only repeat themselves.
     """
 
-    def __init__(self, reason: str, *, transient: bool) -> None:
+    def __init__(self, reason: str, *, transient: bool, retry: bool = True) -> None:
         super().__init__(reason)
         self.reason = reason
         self.transient = transient
+        self.retry = retry
 
 
 def _one_line(text: str, limit: int = MAX_MESSAGE) -> str:
@@ -221,7 +261,7 @@ def _status_reason(status: int, answer: _Answer | None) -> str:
     try:
         raw = answer.read(MAX_ERROR_BODY) if answer is not None else b""
         payload = json.loads(raw) if raw else None
-    except (OSError, http.client.HTTPException, ValueError):
+    except (OSError, http.client.HTTPException, ValueError, RecursionError):  # deep nesting: RecursionError
         payload = None
     if isinstance(payload, dict):
         word = payload.get("error") if isinstance(payload.get("error"), str) else ""
@@ -239,6 +279,14 @@ def _is_transient(status: int) -> bool:
     # RFC 9110 section 15.6: 5xx means the server failed and a repeat may succeed; 507
     # (RFC 4918 section 11.5, storage full) will not clear up within a retry.
     return status >= 500 and status != 507
+
+
+def _as_failure(exc: Exception) -> _Failure:
+    """Anything unforeseen (a bug, or an answer no check above anticipated) still ends as one
+    failure: counted like a network failure, so a server that keeps provoking it is switched off."""
+    if isinstance(exc, _Failure):
+        return exc
+    return _Failure(f"unexpected {type(exc).__name__}: {_one_line(str(exc), 200)}", transient=True)
 
 
 def _backoff(retries: int) -> list[float]:
@@ -301,17 +349,23 @@ class RemoteCache:
     """
 
     def __init__(self, url: str, *, token: str | None = None, read_only: bool = False,
-                 timeout: float = 10.0, retries: int = 2, max_failures: int = 3,
-                 max_artifact_size: int | None = None,
+                 timeout: float = 10.0, deadline: float | None = None, retries: int = 2, max_failures: int = 3,
+                 max_artifact_size: int | None = None, environ: Mapping[str, str] | None = None,
                  warn: Callable[[str], None] | None = None) -> None:
+        """``deadline``: seconds one transfer (request, answer and body) may take in all; None for
+        DEADLINE_TIMEOUTS × ``timeout`` plus a second per DEADLINE_RATE bytes of its body.
+        ``environ`` (default ``os.environ``) holds the proxy variables; a proxy that cannot be
+        used raises ``proxy.ProxyError``, a ValueError, like a bad URL."""
         self.url = _validate_url(url)
-        if timeout <= 0 or retries < 0 or max_failures < 1:
-            raise ValueError("timeout must be positive, retries at least 0 and max_failures at least 1")
+        if timeout <= 0 or retries < 0 or max_failures < 1 or (deadline is not None and deadline <= 0):
+            raise ValueError("timeout and deadline must be positive, retries at least 0 and max_failures at least 1")
         if max_artifact_size is not None and max_artifact_size < 0:
             raise ValueError("max_artifact_size must not be negative")
         self._token = self._checked_token(token)
         self.read_only = read_only
         self.timeout = timeout
+        self.deadline = deadline
+        self.proxy: Proxy | None = proxy_for(self.url, os.environ if environ is None else environ)
         self.retries = retries
         self.max_failures = max_failures
         self.max_artifact_size = max_artifact_size
@@ -322,6 +376,7 @@ class RemoteCache:
         self._failures = 0
         self._lock = threading.Lock()
         self._opener = _build_opener()
+        self._watchdog = Watchdog()
 
     @staticmethod
     def _checked_token(token: str | None) -> str | None:
@@ -336,9 +391,12 @@ class RemoteCache:
 
     def __repr__(self) -> str:
         auth = ", token=<set>" if self._token else ""
-        return f"RemoteCache(url={self.url!r}{auth}, read_only={self.read_only}, enabled={self.enabled})"
+        via = f", proxy={str(self.proxy)!r}" if self.proxy else ""
+        return f"RemoteCache(url={self.url!r}{auth}{via}, read_only={self.read_only}, enabled={self.enabled})"
 
     # --- public operations ---------------------------------------------------------------------
+    # Each catches every exception, not only the failures foreseen: whatever a server answers,
+    # the caller gets False and at most one warning, never a traceback.
 
     def exists(self, key: str) -> bool:
         """Whether the server holds ``key``; any doubt is a no, so the caller builds."""
@@ -346,9 +404,9 @@ class RemoteCache:
         if not self.enabled:
             return False
         try:
-            found = self._with_retries(lambda: self._head(key))
-        except _Failure as failure:
-            self._failed(failure, f"cannot check for artifact {key[:12]}")
+            found = self._with_retries(lambda: self._attempt(0, lambda deadline: self._head(key, deadline)))
+        except Exception as exc:
+            self._failed(_as_failure(exc), f"cannot check for artifact {key[:12]}")
             return False
         self._succeeded()
         return found
@@ -362,11 +420,12 @@ class RemoteCache:
         _check_key(key)
         if not self.enabled:
             return False
-        download = _Download(dest, progress)
         try:
-            size = self._with_retries(lambda: self._get(key, download), download.rewind)
-        except _Failure as failure:
-            self._failed(failure, f"download of {key[:12]} failed", "; the task will be built locally")
+            download = _Download(dest, progress)
+            size = self._with_retries(lambda: self._attempt(0, lambda deadline: self._get(key, download, deadline)),
+                                      download.rewind)
+        except Exception as exc:
+            self._failed(_as_failure(exc), f"download of {key[:12]} failed", "; the task will be built locally")
             return False
         self._succeeded()
         if size is None:
@@ -399,12 +458,12 @@ class RemoteCache:
         try:
             # HEAD first: the server spools a whole body before it can answer 409, so asking
             # is far cheaper than sending an artifact it already has.
-            if self._with_retries(lambda: self._head(key)):
+            if self._with_retries(lambda: self._attempt(0, lambda deadline: self._head(key, deadline))):
                 self._succeeded()
                 return False
             stored = self._upload(key, path, size, progress)
-        except _Failure as failure:
-            self._failed(failure, what)
+        except Exception as exc:
+            self._failed(_as_failure(exc), what)
             return False
         self._succeeded()
         if stored:
@@ -414,32 +473,59 @@ class RemoteCache:
 
     # --- single attempts ----------------------------------------------------------------------
 
-    def _head(self, key: str) -> bool:
-        with self._open(self._request("HEAD", key)) as answer:
+    def deadline_for(self, size: int) -> float:
+        """Seconds a transfer with a body of ``size`` bytes may take in all."""
+        if self.deadline is not None:
+            return self.deadline
+        return DEADLINE_TIMEOUTS * self.timeout + size / DEADLINE_RATE
+
+    def _attempt(self, size: int, attempt: Callable[[Deadline], T]) -> T:
+        """One request under its deadline; a failure after the deadline passed is reported as
+        such (the watchdog's shutdown shows up as a dropped connection), and is not retried."""
+        deadline = self._watchdog.start(self.deadline_for(size))
+        try:
+            return attempt(deadline)
+        except Exception:
+            if deadline.expired:
+                raise _Failure(f"the transfer took longer than its deadline of {deadline.seconds:g} s",
+                               transient=True, retry=False) from None
+            raise
+        finally:
+            deadline.close()
+
+    def _head(self, key: str, deadline: Deadline) -> bool:
+        """Whether the server holds ``key``. A ``200`` carries the same Content-Length and
+        X-Artifact-Hash as a GET would; when they are missing or malformed the answer is not
+        believed, since a yes makes the caller skip its upload."""
+        with self._open(self._request("HEAD", key, deadline)) as answer:
             status = answer.status
-            if status in (200, 404):
-                return status == 200
+            if status == 200:
+                self._announced(answer)
+                return True
+            if status == 404:
+                return False
             raise _Failure(_status_reason(status, answer), transient=_is_transient(status))
 
-    def _get(self, key: str, download: _Download) -> int | None:
+    def _get(self, key: str, download: _Download, deadline: Deadline) -> int | None:
         """One GET; the size of a verified body, or None for a plain miss."""
-        with self._open(self._request("GET", key)) as answer:
+        with self._open(self._request("GET", key, deadline)) as answer:
             status = answer.status
             if status == 404:
                 return None
             if status != 200:
                 raise _Failure(_status_reason(status, answer), transient=_is_transient(status))
-            return self._receive(answer, download)
+            length, expected = self._announced(answer)
+            deadline.extend(self.deadline_for(length))
+            return self._receive(answer, download, length, expected)
 
-    def _receive(self, answer: _Answer, download: _Download) -> int:
+    def _receive(self, answer: _Answer, download: _Download, length: int, expected: str) -> int:
         """Stream the body chunk by chunk: an artifact may be far larger than memory allows."""
-        length, expected = self._announced(answer)
         digest = hashlib.sha256()
         buf = memoryview(bytearray(CHUNK))
         while download.written < length:
             try:
                 n = answer.readinto(buf[: min(CHUNK, length - download.written)])
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, http.client.HTTPException, ValueError) as exc:
                 reason = f"{_describe(exc, self.timeout)} after {download.written} of {length} bytes"
                 raise _Failure(reason, transient=True) from None
             if not n:
@@ -455,16 +541,31 @@ class RemoteCache:
 
     def _announced(self, answer: _Answer) -> tuple[int, str]:
         """Length and digest are both required: without them a truncated or corrupted body
-        could not be told from a good one."""
-        raw_length = answer.headers.get("Content-Length", "")
-        raw_hash = (answer.headers.get("X-Artifact-Hash") or "").strip()
-        if not raw_length.strip().isdigit() or _HASH.fullmatch(raw_hash) is None:
+        could not be told from a good one.
+
+        Each must be given once, or repeated with the same value (RFC 9110 section 8.6: differing
+        lengths make the framing unknowable), and the length must be plain ASCII digits. A
+        Transfer-Encoding beside a Content-Length is refused too (RFC 9112 section 6.3: it may
+        be an attempt at response splitting and ought to be handled as an error).
+        """
+        if answer.headers.defects or any(_CONTROL.search(value) for value in answer.headers.values()):
+            # RFC 9110 section 5.5: no control characters in a field; RFC 9112 section 5.2:
+            # no line folding; every line of the block a field (http.client records the rest).
+            raise _Failure("the answer's header block is malformed", transient=False)
+        lengths = {v.strip() for v in answer.headers.get_all("Content-Length") or ()}
+        hashes = {v.strip().lower() for v in answer.headers.get_all("X-Artifact-Hash") or ()}
+        if len(lengths) != 1 or len(hashes) != 1:
+            raise _Failure("the answer lacks a single Content-Length or X-Artifact-Hash", transient=False)
+        (raw_length,), (raw_hash,) = lengths, hashes
+        if _LENGTH.fullmatch(raw_length) is None or _HASH.fullmatch(raw_hash) is None:
             raise _Failure("the answer lacks a valid Content-Length or X-Artifact-Hash", transient=False)
+        if answer.headers.get("Transfer-Encoding") is not None:
+            raise _Failure("the answer has both a Content-Length and a Transfer-Encoding", transient=False)
         length = int(raw_length)
         if self.max_artifact_size is not None and length > self.max_artifact_size:
             raise _Failure(f"it is {length} bytes, over the max_artifact_size of {self.max_artifact_size} bytes",
                            transient=False)
-        return length, raw_hash.lower()
+        return length, raw_hash
 
     def _upload(self, key: str, path: Path, size: int, progress: Progress | None) -> bool:
         try:
@@ -483,12 +584,14 @@ class RemoteCache:
 
             # PUT is idempotent (RFC 9110 section 9.2.2), so sending it again is safe: a repeat
             # of an upload that did land gets 409, which is the same outcome.
-            return self._with_retries(lambda: self._put(key, fh, size, digest, progress), rewind)
+            return self._with_retries(
+                lambda: self._attempt(size, lambda deadline: self._put(key, fh, size, digest, progress, deadline)), rewind)
 
-    def _put(self, key: str, fh: BinaryIO, size: int, digest: str, progress: Progress | None) -> bool:
+    def _put(self, key: str, fh: BinaryIO, size: int, digest: str, progress: Progress | None,
+             deadline: Deadline) -> bool:
         fh.seek(0)
         body = _UploadBody(fh, size, progress)
-        request = self._request("PUT", key, body)
+        request = self._request("PUT", key, deadline, body)
         request.add_header("Content-Type", "application/zstd")
         request.add_header("Content-Length", str(size))
         request.add_header("X-Artifact-Hash", digest)
@@ -502,11 +605,19 @@ class RemoteCache:
 
     # --- plumbing -----------------------------------------------------------------------------
 
-    def _request(self, method: str, key: str, body: object = None) -> urllib.request.Request:
+    def _request(self, method: str, key: str, deadline: Deadline, body: object = None) -> urllib.request.Request:
         request = urllib.request.Request(f"{self.url}/v1/artifacts/{key}", data=body, method=method)
+        request.deadline = deadline  # read by the connection classes above
         if self._token:
             # RFC 6750 section 2.1; "unredirected" keeps it from following a redirect elsewhere.
             request.add_unredirected_header("Authorization", f"Bearer {self._token}")
+        if self.proxy is not None:
+            # An http:// URL is sent to the proxy in absolute form (RFC 9112 section 3.2.2); an
+            # https:// one goes through a CONNECT tunnel, and only the tunnel request carries
+            # Proxy-Authorization (urllib moves it there).
+            request.set_proxy(self.proxy.host, "http")
+            if self.proxy.authorization:
+                request.add_unredirected_header("Proxy-Authorization", self.proxy.authorization)
         return request
 
     def _open(self, request: urllib.request.Request) -> _Answer:
@@ -531,7 +642,8 @@ class RemoteCache:
             try:
                 return attempt()
             except _Failure as failure:
-                if not (failure.transient and delays and self.enabled) or (rewind is not None and not rewind()):
+                if not (failure.transient and failure.retry and delays and self.enabled) or (
+                        rewind is not None and not rewind()):
                     raise
                 time.sleep(delays.pop(0))
 

@@ -156,7 +156,7 @@ class Uploader:
                 if self.remote.store(key, path, self.console.progress(f"{node}  uploading")):
                     self.uploaded += 1
             except Exception as exc:  # an upload must never fail the build
-                self.console.warn(f"upload of {node} failed: {exc}")
+                self.console.warn(f"upload of {node} failed ({_flat(exc)})")
             finally:
                 self._queue.task_done()
 
@@ -206,6 +206,12 @@ def expand_outputs(pkg_dir: Path, patterns: tuple[str, ...]) -> list[str]:
     return sorted(found)
 
 
+def _flat(exc: BaseException) -> str:
+    """An exception as one short line, for a warning."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
 def _signature(path: Path) -> list[int]:
     """What changes when a file, folder or link is touched in any way (ctime cannot be set back)."""
     st = os.lstat(path)
@@ -250,9 +256,13 @@ class TaskRunner:
         with self._remote_lock:
             if not self._remote_made:
                 self._remote_made = True
-                self.remote = self._remote_factory()
-                if self.remote is not None and not self.remote.read_only:
-                    self.uploader = Uploader(self.remote, self.console)
+                try:
+                    self.remote = self._remote_factory()
+                    if self.remote is not None and not self.remote.read_only:
+                        self.uploader = Uploader(self.remote, self.console)
+                except Exception as exc:  # the remote cache only saves time: never a reason to fail
+                    self.console.warn(f"the remote cache cannot be used ({_flat(exc)}); building without it")
+                    self.remote = self.uploader = None
             return self.remote
 
     # --- one task ----------------------------------------------------------------------------
@@ -300,8 +310,9 @@ class TaskRunner:
         task = pkg.tasks[node.task]
         key = self.keys[node]
         if self.local is not None:
-            hit = (self._outputs_in_place(node, pkg, task, key) or self._try_local(node, pkg, task, key)
-                   or self._try_remote(node, pkg, task, key))
+            hit = (self._outputs_in_place(node, pkg, task, key)
+                   or self._guarded(node, "local", lambda: self._try_local(node, pkg, task, key))
+                   or self._guarded(node, "remote", lambda: self._try_remote(node, pkg, task, key)))
             if hit:
                 return True
         return self._execute(node, pkg, task, key)
@@ -386,6 +397,23 @@ class TaskRunner:
             return False
         return True
 
+    def _guarded(self, node: Node, cache: str, attempt: Callable[[], bool]) -> bool:
+        """The last safety net of a cache lookup: a cache only ever saves time.
+
+        The backend and the restore turn every problem they know of into one warning; anything
+        else raised (whatever a server sent, a damaged entry, or a bug) becomes one warning and
+        a local build too, never a failed task. A hit that was already reported stays a hit, so
+        a task never gets a second status line.
+        """
+        try:
+            return attempt()
+        except Exception as exc:
+            if node in self.summary.statuses:
+                self.console.warn(f"{node}: the {cache} hit ended with an error ({_flat(exc)})")
+                return True
+            self.console.warn(f"{node}: the {cache} cache failed unexpectedly ({_flat(exc)}); building locally")
+            return False
+
     def _try_remote(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
         remote = self._get_remote()
         if remote is None or not remote.enabled:
@@ -413,9 +441,11 @@ class TaskRunner:
         return True
 
     def _report_hit(self, node: Node, status: str, meta: dict, log: Path) -> None:
+        # Counted as soon as its status line is out: a hit stays a hit if replaying its log fails.
+        saved_ms = int(meta.get("duration_ms", 0))
         self.console.line(f"{node}  {status}")
+        self.summary.add(node, status, saved_ms)
         self.console.log_file(node, log)
-        self.summary.add(node, status, int(meta.get("duration_ms", 0)))
 
     def _restore(self, node: Node, status: str, pkg: Package, task: Task, key: str, path: Path,
                  keep: Callable[[str, Path], object] | None = None) -> None:

@@ -59,6 +59,7 @@ class RemoteSettings:
     input_files: tuple[str, ...] | None = None
     max_artifact_size: int | None = None
     timeout: float = 10.0
+    deadline: float | None = None  # seconds per transfer in all; None: scaled with the body's size
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def _parse_root(root: Path, data: dict, text: str, environ: Mapping[str, str]) -
 
     rc = data.get("remote_cache", {})
     _expect(isinstance(rc, dict), path, text, "remote_cache", "[remote_cache] must be a table")
-    known = ("url", "token", "read_only", "env_vars", "input_files", "max_artifact_size", "timeout")
+    known = ("url", "token", "read_only", "env_vars", "input_files", "max_artifact_size", "timeout", "deadline")
     for key in rc:
         _expect(key in known, path, text, key, f"unknown [remote_cache] setting {key!r} (known: {', '.join(known)})")
     url = rc.get("url")
@@ -162,6 +163,9 @@ def _parse_root(root: Path, data: dict, text: str, environ: Mapping[str, str]) -
     timeout = rc.get("timeout", 10.0)
     _expect(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0,
             path, text, "timeout", "timeout must be a positive number of seconds")
+    deadline = rc.get("deadline")
+    _expect(deadline is None or (isinstance(deadline, (int, float)) and not isinstance(deadline, bool) and 0 < deadline < float("inf")),
+            path, text, "deadline", "deadline must be a positive number of seconds")
     env_vars = _str_list(rc.get("env_vars", []), path, text, "env_vars")
     input_files = _str_list(rc["input_files"], path, text, "input_files") if "input_files" in rc else None
 
@@ -172,9 +176,23 @@ def _parse_root(root: Path, data: dict, text: str, environ: Mapping[str, str]) -
         token = environ["POLYKIT_REMOTE_CACHE_TOKEN"]
     if environ.get("POLYKIT_REMOTE_CACHE_READONLY", "").strip():
         read_only = environ["POLYKIT_REMOTE_CACHE_READONLY"].strip().lower() not in ("0", "false", "no", "off")
-    remote = RemoteSettings(url or None, token or None, read_only, env_vars, input_files, max_size, float(timeout))
+    if environ.get("POLYKIT_REMOTE_CACHE_DEADLINE", "").strip():
+        deadline = _seconds(environ["POLYKIT_REMOTE_CACHE_DEADLINE"], "POLYKIT_REMOTE_CACHE_DEADLINE")
+    remote = RemoteSettings(url or None, token or None, read_only, env_vars, input_files, max_size, float(timeout),
+                            None if deadline is None else float(deadline))
     settings = {"packages_dir": packages_dir, "cache_dir": cache_dir, "default_parallel": parallel, "cache_max_size": cache_max}
     return settings, remote
+
+
+def _seconds(text: str, variable: str) -> float:
+    """A positive number of seconds from the environment; the error names the variable."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ConfigError(variable, f"must be a positive number of seconds, not {text.strip()!r}")
+    return value
 
 
 def _parse_task(name: str, value: Any, path: Path, text: str) -> dict:

@@ -289,3 +289,65 @@ def serve_handler(handler_class, **attributes):
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+class RawServer:
+    """What ``serve_raw`` yields: its port, and the request heads it received, in order."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.heads: list[bytes] = []
+
+
+@contextmanager
+def serve_raw(answer):
+    """A bare TCP server on a free loopback port, for answers no HTTP library would send.
+
+    Each connection's request head is read (up to 64 KiB) and kept in ``heads``; then ``answer``
+    is sent, either bytes, or a function of the socket and the head that writes what it likes,
+    and the connection is closed. Client-side resets are ignored.
+    """
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    server = RawServer(listener.getsockname()[1])
+    stop = threading.Event()
+
+    def serve(conn) -> None:
+        with conn:
+            conn.settimeout(10)
+            head = b""
+            try:
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    head += chunk
+                server.heads.append(head)
+                if callable(answer):
+                    answer(conn, head)
+                else:
+                    conn.sendall(answer)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def accept_loop() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept_loop, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()

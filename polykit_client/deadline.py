@@ -1,0 +1,97 @@
+"""An overall deadline for each transfer, enforced by one watchdog thread.
+
+A socket timeout bounds each read or send, not a transfer: a server (or proxy) that sends one
+byte just inside every timeout keeps a download of a large body going for as long as it likes,
+and an endless run of ``100 Continue`` answers or trailer lines does the same before a body has
+even begun. So every transfer also gets a deadline. When it passes, the watchdog shuts the
+transfer's sockets down (shutdown(2) makes a ``recv`` or ``send`` blocked in another thread
+return at once); the blocked call then fails like a dropped connection, and the transfer, seeing
+``expired``, reports the deadline instead. A watchdog costs one thread, which exists only while
+some transfer is in flight.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+
+class Deadline:
+    """The deadline of one transfer; ``close()`` it when the transfer is over."""
+
+    def __init__(self, watchdog: Watchdog, seconds: float) -> None:
+        self._watchdog = watchdog
+        self.started = time.monotonic()
+        self.seconds = seconds
+        self.expires = self.started + seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down when the deadline passes (at once, if it has passed already)."""
+        with self._watchdog.lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def extend(self, seconds: float) -> None:
+        """Allow ``seconds`` from the start in all, once the size of the body is known."""
+        with self._watchdog.lock:
+            if not self.expired and seconds > self.seconds:
+                self.seconds = seconds
+                self.expires = self.started + seconds
+
+    def close(self) -> None:
+        self._watchdog.forget(self)
+
+    def _expire(self) -> None:
+        """Called by the watchdog with its lock held."""
+        self.expired = True
+        for sock in self._sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    # The plain socket's shutdown, also for a TLS socket: ssl.SSLSocket.shutdown would drop its
+    # TLS state under a thread that is reading. A socket closed meanwhile has no descriptor.
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class Watchdog:
+    """Expires the deadlines of one remote cache's transfers; safe to share between threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Condition()
+        self._active: set[Deadline] = set()
+        self._thread: threading.Thread | None = None
+
+    def start(self, seconds: float) -> Deadline:
+        """A new deadline ``seconds`` from now, watched until it is closed."""
+        deadline = Deadline(self, seconds)
+        with self.lock:
+            self._active.add(deadline)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="polykit-deadlines", daemon=True)
+                self._thread.start()
+            self.lock.notify()
+        return deadline
+
+    def forget(self, deadline: Deadline) -> None:
+        with self.lock:
+            self._active.discard(deadline)
+            self.lock.notify()
+
+    def _loop(self) -> None:
+        with self.lock:
+            while self._active:
+                now = time.monotonic()
+                for deadline in [d for d in self._active if d.expires <= now]:
+                    deadline._expire()
+                    self._active.discard(deadline)
+                if self._active:
+                    self.lock.wait(min(d.expires for d in self._active) - now)
+            self._thread = None  # idle: the next transfer starts a new thread
