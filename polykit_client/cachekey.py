@@ -153,7 +153,7 @@ class KeyMaker:
         self.stat_cache = StatCache(ws.root / STATE_FILE)
         self._started_ns = time.time_ns()
         self._toolchains: dict[str, dict] = {}
-        self._files = self._package_files()
+        self._listing: dict[str, list[str]] | None = None
         self._package_paths = {p.path for p in ws.packages.values()}
         self._walked: dict[tuple[str, str], list[str]] = {}
         self._cache_dir = os.path.normpath(ws.cache_dir)
@@ -198,13 +198,22 @@ class KeyMaker:
         (tracked and untracked-but-not-ignored files) is used only for the default inputs.
         """
         patterns = task.inputs if task.inputs is not None else self.ws.remote.input_files
-        if patterns is not None:
-            wanted = GlobSet(patterns)
-            found: set[str] = set()
-            for base in wanted.bases(DEPENDENCY_DIRS):
-                found.update(self._walk(pkg, base))
-            return sorted(f for f in found if wanted.matches(f))
-        candidates = self._files[pkg.name]
+        if patterns is None:
+            return self._default_inputs(pkg)
+        wanted = GlobSet(patterns, default_allowed=True)
+        found: set[str] = set()
+        for base in wanted.bases(DEPENDENCY_DIRS):
+            found.update(self._walk(pkg, base))
+        chosen = {f for f in found if wanted.matches(f)}
+        if wanted.default:  # $TURBO_DEFAULT$: the default inputs, less the exclusions
+            chosen.update(f for f in self._default_inputs(pkg) if not wanted.excluded(f))
+        return sorted(chosen)
+
+    def _default_inputs(self, pkg: Package) -> list[str]:
+        """Every file of the package (as git lists it) except what its tasks declare as outputs."""
+        if self._listing is None:  # listed once, and only when some task uses the default inputs
+            self._listing = self._package_files()
+        candidates = self._listing[pkg.name]
         # What the package's tasks write (their inclusions, exclusions aside: an excluded
         # .next/cache is still written by the build) is not a default input.
         outputs = GlobSet(p for t in pkg.tasks.values() for p in (t.outputs or ()) if not p.startswith("!"))

@@ -7,9 +7,12 @@ exclusion: a path is matched when some inclusion matches it and no exclusion doe
 order of the entries (Turborepo applies exclusions after every inclusion; an exclusion covers
 everything under what it names, as its documentation says ``!`` "automatically applies ``/**``").
 
-Anything else (backslash escapes, nested braces, ``$TURBO_DEFAULT$``-style microsyntax, ``..``)
-is refused with a :class:`PatternError` naming the pattern: a form that silently matched nothing
-would leave a declared input out of the key.
+In ``inputs`` (and ``input_files``) the entry ``$TURBO_DEFAULT$`` stands for the default inputs
+(the package's files as git lists them), so ``["$TURBO_DEFAULT$", "!README.md"]`` narrows the
+default; Nx's ``{projectRoot}/`` prefix is the package folder itself. Anything else (backslash
+escapes, nested braces, other ``$...$`` or ``{...}`` tokens, Nx named inputs like ``^production``,
+``..``) is refused with a :class:`PatternError` naming the pattern: a form that silently matched
+nothing would leave a declared input out of the key.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-_MICROSYNTAX = re.compile(r"\$[A-Z_]+\$")
+_MICROSYNTAX = re.compile(r"\$[A-Za-z_]+\$")
+DEFAULT_INPUTS = "$TURBO_DEFAULT$"
+_PROJECT_ROOT = "{projectRoot}"
 _SPECIAL = "*?[{"
 
 
@@ -28,6 +33,8 @@ class PatternError(ValueError):
 def normalise(pattern: str) -> str:
     """The pattern without a leading ``!``, leading ``./`` or surrounding slashes; checked."""
     body = pattern[1:] if pattern.startswith("!") else pattern
+    if body == _PROJECT_ROOT or body.startswith(_PROJECT_ROOT + "/"):
+        body = body[len(_PROJECT_ROOT):]
     while body.startswith("./"):
         body = body[2:]
     body = body.strip("/")
@@ -38,7 +45,9 @@ def normalise(pattern: str) -> str:
     if "\\" in body:
         raise PatternError(f"pattern {pattern!r}: backslash escapes are not supported")
     if _MICROSYNTAX.search(body):
-        raise PatternError(f"pattern {pattern!r}: {_MICROSYNTAX.search(body).group()} is not supported")
+        raise PatternError(f"pattern {pattern!r}: {_MICROSYNTAX.search(body).group()} is not supported here")
+    if body.startswith("^"):
+        raise PatternError(f"pattern {pattern!r}: named inputs (Nx's ^name) are not supported; list the files")
     if pattern.startswith("/") or ".." in body.split("/") or "." in body.split("/"):
         raise PatternError(f"pattern {pattern!r} must stay inside the package (relative, without . or .. folders)")
     for part in body.split("/"):
@@ -81,6 +90,9 @@ def translate(pattern: str, original: str | None = None) -> str:
             if end < 0 or "{" in pattern[i + 1 : end] or "/" in pattern[i + 1 : end]:
                 raise PatternError(f"pattern {original!r}: '{{' needs a closing '}}' in the same name; braces cannot nest")
             options = pattern[i + 1 : end].split(",")
+            if len(options) < 2:
+                raise PatternError(f"pattern {original!r}: {pattern[i:end + 1]} is not a glob (braces list spellings,"
+                                   " like {js,ts}); write the path relative to the package")
             out.append("(?:" + "|".join(translate(o, original) for o in options) + ")")
             i = end
         elif c == "}":
@@ -124,9 +136,13 @@ def _matches(regex, path: str) -> bool:
 class GlobSet:
     """Matches a path against inclusions and ``!`` exclusions (exclusions win, in any order)."""
 
-    def __init__(self, patterns: Iterable[str]) -> None:
+    def __init__(self, patterns: Iterable[str], *, default_allowed: bool = False) -> None:
         include, exclude = [], []
+        self.default = False  # whether $TURBO_DEFAULT$ is among the inclusions
         for raw in patterns:
+            if raw == DEFAULT_INPUTS and default_allowed:
+                self.default = True
+                continue
             (exclude if raw.startswith("!") else include).append(normalise(raw))
         self.patterns = tuple(include)
         self.exclusions = tuple(exclude)
@@ -153,9 +169,9 @@ class GlobSet:
     def matches(self, path: str) -> bool:
         return _matches(self._include, path) and not _matches(self._exclude, path)
 
-    def included(self, path: str) -> bool:
-        """Matched by an inclusion, exclusions aside (what the task's declarations touch at all)."""
-        return _matches(self._include, path)
+    def excluded(self, path: str) -> bool:
+        """Matched by an exclusion."""
+        return _matches(self._exclude, path)
 
     def may_match_under(self, folder: str) -> bool:
         """Whether some path strictly under ``folder`` could be matched (checked pattern by pattern)."""

@@ -6,6 +6,7 @@ and line before anything runs, never as a traceback halfway through a build.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .envpatterns import EnvPatternError, check as check_env_entry
-from .globs import PatternError, normalise
+from .globs import DEFAULT_INPUTS, PatternError, normalise
 
 ROOT_FILE = "polykit.toml"
 SKIP_DIRS = frozenset({".git", ".hg", ".svn", "node_modules", "target", ".venv", ".polykit"})
@@ -130,12 +131,14 @@ def _str_list(value: Any, path: Path, text: str, key: str, what: str | None = No
     return tuple(value)
 
 
-def _globs(value: Any, path: Path, text: str, key: str, what: str | None = None) -> tuple[str, ...]:
+def _globs(value: Any, path: Path, text: str, key: str, what: str | None = None, *,
+           default_allowed: bool = False) -> tuple[str, ...]:
     """A list of glob patterns, each of a supported form, with at least one inclusion."""
     patterns = _str_list(value, path, text, key, what)
     try:
         for pattern in patterns:
-            normalise(pattern)
+            if not (default_allowed and pattern == DEFAULT_INPUTS):
+                normalise(pattern)
     except PatternError as exc:
         raise ConfigError(path, f"{what or key}: {exc}", _line_of(text, key)) from None
     _expect(not patterns or any(not p.startswith("!") for p in patterns), path, text, key,
@@ -190,7 +193,8 @@ def _parse_root(root: Path, data: dict, text: str, environ: Mapping[str, str]) -
     _expect(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0,
             path, text, "timeout", "timeout must be a positive number of seconds")
     env_vars = _env_list(rc.get("env_vars", []), path, text, "env_vars")
-    input_files = _globs(rc["input_files"], path, text, "input_files") if "input_files" in rc else None
+    input_files = (_globs(rc["input_files"], path, text, "input_files", default_allowed=True)
+                   if "input_files" in rc else None)
 
     # The environment overrides the file, for CI (the command line overrides both, later).
     if environ.get("POLYKIT_REMOTE_CACHE_URL"):
@@ -250,7 +254,8 @@ def parse_package(root: Path, config_file: Path) -> Package:
     tasks: dict[str, Task] = {}
     for task, spec in specs.items():
         _expect(_NAME.fullmatch(task) is not None and ":" not in task, config_file, text, task, f"invalid task name {task!r}")
-        readers = {"depends_on": _str_list, "outputs": _globs, "inputs": _globs, "env": _env_list}
+        readers = {"depends_on": _str_list, "outputs": _globs, "inputs": functools.partial(_globs, default_allowed=True),
+                   "env": _env_list}
         lists = {f: read(spec[f], config_file, text, task, f"task {task!r}: {f}") for f, read in readers.items() if f in spec}
         tasks[task] = Task(task, spec["command"], lists.get("depends_on", ()), lists.get("outputs"), lists.get("inputs"),
                            lists.get("env", ()))
