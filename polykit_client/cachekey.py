@@ -24,6 +24,7 @@ from . import envpatterns
 from .artifact import hash_file
 from .globs import GlobSet
 from .graph import Node
+from .outputs import linked_folders
 from .workspace import SKIP_DIRS, Package, Task, Workspace
 
 # Folders an explicit input pattern never walks into: version control and polykit's own state.
@@ -216,10 +217,13 @@ class KeyMaker:
         candidates = self._listing[pkg.name]
         # What the package's tasks write (their inclusions, exclusions aside: an excluded
         # .next/cache is still written by the build) is not a default input.
-        outputs = GlobSet(p for t in pkg.tasks.values() for p in (t.outputs or ()) if not p.startswith("!"))
-        if not outputs:
+        declared = [p for t in pkg.tasks.values() for p in (t.outputs or ()) if not p.startswith("!")]
+        if not declared:
             return list(candidates)
-        return [f for f in candidates if not outputs.matches(f)]
+        outputs = GlobSet(declared)
+        # An output folder reached through a symlink (dist -> .output/public) is written too.
+        linked = tuple(folder + "/" for folder in linked_folders(pkg.dir, declared))
+        return [f for f in candidates if not outputs.matches(f) and not (linked and f.startswith(linked))]
 
     def _walk(self, pkg: Package, base: str) -> list[str]:
         """Every file under ``base`` (relative to the package; "" is all of it), as os.walk sees it.

@@ -118,6 +118,30 @@ def _descend(root: str, base: str, visit, strict: bool) -> None:
     visit(base, f"{real}/{parts[-1]}" if real else parts[-1], chain)
 
 
+def linked_folders(pkg_dir: Path, patterns: Iterable[str]) -> list[str]:
+    """Folders of the package that output patterns reach through a symlink in their literal part.
+
+    With ``outputs = ["dist/**"]`` and ``dist -> .output/public``, the build writes
+    ``.output/public``: those files are outputs, not default inputs. Only the literal folders of
+    each pattern are looked at (a few ``lstat`` calls), so keys stay cheap to compute.
+    """
+    root = os.path.realpath(pkg_dir)
+    found = []
+    for pattern in globs_of(tuple(p for p in patterns if not p.startswith("!"))).patterns:
+        current = root
+        for part in pattern.split("/"):
+            if any(c in part for c in "*?[{"):
+                break
+            current = os.path.join(current, part)
+            if os.path.islink(current):
+                target = os.path.realpath(current)
+                if not target.startswith(root + os.sep) or not os.path.isdir(target):
+                    break
+                found.append(os.path.relpath(target, root).replace(os.sep, "/"))
+                current = target
+    return sorted(set(found))
+
+
 def check_restorable(files: Iterable[str], links: Mapping[str, str], patterns: tuple[str, ...] | None) -> None:
     """Refuse an artifact entry that the task's outputs do not declare.
 

@@ -137,6 +137,12 @@ def put(rel: str, text: str = "changed\n") -> Callable[[Path, dict], None]:
     return lambda root, env: write(root, rel, text)
 
 
+def symlinked_output(root: Path, env: dict) -> None:
+    """What a build writes through ``dist -> .output/public`` (``outputs = ["dist/**"]``)."""
+    write(root, "packages/base/.output/public/index.html", "built\n")
+    (root / "packages/base/dist").symlink_to(".output/public")
+
+
 def setenv(name: str, value: str) -> Callable[[Path, dict], None]:
     return lambda root, env: env.__setitem__(name, value)
 
@@ -188,6 +194,7 @@ UNMATCHED = [
     ("default inputs, a git-ignored file", put("packages/base/ignored/cache.txt")),
     ("default inputs, a declared output", put("packages/base/dist/out.txt")),
     ("default inputs, a nested package's file", put("packages/base/sub/x.txt")),
+    ("default inputs, an output folder written through a symlink", symlinked_output),
     ("excluded output folder", put("packages/app/.next/cache/state.bin")),
     ("$TURBO_DEFAULT$ less an exclusion", put("packages/docs/drafts/next.md")),
     ("$TURBO_DEFAULT$ less the outputs", put("packages/docs/site/index.html")),
