@@ -222,8 +222,10 @@ class KeyMaker:
             return list(candidates)
         outputs = GlobSet(declared)
         # An output folder reached through a symlink (dist -> .output/public) is written too.
-        linked = tuple(folder + "/" for folder in linked_folders(pkg.dir, declared))
-        return [f for f in candidates if not outputs.matches(f) and not (linked and f.startswith(linked))]
+        linked = linked_folders(pkg.dir, declared)
+        under = tuple(path + "/" for path in linked)
+        return [f for f in candidates
+                if not outputs.matches(f) and not (linked and (f in linked or f.startswith(under)))]
 
     def _walk(self, pkg: Package, base: str) -> list[str]:
         """Every file under ``base`` (relative to the package; "" is all of it), as os.walk sees it.

@@ -119,10 +119,10 @@ def _descend(root: str, base: str, visit, strict: bool) -> None:
 
 
 def linked_folders(pkg_dir: Path, patterns: Iterable[str]) -> list[str]:
-    """Folders of the package that output patterns reach through a symlink in their literal part.
+    """Symlinks in the literal part of output patterns, and the package folders they lead to.
 
-    With ``outputs = ["dist/**"]`` and ``dist -> .output/public``, the build writes
-    ``.output/public``: those files are outputs, not default inputs. Only the literal folders of
+    With ``outputs = ["dist/**"]`` and ``dist -> .output/public``, the build writes the link
+    ``dist`` and the folder ``.output/public``: both are outputs, not default inputs. Only the literal folders of
     each pattern are looked at (a few ``lstat`` calls), so keys stay cheap to compute.
     """
     root = os.path.realpath(pkg_dir)
@@ -134,6 +134,7 @@ def linked_folders(pkg_dir: Path, patterns: Iterable[str]) -> list[str]:
                 break
             current = os.path.join(current, part)
             if os.path.islink(current):
+                found.append(os.path.relpath(current, root).replace(os.sep, "/"))
                 target = os.path.realpath(current)
                 if not target.startswith(root + os.sep) or not os.path.isdir(target):
                     break
