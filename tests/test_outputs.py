@@ -16,7 +16,7 @@ import pytest
 from polykit_client import artifact
 from polykit_client.outputs import OutputError, check_restorable, expand_outputs
 from sample import Polykit, make_tools
-from support import request, thread_server
+from support import thread_server
 from test_client import snapshot, stats, status_lines
 
 ROOT = '[workspace]\npackages_dir = "packages"\n'
