@@ -143,11 +143,14 @@ def linked_folders(pkg_dir: Path, patterns: Iterable[str]) -> list[str]:
     return sorted(set(found))
 
 
-def check_restorable(files: Iterable[str], links: Mapping[str, str], patterns: tuple[str, ...] | None) -> None:
+def check_restorable(files: Iterable[str], links: Mapping[str, str], patterns: tuple[str, ...] | None,
+                     pkg_dir: Path | None = None) -> None:
     """Refuse an artifact entry that the task's outputs do not declare.
 
     A link is declared when the patterns match it or something under it; a file, when the
-    patterns match its path or its path as seen through a declared link to its folder.
+    patterns match its path or its path as seen through a declared link to its folder. A file
+    placed through a link goes only into a folder that does not exist yet or that the same link
+    already shows in ``pkg_dir``: an artifact cannot invent ``dist -> src`` to overwrite sources.
     """
     globs = globs_of(tuple(patterns) if patterns is not None else None)
     folders: list[tuple[str, str]] = []  # (real folder, link showing it)
@@ -157,21 +160,33 @@ def check_restorable(files: Iterable[str], links: Mapping[str, str], patterns: t
         real = posixpath.normpath(posixpath.join(posixpath.dirname(link), target))
         if not real.startswith("../") and real != "..":
             folders.append((real, link))
+    used: set[tuple[str, str]] = set()
     for rel in files:
-        if not _declared(rel, globs, folders):
+        if not _declared(rel, globs, folders, used):
             raise ArtifactError("undeclared_output", f"the artifact holds {rel!r}, which is not a declared output")
+    for real, link in sorted(used) if pkg_dir is not None else ():
+        shown = os.path.join(pkg_dir, link)
+        if os.path.lexists(os.path.join(pkg_dir, real)) and not (
+                os.path.islink(shown) and os.readlink(shown) == links[link]):
+            raise ArtifactError("unsafe_path", f"the artifact's link {link!r} -> {links[link]!r} would place files in"
+                                               f" the existing folder {real!r}, which that link does not show")
 
 
-def _declared(rel: str, globs: GlobSet, folders: list[tuple[str, str]]) -> bool:
-    seen, pending = {rel}, [rel]
+def _declared(rel: str, globs: GlobSet, folders: list[tuple[str, str]], used: set[tuple[str, str]]) -> bool:
+    """Whether the patterns match ``rel`` or its path through declared links (noting the links used)."""
+    seen, pending = {rel: None}, [rel]
     while pending:
         view = pending.pop()
         if globs.matches(view):
+            while seen[view] is not None:  # the links this view went through
+                previous, link_used = seen[view]
+                used.add(link_used)
+                view = previous
             return True
         for real, link in folders:
             if real == "." or view.startswith(real + "/"):
                 shown = link + "/" + (view if real == "." else view[len(real) + 1:])
                 if shown not in seen and len(seen) < MAX_LINK_VIEWS:
-                    seen.add(shown)
+                    seen[shown] = (view, (real, link))
                     pending.append(shown)
     return False

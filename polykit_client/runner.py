@@ -397,7 +397,7 @@ class TaskRunner:
                 meta = artifact.extract(fh, staging / "outputs", logs_dir=staging / "logs", expected_key=key,
                                         limits=self.limits)
             restored = sorted(list(meta["files"]) + list(meta["symlinks"]))
-            check_restorable(meta["files"], meta["symlinks"], task.outputs)
+            check_restorable(meta["files"], meta["symlinks"], task.outputs, pkg.dir)
             self._forget_record(node)
             for stale in expand_outputs(pkg.dir, task.outputs, strict=False):
                 _remove(pkg.dir / stale)

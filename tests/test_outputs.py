@@ -16,7 +16,7 @@ import pytest
 from polykit_client import artifact
 from polykit_client.outputs import OutputError, check_restorable, expand_outputs
 from sample import Polykit, make_tools
-from support import thread_server
+from support import craft, request, thread_server
 from test_client import snapshot, stats, status_lines
 
 ROOT = '[workspace]\npackages_dir = "packages"\n'
@@ -128,3 +128,29 @@ def test_a_restore_accepts_only_files_the_patterns_match_through_a_declared_link
         check_restorable({".output/public/a.map": {}}, links, ("dist/**", "!dist/*.map"))
     with pytest.raises(artifact.ArtifactError, match="'src'"):
         check_restorable({}, {"src": "lib"}, ("dist/**",))
+
+
+def test_a_restore_never_places_files_through_a_link_into_an_existing_folder_it_does_not_show(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "src").mkdir(parents=True)
+    (pkg / "src/main.ts").write_text("source")
+    poisoned = {"dist": "src"}
+    with pytest.raises(artifact.ArtifactError, match="existing folder 'src'"):
+        check_restorable({"src/main.ts": {}}, poisoned, ("dist/**",), pkg)
+    check_restorable({".output/public/a.html": {}}, {"dist": ".output/public"}, ("dist/**",), pkg)  # a new folder
+    (pkg / ".output/public").mkdir(parents=True)
+    os.symlink(".output/public", pkg / "dist")
+    check_restorable({".output/public/a.html": {}}, {"dist": ".output/public"}, ("dist/**",), pkg)  # the same link
+
+
+def test_a_poisoned_link_in_an_artifact_cannot_overwrite_sources(tmp_path):
+    pk = checkout(tmp_path / "a", tmp_path, task("mkdir -p dist && echo ok > dist/a", ["dist/**"]))
+    (pk.workspace / "packages/site/src").mkdir()
+    (pk.workspace / "packages/site/src/main.ts").write_text("source\n")
+    key = pk.keys()["site:build"]
+    blob = craft({"src/main.ts": b"trojan\n"}, key=key, symlinks={"dist": "src"})
+    with thread_server(tmp_path / "store") as (port, _):
+        assert request(port, "PUT", f"/v1/artifacts/{key}", blob)[0] == 201
+        status, err = build(pk, port)
+    assert status == "miss" and "existing folder 'src'" in err
+    assert (pk.workspace / "packages/site/src/main.ts").read_text() == "source\n"
