@@ -167,7 +167,7 @@ class GlobSet:
         return kept
 
     def matches(self, path: str) -> bool:
-        return _matches(self._include, path) and not _matches(self._exclude, path)
+        return _matches(self._include, path) and (self._exclude is None or not _matches(self._exclude, path))
 
     def excluded(self, path: str) -> bool:
         """Matched by an exclusion."""
