@@ -2,8 +2,9 @@
 
 Components (all relative, so two checkouts in different folders or machines agree): the
 package's name and path, the task, its exact command, the environment variables its ``env``
-entries select (names, wildcards, exclusions: ``envpatterns``), the SHA-256 of every input file, the keys of the tasks it depends on, the language's toolchain
-version, the declared outputs, and a format version. ``components()`` is what
+entries select (names, wildcards, exclusions: ``envpatterns``), the SHA-256 of every input
+file, the keys of the tasks it depends on, the language's toolchain version, the declared
+outputs, and a format version. ``components()`` is what
 ``polykit build --dry-run --json`` prints, so a user can see why a key changed.
 """
 
