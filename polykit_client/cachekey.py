@@ -1,9 +1,10 @@
 """The cache key: a SHA-256 over everything that can change a task's outputs.
 
 Components (all relative, so two checkouts in different folders or machines agree): the
-package's name and path, the task, its exact command, the allow-listed environment variables,
-the SHA-256 of every input file, the keys of the tasks it depends on, the language's toolchain
-version, the declared outputs, and a format version. ``components()`` is what
+package's name and path, the task, its exact command, the environment variables its ``env``
+entries select (names, wildcards, exclusions: ``envpatterns``), the SHA-256 of every input
+file, the keys of the tasks it depends on, the language's toolchain version, the declared
+outputs, and a format version. ``components()`` is what
 ``polykit build --dry-run --json`` prints, so a user can see why a key changed.
 """
 
@@ -20,10 +21,18 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from . import envpatterns
 from .artifact import hash_file
 from .globs import GlobSet
 from .graph import Node
+from .outputs import linked_folders
 from .workspace import SKIP_DIRS, Package, Task, Workspace
+
+# Folders an explicit input pattern never walks into: version control and polykit's own state.
+VCS_DIRS = frozenset({".git", ".hg", ".svn", ".polykit"})
+# Dependency and build folders, often huge: a pattern's wildcards do not walk into them; a
+# pattern whose literal folders name one (``node_modules/lib/**``) does.
+DEPENDENCY_DIRS = SKIP_DIRS - VCS_DIRS
 
 KEY_FORMAT = "polykit-cache-key/1"
 TOOLCHAINS = {
@@ -146,7 +155,10 @@ class KeyMaker:
         self.stat_cache = StatCache(ws.root / STATE_FILE)
         self._started_ns = time.time_ns()
         self._toolchains: dict[str, dict] = {}
-        self._files = self._package_files()
+        self._listing: dict[str, list[str]] | None = None
+        self._package_paths = {p.path for p in ws.packages.values()}
+        self._walked: dict[tuple[str, str], list[str]] = {}
+        self._cache_dir = os.path.normpath(ws.cache_dir)
         self.keys: dict[Node, str] = {}
         self.parts: dict[Node, dict] = {}
 
@@ -181,16 +193,76 @@ class KeyMaker:
         return files
 
     def input_files(self, pkg: Package, task: Task) -> list[str]:
-        """The files (relative to the package) that are inputs of a task."""
+        """The files (relative to the package) that are inputs of a task.
+
+        Explicit patterns (the task's ``inputs``, else ``[remote_cache] input_files``) match every
+        file of the package, git-ignored or not: a file a user names is an input. The git listing
+        (tracked and untracked-but-not-ignored files) is used only for the default inputs.
+        """
         patterns = task.inputs if task.inputs is not None else self.ws.remote.input_files
-        candidates = self._files[pkg.name]
-        if patterns is not None:
-            wanted = GlobSet(patterns)
-            return [f for f in candidates if wanted.matches(f)]
-        outputs = GlobSet(p for t in pkg.tasks.values() for p in (t.outputs or ()))
-        if not outputs:
+        if patterns is None:
+            return self._default_inputs(pkg)
+        wanted = GlobSet(patterns, default_allowed=True)
+        found: set[str] = set()
+        for base in wanted.bases(DEPENDENCY_DIRS):
+            found.update(self._walk(pkg, base))
+        chosen = {f for f in found if wanted.matches(f)}
+        if wanted.default:  # $TURBO_DEFAULT$: the default inputs, less the exclusions
+            chosen.update(f for f in self._default_inputs(pkg) if not wanted.excluded(f))
+        return sorted(chosen)
+
+    def _default_inputs(self, pkg: Package) -> list[str]:
+        """Every file of the package (as git lists it) except what its tasks declare as outputs."""
+        if self._listing is None:  # listed once, and only when some task uses the default inputs
+            self._listing = self._package_files()
+        candidates = self._listing[pkg.name]
+        # What the package's tasks write (their inclusions, exclusions aside: an excluded
+        # .next/cache is still written by the build) is not a default input.
+        declared = [p for t in pkg.tasks.values() for p in (t.outputs or ()) if not p.startswith("!")]
+        if not declared:
             return list(candidates)
-        return [f for f in candidates if not outputs.matches(f)]
+        outputs = GlobSet(declared)
+        # An output folder reached through a symlink (dist -> .output/public) is written too.
+        linked = linked_folders(pkg.dir, declared)
+        under = tuple(path + "/" for path in linked)
+        return [f for f in candidates
+                if not outputs.matches(f) and not (linked and (f in linked or f.startswith(under)))]
+
+    def _walk(self, pkg: Package, base: str) -> list[str]:
+        """Every file under ``base`` (relative to the package; "" is all of it), as os.walk sees it.
+
+        Skips version-control folders, nested packages and, below ``base``, dependency folders.
+        A symlink is one entry (hashed through it, as git lists it). Memoised per run.
+        """
+        memo = (pkg.name, base)
+        if memo in self._walked:
+            return self._walked[memo]
+        prefix = "" if pkg.path == "." else pkg.path + "/"
+        top = os.path.join(pkg.dir, base) if base else str(pkg.dir)
+        parts = base.split("/") if base else []
+        found: list[str] = []
+        inside_other = any(prefix + "/".join(parts[: i + 1]) in self._package_paths for i in range(len(parts)))
+        if not inside_other and not any(p in VCS_DIRS for p in parts):
+            if os.path.isdir(top) and not os.path.islink(top):
+                for folder, dirs, files in os.walk(top):
+                    rel = os.path.relpath(folder, pkg.dir).replace(os.sep, "/")
+                    rel = "" if rel == "." else rel + "/"
+                    keep = []
+                    for d in dirs:
+                        if d in VCS_DIRS or d in DEPENDENCY_DIRS or prefix + rel + d in self._package_paths:
+                            continue
+                        if os.path.join(folder, d) == self._cache_dir:
+                            continue
+                        if os.path.islink(os.path.join(folder, d)):
+                            found.append(rel + d)
+                        else:
+                            keep.append(d)
+                    dirs[:] = keep
+                    found.extend(rel + f for f in files)
+            elif os.path.lexists(top):
+                found.append(base)
+        self._walked[memo] = found
+        return found
 
     def hash_files(self, paths: Iterable[str]) -> dict[str, str]:
         """SHA-256 of files given relative to the root; unchanged files come from the stat cache."""
@@ -278,13 +350,12 @@ class KeyMaker:
             pkg = self.ws.packages[node.package]
             task = pkg.tasks[node.task]
             base, rels = inputs[node]
-            env_names = sorted(set(self.ws.remote.env_vars) | set(task.env))
             parts = {
                 "format": KEY_FORMAT,
                 "package": {"name": pkg.name, "path": pkg.path},
                 "task": task.name,
                 "command": task.command,
-                "env": {name: self.environ.get(name) for name in env_names},
+                "env": envpatterns.select(self.ws.remote.env_vars + task.env, self.environ),
                 "inputs": {rel: digests[base + rel] for rel in sorted(rels) if base + rel in digests},
                 "dependencies": {str(dep): self.keys[dep] for dep in sorted(deps[node])},
                 "toolchain": self.toolchain(pkg.language),

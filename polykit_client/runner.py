@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
-import functools
 import hashlib
 import json
 import os
@@ -27,9 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from . import artifact
-from .globs import GlobSet
 from .graph import Node
 from .localcache import LocalCache
+from .outputs import OutputError, check_restorable, expand_outputs
 from .workspace import Package, Task, Workspace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -168,44 +167,6 @@ class Uploader:
             self.console.warn(f"gave up waiting for uploads after {bound:.0f} s; they are kept in the local cache")
 
 
-def expand_outputs(pkg_dir: Path, patterns: tuple[str, ...]) -> list[str]:
-    """Files, symlinks and empty folders of the package that match the output globs."""
-    globs = GlobSet(patterns)
-    bases = set()
-    for pattern in globs.patterns:
-        parts = pattern.split("/")
-        literal = []
-        for part in parts:
-            if any(c in part for c in "*?["):
-                break
-            literal.append(part)
-        bases.add("/".join(literal))
-    found: set[str] = set()
-    for base in sorted(bases):
-        top = pkg_dir / base if base else pkg_dir
-        if top.is_symlink() or top.is_file():
-            if globs.matches(base):
-                found.add(base)
-            continue
-        if not top.is_dir():
-            continue
-        for folder, dirs, files in os.walk(top):
-            rel_dir = Path(folder).relative_to(pkg_dir).as_posix()
-            prefix = "" if rel_dir == "." else rel_dir + "/"
-            dirs[:] = [d for d in dirs if d != ".git"]
-            for d in list(dirs):
-                if os.path.islink(os.path.join(folder, d)):
-                    dirs.remove(d)
-                    if globs.matches(prefix + d):
-                        found.add(prefix + d)
-            for f in files:
-                if globs.matches(prefix + f):
-                    found.add(prefix + f)
-            if not dirs and not files and prefix and globs.matches(rel_dir):
-                found.add(rel_dir)
-    return sorted(found)
-
-
 def _flat(exc: BaseException) -> str:
     """An exception as one short line, for a warning."""
     text = " ".join(str(exc).split())
@@ -218,9 +179,6 @@ def _signature(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_mode]
 
 
-@functools.lru_cache(maxsize=None)
-def _globs(patterns: tuple[str, ...] | None) -> GlobSet:
-    return GlobSet(patterns or ())
 
 
 def _remove(path: Path) -> None:
@@ -350,7 +308,7 @@ class TaskRunner:
         try:
             if record is None or record.get("key") != key:
                 return False
-            current = expand_outputs(pkg.dir, task.outputs or ())
+            current = expand_outputs(pkg.dir, task.outputs, strict=False)
             if current != sorted(record["files"]) or any(_signature(pkg.dir / rel) != record["files"][rel] for rel in current):
                 return False
             log = base64.b64decode(record["log"])
@@ -372,7 +330,7 @@ class TaskRunner:
         try:
             if log.stat().st_size > RECORD_LOG_LIMIT:
                 return  # a long log stays in the artifact only; such a task is restored each time
-            outputs = expand_outputs(pkg.dir, task.outputs or ()) if outputs is None else outputs
+            outputs = expand_outputs(pkg.dir, task.outputs, strict=False) if outputs is None else outputs
             record = {"key": key, "duration_ms": duration_ms, "files": {rel: _signature(pkg.dir / rel) for rel in outputs},
                       "log": base64.b64encode(log.read_bytes()).decode()}
         except OSError:
@@ -461,13 +419,9 @@ class TaskRunner:
             with open(path, "rb") as fh:
                 meta = artifact.extract(fh, staging / "outputs", logs_dir=staging / "logs", expected_key=key,
                                         limits=self.limits)
-            restored = sorted(list(meta["files"]) + list(meta["symlinks"]))
-            declared = _globs(task.outputs)
-            for rel in restored:
-                if not declared.matches(rel):
-                    raise artifact.ArtifactError("undeclared_output", f"the artifact holds {rel!r}, which is not a declared output")
+            check_restorable(meta["files"], meta["symlinks"], task.outputs, pkg.dir)
             self._forget_record(node)
-            for stale in expand_outputs(pkg.dir, task.outputs or ()):
+            for stale in expand_outputs(pkg.dir, task.outputs, strict=False):
                 _remove(pkg.dir / stale)
             artifact.place(staging / "outputs", pkg.dir, meta)
             if keep is not None:
@@ -525,21 +479,35 @@ class TaskRunner:
             self.console.warn(f"{node} declares no outputs: only its log is cached")
         meta = {"package": pkg.name, "task": task.name, "command": task.command,
                 "created_at": int(time.time()), "duration_ms": duration_ms, "exit_code": 0}
+        # Every declared output is cached, or the task is not cached at all: a hit must never
+        # restore less than the build made.
+        try:
+            outputs = expand_outputs(pkg.dir, task.outputs)
+        except (OutputError, OSError) as exc:
+            self.console.warn(f"{node}: not cached: {exc}")
+            return
         try:
             fh, temp = self.local.new_temp()
         except OSError as exc:
             self.console.warn(f"{node}: its outputs could not be cached ({exc})")
             return
-        outputs = expand_outputs(pkg.dir, task.outputs or ())
         try:
             with fh:
                 artifact.pack(fh, pkg.dir, outputs, meta, log=log, cache_key=key)
             path = self.local.put(key, temp)
         except (artifact.ArtifactError, OSError) as exc:
             temp.unlink(missing_ok=True)
-            self.console.warn(f"{node}: its outputs could not be cached ({exc})")
+            self.console.warn(f"{node}: not cached: {_describe(exc, pkg.dir)}")
             return
         self._write_record(node, pkg, task, key, log, duration_ms, outputs)
         self._get_remote()
         if self.uploader is not None:
             self.uploader.submit(node, key, path)
+
+
+def _describe(exc: Exception, pkg_dir: Path) -> str:
+    """An error about an output, naming the output relative to its package."""
+    name = getattr(exc, "filename", None)
+    if isinstance(exc, OSError) and isinstance(name, str) and name.startswith(str(pkg_dir) + os.sep):
+        return f"output {os.path.relpath(name, pkg_dir)!r} cannot be read ({exc.strerror or exc})"
+    return str(exc)

@@ -6,12 +6,16 @@ and line before anything runs, never as a traceback halfway through a build.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from .envpatterns import EnvPatternError, check as check_env_entry
+from .globs import DEFAULT_INPUTS, PatternError, normalise
 
 ROOT_FILE = "polykit.toml"
 SKIP_DIRS = frozenset({".git", ".hg", ".svn", "node_modules", "target", ".venv", ".polykit"})
@@ -128,6 +132,32 @@ def _str_list(value: Any, path: Path, text: str, key: str, what: str | None = No
     return tuple(value)
 
 
+def _globs(value: Any, path: Path, text: str, key: str, what: str | None = None, *,
+           default_allowed: bool = False) -> tuple[str, ...]:
+    """A list of glob patterns, each of a supported form, with at least one inclusion."""
+    patterns = _str_list(value, path, text, key, what)
+    try:
+        for pattern in patterns:
+            if not (default_allowed and pattern == DEFAULT_INPUTS):
+                normalise(pattern)
+    except PatternError as exc:
+        raise ConfigError(path, f"{what or key}: {exc}", _line_of(text, key)) from None
+    _expect(not patterns or any(not p.startswith("!") for p in patterns), path, text, key,
+            f"{what or key} has only exclusions: add what they exclude from (like \"**\")")
+    return patterns
+
+
+def _env_list(value: Any, path: Path, text: str, key: str, what: str | None = None) -> tuple[str, ...]:
+    """A list of environment variable names, NAME_* wildcards and !NAME exclusions."""
+    entries = _str_list(value, path, text, key, what)
+    try:
+        for entry in entries:
+            check_env_entry(entry)
+    except EnvPatternError as exc:
+        raise ConfigError(path, f"{what or key}: {exc}", _line_of(text, key)) from None
+    return entries
+
+
 def _parse_root(root: Path, data: dict, text: str, environ: Mapping[str, str]) -> tuple[dict, RemoteSettings]:
     path = root / ROOT_FILE
     ws = data.get("workspace", {})
@@ -166,8 +196,9 @@ def _parse_root(root: Path, data: dict, text: str, environ: Mapping[str, str]) -
     deadline = rc.get("deadline")
     _expect(deadline is None or (isinstance(deadline, (int, float)) and not isinstance(deadline, bool) and 0 < deadline < float("inf")),
             path, text, "deadline", "deadline must be a positive number of seconds")
-    env_vars = _str_list(rc.get("env_vars", []), path, text, "env_vars")
-    input_files = _str_list(rc["input_files"], path, text, "input_files") if "input_files" in rc else None
+    env_vars = _env_list(rc.get("env_vars", []), path, text, "env_vars")
+    input_files = (_globs(rc["input_files"], path, text, "input_files", default_allowed=True)
+                   if "input_files" in rc else None)
 
     # The environment overrides the file, for CI (the command line overrides both, later).
     if environ.get("POLYKIT_REMOTE_CACHE_URL"):
@@ -241,8 +272,9 @@ def parse_package(root: Path, config_file: Path) -> Package:
     tasks: dict[str, Task] = {}
     for task, spec in specs.items():
         _expect(_NAME.fullmatch(task) is not None and ":" not in task, config_file, text, task, f"invalid task name {task!r}")
-        lists = {f: _str_list(spec[f], config_file, text, task, f"task {task!r}: {f}")
-                 for f in ("depends_on", "outputs", "inputs", "env") if f in spec}
+        readers = {"depends_on": _str_list, "outputs": _globs, "inputs": functools.partial(_globs, default_allowed=True),
+                   "env": _env_list}
+        lists = {f: read(spec[f], config_file, text, task, f"task {task!r}: {f}") for f, read in readers.items() if f in spec}
         tasks[task] = Task(task, spec["command"], lists.get("depends_on", ()), lists.get("outputs"), lists.get("inputs"),
                            lists.get("env", ()))
     for task in tasks.values():
@@ -250,9 +282,6 @@ def parse_package(root: Path, config_file: Path) -> Package:
             _expect(dep in tasks, config_file, text, task.name,
                     f"task {task.name!r} depends on {dep!r}, which package {name!r} does not define"
                     f" (it has: {', '.join(sorted(tasks)) or 'no tasks'})")
-        for pattern in (task.outputs or ()) + (task.inputs or ()):
-            _expect(not pattern.startswith("/") and ".." not in pattern.split("/"), config_file, text, task.name,
-                    f"task {task.name!r}: pattern {pattern!r} must stay inside the package")
     rel = config_file.parent.relative_to(root).as_posix()
     return Package(name, rel, config_file.parent, language, internal, tasks, config_file)
 

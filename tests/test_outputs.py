@@ -1,0 +1,156 @@
+"""Declared outputs: exclusions, folders reached through a symlink, and outputs that cannot be cached.
+
+Builds run as real ``polykit`` processes against a real server on 127.0.0.1; a second checkout
+(sources only) shows what a restore brings back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from polykit_client import artifact
+from polykit_client.outputs import OutputError, check_restorable, expand_outputs
+from sample import Polykit, make_tools
+from support import craft, request, thread_server
+from test_client import snapshot, stats, status_lines
+
+ROOT = '[workspace]\npackages_dir = "packages"\n'
+SYMLINKED = "mkdir -p .output/public/img && echo '<p>home</p>' > .output/public/index.html && echo png > .output/public/img/a.png && ln -sfn .output/public dist"
+
+
+def checkout(folder: Path, tmp_path: Path, task: str) -> Polykit:
+    (folder / "packages/site").mkdir(parents=True)
+    (folder / "polykit.toml").write_text(ROOT)
+    (folder / "packages/site/polykit.toml").write_text(f'name = "site"\n[tasks]\nbuild = {task}\n')
+    (folder / "packages/site/page.txt").write_text("source\n")
+    return Polykit(folder, make_tools(tmp_path / "tools"), tmp_path / f"marker-{folder.name}")
+
+
+def build(pk: Polykit, port: int | None = None):
+    args = ("build", "-j1") + (("--remote-cache-url", f"http://127.0.0.1:{port}") if port else ())
+    out = pk.run(*args)
+    return status_lines(out.stdout)["site:build"], out.stderr
+
+
+def task(command: str, outputs: list[str]) -> str:
+    return "{ command = %s, outputs = %s }" % (json.dumps(command), json.dumps(outputs))
+
+
+@pytest.mark.parametrize("outputs", [["dist/**"], ["dist"], ["dist/"]])
+def test_an_output_folder_reached_through_a_symlink_is_cached_and_restored_with_its_link(tmp_path, outputs):
+    a = checkout(tmp_path / "a", tmp_path, task(SYMLINKED, outputs))
+    b = checkout(tmp_path / "b", tmp_path, task(SYMLINKED, outputs))
+    with thread_server(tmp_path / "store") as (port, _):
+        assert build(a, port) == ("miss", "")
+        assert build(b, port) == ("hit (remote)", "")
+        assert stats(port)["uploads"] == 1
+    site = b.workspace / "packages/site"
+    assert os.readlink(site / "dist") == ".output/public"
+    assert snapshot(site / ".output") == snapshot(a.workspace / "packages/site/.output")
+    assert (site / "dist/index.html").read_text() == "<p>home</p>\n" and b.ran() == []
+    # A changed output is restored from the local cache; so are a link and folder both removed.
+    (site / ".output/public/index.html").write_text("stale\n")
+    assert build(b) == ("hit (local)", "")
+    assert (site / "dist/index.html").read_text() == "<p>home</p>\n"
+    (site / "dist").unlink()
+    shutil.rmtree(site / ".output")
+    assert build(b) == ("hit (local)", "")
+    assert os.readlink(site / "dist") == ".output/public" and (site / "dist/img/a.png").read_text() == "png\n"
+
+
+@pytest.mark.parametrize("command,named", [
+    ("mkdir -p ../../../outside && echo x > ../../../outside/f && ln -sfn ../../../outside dist", "'dist' is a symlink"),
+    ("mkdir -p dist && ln -sfn /etc dist/etc", "'dist/etc' is a symlink"),
+    ("mkdir -p dist && ln -sfn .. dist/up", "'dist/up' is a symlink loop"),
+    ("mkdir -p dist && rm -f dist/pipe && mkfifo dist/pipe", "'dist/pipe' is not a file"),
+])
+def test_a_declared_output_that_cannot_be_cached_is_one_warning_and_nothing_is_cached(tmp_path, command, named):
+    pk = checkout(tmp_path / "a", tmp_path, task(command + " && echo built > built.txt", ["dist/**", "built.txt"]))
+    with thread_server(tmp_path / "store") as (port, _):
+        status, err = build(pk, port)
+        assert status == "miss" and named in err and err.count("warning:") == 1, err
+        assert "not cached" in err
+        assert build(pk, port)[0] == "miss"  # neither the local cache nor the server holds it
+        assert stats(port)["uploads"] == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_an_unreadable_output_is_one_warning_naming_it(tmp_path):
+    pk = checkout(tmp_path / "a", tmp_path, task("mkdir -p dist && echo s > dist/secret && chmod 000 dist/secret", ["dist"]))
+    status, err = build(pk)
+    assert status == "miss" and "'dist/secret' cannot be read" in err and err.count("warning:") == 1
+    assert build(pk)[0] == "miss"
+
+
+def test_excluded_outputs_are_neither_packed_nor_restored(tmp_path):
+    command = "mkdir -p .next/cache/b && echo page > .next/page.js && echo state > .next/cache/b/state.bin"
+    a = checkout(tmp_path / "a", tmp_path, task(command, [".next/**", "!.next/cache/**"]))
+    b = checkout(tmp_path / "b", tmp_path, task(command, [".next/**", "!.next/cache/**"]))
+    with thread_server(tmp_path / "store") as (port, _):
+        assert build(a, port)[0] == "miss"
+        assert build(b, port)[0] == "hit (remote)"
+    site = b.workspace / "packages/site"
+    assert (site / ".next/page.js").read_text() == "page\n" and not (site / ".next/cache").exists()
+    # The build's own excluded files stay where they are when the task is restored in place.
+    (a.workspace / "packages/site/.next/page.js").write_text("changed\n")
+    assert build(a)[0] == "hit (local)"
+    assert (a.workspace / "packages/site/.next/cache/b/state.bin").read_text() == "state\n"
+
+
+def test_expand_outputs_lists_links_and_the_real_files_they_show(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "build/public/sub").mkdir(parents=True)
+    (pkg / "build/public/sub/a.js").write_text("a")
+    (pkg / "build/public/skip.map").write_text("m")
+    (pkg / "build/other.txt").write_text("o")
+    (pkg / "empty").mkdir()
+    os.symlink("build/public", pkg / "dist")
+    assert expand_outputs(pkg, ("dist/**", "!dist/*.map")) == ["build/public/sub/a.js", "dist"]
+    assert expand_outputs(pkg, ("dist/sub/*.js",)) == ["build/public/sub/a.js", "dist"]
+    assert expand_outputs(pkg, ("empty", "build/other.txt")) == ["build/other.txt", "empty"]
+    os.symlink("/", pkg / "root")
+    with pytest.raises(OutputError, match="'root' is a symlink to '/', outside the package"):
+        expand_outputs(pkg, ("root/etc/hostname",))
+    assert expand_outputs(pkg, ("root/**",), strict=False) == []  # left alone when old outputs are cleared
+
+
+def test_a_restore_accepts_only_files_the_patterns_match_through_a_declared_link():
+    links = {"dist": ".output/public"}
+    check_restorable({".output/public/index.html": {}}, links, ("dist/**",))
+    with pytest.raises(artifact.ArtifactError, match="'.output/secret.txt'"):
+        check_restorable({".output/secret.txt": {}}, links, ("dist/**",))
+    with pytest.raises(artifact.ArtifactError, match="'.output/public/a.map'"):
+        check_restorable({".output/public/a.map": {}}, links, ("dist/**", "!dist/*.map"))
+    with pytest.raises(artifact.ArtifactError, match="'src'"):
+        check_restorable({}, {"src": "lib"}, ("dist/**",))
+
+
+def test_a_restore_never_places_files_through_a_link_into_an_existing_folder_it_does_not_show(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "src").mkdir(parents=True)
+    (pkg / "src/main.ts").write_text("source")
+    poisoned = {"dist": "src"}
+    with pytest.raises(artifact.ArtifactError, match="existing folder 'src'"):
+        check_restorable({"src/main.ts": {}}, poisoned, ("dist/**",), pkg)
+    check_restorable({".output/public/a.html": {}}, {"dist": ".output/public"}, ("dist/**",), pkg)  # a new folder
+    (pkg / ".output/public").mkdir(parents=True)
+    os.symlink(".output/public", pkg / "dist")
+    check_restorable({".output/public/a.html": {}}, {"dist": ".output/public"}, ("dist/**",), pkg)  # the same link
+
+
+def test_a_poisoned_link_in_an_artifact_cannot_overwrite_sources(tmp_path):
+    pk = checkout(tmp_path / "a", tmp_path, task("mkdir -p dist && echo ok > dist/a", ["dist/**"]))
+    (pk.workspace / "packages/site/src").mkdir()
+    (pk.workspace / "packages/site/src/main.ts").write_text("source\n")
+    key = pk.keys()["site:build"]
+    blob = craft({"src/main.ts": b"trojan\n"}, key=key, symlinks={"dist": "src"})
+    with thread_server(tmp_path / "store") as (port, _):
+        assert request(port, "PUT", f"/v1/artifacts/{key}", blob)[0] == 201
+        status, err = build(pk, port)
+    assert status == "miss" and "existing folder 'src'" in err
+    assert (pk.workspace / "packages/site/src/main.ts").read_text() == "source\n"
