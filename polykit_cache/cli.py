@@ -69,7 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "verify":
             return maintenance.verify_storage(storage)
         if args.command == "gc":
-            return maintenance.collect(storage)
+            try:
+                return maintenance.collect(storage)
+            except StorageBusy:
+                log.error("a polykit-cache server is serving %s; gc evicts only beside a stopped server "
+                          "(a running one with --max-storage evicts by itself)", storage.root)
+                return 1
         return maintenance.show_stats(storage, args.json)
     return serve(config)
 

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from polykit_cache.storage import blob_id, disk_cost
 from support import call, key_for, new_app, pack_tree
 
 BLOB = os.urandom(5000)
@@ -70,12 +71,13 @@ def test_limits_tokens_and_eviction_apply_to_blobs(tmp_path):
     limited = new_app(tmp_path / "s1", max_artifact_size=100)
     reply = call(limited, "PUT", "/kv/gradle/key1", b"x" * 101)
     assert reply.status == 413 and reply.json()["error"] == "too_large"
-    evicting = new_app(tmp_path / "s2", max_storage=2500)
+    bound = 2 * disk_cost(1000) + 500  # two entries of 1,000 bytes, as they cost on disk
+    evicting = new_app(tmp_path / "s2", max_storage=bound)
     for i in range(3):
         assert call(evicting, "PUT", f"/kv/gradle/k{i}", os.urandom(1000)).status == 201
     assert [call(evicting, "HEAD", f"/kv/gradle/k{i}").status for i in range(3)] == [404, 200, 200]
     assert evicting.storage.totals()[2] == 1
-    restarted = new_app(tmp_path / "s2", max_storage=2500)  # blobs are counted at start-up too
+    restarted = new_app(tmp_path / "s2", max_storage=bound)  # blobs are counted at start-up too
     assert restarted.storage.totals()[:2] == (2, 2000)
 
 
@@ -177,7 +179,7 @@ def test_verify_rehashes_bazel_cas_blobs(app, tmp_path):
                                  capture_output=True, text=True, timeout=60)
     out = run()
     assert out.returncode == 0 and "verified 2 content-addressed blobs: 2 good" in out.stdout
-    blob = store / "blobs" / "bazel" / "_" / "cas" / DIGEST[:2] / DIGEST
+    blob = store / "objects" / blob_id(f"bazel/_/cas/{DIGEST[:2]}/{DIGEST}")
     blob.write_bytes(b"flipped" + blob.read_bytes()[7:])
     out = run()
     assert out.returncode == 1 and "1 quarantined" in out.stdout
