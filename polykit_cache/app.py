@@ -97,25 +97,25 @@ class CacheApp:
         path, _, query = path.partition("?")
         route = None
         try:
-            route, _ = self._route(path, query)
-            self._admission(route, method.upper(), _header_lookup(headers))
+            route, _ = self._route(path)
+            self._admission(route, method.upper(), query, _header_lookup(headers))
         except HTTPError as exc:
             return (route.render if route else render_json_error)(exc)
         return None
 
-    def _route(self, path: str, query: str) -> tuple[Route, dict]:
+    def _route(self, path: str) -> tuple[Route, dict]:
         """The route of a path within the bounds of the request line, or 414/404."""
         if len(path) > MAX_PATH:
             raise refuse("uri_too_long", f"The path is {len(path)} characters long; the limit is {MAX_PATH}.")
-        if len(query) > MAX_QUERY:
-            raise refuse("uri_too_long", f"The query string is {len(query)} characters long; the limit is {MAX_QUERY}.")
         found = self.router.match(path)
         if found is None:
             raise refuse("not_found", f"No such endpoint: {path}")
         return found
 
-    def _admission(self, route: Route, method: str, header: Callable[[str], str | None]) -> None:
-        """Refuse from the method and headers alone: 405, 401/403, or the body's declared length."""
+    def _admission(self, route: Route, method: str, query: str, header: Callable[[str], str | None]) -> None:
+        """Refuse from the method, query and headers alone: 414, 405, 401/403, or the body's declared length."""
+        if len(query) > MAX_QUERY:
+            raise refuse("uri_too_long", f"The query string is {len(query)} characters long; the limit is {MAX_QUERY}.")
         if method not in route.handlers:
             raise refuse("method_not_allowed", f"{method[:20]} is not allowed here; use {route.allowed}.",
                          [("Allow", route.allowed)])
@@ -166,9 +166,9 @@ class CacheApp:
         path = environ.get("PATH_INFO", "")
         route: Route | None = None
         try:
-            route, params = self._route(path, environ.get("QUERY_STRING", ""))
+            route, params = self._route(path)
             environ["polykit.protocol"] = route.protocol
-            self._admission(route, method, _environ_lookup(environ))
+            self._admission(route, method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))
             response = route.handlers[method](environ, params)
         except HTTPError as exc:
             if exc.reject is not None:

@@ -109,6 +109,7 @@ def craft(files: dict[str, bytes], *, key: str = KEY, meta: dict | None = None, 
 class Reply:
     def __init__(self, status: str, headers: list, body: bytes) -> None:
         self.status = int(status.split()[0])
+        self.reason = status.partition(" ")[2]
         self.headers = {k.lower(): v for k, v in headers}
         self.body = body
 

@@ -256,3 +256,12 @@ def small_tmpfs(mount, options):
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_refusal_labels_come_from_a_fixed_set():
+    from polykit_cache.outcomes import OUTCOMES, refuse
+
+    assert refuse("verification_failed", "x", reason="made-up-reason").reject == "other"
+    assert refuse("verification_failed", "x", reason="bad_zstd").extra["reason"] == "bad_zstd"
+    assert refuse("unauthorized", "x", count=False).reject is None
+    assert {o.status for o in OUTCOMES.values()} >= {400, 401, 403, 404, 405, 409, 411, 413, 414, 422, 507}

@@ -112,3 +112,24 @@ def test_gc_and_stats_commands(tmp_path):
     missing = run("gc")
     assert missing.returncode == 2 and "--max-storage" in missing.stderr
     assert "2 artifacts" in run("stats").stdout
+
+
+def test_gc_refuses_beside_a_live_server_on_the_same_storage(tmp_path):
+    from support import ServerProcess
+
+    store = tmp_path / "store"
+    server = ServerProcess(store, tmp_path / "server.log")
+    try:
+        blobs = [artifact(tmp_path, f"g{i}") for i in range(3)]
+        for key, blob in blobs:
+            assert request(server.port, "PUT", f"/v1/artifacts/{key}", blob)[0] == 201
+        out = subprocess.run([sys.executable, "-m", "polykit_cache", "gc", "--storage-dir", str(store), "--max-storage", "1"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "a polykit-cache server is serving" in out.stderr
+        assert all(request(server.port, "HEAD", f"/v1/artifacts/{key}")[0] == 200 for key, _ in blobs)
+        assert json.loads(request(server.port, "GET", "/v1/stats")[2])["artifacts"] == 3
+    finally:
+        server.stop()
+    out = subprocess.run([sys.executable, "-m", "polykit_cache", "gc", "--storage-dir", str(store), "--max-storage", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "evicted 3 entries" in out.stdout  # once the server has stopped
