@@ -388,13 +388,13 @@ class Storage:
     @staticmethod
     def _retry_in_folder(path: str, operation) -> None:
         """Make ``path``'s folder and run ``operation``; again if an eviction removed the folder meanwhile."""
-        for attempt in range(3):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+        for attempt in range(5):
             try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)  # may race an rmdir of a parent too
                 operation()
                 return
             except FileNotFoundError:
-                if attempt == 2:
+                if attempt == 4:
                     raise
 
     # --- least recently used eviction ---------------------------------------------------------
