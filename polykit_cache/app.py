@@ -84,17 +84,18 @@ class CacheApp:
 
     # --- admission ---------------------------------------------------------------------------
 
-    def admit(self, method: str, path: str, headers: Mapping[str, str]) -> Response | None:
-        """Whether a request is refused from its method, path (with its query) and headers alone.
+    def admit(self, method: str, path: str, headers: Mapping[str, str], query: str = "") -> Response | None:
+        """Whether a request is refused from its method, path, query string and headers alone.
 
-        None lets the request through; otherwise the refusal, in the route's error shape: an
-        unknown route (404), a method it does not serve (405), a path or query over its bound
-        (414), missing or invalid credentials (401), a read token writing (403), or a body
-        refused by its Content-Length (400, 411, 413, 507). Nothing is counted or logged here:
-        the server layer calls this before it reads a body, and then answers by calling the
-        application, which admits the request the same way and records the answer.
+        ``path`` is the decoded path (``PATH_INFO``); header names may be spelled as on the
+        wire (``Content-Length``) or as waitress keeps them (``CONTENT_LENGTH``). None lets the
+        request through; otherwise the refusal, in the route's error shape: an unknown route
+        (404), a method it does not serve (405), a path or query over its bound (414), missing
+        or invalid credentials (401), a read token writing (403), or a body refused by its
+        Content-Length (400, 411, 413, 507). Nothing is counted or logged here: the server layer
+        calls this before it reads a body, and then answers by calling the application, which
+        admits the request the same way and records the answer.
         """
-        path, _, query = path.partition("?")
         route = None
         try:
             route, _ = self._route(path)
@@ -102,6 +103,12 @@ class CacheApp:
         except HTTPError as exc:
             return (route.render if route else render_json_error)(exc)
         return None
+
+    def render(self, path: str, exc: HTTPError) -> Response:
+        """An error in the shape of the route owning ``path`` (the spec's JSON for unknown paths),
+        for answers the server layer gives itself (an over-limit body it stopped reading)."""
+        route = self.router.owner(path) if len(path) <= MAX_PATH else None
+        return (route.render if route else render_json_error)(exc)
 
     def _route(self, path: str) -> tuple[Route, dict]:
         """The route of a path within the bounds of the request line, or 414/404."""

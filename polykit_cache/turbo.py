@@ -21,7 +21,8 @@ from .routes import Route
 
 HASH = r"(?P<hash>(?!(?:status|events)$)[A-Za-z0-9_-]{1,128})"
 _HASH = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_DURATION = re.compile(r"\d{1,15}")
+# ASCII digits only: a regular expression's \d also takes other scripts' digits, which int() reads.
+_DURATION = re.compile(r"[0-9]{1,15}")
 _TAG = re.compile(r"[A-Za-z0-9+/=_.-]{1,1024}")
 # A batch query names at most this many hashes (turbo asks for one task graph at a time), in a
 # JSON body of at most BODY_LIMIT bytes; usage events are bounded the same way.

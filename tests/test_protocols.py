@@ -287,3 +287,6 @@ def test_turbo_inputs_are_bounded(app):
     fields = "&".join(f"x{i}=1" for i in range(17))
     assert call(app, "GET", f"/v8/artifacts/abcd?{fields}").status == 400
     assert call(app, "POST", "/v8/artifacts?team=t", json.dumps({"hashes": ["abcd"] * 1000}).encode()).status == 200
+    for duration in ("١٢", "+5", "5 5", "9" * 16):
+        reply = call(app, "PUT", "/v8/artifacts/abcd?team=t", b"x", headers={"x-artifact-duration": duration})
+        assert reply.status == 400 and reply.json()["error"]["code"] == "bad_request", duration

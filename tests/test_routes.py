@@ -116,11 +116,13 @@ def test_admit_refuses_in_the_route_s_error_shape(secured):
         ("PUT", f"/v1/artifacts/{KEY}", WRITE, 411, "length_required"),
         ("GET", "/x" * MAX_PATH, {}, 414, "uri_too_long"),
     ]
+    over = secured.admit("GET", "/v1/stats", READ, query="x" * (MAX_QUERY + 1))
+    assert over.status == 414
     for method, path, headers, status, word in cases:
         refusal = secured.admit(method, path, headers)
         assert refusal is not None and refusal.status == status, (method, path, headers)
         assert json.loads(b"".join(refusal.body))["error"] == word
-    turbo = secured.admit("PUT", "/v8/artifacts/abcd?team=t", {"Content-Length": "1"})
+    turbo = secured.admit("PUT", "/v8/artifacts/abcd", {"Content-Length": "1"}, query="team=t")
     assert turbo.status == 401 and set(json.loads(b"".join(turbo.body))["error"]) == {"code", "message"}
     assert ("WWW-Authenticate", 'Bearer realm="polykit-cache"') in turbo.headers
     nx = secured.admit("PUT", "/v1/cache/abc", {"Content-Length": "1", **READ})
@@ -170,3 +172,13 @@ def test_unknown_methods_fold_into_one_metric_label(app):
     assert 'polykit_cache_requests_total{protocol="polykit",method="OTHER",status="405"} 40' in lines
     assert 'polykit_cache_requests_total{protocol="none",method="GET",status="404"} 40' in lines
     assert len(lines) == 2
+
+
+def test_errors_the_server_layer_gives_itself_take_the_route_s_shape(app):
+    from polykit_cache.http import HTTPError
+
+    exc = HTTPError(413, "too_large", "The body is over the limit.")
+    assert json.loads(b"".join(app.render("/v8/artifacts/abcd", exc).body))["error"]["code"] == "too_large"
+    assert json.loads(b"".join(app.render(f"/v1/artifacts/{KEY}", exc).body))["error"] == "too_large"
+    assert app.render("/v1/cache/abc", exc).body == [b"The body is over the limit.\n"]
+    assert json.loads(b"".join(app.render("/nowhere", exc).body))["error"] == "too_large"
