@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 
 from .blobs import check_segments, get_blob, put_blob
-from .http import Response
+from .http import Response, json_response
 from .routes import Route
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -55,6 +55,8 @@ def routes(app) -> list[Route]:
 
     def put(environ: dict, params: dict) -> Response:
         name, kind, digest = _name(params)
+        if kind == "cas" and digest == EMPTY_SHA256 and app.content_length(environ) == 0:
+            return json_response(200, {"stored": False})  # always present; nothing to keep
         if kind == "cas":
             return put_blob(app, environ, name, expected_sha256=digest, created=200, existing=200)
         return put_blob(app, environ, name, replace=True, created=200, existing=200)

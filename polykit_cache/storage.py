@@ -98,7 +98,9 @@ class Storage:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.max_storage = max_storage
         self._lock = threading.Lock()
-        self._publish_lock = threading.Lock()  # a blob's metadata and data are published together
+        # Held while entries appear on disk or leave it (publication, eviction), so a check for an
+        # entry, its metadata and its folders never see a half-done change; taken before _lock.
+        self._layout_lock = threading.Lock()
         self._prefix = str(self.root) + "/"
         self._info: dict[str, ArtifactInfo] = {}
         # key -> [last use in ns, size, last use written to the file's mtime], least recently
@@ -360,12 +362,13 @@ class Storage:
         """Link a verified, synced temporary file into place; raise AlreadyStored if the key exists."""
         final = self.artifact_path(key)
         try:
-            try:
-                self._retry_in_folder(str(final), lambda: os.link(temp, final))
-            except FileExistsError:
-                raise AlreadyStored(key) from None
-            created = time.time()
-            self._write_meta(key, size, sha256, created)
+            with self._layout_lock:
+                try:
+                    self._retry_in_folder(str(final), lambda: os.link(temp, final))
+                except FileExistsError:
+                    raise AlreadyStored(key) from None
+                created = time.time()
+                self._write_meta(key, size, sha256, created)
             # The directory is not synced: after a power loss the link may be gone, which is
             # only a cache miss; the file itself was synced before it was linked.
         except OSError as exc:
@@ -425,35 +428,38 @@ class Storage:
     def evict(self, limit: int | None = None) -> list[str]:
         """Remove least recently used artifacts while the total is over the bound; returns their keys.
 
-        An artifact being downloaded stays readable: its open file outlives the unlink.
+        An artifact being downloaded stays readable: its open file outlives the unlink. The
+        choice and the removal happen under the layout lock, so an upload of a key being
+        evicted waits and then stores it anew instead of finding it "already stored".
         """
         limit = self.max_storage if limit is None else limit
         if limit is None:
             return []
-        with self._lock:
-            if self.cost <= limit:
-                return []
-            victims = []
-            freed = freed_cost = 0
-            while self._uses and self.cost - freed_cost > limit:
-                key, (_, size, _) = self._uses.popitem(last=False)
-                self._info.pop(key, None)
-                victims.append(key)
-                freed += size
-                freed_cost += disk_cost(size)
-            self.count -= len(victims)
-            self.bytes -= freed
-            self.cost -= freed_cost
-            self.evictions += len(victims)
-        for key in victims:
-            path = self._data_path(key)
-            # Data first: a blob's metadata must never be missing while the blob is visible.
-            for name in (path, path + ".json") if "/" in key else (path, path[:-4] + ".json"):
-                try:
-                    os.unlink(name)
-                except FileNotFoundError:
-                    pass
-            self._remove_empty_folders(os.path.dirname(path), levels=1 if "/" in key else 2)
+        with self._layout_lock:
+            with self._lock:
+                if self.cost <= limit:
+                    return []
+                victims = []
+                freed = freed_cost = 0
+                while self._uses and self.cost - freed_cost > limit:
+                    key, (_, size, _) = self._uses.popitem(last=False)
+                    self._info.pop(key, None)
+                    victims.append(key)
+                    freed += size
+                    freed_cost += disk_cost(size)
+                self.count -= len(victims)
+                self.bytes -= freed
+                self.cost -= freed_cost
+                self.evictions += len(victims)
+            for key in victims:
+                path = self._data_path(key)
+                # Data first: a blob's metadata must never be missing while the blob is visible.
+                for name in (path, path + ".json") if "/" in key else (path, path[:-4] + ".json"):
+                    try:
+                        os.unlink(name)
+                    except FileNotFoundError:
+                        pass
+                self._remove_empty_folders(os.path.dirname(path), levels=1 if "/" in key else 2)
         if victims:
             log.info("evicted %d entries (%d bytes) to stay under %d bytes", len(victims), freed, limit)
         return victims
@@ -525,7 +531,7 @@ class Storage:
         key = blob_id(name)
         final = self._data_path(key)
         try:
-            with self._publish_lock:
+            with self._layout_lock:
                 if not replace and os.path.exists(final):
                     return False
                 self._write_json(final + ".json", {**(meta or {}), "name": name})

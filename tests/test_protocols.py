@@ -199,6 +199,8 @@ def test_the_empty_cas_blob_is_always_present(app, prefix):
     assert get.headers["content-length"] == "0"
     assert call(app, "GET", f"{prefix}/ac/{EMPTY}").status == 404  # an action result is never implied
     assert call(app, "PUT", f"{prefix}/cas/{EMPTY}", b"").status == 200
+    assert app.storage.totals()[0] == 0  # nothing to keep for it
+    assert call(app, "PUT", f"{prefix}/cas/{EMPTY}", b"x").status == 400  # its hash is still checked
 
 
 def test_names_that_are_folders_of_other_names_are_all_stored(app):
