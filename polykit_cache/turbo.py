@@ -81,9 +81,11 @@ def routes(app) -> list[Route]:
         """Which of these hashes are stored (Vercel's "query information about an array of artifacts")."""
         team = _team(environ)
         shape = f'The body must be {{"hashes": ["<hash>", ...]}} with at most {MAX_HASHES} hashes.'
+        body = _read_body(environ)
         try:
-            hashes = json.loads(_read_body(environ))["hashes"]
-        except (ValueError, KeyError, TypeError):
+            # RecursionError: deeply nested arrays make the json module recurse once per level.
+            hashes = json.loads(body)["hashes"]
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise refuse("bad_request", shape) from None
         if not isinstance(hashes, list) or len(hashes) > MAX_HASHES:
             raise refuse("bad_request", shape)

@@ -286,6 +286,9 @@ def test_turbo_inputs_are_bounded(app):
     huge = b"[" + b"0," * (1 << 20) + b"0]"
     assert call(app, "POST", "/v8/artifacts/events", huge).status == 413
     assert call(app, "POST", "/v8/artifacts?team=t", huge).status == 413
+    nested = b'{"hashes": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"  # under the 1 MiB bound
+    assert call(app, "POST", "/v8/artifacts?team=t", nested).status == 400
+    assert call(app, "POST", "/v8/artifacts?team=t", b'{"hashes": ' + b"[" * 100_000).status == 400
     fields = "&".join(f"x{i}=1" for i in range(17))
     assert call(app, "GET", f"/v8/artifacts/abcd?{fields}").status == 400
     assert call(app, "POST", "/v8/artifacts?team=t", json.dumps({"hashes": ["abcd"] * 1000}).encode()).status == 200
