@@ -41,11 +41,9 @@ READ_BODY_LIMIT = 64 * 1024
 
 
 def _header_lookup(headers: Mapping[str, str]) -> Callable[[str], str | None]:
-    """Header values by name, whatever the spelling (``Content-Length``, ``CONTENT_LENGTH``, ``HTTP_...``)."""
-    table = {}
-    for name, value in headers.items():
-        norm = name.upper().replace("-", "_")
-        table[norm[5:] if norm.startswith("HTTP_") else norm] = value
+    """Header values by name, spelled as on the wire (``Content-Length``) or as waitress keeps
+    them (``CONTENT_LENGTH``); never with a CGI ``HTTP_`` prefix, which a client could forge."""
+    table = {name.upper().replace("-", "_"): value for name, value in headers.items()}
     return lambda name: table.get(name.upper().replace("-", "_"))
 
 
