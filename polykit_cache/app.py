@@ -17,6 +17,7 @@ from wsgiref.util import FileWrapper
 
 from polykit_client.artifact import ArtifactError, Limits, is_cache_key
 
+from . import bazel, kv, nx, turbo
 from .auth import Access
 from .config import Config
 from .http import SEND_CHUNK, HTTPError, Response, json_response, reason, render_json_error
@@ -331,8 +332,6 @@ class CacheApp:
 
 def make_app(config: Config, storage: Storage, metrics: Metrics | None = None, access: Access | None = None) -> CacheApp:
     """Build the WSGI application over an opened storage; without ``access`` the server is open."""
-    from . import bazel, kv, nx, turbo  # the other tools' protocols build on this module
-
     access = access or Access(None, {}, config.allow_anonymous_read)
     app = CacheApp(config, storage, metrics or Metrics(storage.totals), access)
     routes = app.polykit_routes()
