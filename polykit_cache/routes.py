@@ -1,7 +1,7 @@
 """The declared route table: what each path means, who may use it, and how its errors look.
 
 Every route names its protocol, its root (the first path segment it owns), a pattern for the
-rest, its handlers by method, which of those methods write, whether it is public, its error
+whole path, its handlers by method, which of those methods write, whether it is public, its error
 renderer, and sample paths. Routing does not depend on order: a path is tried against the routes
 of its first segment, and only a route declared ``fallback`` (Bazel's optional instance name)
 takes paths whose first segment no other route owns, so no two patterns can match one path
