@@ -133,3 +133,17 @@ def test_gc_refuses_beside_a_live_server_on_the_same_storage(tmp_path):
     out = subprocess.run([sys.executable, "-m", "polykit_cache", "gc", "--storage-dir", str(store), "--max-storage", "1"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "evicted 3 entries" in out.stdout  # once the server has stopped
+
+
+def test_stats_and_verify_never_evict_even_with_a_bound_in_the_environment(tmp_path):
+    store = tmp_path / "store"
+    app = new_app(store)
+    blobs = [artifact(tmp_path, f"s{i}") for i in range(3)]
+    for key, blob in blobs:
+        call(app, "PUT", f"/v1/artifacts/{key}", blob)
+    env = {**os.environ, "POLYKIT_CACHE_MAX_STORAGE": "1"}
+    for command in (["stats", "--json"], ["verify"]):
+        out = subprocess.run([sys.executable, "-m", "polykit_cache", *command, "--storage-dir", str(store)],
+                             capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0, out.stderr
+    assert all(stored(app, key) for key, _ in blobs)
