@@ -1,7 +1,9 @@
-"""The HTTP application: a plain WSGI callable with an explicit route table.
+"""The HTTP application: a plain WSGI callable over the declared route table (:mod:`routes`).
 
-Handlers raise :class:`HTTPError`; one place renders every error as the JSON body of the spec
-(``{"error": word, "message": sentence}``) and tracebacks go to the log only.
+Every request is first admitted from its method, path and headers alone (:meth:`CacheApp.admit`,
+which the server layer also calls before it reads a body), then handled. Handlers raise
+:class:`HTTPError`; one place renders it in the route's error shape (the spec's
+``{"error": word, "message": sentence}`` for polykit) and tracebacks go to the log only.
 """
 
 from __future__ import annotations
@@ -9,65 +11,50 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 from wsgiref.util import FileWrapper
 
 from polykit_client.artifact import ArtifactError, Limits, is_cache_key
 
+from . import bazel, kv, nx, turbo
 from .auth import Access
 from .config import Config
+from .http import SEND_CHUNK, HTTPError, Response, json_response, reason, render_json_error
 from .metrics import Metrics
+from .outcomes import parse_length, refuse
+from .routes import Route, Router
 from .storage import AlreadyStored, Storage, StorageFull
 from .verification import IncompleteBody, receive
 
 log = logging.getLogger("polykit_cache.app")
 access_log = logging.getLogger("polykit_cache.access")
 
-SEND_CHUNK = 256 * 1024
-REASONS = {
-    200: "OK", 201: "Created", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
-    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-    411: "Length Required", 413: "Content Too Large", 422: "Unprocessable Content",
-    500: "Internal Server Error", 507: "Insufficient Storage",
-}
+__all__ = ["CacheApp", "HTTPError", "Response", "SEND_CHUNK", "json_response", "make_app"]
+
+# Bounds on what the request line may make the server parse. Real clients' paths are well under
+# 300 characters (a Bazel instance, a 64-character hash); turbo passes one team parameter.
+MAX_PATH = 2048
+MAX_QUERY = 4096
+# A body sent with a read (turbo's batch query) is held in memory: this is its bound unless the
+# route declares another; writes are bounded by --max-artifact-size.
+READ_BODY_LIMIT = 64 * 1024
 
 
-class HTTPError(Exception):
-    """An answer other than success; rendered as JSON by the application."""
-
-    def __init__(self, status: int, error: str, message: str, headers: Iterable[tuple[str, str]] = (), **extra: object) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error = error
-        self.message = message
-        self.headers = list(headers)
-        self.extra = extra
+def _header_lookup(headers: Mapping[str, str]) -> Callable[[str], str | None]:
+    """Header values by name, spelled as on the wire (``Content-Length``) or as waitress keeps
+    them (``CONTENT_LENGTH``); never with a CGI ``HTTP_`` prefix, which a client could forge."""
+    table = {name.upper().replace("-", "_"): value for name, value in headers.items()}
+    return lambda name: table.get(name.upper().replace("-", "_"))
 
 
-class Response:
-    """Status, headers and a body iterable; ``length`` is what the access log records."""
-
-    __slots__ = ("status", "headers", "body", "length")
-
-    def __init__(self, status: int, headers: list[tuple[str, str]], body: Iterable[bytes], length: int) -> None:
-        self.status, self.headers, self.body, self.length = status, headers, body, length
-
-
-def json_response(status: int, payload: dict, headers: Iterable[tuple[str, str]] = ()) -> Response:
-    data = json.dumps(payload).encode() + b"\n"
-    head = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
-    return Response(status, head + list(headers), [data], len(data))
-
-
-def error_body(status: int, error: str, message: str, **extra: object) -> dict:
-    """The JSON object of every error answer."""
-    return {"error": error, "message": message, **extra}
-
-
-Handler = Callable[[dict, dict], Response]
-_KEY_PATH = r"/v1/artifacts/(?P<key>[^/]*)"
+def _environ_lookup(environ: dict) -> Callable[[str], str | None]:
+    def get(name: str) -> str | None:
+        norm = name.upper().replace("-", "_")
+        if norm in ("CONTENT_LENGTH", "CONTENT_TYPE"):
+            return environ.get(norm) or None
+        return environ.get("HTTP_" + norm)
+    return get
 
 
 class CacheApp:
@@ -81,38 +68,126 @@ class CacheApp:
         # A manifest is parsed in memory; 8 MiB of JSON (some 60,000 files) bounds what one
         # upload can make a worker hold, whatever the body's size.
         self.limits = Limits(max_unpacked_size=config.unpacked_limit, max_metadata_size=8 << 20, max_members=200_000)
-        # (path pattern, handlers by method, open to everyone); PUT is the only write.
-        # (path pattern, handlers by method, open to everyone, error renderer or None, protocol)
-        self.routes: list[tuple] = [
-            (re.compile(_KEY_PATH), {"GET": self.get_artifact, "HEAD": self.head_artifact, "PUT": self.put_artifact},
-             False, None, "polykit"),
-            (re.compile(r"/healthz"), {"GET": self.healthz, "HEAD": self.healthz}, True, None, "polykit"),
-            (re.compile(r"/metrics"), {"GET": self.prometheus}, False, None, "polykit"),
-            (re.compile(r"/v1/stats"), {"GET": self.stats}, False, None, "polykit"),
+        self.router = Router([])
+
+    def polykit_routes(self) -> list[Route]:
+        """The polykit protocol itself (``/v1``) and the service endpoints."""
+        return [
+            Route("polykit", "v1", r"/v1/artifacts/(?P<key>[^/]*)",
+                  {"GET": self.get_artifact, "HEAD": self.head_artifact, "PUT": self.put_artifact},
+                  writes=frozenset({"PUT"}), samples=(f"/v1/artifacts/{'ab' * 32}", "/v1/artifacts/x")),
+            Route("polykit", "v1", r"/v1/stats", {"GET": self.stats}, samples=("/v1/stats",)),
+            Route("polykit", "healthz", r"/healthz", {"GET": self.healthz}, public=True, samples=("/healthz",)),
+            Route("polykit", "metrics", r"/metrics", {"GET": self.prometheus}, samples=("/metrics",)),
         ]
 
-    def add_routes(self, protocol: str, entries: list) -> None:
-        """Another tool's routes: (pattern, handlers, public[, error renderer]) each."""
-        for entry in entries:
-            pattern, handlers, public = entry[:3]
-            self.routes.append((pattern, handlers, public, entry[3] if len(entry) > 3 else None, protocol))
+    # --- admission ---------------------------------------------------------------------------
+
+    def admit(self, method: str, path: str, headers: Mapping[str, str], query: str = "") -> Response | None:
+        """Whether a request is refused from its method, path, query string and headers alone.
+
+        ``path`` is the decoded path (``PATH_INFO``); header names may be spelled as on the
+        wire (``Content-Length``) or as waitress keeps them (``CONTENT_LENGTH``). None lets the
+        request through; otherwise the refusal, in the route's error shape: an unknown route
+        (404), a method it does not serve (405), a path or query over its bound (414), missing
+        or invalid credentials (401), a read token writing (403), or a body refused by its
+        Content-Length (400, 411, 413, 507). Nothing is counted or logged here: the server layer
+        calls this before it reads a body, and then answers by calling the application, which
+        admits the request the same way and records the answer.
+        """
+        route = None
+        try:
+            route, _ = self._route(path)
+            self._admission(route, method.upper(), query, _header_lookup(headers))
+        except HTTPError as exc:
+            return (route.render if route else render_json_error)(exc)
+        return None
+
+    def render(self, path: str, exc: HTTPError) -> Response:
+        """An error in the shape of the route owning ``path`` (the spec's JSON for unknown paths),
+        for answers the server layer gives itself (an over-limit body it stopped reading)."""
+        route = self.router.owner(path) if len(path) <= MAX_PATH else None
+        return (route.render if route else render_json_error)(exc)
+
+    def _route(self, path: str) -> tuple[Route, dict]:
+        """The route of a path within the bounds of the request line, or 414/404."""
+        if len(path) > MAX_PATH:
+            raise refuse("uri_too_long", f"The path is {len(path)} characters long; the limit is {MAX_PATH}.")
+        found = self.router.match(path)
+        if found is None:
+            raise refuse("not_found", f"No such endpoint: {path}")
+        return found
+
+    def _admission(self, route: Route, method: str, query: str, header: Callable[[str], str | None]) -> None:
+        """Refuse from the method, query and headers alone: 414, 405, 401/403, or the body's declared length."""
+        if len(query) > MAX_QUERY:
+            raise refuse("uri_too_long", f"The query string is {len(query)} characters long; the limit is {MAX_QUERY}.")
+        if method not in route.handlers:
+            raise refuse("method_not_allowed", f"{method[:20]} is not allowed here; use {route.allowed}.",
+                         [("Allow", route.allowed)])
+        write = route.is_write(method)
+        if not route.public:
+            self._authorize(header("Authorization"), write)
+        chunked = header("Transfer-Encoding") is not None
+        raw = header("Content-Length")
+        if write:
+            if not (chunked and raw is None):  # a chunked body's length is known only once read
+                self._check_upload_length(raw)
+        else:
+            length = parse_length(raw) or 0
+            limit = route.read_body_limit or READ_BODY_LIMIT
+            if length > limit:
+                raise refuse("too_large", f"A {method} here takes a body of at most {limit} bytes.", count=False, limit=limit)
+
+    def _authorize(self, header: str | None, write: bool) -> None:
+        denied = self.access.check(header, write)
+        if denied is None:
+            return
+        status = denied[0]
+        challenge = 'Bearer realm="polykit-cache"' + (', error="invalid_token"' if header and status == 401 else "")
+        headers = [("WWW-Authenticate", challenge)] if status == 401 else []
+        raise refuse("unauthorized" if status == 401 else "forbidden", denied[2], headers, count=write)
+
+    def _check_upload_length(self, raw: str | None) -> int:
+        """The upload's declared length, refused (411, 400, 413, 507) before the body is read."""
+        length = parse_length(raw)
+        if length is None:
+            raise refuse("no_length", "An upload needs a Content-Length header.")
+        limit = self.config.max_artifact_size
+        if length > limit:
+            raise refuse("too_large", f"The upload is {length} bytes; the limit is {limit}.", limit=limit)
+        if self.storage.max_storage is not None and self.storage.cost_of(length) > self.storage.max_storage:
+            raise refuse("storage_full", f"The upload is {length} bytes, more than the whole cache may hold.")
+        return length
+
+    def content_length(self, environ: dict) -> int:
+        """The length of an admitted upload (a chunked one is measured by the server before the app runs)."""
+        return self._check_upload_length(environ.get("CONTENT_LENGTH"))
 
     # --- WSGI entry --------------------------------------------------------------------------
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         started = time.perf_counter()
         method = environ.get("REQUEST_METHOD", "GET").upper()
+        path = environ.get("PATH_INFO", "")
+        route: Route | None = None
         try:
-            response = self.dispatch(environ, method)
+            route, params = self._route(path)
+            environ["polykit.protocol"] = route.protocol
+            self._admission(route, method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))
+            response = route.handlers[method](environ, params)
         except HTTPError as exc:
-            response = json_response(exc.status, error_body(exc.status, exc.error, exc.message, **exc.extra), exc.headers)
+            if exc.reject is not None:
+                self.metrics.reject(exc.reject, exc.received)
+            response = (route.render if route else render_json_error)(exc)
         except Exception:
-            log.exception("unexpected error answering %s %s", method, environ.get("PATH_INFO", ""))
-            response = json_response(500, error_body(500, "internal_error", "The server failed to answer; see its log."))
+            log.exception("unexpected error answering %s %s", method[:20], path[:MAX_PATH])
+            error = HTTPError(500, "internal_error", "The server failed to answer; see its log.")
+            response = (route.render if route else render_json_error)(error)
         status = response.status
-        start_response(f"{status} {REASONS.get(status, 'Unknown')}", response.headers)
+        start_response(f"{status} {reason(status)}", response.headers)
         elapsed = time.perf_counter() - started
-        self.metrics.request(method, status, elapsed, environ.get("polykit.protocol", "polykit"))
+        self.metrics.request(method, status, elapsed, route.protocol if route else None)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info("%s", self._access_line(environ, method, status, response.length, elapsed))
         if method == "HEAD":
@@ -137,52 +212,22 @@ class CacheApp:
         # NCSA common log format, with the duration in seconds appended.
         return f'{host} - - [{time.strftime("%d/%b/%Y:%H:%M:%S %z")}] "{method} {path} {protocol}" {status} {length} {elapsed:.4f}'
 
-    def dispatch(self, environ: dict, method: str) -> Response:
-        path = environ.get("PATH_INFO", "")
-        for pattern, handlers, public, render, protocol in self.routes:
-            match = pattern.fullmatch(path)
-            if match is None:
-                continue
-            environ["polykit.protocol"] = protocol
-            try:
-                if not public:
-                    self._authorize(environ, write=method == "PUT")  # PUT is every protocol's only write
-                handler = handlers.get(method)
-                if handler is None:
-                    allowed = ", ".join(sorted(handlers))
-                    raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here; use {allowed}.", [("Allow", allowed)])
-                return handler(environ, match.groupdict())
-            except HTTPError as exc:
-                if render is not None:  # a protocol whose clients expect errors in their own shape
-                    return render(exc)
-                raise
-        raise HTTPError(404, "not_found", f"No such endpoint: {path}")
-
-    def _authorize(self, environ: dict, write: bool) -> None:
-        header = environ.get("HTTP_AUTHORIZATION")
-        denied = self.access.check(header, write)
-        if denied is None:
-            return
-        status, word, message = denied
-        if write:
-            self.metrics.reject("unauthorized" if status == 401 else "forbidden")
-        challenge = 'Bearer realm="polykit-cache"' + (', error="invalid_token"' if header and status == 401 else "")
-        headers = [("WWW-Authenticate", challenge)] if status == 401 else []
-        raise HTTPError(status, word, message, headers)
-
     # --- artifacts ---------------------------------------------------------------------------
 
     def _key(self, params: dict) -> str:
         key = params["key"]
         if not is_cache_key(key):
-            raise HTTPError(400, "bad_key", "A cache key is 64 lowercase hexadecimal characters (a SHA-256).")
+            raise refuse("bad_key", "A cache key is 64 lowercase hexadecimal characters (a SHA-256).")
         return key
+
+    def _missing(self, key: str) -> HTTPError:
+        self.metrics.lookup(False)
+        return refuse("not_found", f"No artifact is stored under {key}.")
 
     def _found(self, environ: dict, key: str):
         info = self.storage.lookup(key)
         if info is None:
-            self.metrics.lookup(False)
-            raise HTTPError(404, "not_found", f"No artifact is stored under {key}.")
+            raise self._missing(key)
         return info
 
     @staticmethod
@@ -209,8 +254,7 @@ class CacheApp:
         info = self._found(environ, key)
         if not os.path.exists(info.path):  # removed behind our back (verify's quarantine, gc)
             self.storage.forget(key)
-            self.metrics.lookup(False)
-            raise HTTPError(404, "not_found", f"No artifact is stored under {key}.")
+            raise self._missing(key)
         self.storage.touch(key)
         cached = self._not_modified(environ, info)
         if cached is not None:
@@ -229,8 +273,7 @@ class CacheApp:
             fh = open(info.path, "rb")
         except FileNotFoundError:  # removed since its metadata was read
             self.storage.forget(key)
-            self.metrics.lookup(False)
-            raise HTTPError(404, "not_found", f"No artifact is stored under {key}.") from None
+            raise self._missing(key) from None
         self.metrics.lookup(True, info.size)
         # The server's file wrapper lets waitress's I/O thread send the file, freeing this worker.
         wrapper = environ.get("wsgi.file_wrapper", FileWrapper)
@@ -239,33 +282,29 @@ class CacheApp:
     def put_artifact(self, environ: dict, params: dict) -> Response:
         key = self._key(params)
         length = self.content_length(environ)
+        exists = f"An artifact is already stored under {key}; artifacts are immutable."
         if self.storage.exists(key):
-            self.metrics.reject("exists")
-            raise HTTPError(409, "exists", f"An artifact is already stored under {key}; artifacts are immutable.")
+            raise refuse("exists", exists)
+        full = "The cache's disk is full; the artifact was not stored."
         try:
             received = receive(self.storage, environ["wsgi.input"], length, key, self.limits)
         except ArtifactError as exc:
-            self.metrics.reject(exc.reason, length)
-            raise HTTPError(422, "verification_failed", f"The artifact was refused: {exc}", reason=exc.reason) from None
+            raise refuse("verification_failed", f"The artifact was refused: {exc}", reason=exc.reason, received=length) from None
         except IncompleteBody as exc:
-            self.metrics.reject("incomplete_body")
-            raise HTTPError(400, "incomplete_body", f"The request body is incomplete: {exc}.") from None
+            raise refuse("incomplete_body", f"The request body is incomplete: {exc}.") from None
         except StorageFull:
-            self.metrics.reject("storage_full", length)
-            raise HTTPError(507, "storage_full", "The cache's disk is full; the artifact was not stored.") from None
+            raise refuse("storage_full", full, received=length) from None
         claimed = environ.get("HTTP_X_ARTIFACT_HASH")
         if claimed is not None and claimed.strip().lower() != received.sha256:
             received.temp.unlink(missing_ok=True)
-            self.metrics.reject("body_hash_mismatch", received.size)
-            raise HTTPError(422, "verification_failed", "The body does not match its X-Artifact-Hash header.", reason="body_hash_mismatch")
+            raise refuse("verification_failed", "The body does not match its X-Artifact-Hash header.",
+                         reason="body_hash_mismatch", received=received.size)
         try:
             info = self.storage.publish(key, received.temp, received.size, received.sha256)
         except AlreadyStored:
-            self.metrics.reject("exists", received.size)
-            raise HTTPError(409, "exists", f"An artifact is already stored under {key}; artifacts are immutable.") from None
+            raise refuse("exists", exists, received=received.size) from None
         except StorageFull:
-            self.metrics.reject("storage_full", received.size)
-            raise HTTPError(507, "storage_full", "The cache's disk is full; the artifact was not stored.") from None
+            raise refuse("storage_full", full, received=received.size) from None
         self.metrics.upload(received.size)
         return json_response(
             201,
@@ -273,29 +312,7 @@ class CacheApp:
             [("Location", f"/v1/artifacts/{key}"), ("ETag", f'"{info.sha256}"')],
         )
 
-    def content_length(self, environ: dict) -> int:
-        """The upload's declared length, refused (411, 400, 413, 507) before the body is read."""
-        raw = environ.get("CONTENT_LENGTH", "")
-        if raw in ("", None):
-            self.metrics.reject("no_length")
-            raise HTTPError(411, "length_required", "An upload needs a Content-Length header.")
-        try:
-            length = int(raw)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.metrics.reject("bad_length")
-            raise HTTPError(400, "bad_length", f"Content-Length {raw!r} is not a byte count.") from None
-        limit = self.config.max_artifact_size
-        if length > limit:
-            self.metrics.reject("too_large")
-            raise HTTPError(413, "too_large", f"The artifact is {length} bytes; the limit is {limit}.", limit=limit)
-        if self.storage.max_storage is not None and length > self.storage.max_storage:
-            self.metrics.reject("storage_full")
-            raise HTTPError(507, "storage_full", f"The artifact is {length} bytes, more than the whole cache may hold.")
-        return length
-
-    # --- service endpoints -------------------------------------------------------------------
+    # --- service endpoints (HEAD is answered as GET without the body) ------------------------
 
     def healthz(self, environ: dict, params: dict) -> Response:
         return json_response(200, {"status": "ok"})
@@ -315,11 +332,10 @@ class CacheApp:
 
 def make_app(config: Config, storage: Storage, metrics: Metrics | None = None, access: Access | None = None) -> CacheApp:
     """Build the WSGI application over an opened storage; without ``access`` the server is open."""
-    from . import bazel, kv, nx, turbo  # the other tools' protocols build on this module
-
     access = access or Access(None, {}, config.allow_anonymous_read)
     app = CacheApp(config, storage, metrics or Metrics(storage.totals), access)
-    # Fixed prefixes first: a bazel instance name could otherwise swallow them.
-    for protocol, module in (("turbo", turbo), ("nx", nx), ("kv", kv), ("bazel", bazel)):
-        app.add_routes(protocol, module.routes(app))
+    routes = app.polykit_routes()
+    for module in (turbo, nx, kv, bazel):
+        routes += module.routes(app)
+    app.router = Router(routes)
     return app

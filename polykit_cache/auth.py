@@ -27,6 +27,8 @@ def parse_tokens(text: str, source: str, commas: bool = False) -> list[tuple[str
 
     A ``#`` starts a comment only at the start of a word, so it may appear inside a token;
     commas separate entries only in the environment variable, where lines are awkward.
+    An error names the line by its number only: any word of a line that fails to parse may be
+    a token (``<token> read-write`` is an easy slip), so none is ever quoted.
     """
     entries: list[tuple[str, bytes]] = []
     lines = text.replace(",", "\n").splitlines() if commas else text.splitlines()
@@ -42,7 +44,7 @@ def parse_tokens(text: str, source: str, commas: bool = False) -> list[tuple[str
             raise TokenError(f"{source} line {number}: expected 'role token' (two words)")
         role, token = words
         if role not in ROLES:
-            raise TokenError(f"{source} line {number}: unknown role {role!r} (roles: read, read-write)")
+            raise TokenError(f"{source} line {number}: the first word must be a role, read or read-write")
         if len(token) < 8:
             raise TokenError(f"{source} line {number}: a token must be at least 8 characters long")
         entries.append((role, token.encode()))

@@ -1,31 +1,45 @@
 """GET, HEAD and PUT of other build tools' opaque blobs, shared by their protocol modules.
 
 A blob is hashed while it is spooled, synced, then published whole (never partially); what we
-can check depends on the protocol (a content-addressed key must match the SHA-256).
+can check depends on the protocol (a content-addressed key must match the SHA-256). Refusals go
+through :func:`outcomes.refuse`, so they mean the same in every protocol.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 from wsgiref.util import FileWrapper
 
-from .app import HTTPError, Response, SEND_CHUNK, json_response
+from .http import SEND_CHUNK, Response, json_response
+from .outcomes import refuse
 from .storage import StorageFull
 from .verification import IncompleteBody, receive_blob
 
 SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+MAX_SEGMENT = 255  # a file name on every common filesystem
+# No tool names its entries more than a few folders deep (ccache: 3, Gradle: 1, a Bazel
+# instance: 1-3); names are stored under a hash, so this bounds parsing, not folders on disk.
+MAX_SEGMENTS = 32
 
 
-def check_segments(parts: Iterable[str], what: str) -> None:
-    """Every path segment of a blob name: safe characters, never empty, '.' or '..'."""
+def check_segments(parts: list[str], what: str) -> None:
+    """Every path segment of a blob name: safe characters, never empty, '.' or '..'; a bounded count."""
+    if len(parts) > MAX_SEGMENTS:
+        raise refuse("bad_key", f"{what} may have at most {MAX_SEGMENTS} parts; this one has {len(parts)}.")
     for part in parts:
-        if not SEGMENT.fullmatch(part) or len(part) > 255:
-            raise HTTPError(400, "bad_key", f"{what} may only hold letters, digits, '_', '-' and '.' in each part.")
+        if len(part) > MAX_SEGMENT or not SEGMENT.fullmatch(part):
+            raise refuse("bad_key", f"{what} may only hold letters, digits, '_', '-' and '.' in each part "
+                                    f"(at most {MAX_SEGMENT} characters each).")
 
 
-def get_blob(app, environ: dict, name: str, head: bool, extra_headers: Iterable[tuple[str, str]] = ()) -> Response:
-    """Answer GET or HEAD of a blob from disk (sent by waitress's I/O thread)."""
+def get_blob(app, environ: dict, name: str, head: bool,
+             headers_for: Callable[[dict], Iterable[tuple[str, str]]] | None = None) -> Response:
+    """Answer GET or HEAD of a blob from disk (sent by waitress's I/O thread).
+
+    The blob's metadata is read after the blob was found: it is written before the blob is
+    published, so a blob that is visible always has its metadata.
+    """
     fh = None if head else app.storage.open_blob(name)
     size = app.storage.blob_stat(name) if head else None
     if fh is not None:
@@ -34,9 +48,10 @@ def get_blob(app, environ: dict, name: str, head: bool, extra_headers: Iterable[
     if size is None:
         app.storage.forget(name)  # in case it was moved away behind the server's back
         app.metrics.lookup(False, protocol=protocol)
-        raise HTTPError(404, "not_found", "No such blob is stored.")
+        raise refuse("not_found", "No such blob is stored.")
     app.storage.touch(name)
-    headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(size)), *extra_headers]
+    extra = list(headers_for(app.storage.blob_meta(name))) if headers_for else []
+    headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(size)), *extra]
     if head:
         app.metrics.lookup(True, protocol=protocol)
         return Response(200, headers, [], 0)
@@ -51,22 +66,21 @@ def put_blob(app, environ: dict, name: str, *, replace: bool = False, expected_s
     length = app.content_length(environ)
     if not replace and app.storage.blob_stat(name) is not None:
         return json_response(existing, {"stored": False})
+    full = "The cache's disk is full; the blob was not stored."
     try:
         received = receive_blob(app.storage, environ["wsgi.input"], length)
     except IncompleteBody as exc:
-        raise HTTPError(400, "incomplete_body", f"The request body is incomplete: {exc}.") from None
+        raise refuse("incomplete_body", f"The request body is incomplete: {exc}.") from None
     except StorageFull:
-        app.metrics.reject("storage_full", length)
-        raise HTTPError(507, "storage_full", "The cache's disk is full; the blob was not stored.") from None
+        raise refuse("storage_full", full, received=length) from None
     if expected_sha256 is not None and received.sha256 != expected_sha256:
         received.temp.unlink(missing_ok=True)
-        app.metrics.reject("hash_mismatch", received.size)
-        raise HTTPError(400, "hash_mismatch", "The body's SHA-256 differs from its content-addressed key; not stored.")
+        raise refuse("hash_mismatch", "The body's SHA-256 differs from its content-addressed key; not stored.",
+                     received=received.size)
     try:
         stored = app.storage.publish_blob(name, received.temp, received.size, replace=replace, meta=meta)
     except StorageFull:
-        app.metrics.reject("storage_full", received.size)
-        raise HTTPError(507, "storage_full", "The cache's disk is full; the blob was not stored.") from None
+        raise refuse("storage_full", full, received=received.size) from None
     if stored:
         app.metrics.upload(received.size)
     return json_response(created if stored else existing, {"stored": stored})

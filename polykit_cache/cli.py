@@ -65,11 +65,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.command == "gc" and config.max_storage is None:
             parser.error("gc needs --max-storage (or POLYKIT_CACHE_MAX_STORAGE)")
-        storage = Storage(config.storage_dir, config.max_storage)
+        # Only gc evicts: verify and stats may run beside a live server, so they never get a
+        # bound (one could come from POLYKIT_CACHE_MAX_STORAGE in a shared environment).
+        storage = Storage(config.storage_dir, config.max_storage if args.command == "gc" else None)
         if args.command == "verify":
             return maintenance.verify_storage(storage)
         if args.command == "gc":
-            return maintenance.collect(storage)
+            try:
+                return maintenance.collect(storage)
+            except StorageBusy:
+                log.error("a polykit-cache server is serving %s; gc evicts only beside a stopped server "
+                          "(a running one with --max-storage evicts by itself)", storage.root)
+                return 1
         return maintenance.show_stats(storage, args.json)
     return serve(config)
 

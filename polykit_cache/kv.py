@@ -8,11 +8,8 @@ else as an error), and an entry over the size limit is 413, which Gradle underst
 
 from __future__ import annotations
 
-import re
-
 from .blobs import check_segments, get_blob, put_blob
-
-PATTERN = re.compile(r"/kv/(?P<namespace>[^/]+)/(?P<path>.+)")
+from .routes import Route
 
 
 def _name(params: dict) -> str:
@@ -21,8 +18,8 @@ def _name(params: dict) -> str:
     return "kv/" + "/".join(parts)
 
 
-def routes(app) -> list:
-    """(pattern, handlers by method, public) entries for the app's route table."""
+def routes(app) -> list[Route]:
+    """The key-value routes of the app's route table."""
 
     def get(environ: dict, params: dict):
         return get_blob(app, environ, _name(params), head=False)
@@ -33,4 +30,5 @@ def routes(app) -> list:
     def put(environ: dict, params: dict):
         return put_blob(app, environ, _name(params))
 
-    return [(PATTERN, {"GET": get, "HEAD": head, "PUT": put}, False)]
+    return [Route("kv", "kv", r"/kv/(?P<namespace>[^/]+)/(?P<path>.+)", {"GET": get, "HEAD": head, "PUT": put},
+                  writes=frozenset({"PUT"}), samples=("/kv/ccache/ab/cdef", "/kv/gradle/0123abcd", "/kv/ns/ac/" + "0" * 64))]

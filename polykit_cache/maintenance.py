@@ -10,7 +10,7 @@ from pathlib import Path
 
 from polykit_client.artifact import ArtifactError, HashingReader, Limits, hash_file, verify_stream
 
-from .storage import BLOBS, Storage
+from .storage import OBJECTS, Storage
 
 log = logging.getLogger("polykit_cache.maintenance")
 
@@ -56,28 +56,38 @@ def verify_storage(storage: Storage, limits: Limits = Limits()) -> int:
 
 
 def verify_content_addressed(storage: Storage, quarantine: Path) -> tuple[int, int]:
-    """Rehash Bazel CAS blobs, whose name is their SHA-256; other tools' blobs cannot be checked."""
+    """Rehash Bazel CAS blobs, whose name ends in their SHA-256; other tools' blobs cannot be checked."""
     checked = bad = 0
-    for path in sorted((storage.root / BLOBS / "bazel").glob("**/cas/*/*")):
-        if not path.is_file() or len(path.name) != 64:
+    for name, path in sorted(storage.blobs()):
+        parts = name.split("/")
+        if parts[0] != "bazel" or len(parts) < 4 or parts[-3] != "cas" or len(parts[-1]) != 64:
             continue
         checked += 1
-        sha, _ = hash_file(path)
-        if sha == path.name:
+        try:
+            sha, _ = hash_file(path)
+        except FileNotFoundError:  # evicted meanwhile
+            continue
+        if sha == parts[-1]:
             continue
         bad += 1
-        target = quarantine / "blobs" / path.relative_to(storage.root / BLOBS)
+        target = quarantine / OBJECTS / path.relative_to(storage.root / OBJECTS)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
-        log.error("quarantined %s: its content no longer matches its SHA-256", path.relative_to(storage.root))
+        log.error("quarantined blob %s: its content no longer matches its SHA-256", name)
     return checked, bad
 
 
 def collect(storage: Storage) -> int:
-    """Trim the storage offline to its ``max_storage`` bound, least recently used first."""
-    storage.load_index()  # counts what is stored and evicts down to the bound
+    """Trim the storage to its ``max_storage`` bound, least recently used first.
+
+    Only beside no server: a live one keeps its own totals and order, which a second process
+    removing entries would make wrong, so this takes the server's lock or refuses (StorageBusy).
+    """
+    storage.lock()
+    storage.migrate_legacy_blobs()
+    storage.load_index(cleanup=True)  # counts what is stored and evicts down to the bound
     count, size, evicted = storage.totals()
-    print(f"evicted {evicted} artifacts; {count} artifacts, {size} bytes remain")
+    print(f"evicted {evicted} entries; {count} entries, {size} bytes remain")
     return 0
 
 

@@ -2,6 +2,10 @@
 
 Counters are plain integers behind one lock: a request touches it a few times, far less than
 the cost of the request itself, and the figures stay consistent with each other.
+
+Every label takes its values from a fixed set, never from the request: a made-up method is
+counted as ``OTHER``, a path no route owns as protocol ``none``, a status outside 100-599 as
+``0``, and refusal reasons come from :mod:`outcomes`. So no client can add a series.
 """
 
 from __future__ import annotations
@@ -9,10 +13,20 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from http import HTTPMethod
 from typing import Callable
 
 # Request duration buckets, in seconds: from a cached HEAD to a large upload.
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# The methods of RFC 9110 and RFC 5789 (PATCH) keep their name as a label; any other is OTHER.
+METHODS = frozenset(m.value for m in HTTPMethod)
+PROTOCOLS = frozenset({"polykit", "turbo", "nx", "bazel", "kv"})
+
+
+def method_label(method: str) -> str:
+    """The ``method`` label of a request: a known method's name, else ``OTHER``."""
+    return method if method in METHODS else "OTHER"
 
 
 class Metrics:
@@ -31,7 +45,11 @@ class Metrics:
         self._bucket_counts = [0] * (len(BUCKETS) + 1)
         self._duration_sum = 0.0
 
-    def request(self, method: str, status: int, seconds: float, protocol: str = "polykit") -> None:
+    def request(self, method: str, status: int, seconds: float, protocol: str | None = "polykit") -> None:
+        """Count one answer; ``protocol`` None is a path no route owns."""
+        method = method_label(method)
+        protocol = protocol if protocol in PROTOCOLS else "none"
+        status = status if 100 <= status <= 599 else 0
         index = 0
         while index < len(BUCKETS) and seconds > BUCKETS[index]:
             index += 1

@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-import re
-
-from .app import HTTPError, Response
 from .blobs import get_blob, put_blob
+from .http import HTTPError, Response
+from .outcomes import refuse
+from .routes import Route
 
 
 def render_error(exc: HTTPError) -> Response:
@@ -19,8 +19,8 @@ def render_error(exc: HTTPError) -> Response:
     return Response(exc.status, headers, [body], len(body))
 
 
-def routes(app) -> list:
-    """(pattern, handlers by method, public, error renderer) entries for the app's route table."""
+def routes(app) -> list[Route]:
+    """The Nx routes of the app's route table."""
 
     def name(params: dict) -> str:
         return f"nx/{params['hash'][:2]}/{params['hash']}"
@@ -34,8 +34,8 @@ def routes(app) -> list:
     def put(environ: dict, params: dict) -> Response:
         answer = put_blob(app, environ, name(params), created=200, existing=409)
         if answer.status == 409:
-            raise HTTPError(409, "exists", "Cannot override an existing record.")
+            raise refuse("exists", "Cannot override an existing record.")
         return answer
 
-    return [(re.compile(r"/v1/cache/(?P<hash>[A-Za-z0-9_-]{1,128})"), {"GET": get, "HEAD": head, "PUT": put}, False,
-             render_error)]
+    return [Route("nx", "v1", r"/v1/cache/(?P<hash>[A-Za-z0-9_-]{1,128})", {"GET": get, "HEAD": head, "PUT": put},
+                  writes=frozenset({"PUT"}), render=render_error, samples=("/v1/cache/abc123",))]

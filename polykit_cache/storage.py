@@ -4,15 +4,28 @@ Layout: ``<root>/<k[0:2]>/<k[2:4]>/<key>.zst`` with ``<key>.json`` (size, sha256
 beside it; temporary files only under ``<root>/tmp/``. An artifact exists when its ``.zst``
 exists: it is linked into place with ``os.link``, which is atomic and never replaces an existing
 name, so the first writer wins and a reader never sees a partial file.
+
+Other tools' blobs are named by paths (``kv/ccache/ab/cdef``) that clients choose; they are
+stored under the SHA-256 of that name, ``<root>/objects/<protocol>/<h[0:2]>/<h>``, with
+``<h>.json`` beside it holding the name and the protocol's metadata. So no client name becomes a
+folder: names cannot clash with each other's folders, and the folders on disk are bounded
+(256 per protocol) whatever the names. Blobs of the former layout (``blobs/<name>``,
+``blob-meta/<name>.json``) are moved into this one when a server starts.
+
+``--max-storage`` bounds what entries cost on disk, not only their bytes: each counts its size
+rounded up to whole blocks, plus the blocks of its metadata file and of the folders it may have
+needed (:func:`disk_cost`). Folders left empty by an eviction are removed.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import stat as stat_module
 import threading
@@ -52,8 +65,24 @@ class ArtifactInfo:
     path: str
 
 
-BLOBS = "blobs"
-BLOB_META = "blob-meta"
+OBJECTS = "objects"
+LEGACY_BLOBS, LEGACY_BLOB_META = "blobs", "blob-meta"
+
+# What an entry costs beyond its bytes: sizes are counted in filesystem blocks, and each entry
+# also has a metadata file and may have made up to two folders (4 KiB each on ext4, xfs, btrfs).
+BLOCK = 4096
+ENTRY_OVERHEAD = 3 * BLOCK
+
+
+def disk_cost(size: int) -> int:
+    """What an entry of ``size`` bytes is counted as against ``--max-storage``."""
+    return -(-size // BLOCK) * BLOCK + ENTRY_OVERHEAD
+
+
+def blob_id(name: str) -> str:
+    """Where a blob named ``name`` (``<protocol>/<path>``) is stored, relative to ``objects/``."""
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    return f"{name.partition('/')[0]}/{digest[:2]}/{digest}"
 
 # Metadata of this many artifacts is kept in memory: artifacts never change once published,
 # so a HEAD or GET of a popular key need not reread its JSON file.
@@ -69,13 +98,18 @@ class Storage:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.max_storage = max_storage
         self._lock = threading.Lock()
+        # Held while entries appear on disk or leave it (publication, eviction), so a check for an
+        # entry, its metadata and its folders never see a half-done change; taken before _lock.
+        self._layout_lock = threading.Lock()
         self._prefix = str(self.root) + "/"
         self._info: dict[str, ArtifactInfo] = {}
         # key -> [last use in ns, size, last use written to the file's mtime], least recently
-        # used first: the order is exact in memory and persisted coarsely (see touch()).
+        # used first: the order is exact in memory and persisted coarsely (see touch()). The key
+        # is a cache key or a blob's id.
         self._uses: OrderedDict[str, list[int]] = OrderedDict()
         self.count = 0
         self.bytes = 0
+        self.cost = 0  # what the entries cost on disk, the figure --max-storage bounds
         self.evictions = 0
 
     # --- paths -------------------------------------------------------------------------------
@@ -90,8 +124,18 @@ class Storage:
         return f"{self._prefix}{key[0:2]}/{key[2:4]}/{key}.zst"
 
     def _data_path(self, key: str) -> str:
-        """The file of an index key: an artifact (a bare cache key) or another protocol's blob."""
-        return f"{self._prefix}{BLOBS}/{key}" if "/" in key else self._zst(key)
+        """The file of an index key: an artifact (a bare cache key) or a blob's id."""
+        return f"{self._prefix}{OBJECTS}/{key}" if "/" in key else self._zst(key)
+
+    @staticmethod
+    def _key_of(name: str) -> str:
+        """The index key of a cache key or of a blob name."""
+        return blob_id(name) if "/" in name else name
+
+    @staticmethod
+    def cost_of(size: int) -> int:
+        """What an entry of ``size`` bytes counts against the bound."""
+        return disk_cost(size)
 
     def _meta_path(self, key: str) -> Path:
         return self.artifact_path(key).with_suffix(".json")
@@ -109,9 +153,37 @@ class Storage:
         self._lock_fd = fd  # held, and so locked, until the process ends
 
     def recover(self) -> None:
-        """At server start-up: remove stale temporaries, then load the index."""
+        """Under the lock, at start-up: remove stale temporaries, move blobs of the former layout,
+        then load the index and drop metadata whose entry is gone."""
         self.sweep_temps()
-        self.load_index()
+        self.migrate_legacy_blobs()
+        self.load_index(cleanup=True)
+
+    def migrate_legacy_blobs(self) -> None:
+        """Move blobs stored under their own path (``blobs/<name>``) to ``objects/`` (only under the lock)."""
+        top, meta_top = self.root / LEGACY_BLOBS, self.root / LEGACY_BLOB_META
+        if not top.is_dir():
+            return
+        moved = 0
+        for folder, _, files in os.walk(top):
+            for file in files:
+                path = os.path.join(folder, file)
+                name = os.path.relpath(path, top)
+                meta: dict = {}
+                try:
+                    with open(meta_top / (name + ".json"), "rb") as fh:
+                        loaded = json.load(fh)
+                    meta = loaded if isinstance(loaded, dict) else {}
+                except (OSError, ValueError):
+                    pass
+                final = self._data_path(blob_id(name))
+                self._write_json(final + ".json", {**meta, "name": name})
+                self._retry_in_folder(final, lambda: os.replace(path, final))
+                moved += 1
+        shutil.rmtree(top, ignore_errors=True)
+        shutil.rmtree(meta_top, ignore_errors=True)
+        if moved:
+            log.info("moved %d blobs to the hashed layout under %s/", moved, OBJECTS)
 
     def sweep_temps(self) -> None:
         """Remove what interrupted uploads left in ``tmp/`` (only safe while no server writes)."""
@@ -127,10 +199,14 @@ class Storage:
         if removed:
             log.info("removed %d stale temporary files", removed)
 
-    def load_index(self) -> None:
+    def load_index(self, cleanup: bool = False) -> None:
         """Count what is stored and when each artifact was last used, from file sizes and mtimes
-        (no artifact is read), repair metadata a crash left missing, and evict beyond the bound."""
-        count = total = 0
+        (no artifact is read), repair metadata a crash left missing, and evict beyond the bound.
+
+        ``cleanup`` (only under the lock) also removes metadata whose entry is gone: a blob's is
+        written before the blob itself, so beside a live server it may belong to an upload.
+        """
+        count = total = cost = 0
         uses: dict[str, list[int]] = {}
         for key, path in self._scan():
             meta = self._meta_path(key)
@@ -148,29 +224,54 @@ class Storage:
                 log.warning("rebuilt missing metadata of %s", key)
             count += 1
             total += size
-        for key, st in self._scan_blobs():
+            cost += disk_cost(size)
+        for key, st in self._scan_blobs(cleanup):
             uses[key] = [st.st_mtime_ns, st.st_size, st.st_mtime_ns]
             count += 1
             total += st.st_size
+            cost += disk_cost(st.st_size)
         for meta in self.root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*.json"):
             if not meta.with_suffix(".zst").exists():
                 meta.unlink(missing_ok=True)
         ordered = OrderedDict(sorted(uses.items(), key=lambda item: item[1][0]))
         with self._lock:
-            self.count, self.bytes, self._uses = count, total, ordered
+            self.count, self.bytes, self.cost, self._uses = count, total, cost, ordered
         self.evict()
 
-    def _scan_blobs(self):
-        top = self.root / BLOBS
-        for folder, _, files in os.walk(top):
-            for name in files:
-                full = os.path.join(folder, name)
-                try:
-                    st = os.lstat(full)
-                except FileNotFoundError:
+    def _scan_blobs(self, cleanup: bool = False):
+        """(id, stat) of every blob under ``objects/<protocol>/<h[0:2]>/``."""
+        top = self.root / OBJECTS
+        if not top.is_dir():
+            return
+        for protocol in os.scandir(top):
+            if not protocol.is_dir(follow_symlinks=False):
+                continue
+            for shard in os.scandir(protocol.path):
+                if not shard.is_dir(follow_symlinks=False):
                     continue
-                if stat_module.S_ISREG(st.st_mode):
-                    yield os.path.relpath(full, top), st
+                for entry in os.scandir(shard.path):
+                    if entry.name.endswith(".json"):
+                        if cleanup and not os.path.exists(entry.path[:-5]):
+                            os.unlink(entry.path)
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat_module.S_ISREG(st.st_mode):
+                        yield f"{protocol.name}/{shard.name}/{entry.name}", st
+
+    def blobs(self):
+        """(name, data path) of every stored blob, from their metadata, for maintenance commands."""
+        for key, _ in self._scan_blobs():
+            path = self._data_path(key)
+            try:
+                with open(path + ".json", "rb") as fh:
+                    name = json.load(fh).get("name")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(name, str):
+                yield name, Path(path)
 
     def _scan(self):
         for top in sorted(os.scandir(self.root), key=lambda e: e.name):
@@ -228,8 +329,9 @@ class Storage:
         log.warning("rebuilt unreadable metadata of %s", key)
         return ArtifactInfo(key, size, sha, created, path)
 
-    def forget(self, key: str) -> None:
-        """Drop a key that vanished from disk from the in-memory state."""
+    def forget(self, name: str) -> None:
+        """Drop an artifact (by key) or blob (by name) that vanished from disk from the in-memory state."""
+        key = self._key_of(name)
         with self._lock:
             if os.path.exists(self._data_path(key)):
                 return  # uploaded again since it was found missing
@@ -238,6 +340,7 @@ class Storage:
             if use is not None:
                 self.count -= 1
                 self.bytes -= use[1]
+                self.cost -= disk_cost(use[1])
 
     def exists(self, key: str) -> bool:
         """Whether the artifact file is there; the disk, not the cache, since maintenance may move it."""
@@ -259,13 +362,13 @@ class Storage:
         """Link a verified, synced temporary file into place; raise AlreadyStored if the key exists."""
         final = self.artifact_path(key)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(temp, final)
-            except FileExistsError:
-                raise AlreadyStored(key) from None
-            created = time.time()
-            self._write_meta(key, size, sha256, created)
+            with self._layout_lock:
+                try:
+                    self._retry_in_folder(str(final), lambda: os.link(temp, final))
+                except FileExistsError:
+                    raise AlreadyStored(key) from None
+                created = time.time()
+                self._write_meta(key, size, sha256, created)
             # The directory is not synced: after a power loss the link may be gone, which is
             # only a cache miss; the file itself was synced before it was linked.
         except OSError as exc:
@@ -280,9 +383,22 @@ class Storage:
         with self._lock:
             self.count += 1
             self.bytes += size
+            self.cost += disk_cost(size)
             self._uses[key] = [now, size, now]
         self.evict()
         return ArtifactInfo(key, size, sha256, created, str(final))
+
+    @staticmethod
+    def _retry_in_folder(path: str, operation) -> None:
+        """Make ``path``'s folder and run ``operation``; again if an eviction removed the folder meanwhile."""
+        for attempt in range(5):
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)  # may race an rmdir of a parent too
+                operation()
+                return
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
 
     # --- least recently used eviction ---------------------------------------------------------
 
@@ -290,8 +406,9 @@ class Storage:
     # without a write per request.
     PERSIST_USE_NS = 60 * 10**9
 
-    def touch(self, key: str) -> None:
-        """Record a GET or HEAD as a use: in memory now, on disk now and then."""
+    def touch(self, name: str) -> None:
+        """Record a GET or HEAD of an artifact (by key) or blob (by name) as a use: in memory now, on disk now and then."""
+        key = self._key_of(name)
         now = time.time_ns()
         with self._lock:
             use = self._uses.get(key)
@@ -311,35 +428,51 @@ class Storage:
     def evict(self, limit: int | None = None) -> list[str]:
         """Remove least recently used artifacts while the total is over the bound; returns their keys.
 
-        An artifact being downloaded stays readable: its open file outlives the unlink.
+        An artifact being downloaded stays readable: its open file outlives the unlink. The
+        choice and the removal happen under the layout lock, so an upload of a key being
+        evicted waits and then stores it anew instead of finding it "already stored".
         """
         limit = self.max_storage if limit is None else limit
         if limit is None:
             return []
-        with self._lock:
-            if self.bytes <= limit:
-                return []
-            victims = []
-            freed = 0
-            while self._uses and self.bytes - freed > limit:
-                key, (_, size, _) = self._uses.popitem(last=False)
-                self._info.pop(key, None)
-                victims.append(key)
-                freed += size
-            self.count -= len(victims)
-            self.bytes -= freed
-            self.evictions += len(victims)
-        for key in victims:
-            path = self._data_path(key)
-            sidecar = f"{self._prefix}{BLOB_META}/{key}.json"
-            for name in (path, sidecar) if "/" in key else (path, path[:-4] + ".json"):
-                try:
-                    os.unlink(name)
-                except FileNotFoundError:
-                    pass
+        with self._layout_lock:
+            with self._lock:
+                if self.cost <= limit:
+                    return []
+                victims = []
+                freed = freed_cost = 0
+                while self._uses and self.cost - freed_cost > limit:
+                    key, (_, size, _) = self._uses.popitem(last=False)
+                    self._info.pop(key, None)
+                    victims.append(key)
+                    freed += size
+                    freed_cost += disk_cost(size)
+                self.count -= len(victims)
+                self.bytes -= freed
+                self.cost -= freed_cost
+                self.evictions += len(victims)
+            for key in victims:
+                path = self._data_path(key)
+                # Data first: a blob's metadata must never be missing while the blob is visible.
+                for name in (path, path + ".json") if "/" in key else (path, path[:-4] + ".json"):
+                    try:
+                        os.unlink(name)
+                    except FileNotFoundError:
+                        pass
+                self._remove_empty_folders(os.path.dirname(path), levels=1 if "/" in key else 2)
         if victims:
-            log.info("evicted %d artifacts (%d bytes) to stay under %d bytes", len(victims), freed, limit)
+            log.info("evicted %d entries (%d bytes) to stay under %d bytes", len(victims), freed, limit)
         return victims
+
+    @staticmethod
+    def _remove_empty_folders(folder: str, levels: int) -> None:
+        """Remove a folder left empty and its empty parents (a publish racing this makes them again)."""
+        for _ in range(levels):
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty, or already gone
+                return
+            folder = os.path.dirname(folder)
 
     def _write_meta(self, key: str, size: int, sha256: str, created: float) -> None:
         self._write_json(self._meta_path(key), {"size": size, "sha256": sha256, "created": created})
@@ -350,20 +483,20 @@ class Storage:
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(value, fh)
-            os.replace(name, path)
+            self._retry_in_folder(str(path), lambda: os.replace(name, path))
         except BaseException:
             Path(name).unlink(missing_ok=True)
             raise
 
     # --- other protocols' blobs -------------------------------------------------------------
-    # Opaque blobs live under blobs/<protocol>/..., apart from artifacts, so a blob is never
+    # Opaque blobs live under objects/<protocol>/..., apart from artifacts, so a blob is never
     # served as an artifact nor the other way round. They share the index, the bound and the
-    # eviction order. ``name`` is a relative path whose parts the protocol module validated.
+    # eviction order. ``name`` is ``<protocol>/<path>``, whose parts the protocol module validated.
 
     def blob_stat(self, name: str) -> int | None:
         """The blob's size, or None when it is not stored."""
         try:
-            st = os.stat(self._data_path(name))
+            st = os.stat(self._data_path(blob_id(name)))
         except (FileNotFoundError, NotADirectoryError):
             return None
         return st.st_size if stat_module.S_ISREG(st.st_mode) else None
@@ -374,56 +507,59 @@ class Storage:
 
     def open_blob(self, name: str) -> BinaryIO | None:
         try:
-            return open(self._data_path(name), "rb")
+            return open(self._data_path(blob_id(name)), "rb")
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
     def blob_meta(self, name: str) -> dict:
         """What a protocol stored beside a blob (for example turbo's duration and tag), or {}."""
         try:
-            with open(self._blob_meta_path(name), "rb") as fh:
+            with open(self._data_path(blob_id(name)) + ".json", "rb") as fh:
                 meta = json.load(fh)
-            return meta if isinstance(meta, dict) else {}
         except (OSError, ValueError):
             return {}
-
-    def _blob_meta_path(self, name: str) -> str:
-        return f"{self._prefix}{BLOB_META}/{name}.json"
+        if not isinstance(meta, dict) or meta.get("name") != name:
+            return {}
+        return {k: v for k, v in meta.items() if k != "name"}
 
     def publish_blob(self, name: str, temp: Path, size: int, replace: bool = False, meta: dict | None = None) -> bool:
-        """Publish a received blob; False when it existed already and ``replace`` is off (first write wins)."""
-        final = self._data_path(name)
+        """Publish a received blob; False when it existed already and ``replace`` is off (first write wins).
+
+        The metadata (the name, and the protocol's own) is written before the blob is linked,
+        under a lock, so a visible blob always has the metadata of its own upload.
+        """
+        key = blob_id(name)
+        final = self._data_path(key)
         try:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            if replace:
-                os.replace(temp, final)
-            else:
-                try:
-                    os.link(temp, final)
-                except FileExistsError:
+            with self._layout_lock:
+                if not replace and os.path.exists(final):
                     return False
+                self._write_json(final + ".json", {**(meta or {}), "name": name})
+                if replace:
+                    self._retry_in_folder(final, lambda: os.replace(temp, final))
+                else:
+                    try:
+                        self._retry_in_folder(final, lambda: os.link(temp, final))
+                    except FileExistsError:  # never under the lock; kept for a second process
+                        return False
         except OSError as exc:
             if is_disk_full(exc):
                 raise StorageFull(str(exc)) from None
             raise
         finally:
             temp.unlink(missing_ok=True)
-        if meta:
-            path = self._blob_meta_path(name)
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                self._write_json(path, meta)
-            except OSError:
-                log.error("could not store the metadata of blob %s", name)
         now = time.time_ns()
         with self._lock:
-            if replace and name in self._uses:
-                self.bytes -= self._uses[name][1]
+            if replace and key in self._uses:
+                old = self._uses[key][1]
+                self.bytes -= old
+                self.cost -= disk_cost(old)
                 self.count -= 1
             self.count += 1
             self.bytes += size
-            self._uses[name] = [now, size, now]
-            self._uses.move_to_end(name)
+            self.cost += disk_cost(size)
+            self._uses[key] = [now, size, now]
+            self._uses.move_to_end(key)
         self.evict()
         return True
 

@@ -12,26 +12,38 @@ from __future__ import annotations
 
 import json
 import re
-from urllib.parse import parse_qs
+from urllib.parse import parse_qsl
 
-from .app import HTTPError, Response, json_response
 from .blobs import check_segments, get_blob, put_blob
+from .http import HTTPError, Response, json_response
+from .outcomes import parse_length, refuse
+from .routes import Route
 
-HASH = r"(?P<hash>[A-Za-z0-9_-]{1,128})"
-_DURATION = re.compile(r"\d{1,15}")
+HASH = r"(?P<hash>(?!(?:status|events)$)[A-Za-z0-9_-]{1,128})"
+_HASH = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# ASCII digits only: a regular expression's \d also takes other scripts' digits, which int() reads.
+_DURATION = re.compile(r"[0-9]{1,15}")
 _TAG = re.compile(r"[A-Za-z0-9+/=_.-]{1,1024}")
-MAX_QUERY = 1 << 20
+# A batch query names at most this many hashes (turbo asks for one task graph at a time), in a
+# JSON body of at most BODY_LIMIT bytes; usage events are bounded the same way.
+MAX_HASHES = 1000
+BODY_LIMIT = 1 << 20
+MAX_QUERY_FIELDS = 16
 
 
 def _team(environ: dict) -> str:
-    query = parse_qs(environ.get("QUERY_STRING", ""))
-    team = (query.get("slug") or query.get("teamId") or query.get("team") or ["_"])[0]
+    """The team of a request, parsed once per request (the query string's length is bounded)."""
+    try:
+        fields = dict(parse_qsl(environ.get("QUERY_STRING", ""), max_num_fields=MAX_QUERY_FIELDS))
+    except ValueError:
+        raise refuse("bad_request", f"The query string may hold at most {MAX_QUERY_FIELDS} parameters.") from None
+    team = fields.get("slug") or fields.get("teamId") or fields.get("team") or "_"
     check_segments([team], "A team name")
     return team
 
 
-def _name(environ: dict, digest: str) -> str:
-    return f"turbo/{_team(environ)}/{digest[:2]}/{digest}"
+def _name(team: str, digest: str) -> str:
+    return f"turbo/{team}/{digest[:2]}/{digest}"
 
 
 def _headers(meta: dict) -> list[tuple[str, str]]:
@@ -41,37 +53,47 @@ def _headers(meta: dict) -> list[tuple[str, str]]:
     return headers
 
 
+def _read_body(environ: dict) -> bytes:
+    """The whole (bounded, admitted) request body of a read."""
+    length = parse_length(environ.get("CONTENT_LENGTH")) or 0
+    data = environ["wsgi.input"].read(length) if length else b""
+    if len(data) != length:
+        raise refuse("incomplete_body", f"The request body ended after {len(data)} of {length} bytes.", count=False)
+    return data
+
+
 def render_error(exc: HTTPError) -> Response:
     """turbo's error shape."""
     return json_response(exc.status, {"error": {"code": exc.error, "message": exc.message}}, exc.headers)
 
 
-def routes(app) -> list:
-    """(pattern, handlers by method, public, error renderer) entries for the app's route table."""
+def routes(app) -> list[Route]:
+    """The turbo routes of the app's route table."""
 
     def status(environ: dict, params: dict) -> Response:
         return json_response(200, {"status": "enabled"})
 
     def events(environ: dict, params: dict) -> Response:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-        if 0 < length <= MAX_QUERY:
-            environ["wsgi.input"].read(length)  # usage events: accepted and not kept
+        _read_body(environ)  # usage events: accepted and not kept
         return json_response(200, {})
 
     def query(environ: dict, params: dict) -> Response:
         """Which of these hashes are stored (Vercel's "query information about an array of artifacts")."""
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-        if not 0 < length <= MAX_QUERY:
-            raise HTTPError(400, "bad_request", "Send a JSON body {\"hashes\": [...]} of at most 1 MiB.")
+        team = _team(environ)
+        shape = f'The body must be {{"hashes": ["<hash>", ...]}} with at most {MAX_HASHES} hashes.'
+        body = _read_body(environ)
         try:
-            hashes = json.loads(environ["wsgi.input"].read(length))["hashes"]
-            if not isinstance(hashes, list) or not all(isinstance(h, str) and re.fullmatch(HASH, h) for h in hashes):
-                raise ValueError
-        except (ValueError, KeyError, TypeError):
-            raise HTTPError(400, "bad_request", "The body must be {\"hashes\": [\"<hash>\", ...]}.") from None
+            # RecursionError: deeply nested arrays make the json module recurse once per level.
+            hashes = json.loads(body)["hashes"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise refuse("bad_request", shape) from None
+        if not isinstance(hashes, list) or len(hashes) > MAX_HASHES:
+            raise refuse("bad_request", shape)
+        if not all(isinstance(h, str) and _HASH.fullmatch(h) for h in hashes):
+            raise refuse("bad_request", shape)
         found: dict = {}
-        for digest in hashes[:1000]:
-            name = _name(environ, digest)
+        for digest in hashes:
+            name = _name(team, digest)
             size = app.storage.blob_stat(name)
             if size is None:
                 found[digest] = None
@@ -81,30 +103,35 @@ def routes(app) -> list:
         return json_response(200, found)
 
     def get(environ: dict, params: dict) -> Response:
-        name = _name(environ, params["hash"])
-        return get_blob(app, environ, name, head=False, extra_headers=_headers(app.storage.blob_meta(name)))
+        return get_blob(app, environ, _name(_team(environ), params["hash"]), head=False, headers_for=_headers)
 
     def head(environ: dict, params: dict) -> Response:
-        name = _name(environ, params["hash"])
-        return get_blob(app, environ, name, head=True, extra_headers=_headers(app.storage.blob_meta(name)))
+        return get_blob(app, environ, _name(_team(environ), params["hash"]), head=True, headers_for=_headers)
 
     def put(environ: dict, params: dict) -> Response:
+        name = _name(_team(environ), params["hash"])
         meta = {}
         duration = environ.get("HTTP_X_ARTIFACT_DURATION", "0").strip() or "0"
         if not _DURATION.fullmatch(duration):
-            raise HTTPError(400, "bad_request", "x-artifact-duration must be a whole number of milliseconds.")
+            raise refuse("bad_request", "x-artifact-duration must be a whole number of milliseconds.")
         meta["duration"] = int(duration)
         tag = environ.get("HTTP_X_ARTIFACT_TAG", "").strip()
         if tag:
             if not _TAG.fullmatch(tag):
-                raise HTTPError(400, "bad_request", "x-artifact-tag is not a valid tag.")
+                raise refuse("bad_request", "x-artifact-tag is not a valid tag.")
             meta["tag"] = tag
-        answer = put_blob(app, environ, _name(environ, params["hash"]), created=202, existing=202, meta=meta)
+        answer = put_blob(app, environ, name, created=202, existing=202, meta=meta)
         return json_response(answer.status, {"urls": []})
 
+    common = {"root": "v8", "render": render_error}
     return [
-        (re.compile(r"/v8/artifacts/status"), {"GET": status}, False, render_error),
-        (re.compile(r"/v8/artifacts/events"), {"POST": events}, False, render_error),
-        (re.compile(r"/v8/artifacts"), {"POST": query}, False, render_error),
-        (re.compile(rf"/v8/artifacts/{HASH}"), {"GET": get, "HEAD": head, "PUT": put}, False, render_error),
+        Route("turbo", pattern=r"/v8/artifacts/status", handlers={"GET": status}, samples=("/v8/artifacts/status",), **common),
+        # Usage events are accepted and dropped: nothing is stored, so a read token may send them.
+        Route("turbo", pattern=r"/v8/artifacts/events", handlers={"POST": events}, reads=frozenset({"POST"}),
+              read_body_limit=BODY_LIMIT, samples=("/v8/artifacts/events",), **common),
+        # The batch query only reads, whatever its method.
+        Route("turbo", pattern=r"/v8/artifacts", handlers={"POST": query}, reads=frozenset({"POST"}),
+              read_body_limit=BODY_LIMIT, samples=("/v8/artifacts",), **common),
+        Route("turbo", pattern=rf"/v8/artifacts/{HASH}", handlers={"GET": get, "HEAD": head, "PUT": put},
+              writes=frozenset({"PUT"}), samples=("/v8/artifacts/abc123", "/v8/artifacts/statuses"), **common),
     ]

@@ -141,6 +141,7 @@ TAR_END = b"\0" * 1024
 class Reply:
     def __init__(self, status: str, headers: list, body: bytes) -> None:
         self.status = int(status.split()[0])
+        self.reason = status.partition(" ")[2]
         self.headers = {k.lower(): v for k, v in headers}
         self.body = body
 

@@ -270,3 +270,24 @@ def small_tmpfs(mount, options):
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_refusal_labels_come_from_a_fixed_set():
+    from polykit_cache.outcomes import OUTCOMES, refuse
+
+    assert refuse("verification_failed", "x", reason="made-up-reason").reject == "other"
+    assert refuse("verification_failed", "x", reason="bad_zstd").extra["reason"] == "bad_zstd"
+    assert refuse("unauthorized", "x", count=False).reject is None
+    assert {o.status for o in OUTCOMES.values()} >= {400, 401, 403, 404, 405, 409, 411, 413, 414, 422, 507}
+
+
+def test_every_verification_reason_of_the_code_has_its_own_label():
+    """A refusal reason the verifier can give but the outcomes table does not list would be counted as "other"."""
+    import re
+
+    from polykit_cache.outcomes import VERIFICATION_REASONS
+    from support import ROOT
+
+    source = "".join(p.read_text() for p in (ROOT / "polykit_client").glob("*.py"))
+    reasons = set(re.findall(r'ArtifactError\(\s*"([a-z_]+)"', source))
+    assert reasons and reasons <= VERIFICATION_REASONS, reasons - VERIFICATION_REASONS

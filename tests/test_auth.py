@@ -68,7 +68,8 @@ def test_without_tokens_the_server_is_open(app, tmp_path):
 
 
 @pytest.mark.parametrize("text,problem", [
-    ("admin sometoken123", "unknown role 'admin'"),
+    ("admin sometoken123", "the first word must be a role"),
+    ("sometoken123 read-write", "the first word must be a role"),  # swapped words: the token comes first
     ("read", "expected 'role token'"),
     ("read short", "at least 8 characters"),
 ])
@@ -117,7 +118,7 @@ def test_real_server_reloads_tokens_on_sighup_and_never_logs_them(tmp_path):
             assert time.monotonic() < deadline, "tokens were not reloaded"
             time.sleep(0.05)
         assert request(server.port, "HEAD", ART, headers=bearer("new-token-777777"))[0] == 200
-        token_file.write_text("nonsense\n")  # a broken file keeps the tokens in force
+        token_file.write_text("swapped-token-888888 read-write\n")  # a broken file keeps the tokens in force
         server.proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
         assert request(server.port, "HEAD", ART, headers=bearer("new-token-777777"))[0] == 200
@@ -125,7 +126,8 @@ def test_real_server_reloads_tokens_on_sighup_and_never_logs_them(tmp_path):
         server.stop()
     log = (tmp_path / "server.log").read_text()
     assert "access tokens: 1 read, 1 read-write" in log and "tokens not reloaded" in log
-    for secret in (READER, WRITER, "new-token-777777"):
+    assert "line 1: the first word must be a role" in log
+    for secret in (READER, WRITER, "new-token-777777", "swapped-token-888888"):
         assert secret not in log
 
 
@@ -133,10 +135,12 @@ def test_a_bad_token_file_stops_the_server_with_a_clear_error(tmp_path):
     import subprocess
     import sys
 
-    (tmp_path / "tokens").write_text("owner secret-secret\n")
-    out = subprocess.run([sys.executable, "-m", "polykit_cache", "--port", "0", "--storage-dir", str(tmp_path / "s"),
-                          "--token-file", str(tmp_path / "tokens")], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 2 and "unknown role 'owner'" in out.stderr and "secret-secret" not in out.stderr
+    for line in ("owner secret-secret", "secret-secret read-write"):  # a swapped line puts the token first
+        (tmp_path / "tokens").write_text(f"# tokens\n{line}\n")
+        out = subprocess.run([sys.executable, "-m", "polykit_cache", "--port", "0", "--storage-dir", str(tmp_path / "s"),
+                              "--token-file", str(tmp_path / "tokens")], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and "line 2: the first word must be a role" in out.stderr
+        assert "secret-secret" not in out.stderr
 
 
 def test_the_client_sends_its_token_and_degrades_without_one(tmp_path):

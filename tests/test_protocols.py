@@ -1,10 +1,12 @@
 """Other build tools' protocols on the same storage: Bazel's HTTP cache and the key-value cache."""
 
 import hashlib
+import json
 import os
 
 import pytest
 
+from polykit_cache.storage import blob_id, disk_cost
 from support import call, key_for, new_app, pack_tree
 
 BLOB = os.urandom(5000)
@@ -70,12 +72,13 @@ def test_limits_tokens_and_eviction_apply_to_blobs(tmp_path):
     limited = new_app(tmp_path / "s1", max_artifact_size=100)
     reply = call(limited, "PUT", "/kv/gradle/key1", b"x" * 101)
     assert reply.status == 413 and reply.json()["error"] == "too_large"
-    evicting = new_app(tmp_path / "s2", max_storage=2500)
+    bound = 2 * disk_cost(1000) + 500  # two entries of 1,000 bytes, as they cost on disk
+    evicting = new_app(tmp_path / "s2", max_storage=bound)
     for i in range(3):
         assert call(evicting, "PUT", f"/kv/gradle/k{i}", os.urandom(1000)).status == 201
     assert [call(evicting, "HEAD", f"/kv/gradle/k{i}").status for i in range(3)] == [404, 200, 200]
     assert evicting.storage.totals()[2] == 1
-    restarted = new_app(tmp_path / "s2", max_storage=2500)  # blobs are counted at start-up too
+    restarted = new_app(tmp_path / "s2", max_storage=bound)  # blobs are counted at start-up too
     assert restarted.storage.totals()[:2] == (2, 2000)
 
 
@@ -177,10 +180,118 @@ def test_verify_rehashes_bazel_cas_blobs(app, tmp_path):
                                  capture_output=True, text=True, timeout=60)
     out = run()
     assert out.returncode == 0 and "verified 2 content-addressed blobs: 2 good" in out.stdout
-    blob = store / "blobs" / "bazel" / "_" / "cas" / DIGEST[:2] / DIGEST
+    blob = store / "objects" / blob_id(f"bazel/_/cas/{DIGEST[:2]}/{DIGEST}")
     blob.write_bytes(b"flipped" + blob.read_bytes()[7:])
     out = run()
     assert out.returncode == 1 and "1 quarantined" in out.stdout
     assert not blob.exists() and call(app, "GET", f"/cas/{DIGEST}").status == 404
     assert app.storage.totals()[:2] == (1, len(other))  # the server's own count follows
     assert call(app, "GET", f"/inst/cas/{other_digest}").body == other
+
+
+EMPTY = hashlib.sha256(b"").hexdigest()
+
+
+@pytest.mark.parametrize("prefix", ["", "/some-instance"])
+def test_the_empty_cas_blob_is_always_present(app, prefix):
+    get, head = call(app, "GET", f"{prefix}/cas/{EMPTY}"), call(app, "HEAD", f"{prefix}/cas/{EMPTY}")
+    assert get.status == head.status == 200 and get.body == head.body == b""
+    assert get.headers["content-length"] == "0"
+    assert call(app, "GET", f"{prefix}/ac/{EMPTY}").status == 404  # an action result is never implied
+    assert call(app, "PUT", f"{prefix}/cas/{EMPTY}", b"").status == 200
+    assert app.storage.totals()[0] == 0  # nothing to keep for it
+    assert call(app, "PUT", f"{prefix}/cas/{EMPTY}", b"x").status == 400  # its hash is still checked
+
+
+def test_names_that_are_folders_of_other_names_are_all_stored(app):
+    assert call(app, "PUT", "/kv/ns/f", b"file").status == 201
+    assert call(app, "PUT", "/kv/ns/f/g", b"under it").status == 201
+    assert call(app, "PUT", "/kv/ns/d/e", b"deeper").status == 201
+    assert call(app, "PUT", "/kv/ns/d", b"above it").status == 201
+    for path, body in (("/kv/ns/f", b"file"), ("/kv/ns/f/g", b"under it"), ("/kv/ns/d/e", b"deeper"), ("/kv/ns/d", b"above it")):
+        assert call(app, "GET", path).body == body
+    h = hashlib.sha256(b"cas").hexdigest()
+    z = hashlib.sha256(b"z").hexdigest()
+    assert call(app, "PUT", f"/i/cas/{h[:2]}/{h}/cas/{z}", b"z").status == 200  # an instance named like a CAS path
+    assert call(app, "PUT", f"/i/cas/{h}", b"cas").status == 200
+    assert call(app, "GET", f"/i/cas/{h}").body == b"cas"
+    assert call(app, "PUT", f"/j/ac/{h[:2]}/{h}/ac/{'2' * 64}", b"z").status == 200
+    assert call(app, "PUT", f"/j/ac/{h}", b"ac").status == 200 and call(app, "GET", f"/j/ac/{h}").body == b"ac"
+
+
+def test_deep_names_are_refused_clearly_and_never_make_folders(app):
+    deep = call(app, "PUT", "/kv/deep/" + "/".join(["d"] * 40), b"x")
+    assert deep.status == 400 and "at most 32 parts" in deep.json()["message"]
+    assert call(app, "PUT", "/kv/deep/" + "/".join(["d"] * 1100), b"x").status == 414
+    assert call(app, "PUT", "/kv/ok/" + "/".join(["d"] * 20), b"x").status == 201
+    folders = [p for p in app.storage.root.rglob("*") if p.is_dir()]
+    assert max(len(p.relative_to(app.storage.root).parts) for p in folders) <= 3  # objects/kv/<shard>
+
+
+def test_max_storage_counts_what_entries_cost_on_disk_and_removes_empty_folders(tmp_path):
+    bound = 10 * disk_cost(0)
+    app = new_app(tmp_path / "s", max_storage=bound)
+    for i in range(200):
+        assert call(app, "PUT", f"/kv/empty/e{i}", b"").status == 201
+    count, size, evictions = app.storage.totals()
+    assert count == 10 and size == 0 and evictions == 190
+    assert app.storage.cost <= bound
+    shards = [p for p in (app.storage.root / "objects" / "kv").iterdir()]
+    assert len(shards) <= 10 and all(any(p.iterdir()) for p in shards)  # emptied folders were removed
+    on_disk = sum(1 for p in (app.storage.root / "objects").rglob("*") if p.is_file())
+    assert on_disk == 2 * count  # each blob and its metadata, nothing left behind
+
+
+def test_blobs_of_the_former_layout_are_moved_at_start_up(tmp_path):
+    store = tmp_path / "s"
+    (store / "blobs" / "kv" / "ns" / "a").mkdir(parents=True)
+    (store / "blobs" / "kv" / "ns" / "a" / "b").write_bytes(b"old entry")
+    (store / "blobs" / "turbo" / "t" / "ab").mkdir(parents=True)
+    (store / "blobs" / "turbo" / "t" / "ab" / "abcd").write_bytes(b"old turbo")
+    (store / "blob-meta" / "turbo" / "t" / "ab").mkdir(parents=True)
+    (store / "blob-meta" / "turbo" / "t" / "ab" / "abcd.json").write_text('{"duration": 7, "tag": "sig"}')
+    app = new_app(store)
+    assert call(app, "GET", "/kv/ns/a/b").body == b"old entry"
+    turbo = call(app, "GET", "/v8/artifacts/abcd?team=t")
+    assert turbo.body == b"old turbo" and turbo.headers["x-artifact-duration"] == "7" and turbo.headers["x-artifact-tag"] == "sig"
+    assert not (store / "blobs").exists() and not (store / "blob-meta").exists()
+    assert app.storage.totals()[:2] == (2, len(b"old entry") + len(b"old turbo"))
+
+
+def test_a_turbo_blob_is_published_after_its_metadata(tmp_path):
+    """A probe in the storage's one publishing step records what a reader could see at that moment."""
+    from polykit_cache.storage import Storage
+
+    seen = []
+
+    class Probe(Storage):
+        def _retry_in_folder(self, path, operation):
+            if path.endswith(".json"):
+                return super()._retry_in_folder(path, operation)
+            seen.append(self.blob_meta("turbo/t/ab/abcd"))  # just before the blob becomes visible
+            return super()._retry_in_folder(path, operation)
+
+    app = new_app(tmp_path / "s")
+    app.storage.__class__ = Probe
+    reply = call(app, "PUT", "/v8/artifacts/abcd?team=t", b"x", headers={"x-artifact-duration": "5", "x-artifact-tag": "t1"})
+    assert reply.status == 202 and seen == [{"duration": 5, "tag": "t1"}]
+    again = call(app, "PUT", "/v8/artifacts/abcd?team=t", b"y", headers={"x-artifact-tag": "other"})
+    assert again.status == 202 and call(app, "GET", "/v8/artifacts/abcd?team=t").headers["x-artifact-tag"] == "t1"
+
+
+def test_turbo_inputs_are_bounded(app):
+    too_many = json.dumps({"hashes": [f"h{i}" for i in range(1001)]}).encode()
+    reply = call(app, "POST", "/v8/artifacts?team=t", too_many)
+    assert reply.status == 400 and "at most 1000 hashes" in reply.json()["error"]["message"]
+    huge = b"[" + b"0," * (1 << 20) + b"0]"
+    assert call(app, "POST", "/v8/artifacts/events", huge).status == 413
+    assert call(app, "POST", "/v8/artifacts?team=t", huge).status == 413
+    nested = b'{"hashes": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"  # under the 1 MiB bound
+    assert call(app, "POST", "/v8/artifacts?team=t", nested).status == 400
+    assert call(app, "POST", "/v8/artifacts?team=t", b'{"hashes": ' + b"[" * 100_000).status == 400
+    fields = "&".join(f"x{i}=1" for i in range(17))
+    assert call(app, "GET", f"/v8/artifacts/abcd?{fields}").status == 400
+    assert call(app, "POST", "/v8/artifacts?team=t", json.dumps({"hashes": ["abcd"] * 1000}).encode()).status == 200
+    for duration in ("١٢", "+5", "5 5", "9" * 16):
+        reply = call(app, "PUT", "/v8/artifacts/abcd?team=t", b"x", headers={"x-artifact-duration": duration})
+        assert reply.status == 400 and reply.json()["error"]["code"] == "bad_request", duration

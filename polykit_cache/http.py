@@ -1,0 +1,69 @@
+"""HTTP pieces shared by the application and every protocol module: the error type, the response,
+JSON bodies and reason phrases.
+
+This module imports nothing of the application, so protocol modules and the app both import it
+without a cycle.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Iterable
+
+# Bodies are sent in chunks of this size (from disk by waitress's I/O thread).
+SEND_CHUNK = 256 * 1024
+
+
+def reason(status: int) -> str:
+    """The reason phrase of a status code (RFC 9110 15), from the standard library's table."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+class HTTPError(Exception):
+    """An answer other than success; the application renders it in the route's error shape.
+
+    ``reject`` names the refusal in ``polykit_cache_uploads_rejected_total`` (None: not counted)
+    and ``received`` the body bytes read before it; :mod:`outcomes` sets both.
+    """
+
+    def __init__(self, status: int, error: str, message: str, headers: Iterable[tuple[str, str]] = (),
+                 *, reject: str | None = None, received: int = 0, **extra: object) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.headers = list(headers)
+        self.reject = reject
+        self.received = received
+        self.extra = extra
+
+
+class Response:
+    """Status, headers and a body iterable; ``length`` is what the access log records."""
+
+    __slots__ = ("status", "headers", "body", "length")
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: Iterable[bytes], length: int) -> None:
+        self.status, self.headers, self.body, self.length = status, headers, body, length
+
+
+def json_response(status: int, payload: dict, headers: Iterable[tuple[str, str]] = ()) -> Response:
+    """A JSON answer with its length."""
+    data = json.dumps(payload).encode() + b"\n"
+    head = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    return Response(status, head + list(headers), [data], len(data))
+
+
+def error_body(error: str, message: str, **extra: object) -> dict:
+    """The JSON object of every error answer of the polykit protocol."""
+    return {"error": error, "message": message, **extra}
+
+
+def render_json_error(exc: HTTPError) -> Response:
+    """The spec's error shape: ``{"error": word, "message": sentence}``."""
+    return json_response(exc.status, error_body(exc.error, exc.message, **exc.extra), exc.headers)
+
