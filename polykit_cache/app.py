@@ -67,6 +67,8 @@ def error_body(status: int, error: str, message: str, **extra: object) -> dict:
 
 
 Handler = Callable[[dict, dict], Response]
+# The environ key under which the server hands dispatch() an answer decided before the body.
+REFUSED = "polykit.refused"
 _KEY_PATH = r"/v1/artifacts/(?P<key>[^/]*)"
 
 
@@ -139,24 +141,59 @@ class CacheApp:
 
     def dispatch(self, environ: dict, method: str) -> Response:
         path = environ.get("PATH_INFO", "")
+        # An answer the server decided before reading the body (see admit()) is rendered here, in
+        # the shape of the route's protocol, so that metrics and the access log see it too.
+        refused = environ.get(REFUSED)
         for pattern, handlers, public, render, protocol in self.routes:
             match = pattern.fullmatch(path)
             if match is None:
                 continue
             environ["polykit.protocol"] = protocol
             try:
+                if refused is not None:
+                    raise refused
                 if not public:
                     self._authorize(environ, write=method == "PUT")  # PUT is every protocol's only write
-                handler = handlers.get(method)
-                if handler is None:
-                    allowed = ", ".join(sorted(handlers))
-                    raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here; use {allowed}.", [("Allow", allowed)])
-                return handler(environ, match.groupdict())
+                return self._handler(handlers, method)(environ, match.groupdict())
             except HTTPError as exc:
                 if render is not None:  # a protocol whose clients expect errors in their own shape
                     return render(exc)
                 raise
+        if refused is not None:
+            raise refused
         raise HTTPError(404, "not_found", f"No such endpoint: {path}")
+
+    def admit(self, environ: dict) -> HTTPError | None:
+        """The refusal of a request decided from its method, path and headers alone, or None.
+
+        The server asks this as soon as a request's head has arrived, before it reads the body:
+        a request to no endpoint, without valid credentials or over the size limit is answered
+        at once (never with ``100 Continue`` first, RFC 9110 section 10.1.1) and its body never
+        reaches the spool. The answer itself is rendered by dispatch() under ``REFUSED``.
+        """
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        path = environ.get("PATH_INFO", "")
+        for pattern, handlers, public, _render, _protocol in self.routes:
+            if pattern.fullmatch(path) is None:
+                continue
+            try:
+                if not public:
+                    self._authorize(environ, write=method == "PUT")
+                self._handler(handlers, method)
+                if method == "PUT" and environ.get("CONTENT_LENGTH"):
+                    self.content_length(environ)  # 413 over the limit, 507 over the whole storage
+            except HTTPError as exc:
+                return exc
+            return None
+        return HTTPError(404, "not_found", f"No such endpoint: {path}")
+
+    @staticmethod
+    def _handler(handlers: dict, method: str) -> Handler:
+        handler = handlers.get(method)
+        if handler is None:
+            allowed = ", ".join(sorted(handlers))
+            raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here; use {allowed}.", [("Allow", allowed)])
+        return handler
 
     def _authorize(self, environ: dict, write: bool) -> None:
         header = environ.get("HTTP_AUTHORIZATION")
