@@ -30,7 +30,8 @@ REASONS = {
     200: "OK", 201: "Created", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
     403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
     411: "Length Required", 413: "Content Too Large", 422: "Unprocessable Content",
-    500: "Internal Server Error", 507: "Insufficient Storage",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+    507: "Insufficient Storage",
 }
 
 
@@ -326,7 +327,7 @@ class CacheApp:
         limit = self.config.max_artifact_size
         if length > limit:
             self.metrics.reject("too_large")
-            raise HTTPError(413, "too_large", f"The artifact is {length} bytes; the limit is {limit}.", limit=limit)
+            raise HTTPError(413, "too_large", f"The artifact is {length} bytes, over the artifact size limit of {limit} bytes.", limit=limit)
         if self.storage.max_storage is not None and length > self.storage.max_storage:
             self.metrics.reject("storage_full")
             raise HTTPError(507, "storage_full", f"The artifact is {length} bytes, more than the whole cache may hold.")

@@ -128,15 +128,17 @@ class HeadParser(HTTPRequestParser):
         return max(self.content_length - self.body_bytes_received, 0)
 
     def _name_first_line(self) -> None:
-        """Method and path of a head waitress refused, for the access log, where they can be read."""
+        """Method, path and version of a head waitress refused, for the answer and the log, where readable."""
         line = bytes(self.header_plus).split(b"\r\n", 1)[0]
         try:
-            method, uri, _ = crack_first_line(line)
+            method, uri, version = crack_first_line(line)
         except ParsingError:
             return
         if method and uri.startswith(b"/"):
             self.command = method.decode("latin-1")
             self.path = uri.split(b"?", 1)[0].decode("latin-1")
+        if version in (b"1.0", b"1.1"):
+            self.version = version.decode()
 
     def _answer_early(self, error: Exception, data: bytes, consumed: int, body_left: int | None) -> int:
         """Stop reading this request: answer ``error`` now and drop the body instead of spooling it."""

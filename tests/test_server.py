@@ -45,7 +45,7 @@ def test_over_limit_is_a_json_413_from_the_headers_alone(tmp_path):
         conn.close()
         assert resp.status == 413
         assert resp.getheader("Content-Type") == "application/json"
-        assert body["error"] == "too_large" and body["limit"] == 1000 and "the limit is 1000" in body["message"]
+        assert body["error"] == "too_large" and body["limit"] == 1000 and "1000 bytes" in body["message"]
         # A body of exactly the limit passes waitress's check (it refuses at >= its setting).
         status, _, body = request(port, "PUT", ART, b"x" * 1000)
         assert status == 422  # reached the application, which verified it
