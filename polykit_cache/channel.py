@@ -96,8 +96,8 @@ class HeadParser(HTTPRequestParser):
             # waitress's errors in the body (bad chunking, over the limit) close the connection:
             # the rest of this read is never parsed as another request.
             return len(data) if self.error is not None else consumed
-        if not self.completed and not self.headers_finished:
-            return consumed
+        if not self.completed and not self.headers_finished or self.empty:
+            return consumed  # the head goes on, or it was only blank lines (nothing to answer)
         if self.headers_finished and (self.error is None or isinstance(self.error, RequestEntityTooLarge)):
             refusal = self.channel.admit_head(self)
             if refusal is not None:
@@ -200,7 +200,11 @@ class Channel(HTTPChannel):
         admit = self.server.admit
         if admit is None:
             return None
-        return admit(WSGITask(self, request).get_environment())
+        try:
+            return admit(WSGITask(self, request).get_environment())
+        except Exception:  # a fault here must not take down the I/O thread, which serves everyone
+            log.exception("judging the head of %s %s failed", request.command, request.path)
+            return HTTPError(500, "internal_error", "The server failed to answer; see its log.")
 
     def start_lingering(self, left: int) -> None:
         self.linger_left = left

@@ -86,8 +86,10 @@ class Server:
         except (SystemExit, KeyboardInterrupt):
             pass
         finally:
+            # Workers first (up to 5 s for running requests): they wake the I/O loop through the
+            # listeners' triggers, which close() closes.
+            self._dispatcher.shutdown()
             self.close()
-            self._dispatcher.shutdown()  # waits up to 5 s for running requests
         log.info("stopped")
 
     def close(self) -> None:
