@@ -271,6 +271,8 @@ class Listener(TcpWSGIServer):
         candidates = [c for fd, c in self.active_channels.items() if fd not in newcomers and c.idle()]
         if not candidates:  # every connection is busy: the newcomer waits for none of them
             candidates = [self.active_channels[fd] for fd in newcomers]
+        if not candidates:
+            return
         # Half-sent heads and idle keep-alive connections go first, uploads in progress last.
         victim = min(candidates, key=lambda c: (c.request is not None and c.request.headers_finished, c.last_activity))
         log.info("connection limit %d reached: closing the connection from %s idle longest",

@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 import socket
 import tempfile
+import threading
 
 from polykit_cache import channel
-from support import KEY, ServerProcess, pack_tree, request, thread_server
+from polykit_cache.app import HTTPError
+from polykit_cache.config import Config
+from polykit_cache.server import Server
+from support import KEY, ServerProcess, new_app, pack_tree, request, thread_server
 
 TOKEN = "writer-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -150,6 +154,31 @@ def test_a_full_spool_disk_is_a_json_507(tmp_path, small_tmpfs, monkeypatch):
         assert request(port, "GET", "/healthz")[0] == 200
         assert app.metrics.requests[("polykit", "PUT", 507)] == 1
     assert not any(small_tmpfs.iterdir())
+
+
+def test_the_server_asks_the_admit_callable_it_is_given(tmp_path):
+    """The seam between the connection layer and the application: one callable judging heads."""
+    seen = []
+
+    def admit(environ: dict) -> HTTPError | None:
+        seen.append((environ["REQUEST_METHOD"], environ["PATH_INFO"], environ.get("HTTP_X_TEAM")))
+        if environ.get("HTTP_X_TEAM") != "blue":
+            return HTTPError(403, "forbidden", "Only the blue team may use this cache.")
+        return None
+
+    app = new_app(tmp_path / "store")
+    server = Server(app, Config(storage_dir=tmp_path / "store", port=0), admit=admit)
+    thread = threading.Thread(target=server.run, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+    try:
+        status, _, body = request(server.port, "PUT", "/kv/gradle/a", b"x" * 10, {"X-Team": "red"})
+        assert status == 403 and json.loads(body)["error"] == "forbidden"
+        assert request(server.port, "PUT", "/kv/gradle/a", b"x" * 10, {"X-Team": "blue"})[0] == 201
+    finally:
+        server.close()
+        thread.join(10)
+    assert seen == [("PUT", "/kv/gradle/a", "red"), ("PUT", "/kv/gradle/a", "blue")]
+    assert app.metrics.requests[("kv", "PUT", 403)] == 1
 
 
 # --- connections ---------------------------------------------------------------------------------
