@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 from wsgiref.util import FileWrapper
 
 from polykit_client.artifact import ArtifactError, Limits, is_cache_key
@@ -30,7 +30,11 @@ from .verification import IncompleteBody, receive
 log = logging.getLogger("polykit_cache.app")
 access_log = logging.getLogger("polykit_cache.access")
 
-__all__ = ["CacheApp", "HTTPError", "Response", "SEND_CHUNK", "json_response", "make_app"]
+__all__ = ["CacheApp", "HTTPError", "REFUSED", "Response", "SEND_CHUNK", "json_response", "make_app"]
+
+# The environ key under which the server layer hands the application an answer it decided before
+# reading the body (an admit() refusal, or an error waitress found itself): an HTTPError.
+REFUSED = "polykit.refused"
 
 # Bounds on what the request line may make the server parse. Real clients' paths are well under
 # 300 characters (a Bazel instance, a 64-character hash); turbo passes one team parameter.
@@ -39,13 +43,6 @@ MAX_QUERY = 4096
 # A body sent with a read (turbo's batch query) is held in memory: this is its bound unless the
 # route declares another; writes are bounded by --max-artifact-size.
 READ_BODY_LIMIT = 64 * 1024
-
-
-def _header_lookup(headers: Mapping[str, str]) -> Callable[[str], str | None]:
-    """Header values by name, spelled as on the wire (``Content-Length``) or as waitress keeps
-    them (``CONTENT_LENGTH``); never with a CGI ``HTTP_`` prefix, which a client could forge."""
-    table = {name.upper().replace("-", "_"): value for name, value in headers.items()}
-    return lambda name: table.get(name.upper().replace("-", "_"))
 
 
 def _environ_lookup(environ: dict) -> Callable[[str], str | None]:
@@ -83,31 +80,25 @@ class CacheApp:
 
     # --- admission ---------------------------------------------------------------------------
 
-    def admit(self, method: str, path: str, headers: Mapping[str, str], query: str = "") -> Response | None:
+    def admit(self, environ: dict) -> HTTPError | None:
         """Whether a request is refused from its method, path, query string and headers alone.
 
-        ``path`` is the decoded path (``PATH_INFO``); header names may be spelled as on the
-        wire (``Content-Length``) or as waitress keeps them (``CONTENT_LENGTH``). None lets the
-        request through; otherwise the refusal, in the route's error shape: an unknown route
-        (404), a method it does not serve (405), a path or query over its bound (414), missing
-        or invalid credentials (401), a read token writing (403), or a body refused by its
-        Content-Length (400, 411, 413, 507). Nothing is counted or logged here: the server layer
-        calls this before it reads a body, and then answers by calling the application, which
-        admits the request the same way and records the answer.
+        ``environ`` is the request's WSGI environ without its body. None lets the request
+        through; otherwise the refusal: an unknown route (404), a method it does not serve (405),
+        a path or query over its bound (414), missing or invalid credentials (401), a read token
+        writing (403), or a body refused by its Content-Length (400, 411, 413, 507). Nothing is
+        counted or logged here: the server layer calls this as soon as a request's head has
+        arrived, before it reads the body or sends ``100 Continue`` (RFC 9110 section 10.1.1),
+        and then calls the application with the refusal under ``REFUSED`` and an empty body, so
+        the answer takes the route's error shape and is counted and logged like any other.
         """
-        route = None
         try:
-            route, _ = self._route(path)
-            self._admission(route, method.upper(), query, _header_lookup(headers))
+            route, _ = self._route(environ.get("PATH_INFO", ""))
+            self._admission(route, environ.get("REQUEST_METHOD", "GET").upper(), environ.get("QUERY_STRING", ""),
+                            _environ_lookup(environ))
         except HTTPError as exc:
-            return (route.render if route else render_json_error)(exc)
+            return exc
         return None
-
-    def render(self, path: str, exc: HTTPError) -> Response:
-        """An error in the shape of the route owning ``path`` (the spec's JSON for unknown paths),
-        for answers the server layer gives itself (an over-limit body it stopped reading)."""
-        route = self.router.owner(path) if len(path) <= MAX_PATH else None
-        return (route.render if route else render_json_error)(exc)
 
     def _route(self, path: str) -> tuple[Route, dict]:
         """The route of a path within the bounds of the request line, or 414/404."""
@@ -155,7 +146,7 @@ class CacheApp:
             raise refuse("no_length", "An upload needs a Content-Length header.")
         limit = self.config.max_artifact_size
         if length > limit:
-            raise refuse("too_large", f"The upload is {length} bytes; the limit is {limit}.", limit=limit)
+            raise refuse("too_large", f"The upload is {length} bytes, over the artifact size limit of {limit} bytes.", limit=limit)
         if self.storage.max_storage is not None and self.storage.cost_of(length) > self.storage.max_storage:
             raise refuse("storage_full", f"The upload is {length} bytes, more than the whole cache may hold.")
         return length
@@ -172,6 +163,10 @@ class CacheApp:
         path = environ.get("PATH_INFO", "")
         route: Route | None = None
         try:
+            refused = environ.get(REFUSED)
+            if refused is not None:  # decided by the server layer before the body (see admit())
+                route = self.router.owner(path) if len(path) <= MAX_PATH else None
+                raise refused
             route, params = self._route(path)
             environ["polykit.protocol"] = route.protocol
             self._admission(route, method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))

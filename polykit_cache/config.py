@@ -89,6 +89,11 @@ class Config:
     max_storage: int | None = None
     # Worker threads that run requests; waitress's own I/O thread moves the bytes.
     threads: int = 4
+    # Open client connections; at the limit the one idle longest is closed to make room, so idle
+    # or half-sent connections never lock other clients out. Each may hold a spool file too.
+    max_connections: int = 200
+    # Seconds a connection may sit with no request in progress and no traffic before it is closed.
+    idle_timeout: int = 60
     log_level: str = "INFO"
     # "role token" lines (roles read and read-write); without tokens the server is open.
     token_file: Path | None = None
@@ -148,6 +153,10 @@ OPTIONS: tuple[Option, ...] = (
         metavar="SIZE",
     ),
     Option("threads", parse_positive, "worker threads (default: 4)", metavar="N"),
+    Option("max_connections", parse_positive,
+           "open client connections; at the limit the one idle longest is closed (default: 200)", metavar="N"),
+    Option("idle_timeout", parse_positive, "seconds before an idle connection is closed (default: 60)",
+           metavar="SECONDS"),
     Option("log_level", parse_log_level, "debug, info, warning or error (default: info)", metavar="LEVEL"),
     Option(
         "token_file",

@@ -1,50 +1,24 @@
-"""Serving the application with waitress: tuning for large bodies, JSON errors, clean shutdown.
+"""Serving the application with waitress: tuning, bounded connections, clean shutdown.
 
-waitress answers some requests itself before the application sees them (an over-limit
-Content-Length, a malformed request line); its plain-text error pages are replaced here so that
-every error a client gets has the spec's JSON body.
+The connection layer (refusals before the body, waitress's own errors in the JSON shape, the
+connection limit) lives in :mod:`.channel`; this module sets waitress up and runs it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
 from typing import Callable
 
-from waitress.channel import HTTPChannel
-from waitress.server import create_server
-from waitress.task import ErrorTask
+from waitress import wasyncore
+from waitress.adjustments import Adjustments
+from waitress.task import ThreadedTaskDispatcher
 
+from .channel import Admit, Listener
 from .config import Config
 
 log = logging.getLogger("polykit_cache.server")
-
-_WORDS = {400: "bad_request", 413: "too_large", 431: "headers_too_large", 501: "not_implemented", 500: "internal_error"}
-
-
-class JsonErrorTask(ErrorTask):
-    """waitress's own error answers, with a JSON body instead of plain text."""
-
-    def execute(self) -> None:
-        err = self.request.error
-        payload = {"error": _WORDS.get(err.code, "bad_request"), "message": f"{err.reason}: {err.body}"}
-        if err.code == 413:
-            # waitress refuses at >= its setting, which is one above the artifact limit.
-            limit = self.channel.server.adj.max_request_body_size - 1
-            payload["message"] = f"The request body is over the artifact size limit of {limit} bytes."
-            payload["limit"] = limit
-        body = json.dumps(payload).encode() + b"\n"
-        self.status = f"{err.code} {err.reason}"
-        self.response_headers.append(("Content-Type", "application/json"))
-        self.set_close_on_finish()
-        self.content_length = len(body)
-        self.write(body)
-
-
-class JsonErrorChannel(HTTPChannel):
-    error_task_class = JsonErrorTask
 
 
 def waitress_settings(config: Config) -> dict:
@@ -59,6 +33,14 @@ def waitress_settings(config: Config) -> dict:
         "recv_bytes": 256 * 1024,
         "asyncore_use_poll": True,
         "ident": "polykit-cache",
+        # Open connections; at the limit the one idle longest is closed to make room (channel.py).
+        "connection_limit": config.max_connections,
+        # A connection with no request in progress and nothing sent or received for this long is
+        # closed, checked every few seconds.
+        "channel_timeout": config.idle_timeout,
+        "cleanup_interval": max(1, min(5, config.idle_timeout)),
+        # A request head (request line and headers) larger than this is a 431.
+        "max_request_header_size": 64 * 1024,
         # Forwarding headers from anyone but the trusted proxy are dropped, never believed.
         "clear_untrusted_proxy_headers": True,
         **({"trusted_proxy": config.trusted_proxy, "trusted_proxy_headers": set(config.trusted_proxy_headers)}
@@ -69,21 +51,28 @@ def waitress_settings(config: Config) -> dict:
 class Server:
     """A started waitress server; ``run()`` blocks until ``close()`` or SIGTERM/SIGINT."""
 
-    def __init__(self, app: Callable, config: Config) -> None:
-        socket_map: dict = {}
-        self._server = create_server(app, map=socket_map, **waitress_settings(config))
-        for candidate in [self._server, *socket_map.values()]:
-            if hasattr(candidate, "channel_class"):
-                candidate.channel_class = JsonErrorChannel
+    def __init__(self, app: Callable, config: Config, admit: Admit | None = None) -> None:
+        """``admit`` judges each request on its head alone (see :meth:`CacheApp.admit`); the app's own by default."""
+        if admit is None:
+            admit = getattr(app, "admit", None)
+        self._adj = Adjustments(**waitress_settings(config))
+        self._map: dict = {}
+        self._dispatcher = ThreadedTaskDispatcher()
+        self._dispatcher.set_thread_count(self._adj.threads)
+        # One listener per address the bind name resolves to (as waitress's create_server does).
+        self._listeners = [
+            Listener(app, admit, map=self._map, dispatcher=self._dispatcher, adj=self._adj, sockinfo=sockinfo)
+            for sockinfo in self._adj.listen
+        ]
         self._closed = threading.Event()
 
     @property
     def port(self) -> int:
-        return int(self._server.effective_port)
+        return int(self._listeners[0].effective_port)
 
     @property
     def host(self) -> str:
-        return self._server.effective_host
+        return self._listeners[0].effective_host
 
     def run(self, install_signals: bool = True, on_hangup: Callable[[], None] | None = None) -> None:
         if install_signals:
@@ -93,17 +82,21 @@ class Server:
             if on_hangup is not None:
                 signal.signal(signal.SIGHUP, lambda signum, frame: on_hangup())
         try:
-            self._server.run()  # returns (after closing) on SystemExit or KeyboardInterrupt
+            wasyncore.loop(timeout=self._adj.asyncore_loop_timeout, map=self._map, use_poll=self._adj.asyncore_use_poll)
         except (SystemExit, KeyboardInterrupt):
             pass
         finally:
+            # Workers first (up to 5 s for running requests): they wake the I/O loop through the
+            # listeners' triggers, which close() closes.
+            self._dispatcher.shutdown()
             self.close()
         log.info("stopped")
 
     def close(self) -> None:
         if not self._closed.is_set():
             self._closed.set()
-            self._server.close()
+            for listener in self._listeners:
+                listener.close()
 
 
 def _raise_exit(signum: int, frame: object) -> None:

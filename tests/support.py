@@ -162,9 +162,9 @@ class ExplodingInput:
         raise AssertionError("the body was read")
 
 
-def call(app, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-         body_stream=None) -> Reply:
-    """One request through the WSGI app, checked by wsgiref's validator; no socket."""
+def make_environ(method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                 body_stream=None) -> dict:
+    """The WSGI environ of one request (``path`` may carry a query string)."""
     path, _, query = path.partition("?")
     environ: dict = {"REQUEST_METHOD": method, "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": query}
     setup_testing_defaults(environ)
@@ -176,6 +176,16 @@ def call(app, method: str, path: str, body: bytes | None = None, headers: dict |
             environ["CONTENT_LENGTH"] = value
         else:
             environ["HTTP_" + name.upper().replace("-", "_")] = value
+    return environ
+
+
+def call(app, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+         body_stream=None, extra: dict | None = None) -> Reply:
+    """One request through the WSGI app, checked by wsgiref's validator; no socket.
+
+    ``extra`` is added to the environ (e.g. a refusal the server layer decided before the body)."""
+    environ = make_environ(method, path, body, headers, body_stream)
+    environ.update(extra or {})
     captured: dict = {}
 
     def start_response(status, response_headers, exc_info=None):

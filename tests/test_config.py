@@ -91,3 +91,15 @@ def test_switches_and_lists_from_flags_and_environment():
         cli.main(["serve", "--trusted-proxy-headers", "x-real-ip"])
     with pytest.raises(SystemExit):
         cli.main(["serve", "--access-log-format", "xml"])
+
+
+def test_connection_bounds_reach_waitress():
+    from polykit_cache.server import waitress_settings
+
+    defaults = waitress_settings(parse([], {}))
+    assert (defaults["connection_limit"], defaults["channel_timeout"]) == (200, 60)
+    cfg = parse(["--max-connections", "50"], {"POLYKIT_CACHE_IDLE_TIMEOUT": "3"})
+    settings = waitress_settings(cfg)
+    assert (settings["connection_limit"], settings["channel_timeout"], settings["cleanup_interval"]) == (50, 3, 3)
+    with pytest.raises(ValueError):
+        parse(["--max-connections", "0"], {})

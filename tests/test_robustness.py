@@ -459,23 +459,6 @@ def read_until_closed(sock: socket.socket, limit: int = 4 * MIB) -> bytes:
 # --- 4. full disk -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 1 MiB tmpfs (root only; skipped where mounting is not permitted); always unmounted."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                            capture_output=True, text=True, timeout=30)
-    if result.returncode:
-        pytest.skip(f"tmpfs mount not permitted here: {result.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
-
-
 def test_a_full_disk_under_load_is_507_and_reads_go_on(tmp_path, small_tmpfs):
     """Three uploaders fill a 1 MiB tmpfs while a reader downloads what is stored: uploads end in
     507 (never 5xx otherwise), every stored artifact still downloads whole, nothing partial is

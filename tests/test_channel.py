@@ -1,0 +1,267 @@
+"""The connection layer on a real waitress server on 127.0.0.1: refusals before the body, bounded
+connections, a full spool disk, and waitress's own answers seen by metrics and the access log.
+
+Every socket has a timeout, every loop a bound; nothing asserts on durations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import threading
+
+from polykit_cache import channel
+from polykit_cache.app import HTTPError
+from polykit_cache.config import Config
+from polykit_cache.server import Server
+from support import KEY, ServerProcess, new_app, pack_tree, request, thread_server
+
+TOKEN = "writer-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ART = f"/v1/artifacts/{KEY}"
+MIB = 1 << 20
+
+
+def token_settings(tmp_path) -> dict:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"read-write {TOKEN}\n")
+    return {"token_file": tokens}
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def read_answer(sock: socket.socket) -> tuple[bytes, dict, bytes]:
+    """One HTTP answer from a raw socket: (status line, headers in lower case, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before an answer: {data!r}"
+        data += chunk
+        assert len(data) < MIB
+    head, _, body = data.partition(b"\r\n\r\n")
+    first, *lines = head.split(b"\r\n")
+    headers = {k.strip().lower().decode(): v.strip().decode() for k, _, v in (line.partition(b":") for line in lines)}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed in the middle of an answer"
+        body += chunk
+    return first, headers, body
+
+
+def wait_closed(sock: socket.socket) -> bool:
+    """True once the server closed the connection (reads until EOF; bounded by the timeout)."""
+    try:
+        for _ in range(10_000):
+            if not sock.recv(65536):
+                return True
+    except ConnectionResetError:
+        return True
+    return False
+
+
+def put_head(path: str, length: int, headers: dict | None = None, expect: bool = False) -> bytes:
+    lines = [f"PUT {path} HTTP/1.1", "Host: cache", f"Content-Length: {length}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if expect:
+        lines.append("Expect: 100-continue")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+# --- refusals decided by the head ---------------------------------------------------------------
+
+
+def test_expect_continue_gets_the_refusal_not_an_invitation(tmp_path):
+    with thread_server(tmp_path / "store", max_artifact_size=MIB, **token_settings(tmp_path)) as (port, _):
+        cases = [
+            (put_head(ART, 50 * MIB, AUTH, expect=True), b"413", "too_large"),
+            (put_head(ART, 1000, expect=True), b"401", "unauthorized"),
+            (put_head("/nowhere/at/all", 1000, AUTH, expect=True), b"404", "not_found"),
+        ]
+        for head, status, word in cases:
+            with connect(port) as sock:
+                sock.sendall(head)
+                first, headers, body = read_answer(sock)
+                assert first.startswith(b"HTTP/1.1 " + status), first
+                assert json.loads(body)["error"] == word
+                assert headers["connection"] == "close"
+        # Within the limit and with a token, the body is invited as before.
+        with connect(port) as sock:
+            sock.sendall(put_head(ART, 1000, AUTH, expect=True))
+            assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
+
+
+def test_a_refusal_comes_in_the_protocol_error_shape(tmp_path):
+    with thread_server(tmp_path / "store", **token_settings(tmp_path)) as (port, _):
+        with connect(port) as sock:
+            sock.sendall(put_head("/v8/artifacts/abc123", 1000, expect=True))
+            first, _, body = read_answer(sock)
+        assert first.startswith(b"HTTP/1.1 401")
+        assert json.loads(body)["error"]["code"] == "unauthorized"  # turbo's {"error": {"code", "message"}}
+        with connect(port) as sock:
+            sock.sendall(put_head("/v1/cache/abc123", 1000, expect=True))
+            first, headers, body = read_answer(sock)
+        assert first.startswith(b"HTTP/1.1 401") and headers["content-type"].startswith("text/plain")  # Nx
+
+
+def test_unauthenticated_bodies_never_reach_the_spool(tmp_path, monkeypatch):
+    """With the spool folder missing, any body that waitress spooled would fail there (a 500, as
+    the control upload shows); a refused body is never spooled, so its answer stays a 401."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-spool"))
+    body = b"\0" * (3 * MIB)  # well over waitress's 512 KiB kept in memory
+    with thread_server(tmp_path / "store", **token_settings(tmp_path)) as (port, app):
+        status, _, answer = request(port, "PUT", ART, body)  # http.client sends it all, then reads
+        assert status == 401 and json.loads(answer)["error"] == "unauthorized"
+        status, _, answer = request(port, "PUT", "/kv/gradle/entry", body, {"Authorization": "Bearer wrong-token-1"})
+        assert status == 401
+        status, _, answer = request(port, "POST", "/no/route", body, AUTH)
+        assert status == 404
+        status, _, answer = request(port, "PUT", ART, body, AUTH)  # control: this one is spooled
+        assert status == 500 and json.loads(answer)["error"] == "internal_error"
+        assert app.storage.lookup(KEY) is None
+
+
+def test_the_refused_body_is_dropped_then_the_connection_closes(tmp_path):
+    with thread_server(tmp_path / "store", **token_settings(tmp_path)) as (port, _):
+        with connect(port) as sock:
+            sock.sendall(put_head(ART, 4 * MIB))
+            first, _, _ = read_answer(sock)  # answered before any of the body
+            assert first.startswith(b"HTTP/1.1 401")
+            sock.sendall(b"\0" * (4 * MIB))  # read and dropped, no reset while it is sent
+            assert wait_closed(sock)
+        assert request(port, "GET", "/healthz")[0] == 200
+
+
+def test_a_refusal_without_a_body_keeps_the_connection(tmp_path):
+    with thread_server(tmp_path / "store", **token_settings(tmp_path)) as (port, _):
+        with connect(port) as sock:
+            sock.sendall(f"GET {ART} HTTP/1.1\r\nHost: cache\r\n\r\n".encode())
+            first, headers, _ = read_answer(sock)
+            assert first.startswith(b"HTTP/1.1 401") and headers.get("connection") != "close"
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: cache\r\n\r\n")
+            first, _, body = read_answer(sock)
+            assert first.startswith(b"HTTP/1.1 200") and json.loads(body) == {"status": "ok"}
+
+
+def test_a_full_spool_disk_is_a_json_507(tmp_path, small_tmpfs, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(small_tmpfs))
+    with thread_server(tmp_path / "store") as (port, app):
+        status, _, body = request(port, "PUT", ART, b"\0" * (3 * MIB))
+        assert status == 507 and json.loads(body)["error"] == "storage_full"
+        assert request(port, "GET", "/healthz")[0] == 200
+        assert app.metrics.requests[("polykit", "PUT", 507)] == 1
+        fs = os.statvfs(small_tmpfs)
+        assert fs.f_bfree == fs.f_blocks  # the spool file was closed (and so freed) before the answer
+
+
+def test_the_server_asks_the_admit_callable_it_is_given(tmp_path):
+    """The seam between the connection layer and the application: one callable judging heads."""
+    seen = []
+
+    def admit(environ: dict) -> HTTPError | None:
+        seen.append((environ["REQUEST_METHOD"], environ["PATH_INFO"], environ.get("HTTP_X_TEAM")))
+        if environ.get("HTTP_X_TEAM") != "blue":
+            return HTTPError(403, "forbidden", "Only the blue team may use this cache.")
+        return None
+
+    app = new_app(tmp_path / "store")
+    server = Server(app, Config(storage_dir=tmp_path / "store", port=0), admit=admit)
+    thread = threading.Thread(target=server.run, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+    try:
+        status, _, body = request(server.port, "PUT", "/kv/gradle/a", b"x" * 10, {"X-Team": "red"})
+        assert status == 403 and json.loads(body)["error"] == "forbidden"
+        assert request(server.port, "PUT", "/kv/gradle/a", b"x" * 10, {"X-Team": "blue"})[0] == 201
+    finally:
+        server.close()
+        thread.join(10)
+    assert seen == [("PUT", "/kv/gradle/a", "red"), ("PUT", "/kv/gradle/a", "blue")]
+    assert app.metrics.requests[("kv", "PUT", 403)] == 1
+
+
+# --- connections ---------------------------------------------------------------------------------
+
+
+def test_idle_and_half_sent_connections_do_not_lock_others_out(tmp_path):
+    with thread_server(tmp_path / "store", max_connections=10, **token_settings(tmp_path)) as (port, _):
+        blob = pack_tree(tmp_path, {"a.bin": b"x" * 300_000})
+        upload = connect(port)  # an upload in progress is kept over idle connections
+        upload.sendall(put_head(ART, len(blob), AUTH) + blob[:100_000])
+        idle = []
+        try:
+            for _ in range(30):
+                sock = connect(port)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+                idle.append(sock)
+            assert request(port, "GET", "/healthz", timeout=10)[0] == 200
+            upload.sendall(blob[100_000:])
+            first, _, body = read_answer(upload)
+            assert first.startswith(b"HTTP/1.1 201"), body
+            assert wait_closed(idle[0])  # the oldest half-sent ones made room
+        finally:
+            upload.close()
+            for sock in idle:
+                sock.close()
+
+
+def test_a_request_head_has_a_deadline(tmp_path, monkeypatch):
+    monkeypatch.setattr(channel, "HEAD_TIMEOUT", 0.5)
+    with thread_server(tmp_path / "store") as (port, _):
+        with connect(port) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+            assert wait_closed(sock)
+
+
+def test_an_idle_connection_is_closed_after_the_idle_timeout(tmp_path):
+    with thread_server(tmp_path / "store", idle_timeout=1) as (port, _):
+        with connect(port) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_answer(sock)[0].startswith(b"HTTP/1.1 200")
+            assert wait_closed(sock)
+
+
+# --- waitress's own answers ---------------------------------------------------------------------
+
+
+def test_waitress_errors_are_counted_and_in_the_protocol_shape(tmp_path):
+    with thread_server(tmp_path / "store", max_artifact_size=1000) as (port, app):
+        with connect(port) as sock:  # waitress's own 413 (admit does not size POSTs): turbo's shape
+            sock.sendall(b"POST /v8/artifacts HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+            first, _, body = read_answer(sock)
+        assert first.startswith(b"HTTP/1.1 413") and json.loads(body)["error"]["code"] == "too_large"
+        with connect(port) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (70 * 1024) + b"\r\n\r\n")
+            first, _, body = read_answer(sock)
+        # waitress reads no version from a head it gave up on, so the answer is HTTP/1.0.
+        assert first.startswith(b"HTTP/1.0 431 Request Header Fields Too Large")
+        assert json.loads(body)["error"] == "headers_too_large"
+        with connect(port) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nBad Header\r\n\r\n")
+            first, _, body = read_answer(sock)
+        assert first.startswith(b"HTTP/1.1 400") and json.loads(body)["error"] == "bad_request"
+        counted = {status for (_, _, status) in app.metrics.requests}
+        assert {413, 431, 400} <= counted, app.metrics.requests
+        assert app.metrics.requests[("turbo", "POST", 413)] == 1
+
+
+def test_the_access_log_sees_answers_waitress_gives(tmp_path):
+    server = ServerProcess(tmp_path / "store", tmp_path / "server.log", "--max-artifact-size", "1000")
+    try:
+        with connect(server.port) as sock:
+            sock.sendall(b"PUT /kv/gradle/x HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
+            assert read_answer(sock)[0].startswith(b"HTTP/1.1 400")
+        with connect(server.port) as sock:
+            sock.sendall(put_head("/kv/gradle/x", 5000))
+            assert read_answer(sock)[0].startswith(b"HTTP/1.1 413")
+        text_ok = request(server.port, "GET", "/healthz")[0] == 200
+    finally:
+        server.stop()
+    text = (tmp_path / "server.log").read_text()
+    assert text_ok
+    assert '"PUT /kv/gradle/x HTTP/1.1" 400' in text
+    assert '"PUT /kv/gradle/x HTTP/1.1" 413' in text
+    assert "uncaptured" not in text and "Traceback" not in text
