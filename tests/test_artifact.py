@@ -410,6 +410,9 @@ UNCHECKED = {
         zst(pax_header({"comment": b"x"}) + tar_member("polykit-artifact.json", b"{}") + TAR_END), "bad_header"),
     "a PAX global header": (_tar(pax_header({"path": b"x"}, kind=tarfile.XGLTYPE), A_JS, LOG, TAR_END), "bad_member_type"),
     "GNU sparse records in PAX": (_tar(pax_header({"GNU.sparse.size": b"99"}), A_JS, LOG, TAR_END), "bad_header"),
+    "a PAX size in superscript digits": (_tar(pax_header({"size": "\u00b2".encode()}), A_JS, LOG, TAR_END), "bad_header"),
+    "a PAX size in Arabic-Indic digits": (_tar(pax_header({"size": "\u0661".encode()}), A_JS, LOG, TAR_END), "bad_header"),
+    "a PAX size of 5,000 digits": (_tar(pax_header({"size": b"1" * 5000}), A_JS, LOG, TAR_END), "bad_header"),
     "a PAX header over the bound": (_tar(pax_header({"path": b"a" * 20_000}), A_JS, LOG, TAR_END), "header_too_large"),
     "a GNU long name": (
         _tar(header("././@LongLink", 13, kind=tarfile.GNUTYPE_LONGNAME) + padded(b"outputs/a.js\0"), A_JS, LOG, TAR_END),
