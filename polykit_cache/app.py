@@ -125,6 +125,10 @@ class CacheApp:
             if not (chunked and raw is None):  # a chunked body's length is known only once read
                 self._check_upload_length(raw)
         else:
+            # A read's body is held in memory, so it must declare its length: a chunked one
+            # would be spooled up to the artifact size limit before any handler could look.
+            if chunked:
+                raise refuse("no_length", f"A {method[:20]} here takes a body only with a Content-Length.", count=False)
             length = parse_length(raw) or 0
             limit = route.read_body_limit or READ_BODY_LIMIT
             if length > limit:

@@ -202,7 +202,12 @@ class Channel(HTTPChannel):
         if admit is None:
             return None
         try:
-            return admit(WSGITask(self, request).get_environment())
+            environ = WSGITask(self, request).get_environment()
+            if request.chunked:
+                # waitress drops Transfer-Encoding from the environ (it hands the application a
+                # body it has de-chunked and measured); at the head, it is all that says a body comes.
+                environ["HTTP_TRANSFER_ENCODING"] = "chunked"
+            return admit(environ)
         except Exception:  # a fault here must not take down the I/O thread, which serves everyone
             log.exception("judging the head of %s %s failed", request.command, request.path)
             return HTTPError(500, "internal_error", "The server failed to answer; see its log.")

@@ -265,3 +265,38 @@ def test_the_access_log_sees_answers_waitress_gives(tmp_path):
     assert '"PUT /kv/gradle/x HTTP/1.1" 400' in text
     assert '"PUT /kv/gradle/x HTTP/1.1" 413' in text
     assert "uncaptured" not in text and "Traceback" not in text
+
+
+def chunked(data: bytes, size: int = 64 * 1024) -> bytes:
+    """``data`` in the chunked transfer coding (RFC 9112 section 7.1)."""
+    parts = [b"%x\r\n%s\r\n" % (len(data[i:i + size]), data[i:i + size]) for i in range(0, len(data), size)]
+    return b"".join(parts) + b"0\r\n\r\n"
+
+
+def test_a_chunked_body_on_a_read_is_refused_before_it_is_spooled(tmp_path, monkeypatch):
+    """A read's body is bounded by its Content-Length; a chunked one declares none, so waitress
+    would spool it up to the artifact size limit, without a token on a public route."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-spool"))
+    body = chunked(b"\0" * (3 * MIB))
+    with thread_server(tmp_path / "store", **token_settings(tmp_path)) as (port, _):
+        for path, headers in (("/healthz", {}), ("/v1/stats", AUTH), ("/v8/artifacts?teamId=t", AUTH)):
+            method = "POST" if path.startswith("/v8") else "GET"
+            with connect(port) as sock:
+                head = [f"{method} {path} HTTP/1.1", "Host: cache", "Transfer-Encoding: chunked"]
+                head += [f"{k}: {v}" for k, v in headers.items()]
+                sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+                first, _, answer = read_answer(sock)  # answered before any of the body
+                assert first.startswith(b"HTTP/1.1 411"), (path, first, answer)
+                assert b"length_required" in answer
+        assert request(port, "GET", "/healthz")[0] == 200
+
+
+def test_a_chunked_upload_is_admitted_and_stored(tmp_path):
+    body = pack_tree(tmp_path / "tree", {"a.js": b"x" * 1000})
+    with thread_server(tmp_path / "store", **token_settings(tmp_path)) as (port, app):
+        with connect(port) as sock:
+            head = [f"PUT {ART} HTTP/1.1", "Host: cache", "Transfer-Encoding: chunked", f"Authorization: Bearer {TOKEN}"]
+            sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + chunked(body, 300))
+            first, _, answer = read_answer(sock)
+        assert first.startswith(b"HTTP/1.1 201"), answer
+        assert app.storage.lookup(KEY) is not None
