@@ -285,7 +285,11 @@ def verify_stream(
 # strings left out, before parsing: a hostile manifest costs neither memory nor recursion (the
 # parse of 8 MiB of JSON within these bounds peaks near 110 MiB at worst, measured).
 MAX_MANIFEST_DEPTH = 8
-_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+# A JSON string, or an unterminated one running to the end of the input (invalid JSON, which the
+# parser then refuses). Every match attempt at a quote succeeds, so the removal is one linear
+# pass: a pattern that can fail at a quote is retried from each later quote, quadratic in a
+# manifest of escaped quotes (hours of CPU for 8 MiB).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 

@@ -530,6 +530,27 @@ def test_a_manifest_is_bounded_in_bytes_objects_and_depth(case):
     assert err.value.reason == "bad_metadata"
 
 
+ESCAPED_QUOTES = [b'"' + b'\\"' * 1000, b'"' + b'\\"' * 1000 + b"\\", b'"' + b'a\\\n' * 1000, b'"' + b"x" * 1000]
+
+
+@pytest.mark.parametrize("text", ESCAPED_QUOTES, ids=["escaped quotes", "a final backslash", "escaped newlines", "unterminated"])
+def test_the_strings_of_a_manifest_are_skipped_in_one_pass(text):
+    # A string pattern that could fail at a quote is tried again from each later quote: quadratic
+    # (an 80 KB manifest of escaped quotes took half a minute, 8 MiB would take days). Every
+    # attempt must match, running to the end of the input when the string never closes.
+    from polykit_client.artifact import _JSON_STRING
+
+    assert _JSON_STRING.match(text).end() == len(text)
+
+
+def test_a_manifest_of_escaped_quotes_is_refused_as_invalid_json():
+    data = b'{"a": "' + b'\\"' * 200_000
+    blob = zst(tar_member("polykit-artifact.json", data) + TAR_END)
+    with pytest.raises(ArtifactError) as err:
+        artifact.verify_stream(io.BytesIO(blob))
+    assert err.value.reason == "bad_metadata" and "not valid JSON" in str(err.value)
+
+
 def test_brackets_inside_names_count_neither_as_nesting_nor_as_entries():
     files = {"pages/[slug]/{id}.js": b"1", "pages/[[[[[[[[[[...all]].js": b"2", "a\"[{[{": b"3"}
     files.update({f"p/[{i}]/[[x]].js": b"" for i in range(20)})
