@@ -2,7 +2,9 @@
 
 import io
 import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -376,6 +378,32 @@ def test_place_moves_files_then_links_and_never_through_a_link_in_the_destinatio
         artifact.place(staging2, other, meta)
     assert err.value.reason == "unsafe_path" and "through the symlink" in str(err.value)
     assert not any(outside.iterdir())
+
+
+def test_place_copies_when_the_staging_folder_is_on_another_filesystem(tmp_path):
+    # A cache_dir on another disk than the workspace: rename fails with EXDEV and place copies.
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a second filesystem (/dev/shm)")
+    src = tmp_path / "src"
+    make_tree(src)
+    other_fs = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        meta = artifact.extract(io.BytesIO(pack(src)), other_fs / "outputs", logs_dir=other_fs / "logs", expected_key=KEY)
+        dest = tmp_path / "pkg"
+        (dest / "dist" / "latest").mkdir(parents=True)  # a folder where the artifact has a link
+        (dest / "dist" / "app.js").write_text("stale\n")  # a file that is replaced
+        artifact.place(other_fs / "outputs", dest, meta)
+    finally:
+        shutil.rmtree(other_fs)
+    for rel in list(meta["files"]) + list(meta["symlinks"]):
+        built, placed = src / rel, dest / rel
+        if built.is_symlink():
+            assert os.readlink(placed) == os.readlink(built), rel
+        elif built.is_dir():
+            assert placed.is_dir() and not placed.is_symlink() and not any(placed.iterdir()), rel
+        else:
+            assert placed.read_bytes() == built.read_bytes(), rel
+            assert placed.stat().st_mode & 0o777 == artifact._file_mode(built.stat().st_mode), rel
 
 
 # --- every byte checked, memory bounded -------------------------------------------------------
