@@ -78,12 +78,23 @@ def check_relpath(path: object, what: str = "path") -> str:
         raise ArtifactError("unsafe_path", f"{what} must be a non-empty string")
     if len(path) > 4096 or "\x00" in path or "\\" in path:
         raise ArtifactError("unsafe_path", f"{what} {path!r} has a forbidden character or length")
+    _check_utf8(path, what)
     if path.startswith("/"):
         raise ArtifactError("unsafe_path", f"{what} {path!r} is absolute")
     for part in path.split("/"):
         if part in ("", ".", ".."):
             raise ArtifactError("unsafe_path", f"{what} {path!r} is not a normalised relative path")
     return path
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """Names travel as UTF-8 (the manifest, PAX records): a name the filesystem gave us as bytes
+    that are not UTF-8 (``os.listdir`` hands them over as surrogates) cannot be carried, and a
+    tar writer would fall back to PAX ``hdrcharset=BINARY``, which no verifier accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ArtifactError("unsafe_path", f"{what} {text!r} is not valid UTF-8") from None
 
 
 def check_symlink(path: str, target: object) -> str:
@@ -96,6 +107,7 @@ def check_symlink(path: str, target: object) -> str:
         raise ArtifactError("unsafe_link", f"symlink {path!r} has an invalid target")
     if target.startswith("/"):
         raise ArtifactError("unsafe_link", f"symlink {path!r} points to an absolute path")
+    _check_utf8(target, f"the target of symlink {path!r}")
     parts = target.split("/")
     climbs = 0
     while climbs < len(parts) and parts[climbs] == "..":

@@ -698,6 +698,25 @@ def test_pack_refuses_outputs_no_verifier_would_accept(tmp_path):
     assert err.value.reason == "too_many_members"
 
 
+@pytest.mark.parametrize("where", ["file name", "folder name", "link target"])
+def test_pack_refuses_names_that_are_not_utf8_before_writing(tmp_path, where):
+    # os.listdir gives such names as surrogates; tarfile would write them under PAX
+    # hdrcharset=BINARY, an artifact no verifier (server or client) accepts.
+    dist = os.fsencode(tmp_path / "dist")
+    os.makedirs(dist)
+    if where == "file name":
+        open(os.path.join(dist, b"caf\xe9.js"), "wb").close()
+    elif where == "folder name":
+        os.makedirs(os.path.join(dist, b"\xff", b"a"))
+    else:
+        os.symlink(b"caf\xe9.js", os.path.join(dist, b"link"))
+    out = io.BytesIO()
+    with pytest.raises(ArtifactError) as err:
+        artifact.pack(out, tmp_path, ["dist"], {}, cache_key=KEY)
+    assert err.value.reason in ("unsafe_path", "unsafe_link") and "not valid UTF-8" in str(err.value)
+    assert out.getvalue() == b""
+
+
 def test_the_header_layout_is_pinned_so_artifacts_verify_across_python_versions():
     # The verifier compares headers byte for byte with what the packer writes, and a client
     # on one Python uploads to a server on another: the bytes must not drift (3.11-3.13 agree).
