@@ -68,6 +68,7 @@ def test_an_output_folder_reached_through_a_symlink_is_cached_and_restored_with_
     ("mkdir -p dist && ln -sfn /etc dist/etc", "'dist/etc' is a symlink"),
     ("mkdir -p dist && ln -sfn .. dist/up", "'dist/up' is a symlink loop"),
     ("mkdir -p dist && rm -f dist/pipe && mkfifo dist/pipe", "'dist/pipe' is not a file"),
+    ("mkdir -p dist && touch \"dist/caf$(printf '\\351').js\"", "'dist/caf\\udce9.js' is not valid UTF-8"),
 ])
 def test_a_declared_output_that_cannot_be_cached_is_one_warning_and_nothing_is_cached(tmp_path, command, named):
     pk = checkout(tmp_path / "a", tmp_path, task(command + " && echo built > built.txt", ["dist/**", "built.txt"]))
