@@ -450,15 +450,13 @@ def extract(
 def place(staging: Path, dest: Path, meta: dict) -> None:
     """Move an extracted artifact's outputs from ``staging`` into ``dest``: files and folders, then links.
 
-    No component of either side is followed through a symlink (a folder of the package that is
-    a link, or one swapped for a link meanwhile, stops the restore with ``unsafe_path``).
+    No component of either side is followed through a symlink: a folder of the package that is
+    a link (one the build left, or one swapped in meanwhile) stops the restore with
+    :class:`nofollow.LinkInPath`, an ``OSError`` naming it. It is the package's state, not the
+    artifact's fault, so it is not an :class:`ArtifactError`: a sound cache entry is kept.
     """
-    paths = sorted(meta["files"]) + sorted(meta["symlinks"])
-    try:
-        for rel in paths:
-            nofollow.move(staging, dest, rel)
-    except LinkInPath as exc:
-        raise ArtifactError("unsafe_path", str(exc)) from None
+    for rel in sorted(meta["files"]) + sorted(meta["symlinks"]):
+        nofollow.move(staging, dest, rel)
 
 
 def read_metadata(raw: BinaryIO, limits: Limits = Limits()) -> dict:

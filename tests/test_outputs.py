@@ -103,6 +103,23 @@ def test_excluded_outputs_are_neither_packed_nor_restored(tmp_path):
     assert (a.workspace / "packages/site/.next/cache/b/state.bin").read_text() == "state\n"
 
 
+def test_an_output_folder_that_became_a_link_out_of_the_package_keeps_the_cache_entry(tmp_path):
+    # The restore stops at the link (it never writes through it); the package is at fault, not
+    # the artifact, so the local entry is kept and restores once the link is gone.
+    pk = checkout(tmp_path / "a", tmp_path, task("mkdir -p dist && echo page > dist/index.html", ["dist/**"]))
+    site = pk.workspace / "packages/site"
+    assert build(pk)[0] == "miss"
+    shutil.rmtree(site / "dist")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, site / "dist")
+    status, err = build(pk)
+    assert status == "miss" and "through the symlink or file 'dist'" in err and "damaged" not in err, err
+    (site / "dist").unlink()
+    assert build(pk) == ("hit (local)", "")
+    assert (site / "dist/index.html").read_text() == "page\n"
+
+
 def test_expand_outputs_lists_links_and_the_real_files_they_show(tmp_path):
     pkg = tmp_path / "pkg"
     (pkg / "build/public/sub").mkdir(parents=True)
