@@ -10,10 +10,12 @@ bounded number of bytes, and the tests assert that the client left long before t
 
 import io
 import socket
+import threading
 import time
 
 import pytest
 
+from polykit_client.deadline import Watchdog
 from polykit_client.remote import DEADLINE_RATE, RemoteCache
 from polykit_client.workspace import ConfigError, load
 from sample import Polykit, make_tools
@@ -222,6 +224,24 @@ def test_an_upload_the_server_reads_slowly_ends_at_the_deadline(tmp_path):
         assert remote.store(KEY, path) is False
         assert [h.split(b" ", 1)[0] for h in server.heads] == [b"HEAD", b"PUT"]  # and no retry
     assert len(warnings) == 1 and "deadline of 1 s" in warnings[0], warnings
+
+
+def test_a_deadline_beyond_what_a_wait_can_take_leaves_the_watchdog_running():
+    # deadline = 1e10 is a valid setting; waiting that long overflows the platform's time_t.
+    errors = []
+    previous, threading.excepthook = threading.excepthook, errors.append
+    try:
+        watchdog = Watchdog()
+        far = watchdog.start(1e10)
+        near = watchdog.start(0.05)
+        for _ in range(400):  # bounded: until the watchdog expires the near deadline
+            if near.expired:
+                break
+            time.sleep(0.05)
+        far.close()
+    finally:
+        threading.excepthook = previous
+    assert near.expired and not far.expired and errors == []
 
 
 def test_the_default_deadline_scales_with_the_size_of_the_body():
