@@ -264,10 +264,22 @@ def test_the_deadline_comes_from_the_file_or_the_environment(tmp_path):
         load(root, {"POLYKIT_REMOTE_CACHE_DEADLINE": "soon"})
     (root / "polykit.toml").write_text('[remote_cache]\nurl = "http://c:1"\n')
     assert load(root, {}).remote.deadline is None
-    for bad in ("0", "-1", "inf", '"10"'):
+    for bad in ("0", "-1", "inf", '"10"', "1e10", "604801"):
         (root / "polykit.toml").write_text(f'[remote_cache]\ndeadline = {bad}\n')
         with pytest.raises(ConfigError, match="polykit.toml:2: deadline must be a positive number of seconds"):
             load(root, {})
+    (root / "polykit.toml").write_text('[remote_cache]\ndeadline = 604800\n')
+    assert load(root, {}).remote.deadline == 604800
+    with pytest.raises(ConfigError, match="at most 604800"):
+        load(root, {"POLYKIT_REMOTE_CACHE_DEADLINE": "1e10"})
+
+
+@pytest.mark.parametrize("bad", ["inf", "1e10", "nan", "0"])
+def test_a_timeout_a_socket_cannot_take_is_a_config_error(tmp_path, bad):
+    # socket.settimeout(1e10) raises OverflowError: every transfer would fail with that.
+    (tmp_path / "polykit.toml").write_text(f'[remote_cache]\ntimeout = {bad}\n')
+    with pytest.raises(ConfigError, match="polykit.toml:2: timeout must be a positive number of seconds, at most 604800"):
+        load(tmp_path, {})
 
 
 # --- the runner's last safety net -------------------------------------------------------------
