@@ -137,3 +137,18 @@ def test_env_forms(entries, expected):
 def test_an_unsupported_env_entry_is_refused():
     with pytest.raises(EnvPatternError, match="'A=B'"):
         select(["A=B"], ENVIRON)
+
+
+@pytest.mark.parametrize("repeated,single", [
+    ("**/**/**/**/**/**/**/**/**/**/**/**/x.js", "**/x.js"),
+    ("src/**/**/*.js", "src/**/*.js"),
+    ("dist/**/**", "dist/**"),
+])
+def test_repeated_double_stars_mean_one_and_cost_one(repeated, single):
+    # Each "**/" is a backtracking quantifier: twelve in a row took minutes on a 30-folder path.
+    from polykit_client.globs import translate
+
+    assert translate(repeated) == translate(single)
+    deep = "/".join(["a"] * 30)
+    for path in (f"{deep}/x.js", f"src/{deep}/y.js", f"dist/{deep}", f"{deep}/y.ts"):
+        assert GlobSet([repeated]).matches(path) == GlobSet([single]).matches(path)
