@@ -156,6 +156,11 @@ def test_a_restore_never_places_files_through_a_link_into_an_existing_folder_it_
     with pytest.raises(artifact.ArtifactError, match="existing folder 'src'"):
         check_restorable({"src/main.ts": {}}, poisoned, ("dist/**",), pkg)
     check_restorable({".output/public/a.html": {}}, {"dist": ".output/public"}, ("dist/**",), pkg)  # a new folder
+    (pkg / "node_modules/react").mkdir(parents=True)
+    with pytest.raises(artifact.ArtifactError, match="existing folder 'node_modules'"):  # nothing new beside it
+        check_restorable({"node_modules/planted/index.js": {}}, {"dist": "node_modules/planted"}, ("dist/**",), pkg)
+    with pytest.raises(artifact.ArtifactError, match="existing folder 'src'"):
+        check_restorable({"src/new/a.js": {}}, {"dist": "src/new"}, ("dist/**",), pkg)
     (pkg / ".output/public").mkdir(parents=True)
     os.symlink(".output/public", pkg / "dist")
     check_restorable({".output/public/a.html": {}}, {"dist": ".output/public"}, ("dist/**",), pkg)  # the same link
