@@ -188,7 +188,7 @@ def test_the_server_asks_the_admit_callable_it_is_given(tmp_path):
 
 def test_idle_and_half_sent_connections_do_not_lock_others_out(tmp_path):
     with thread_server(tmp_path / "store", max_connections=10, **token_settings(tmp_path)) as (port, _):
-        blob = pack_tree(tmp_path, {"a.bin": b"x" * 300_000})
+        blob = pack_tree(tmp_path, {"a.bin": os.urandom(300_000)})  # incompressible: 100 KB is a third
         upload = connect(port)  # an upload in progress is kept over idle connections
         upload.sendall(put_head(ART, len(blob), AUTH) + blob[:100_000])
         idle = []
@@ -205,6 +205,31 @@ def test_idle_and_half_sent_connections_do_not_lock_others_out(tmp_path):
         finally:
             upload.close()
             for sock in idle:
+                sock.close()
+
+
+def test_anonymous_bodies_kept_busy_never_push_out_an_upload(tmp_path):
+    """A public read with a body counts as busy as an upload would, however fresh its activity:
+    anonymous connections trickling GET bodies go first at the connection limit."""
+    with thread_server(tmp_path / "store", max_connections=6, **token_settings(tmp_path)) as (port, _):
+        blob = pack_tree(tmp_path, {"a.bin": os.urandom(300_000)})  # incompressible: 100 KB is a third
+        upload = connect(port)
+        upload.sendall(put_head(ART, len(blob), AUTH) + blob[:100_000])
+        assert request(port, "GET", "/healthz", timeout=10)[0] == 200  # the upload's bytes are read by now
+        busy = []
+        try:
+            for _ in range(12):  # each newer, and so more recently active, than the paused upload
+                sock = connect(port)
+                busy.append(sock)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\nExpect: 100-continue\r\n\r\n")
+                assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")  # its head is read and admitted
+                sock.sendall(b"x" * 10)
+            upload.sendall(blob[100_000:])
+            first, _, body = read_answer(upload)
+            assert first.startswith(b"HTTP/1.1 201"), body
+        finally:
+            upload.close()
+            for sock in busy:
                 sock.close()
 
 
