@@ -143,7 +143,12 @@ class Reply:
         self.status = int(status.split()[0])
         self.reason = status.partition(" ")[2]
         self.headers = {k.lower(): v for k, v in headers}
+        self.header_lines = [(k.lower(), v) for k, v in headers]  # repeated headers included
         self.body = body
+
+    def all(self, name: str) -> list[str]:
+        """Every value of a header that may be repeated (WWW-Authenticate)."""
+        return [v for k, v in self.header_lines if k == name.lower()]
 
     def json(self) -> dict:
         return json.loads(self.body)
