@@ -22,7 +22,7 @@ from urllib.parse import quote
 from xml.sax.saxutils import escape
 
 from .blobs import blob_name, check_segments, get_blob, put_blob
-from .http import Response
+from .http import Response, json_response
 from .routes import Route
 
 
@@ -73,7 +73,7 @@ def routes(app) -> list[Route]:
 
     def mkcol(environ: dict, params: dict) -> Response:
         _folder(environ, params)
-        return Response(201, [("Content-Length", "0")], [], 0)
+        return json_response(201, {"stored": False})  # folders hold no state: nothing to keep
 
     # An entry's path never ends with "/"; a folder's always does, as WebDAV clients send it.
     entry = r"/kv/(?P<name>[^/]+)/(?P<path>[^/](?:.*[^/])?)"

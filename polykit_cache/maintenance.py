@@ -6,10 +6,12 @@ import json
 import logging
 import time
 import os
+from collections import Counter
 from pathlib import Path
 
 from polykit_client.artifact import ArtifactError, HashingReader, Limits, hash_file, verify_stream
 
+from .blobs import namespace_of
 from .storage import OBJECTS, Storage
 
 log = logging.getLogger("polykit_cache.maintenance")
@@ -92,7 +94,7 @@ def collect(storage: Storage) -> int:
 
 
 def show_stats(storage: Storage, as_json: bool) -> int:
-    """What the storage holds, from the files' sizes and last-use times (no artifact is read)."""
+    """What the storage holds, from the files' sizes and last-use times, and the blobs' names (no artifact is read)."""
     storage.load_index()
     count, size, _ = storage.totals()
     uses = storage.use_range()
@@ -103,6 +105,7 @@ def show_stats(storage: Storage, as_json: bool) -> int:
         "least_recent_use": uses[0] if uses else None,
         "most_recent_use": uses[1] if uses else None,
         "quarantined": len(list((storage.root / "quarantine").glob("*.zst"))),
+        "namespaces": namespaces(storage, count),
     }
     if as_json:
         print(json.dumps(figures))
@@ -112,4 +115,17 @@ def show_stats(storage: Storage, as_json: bool) -> int:
         fmt = "%Y-%m-%d %H:%M:%S"
         print(f"last used between {time.strftime(fmt, time.localtime(uses[0]))} and {time.strftime(fmt, time.localtime(uses[1]))}")
     print(f"{figures['quarantined']} quarantined")
+    listed = ", ".join(f"{label} ({n} entries)" for label, n in figures["namespaces"].items())
+    print(f"namespaces: {listed or 'none'}")
     return 0
+
+
+def namespaces(storage: Storage, count: int) -> dict[str, int]:
+    """Entries per URL namespace, named as URL prefixes (``/`` for none), from the blobs' names."""
+    counted: Counter[str] = Counter()
+    for name, _ in storage.blobs():
+        namespace = namespace_of(name)
+        if namespace:
+            counted["/" + namespace] += 1
+    root = count - sum(counted.values())
+    return dict(sorted({**counted, **({"/": root} if root else {})}.items()))
