@@ -217,6 +217,15 @@ def new_app(storage_dir: Path, **settings):
 # --- real servers -----------------------------------------------------------------------------
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server that is down)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextmanager
 def thread_server(storage_dir: Path, **settings):
     """The real waitress server on a free loopback port, in this process."""
