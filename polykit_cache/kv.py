@@ -12,6 +12,10 @@ missing one (201, or 405 for one that exists, are both success to it). Entries a
 name, so folders have no state: every folder under ``/kv/`` exists, ``PROPFIND`` describes it
 as an empty collection, and ``MKCOL`` is a write that creates nothing. Entry names may begin
 with a dot (sccache checks ``.sccache_check``), never be ``.`` or ``..``.
+
+sccache writes ``.sccache_check`` at start-up and takes a ``403`` as "read only here" but a ``401``
+as a broken cache, so on a server with anonymous reads a write without a token is ``403``
+(Gradle and ccache treat both alike: the entry is not stored, the build goes on).
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ def routes(app) -> list[Route]:
     folder = r"/kv(?P<folder>(?:/[^/]+)*)/"
     return [
         Route("kv", "kv", entry, {"GET": get, "HEAD": head, "PUT": put}, writes=frozenset({"PUT"}),
-              samples=("/kv/ccache/ab/cdef", "/kv/gradle/0123abcd", "/kv/ns/ac/" + "0" * 64, "/kv/sccache/.sccache_check")),
+              anonymous_write_status=403, samples=("/kv/ccache/ab/cdef", "/kv/gradle/0123abcd", "/kv/ns/ac/" + "0" * 64, "/kv/sccache/.sccache_check")),
         Route("kv", "kv", folder, {"PROPFIND": propfind, "MKCOL": mkcol}, writes=frozenset({"MKCOL"}),
-              bodiless=frozenset({"MKCOL"}), reads=frozenset({"PROPFIND"}), samples=("/kv/", "/kv/sccache/", "/kv/sccache/a/b/")),
+              anonymous_write_status=403, bodiless=frozenset({"MKCOL"}), reads=frozenset({"PROPFIND"}), samples=("/kv/", "/kv/sccache/", "/kv/sccache/a/b/")),
     ]

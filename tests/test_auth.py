@@ -207,13 +207,16 @@ def test_a_basic_password_with_colons_is_whole(tmp_path):
     assert call(app, "PUT", "/kv/g/k", b"x", headers=basic("u", "tok:with:colons")).status == 201
 
 
-def test_nx_uploads_without_a_token_are_403_where_anyone_may_read(tmp_path):
-    """Nx takes 401 as fatal but 403 on PUT as "may not write here": cold tasks still run."""
+def test_nx_and_webdav_uploads_without_a_token_are_403_where_anyone_may_read(tmp_path):
+    """Nx takes 401 as fatal but 403 on PUT as "may not write here": cold tasks still run.
+    sccache takes 403 on its start-up write as "read only" but 401 as a broken cache."""
     app = secured_app(tmp_path, anonymous_read=True)
     nx = call(app, "PUT", "/v1/cache/nxhash1", b"output")
     assert nx.status == 403 and nx.headers["content-type"] == "text/plain"
     assert b"read-write token" in nx.body
     assert call(app, "PUT", ART, pack_tree(tmp_path, {"a": b"x"})).status == 401  # others ask for a token
+    assert call(app, "PUT", "/kv/sccache/.sccache_check", b"ok").status == 403
+    assert call(app, "MKCOL", "/kv/sccache/a/").status == 403
     assert call(app, "PUT", "/v1/cache/nxhash1", b"x", headers=bearer("wrong-token-000")).status == 401
     assert call(app, "PUT", "/v1/cache/nxhash1", b"output", headers=bearer(WRITER)).status == 200
     assert call(app, "GET", "/v1/cache/nxhash1").body == b"output"
