@@ -50,33 +50,62 @@ def verify_storage(storage: Storage, limits: Limits = Limits()) -> int:
             if src.exists():
                 os.replace(src, quarantine / src.name)
         log.error("quarantined %s: %s", key, problem)
-    blobs_checked, blobs_bad = verify_content_addressed(storage, quarantine)
+    blobs_checked, blobs_bad, spaced_checked, spaced_bad = verify_blobs(storage, quarantine, limits)
+    checked, bad = checked + spaced_checked, bad + spaced_bad
     print(f"verified {checked} artifacts: {checked - bad} good, {bad} quarantined")
     if blobs_checked:
         print(f"verified {blobs_checked} content-addressed blobs: {blobs_checked - blobs_bad} good, {blobs_bad} quarantined")
     return 1 if bad or blobs_bad else 0
 
 
-def verify_content_addressed(storage: Storage, quarantine: Path) -> tuple[int, int]:
-    """Rehash Bazel CAS blobs, whose name ends in their SHA-256; other tools' blobs cannot be checked."""
-    checked = bad = 0
+def check_blob(storage: Storage, name: str, path: Path, limits: Limits) -> str | None:
+    """Why a blob we can check is corrupt, or None when it verifies.
+
+    Two kinds carry what to check them against: a Bazel CAS blob, whose name ends in its
+    SHA-256, and a polykit artifact stored in a URL namespace, verified like any artifact
+    against its key and the SHA-256 recorded beside it.
+    """
+    parts = name.split("/")
+    if parts[0] == "polykit":
+        expected = storage.blob_meta(name).get("sha256")
+        with open(path, "rb") as fh:
+            reader = HashingReader(fh)
+            try:
+                verify_stream(reader, expected_key=parts[-1], limits=limits)
+                while reader.read(1 << 20):
+                    pass
+            except ArtifactError as exc:
+                return str(exc)
+        return None if reader.digest.hexdigest() == expected else "bytes on disk differ from the recorded sha256"
+    sha, _ = hash_file(path)
+    return None if sha == parts[-1] else "its content no longer matches its SHA-256"
+
+
+def verify_blobs(storage: Storage, quarantine: Path, limits: Limits) -> tuple[int, int, int, int]:
+    """Check the blobs that can be checked (:func:`check_blob`); other tools' blobs cannot be.
+
+    Returns (CAS blobs checked, quarantined, namespaced artifacts checked, quarantined).
+    """
+    counts = [0, 0, 0, 0]
     for name, path in sorted(storage.blobs()):
         parts = name.split("/")
-        if parts[0] != "bazel" or len(parts) < 4 or parts[-3] != "cas" or len(parts[-1]) != 64:
+        cas = parts[0] == "bazel" and len(parts) >= 4 and parts[-3] == "cas" and len(parts[-1]) == 64
+        if not cas and parts[0] != "polykit":
             continue
-        checked += 1
+        index = 0 if cas else 2
         try:
-            sha, _ = hash_file(path)
+            problem = check_blob(storage, name, path, limits)
         except FileNotFoundError:  # evicted meanwhile
             continue
-        if sha == parts[-1]:
+        counts[index] += 1
+        if problem is None:
             continue
-        bad += 1
+        counts[index + 1] += 1
         target = quarantine / OBJECTS / path.relative_to(storage.root / OBJECTS)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
-        log.error("quarantined blob %s: its content no longer matches its SHA-256", name)
-    return checked, bad
+        log.error("quarantined blob %s: %s", name, problem)
+    return counts[0], counts[1], counts[2], counts[3]
 
 
 def collect(storage: Storage) -> int:

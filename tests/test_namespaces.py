@@ -122,3 +122,23 @@ def test_a_polykit_client_url_with_a_path_is_its_own_namespace(tmp_path):
         assert v2.exists(KEY)
         assert not RemoteCache(f"http://127.0.0.1:{port}/cache-v1").exists(KEY)
         assert not RemoteCache(f"http://127.0.0.1:{port}").exists(KEY)
+
+
+def test_verify_reverifies_artifacts_in_namespaces(tmp_path):
+    from polykit_cache.storage import blob_id
+
+    store = tmp_path / "store"
+    app = new_app(store)
+    good, bad = pack_tree(tmp_path, {"a": b"x"}), pack_tree(tmp_path, {"b": b"y"}, key="ef" * 32)
+    assert call(app, "PUT", f"/cache-v2/v1/artifacts/{KEY}", good).status == 201
+    assert call(app, "PUT", f"/team/a/v1/artifacts/{'ef' * 32}", bad).status == 201
+    run = lambda: subprocess.run([sys.executable, "-m", "polykit_cache", "verify", "--storage-dir", str(store)],
+                                 capture_output=True, text=True, timeout=60)
+    out = run()
+    assert out.returncode == 0 and "verified 2 artifacts: 2 good, 0 quarantined" in out.stdout, out.stdout + out.stderr
+    damaged = store / "objects" / blob_id(f"polykit/@team:a/{'ef' * 32}")
+    damaged.write_bytes(damaged.read_bytes()[:-3] + b"xyz")
+    out = run()
+    assert out.returncode == 1 and "verified 2 artifacts: 1 good, 1 quarantined" in out.stdout
+    assert not damaged.exists() and call(app, "GET", f"/team/a/v1/artifacts/{'ef' * 32}").status == 404
+    assert call(app, "GET", f"/cache-v2/v1/artifacts/{KEY}").body == good
