@@ -35,6 +35,17 @@ def test_no_two_routes_claim_one_path(app):
                     assert other.regex.fullmatch(sample) is None, (sample, route.pattern, other.pattern)
 
 
+def test_every_route_is_found_under_a_namespace_and_namespaces_never_hold_a_root(app):
+    for route in app.router.routes:
+        for sample in route.samples:
+            found, params = app.router.match("/team/cache-v2" + sample)
+            assert found is route and params["namespace"] == "team/cache-v2", sample
+            assert app.router.match(sample)[1]["namespace"] == ""
+    for root in app.router.roots:  # the leftmost root decides: a root is never a namespace part
+        found = app.router.match(f"/{root}/v1/artifacts/{KEY}")
+        assert found is None or found[0].root == root
+
+
 def test_routing_does_not_depend_on_the_order_of_the_table(app):
     reversed_router = Router(list(reversed(app.router.routes)))
     for route in app.router.routes:
