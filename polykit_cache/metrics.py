@@ -1,7 +1,8 @@
 """Counters for /metrics (Prometheus text format 0.0.4) and /v1/stats (JSON).
 
-Counters are plain integers behind one lock: a request touches it a few times, far less than
-the cost of the request itself, and the figures stay consistent with each other.
+Counters are plain numbers behind one lock: a request touches it a few times, far less than
+the cost of the request itself, and the figures stay consistent with each other. With several
+worker processes they are also added up in a shared database, once per request.
 
 Every label takes its values from a fixed set, never from the request: a made-up method is
 counted as ``OTHER``, a path no route owns as protocol ``none``, a status outside 100-599 as
@@ -16,6 +17,8 @@ from collections import Counter
 from http import HTTPMethod
 from typing import Callable
 
+from .sharedstate import SharedState
+
 # Request duration buckets, in seconds: from a cached HEAD to a large upload.
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -25,6 +28,8 @@ PROTOCOLS = frozenset({"polykit", "turbo", "nx", "bazel", "kv"})
 # Namespaces come from the URL, so any client can name new ones: the first this many each get
 # their own label, the rest are counted together as "other", so the series stay bounded.
 MAX_NAMESPACE_LABELS = 100
+# The storage's figures as shared series: each worker adds the changes it made.
+STORED_SERIES = ("artifacts", "stored_bytes", "evictions")
 
 
 def namespace_label(namespace: str) -> str:
@@ -38,25 +43,26 @@ def method_label(method: str) -> str:
 
 
 class Metrics:
-    """All counters of one server; ``stored`` reports (artifacts, bytes, evictions) from the storage."""
+    """All counters of one server; ``stored`` reports (artifacts, bytes, evictions) from the storage.
 
-    def __init__(self, stored: Callable[[], tuple[int, int, int]]) -> None:
+    Every figure is a *series* (a tuple: its kind, then its labels) in one counter. With
+    ``shared`` (``--workers N``), what this worker counted during a request is added to the
+    shared database when the request is answered, and the figures shown are the totals of every
+    worker (:mod:`.sharedstate`); alone, the counter in memory is the whole truth.
+    """
+
+    def __init__(self, stored: Callable[[], tuple[int, int, int]], shared: SharedState | None = None) -> None:
         self._lock = threading.Lock()
         self._stored = stored
-        self.started = time.time()
-        self.requests: Counter[tuple[str, str, int]] = Counter()  # (protocol, method, status)
-        self.lookups: Counter[tuple[str, bool]] = Counter()  # (protocol, hit)
-        self.namespaces: Counter[tuple[str, bool]] = Counter()  # (namespace label, hit)
+        self._shared = shared
+        self.started = shared.started() if shared is not None else time.time()
+        self._counts: Counter[tuple] = Counter()  # alone: everything; shared: not yet added
         self._namespace_labels: set[str] = set()
-        self.rejected: Counter[str] = Counter()
-        self.hits = self.misses = 0
-        self.bytes_in = self.bytes_out = 0
-        self.uploads = 0
-        self._bucket_counts = [0] * (len(BUCKETS) + 1)
-        self._duration_sum = 0.0
+        # What the storage held when last added to the shared totals (its changes are added).
+        self._stored_seen = stored() if shared is not None else (0, 0, 0)
 
     def request(self, method: str, status: int, seconds: float, protocol: str | None = "polykit") -> None:
-        """Count one answer; ``protocol`` None is a path no route owns."""
+        """Count one answer; ``protocol`` None is a path no route owns. The last count of a request."""
         method = method_label(method)
         protocol = protocol if protocol in PROTOCOLS else "none"
         status = status if 100 <= status <= 599 else 0
@@ -64,9 +70,10 @@ class Metrics:
         while index < len(BUCKETS) and seconds > BUCKETS[index]:
             index += 1
         with self._lock:
-            self.requests[(protocol, method, status)] += 1
-            self._bucket_counts[index] += 1
-            self._duration_sum += seconds
+            self._counts[("requests", protocol, method, status)] += 1
+            self._counts[("bucket", index)] += 1
+            self._counts[("duration",)] += seconds
+        self.flush()
 
     def lookup(self, hit: bool, bytes_out: int = 0, protocol: str = "polykit", namespace: str = "") -> None:
         label = namespace_label(namespace)
@@ -76,70 +83,84 @@ class Metrics:
                     self._namespace_labels.add(label)
                 else:
                     label = "other"
-            self.lookups[(protocol, hit)] += 1
-            self.namespaces[(label, hit)] += 1
+            self._counts[("lookups", protocol, hit)] += 1
+            self._counts[("namespace", label, hit)] += 1
+            self._counts[("hits",) if hit else ("misses",)] += 1
             if hit:
-                self.hits += 1
-                self.bytes_out += bytes_out
-            else:
-                self.misses += 1
+                self._counts[("bytes_out",)] += bytes_out
 
     def upload(self, size: int) -> None:
         with self._lock:
-            self.uploads += 1
-            self.bytes_in += size
+            self._counts[("uploads",)] += 1
+            self._counts[("bytes_in",)] += size
 
     def reject(self, reason: str, size: int = 0) -> None:
         with self._lock:
-            self.rejected[reason] += 1
-            self.bytes_in += size
+            self._counts[("rejected", reason)] += 1
+            self._counts[("bytes_in",)] += size
+
+    def flush(self) -> None:
+        """Add what this worker counted (and its storage's changes) to the shared totals."""
+        if self._shared is None:
+            return
+        stored = self._stored()
+        with self._lock:
+            deltas = {series: n for series, n in self._counts.items() if n}
+            for name, now, seen in zip(STORED_SERIES, stored, self._stored_seen):
+                if now != seen:
+                    deltas[(name,)] = now - seen
+            self._counts.clear()
+            self._stored_seen = stored
+        self._shared.add(deltas)
+
+    def _snapshot(self) -> tuple[Counter[tuple], tuple[int, int, int]]:
+        """Every series and the storage's (artifacts, bytes, evictions), over every worker."""
+        if self._shared is None:
+            stored = self._stored()
+            with self._lock:
+                return Counter(self._counts), stored
+        self.flush()
+        counts = Counter(self._shared.totals())
+        stored = tuple(int(counts.pop((name,), 0)) for name in STORED_SERIES)
+        return counts, stored  # type: ignore[return-value]
+
+    @property
+    def requests(self) -> Counter[tuple[str, str, int]]:
+        """Requests answered by (protocol, method, status), over every worker."""
+        counts, _ = self._snapshot()
+        return Counter({s[1:]: int(n) for s, n in counts.items() if s[0] == "requests"})
+
+    @staticmethod
+    def seed(shared: SharedState, stored: tuple[int, int, int]) -> None:
+        """Record what the storage holds when the server starts, before any worker counts changes."""
+        shared.add({(name,): value for name, value in zip(STORED_SERIES, stored) if value})
 
     def stats(self) -> dict:
         """The JSON figures of /v1/stats."""
-        count, size, evictions = self._stored()
-        with self._lock:
-            lookups = self.hits + self.misses
-            return {
-                "uptime_seconds": round(time.time() - self.started, 3),
-                "requests": sum(self.requests.values()),
-                "requests_by_status": {str(k): v for k, v in sorted(self._by_status().items())},
-                "hits": self.hits,
-                "misses": self.misses,
-                "hit_rate": round(self.hits / lookups, 4) if lookups else None,
-                "uploads": self.uploads,
-                "uploads_rejected": dict(sorted(self.rejected.items())),
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out,
-                "evictions": evictions,
-                "by_protocol": self._by_protocol(),
-                "by_namespace": self._by_namespace(),
-                "artifacts": count,
-                "stored_bytes": size,
-            }
-
-    def _by_status(self) -> Counter[int]:
-        out: Counter[int] = Counter()
-        for (_, _, status), n in self.requests.items():
-            out[status] += n
-        return out
-
-    def _by_protocol(self) -> dict:
-        out: dict = {}
-        for (protocol, _, _), n in self.requests.items():
-            out.setdefault(protocol, {"requests": 0, "hits": 0, "misses": 0})["requests"] += n
-        for (protocol, hit), n in self.lookups.items():
-            out.setdefault(protocol, {"requests": 0, "hits": 0, "misses": 0})["hits" if hit else "misses"] += n
-        return dict(sorted(out.items()))
-
-    def _by_namespace(self) -> dict:
-        out: dict = {}
-        for (label, hit), n in self.namespaces.items():
-            out.setdefault(label, {"hits": 0, "misses": 0})["hits" if hit else "misses"] += n
-        return dict(sorted(out.items()))
+        counts, (count, size, evictions) = self._snapshot()
+        hits, misses = int(counts[("hits",)]), int(counts[("misses",)])
+        lookups = hits + misses
+        return {
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "requests": int(sum(n for series, n in counts.items() if series[0] == "requests")),
+            "requests_by_status": {str(k): v for k, v in sorted(_by_status(counts).items())},
+            "hits": hits,
+            "misses": misses,
+            "hit_rate": round(hits / lookups, 4) if lookups else None,
+            "uploads": int(counts[("uploads",)]),
+            "uploads_rejected": {s[1]: int(n) for s, n in sorted(counts.items()) if s[0] == "rejected"},
+            "bytes_in": int(counts[("bytes_in",)]),
+            "bytes_out": int(counts[("bytes_out",)]),
+            "evictions": evictions,
+            "by_protocol": _by_protocol(counts),
+            "by_namespace": _by_namespace(counts),
+            "artifacts": count,
+            "stored_bytes": size,
+        }
 
     def prometheus(self) -> str:
         """The text exposition of /metrics."""
-        count, size, evictions = self._stored()
+        counts, (count, size, evictions) = self._snapshot()
         lines: list[str] = []
 
         def family(name: str, kind: str, text: str, samples: list[tuple[str, float]]) -> None:
@@ -148,43 +169,73 @@ class Metrics:
             for labels, value in samples:
                 lines.append(f"{name}{labels} {value}")
 
-        with self._lock:
-            family(
-                "polykit_cache_requests_total",
-                "counter",
-                "HTTP requests answered, by protocol, method and status.",
-                [(f'{{protocol="{p}",method="{m}",status="{s}"}}', n) for (p, m, s), n in sorted(self.requests.items())],
-            )
-            cumulative = 0
-            buckets = []
-            for bound, n in zip(BUCKETS, self._bucket_counts):
-                cumulative += n
-                buckets.append((f'{{le="{bound}"}}', cumulative))
-            total = cumulative + self._bucket_counts[-1]
-            buckets.append(('{le="+Inf"}', total))
-            lines.append("# HELP polykit_cache_request_duration_seconds Time to answer a request.")
-            lines.append("# TYPE polykit_cache_request_duration_seconds histogram")
-            lines.extend(f"polykit_cache_request_duration_seconds_bucket{lb} {v}" for lb, v in buckets)
-            lines.append(f"polykit_cache_request_duration_seconds_sum {self._duration_sum:.6f}")
-            lines.append(f"polykit_cache_request_duration_seconds_count {total}")
-            family("polykit_cache_hits_total", "counter", "Lookups that found the key, by protocol.",
-                   [(f'{{protocol="{p}"}}', n) for (p, hit), n in sorted(self.lookups.items()) if hit])
-            family("polykit_cache_misses_total", "counter", "Lookups that did not, by protocol.",
-                   [(f'{{protocol="{p}"}}', n) for (p, hit), n in sorted(self.lookups.items()) if not hit])
-            family("polykit_cache_namespace_lookups_total", "counter",
-                   f"Lookups by URL namespace (/ for none; past {MAX_NAMESPACE_LABELS} namespaces, other) and result.",
-                   [(f'{{namespace="{ns}",result="{"hit" if hit else "miss"}"}}', n)
-                    for (ns, hit), n in sorted(self.namespaces.items())])
-            family("polykit_cache_uploads_total", "counter", "Artifacts verified and stored.", [("", self.uploads)])
-            family(
-                "polykit_cache_uploads_rejected_total",
-                "counter",
-                "Uploads refused, by reason.",
-                [(f'{{reason="{r}"}}', n) for r, n in sorted(self.rejected.items())],
-            )
-            family("polykit_cache_received_bytes_total", "counter", "Upload body bytes read.", [("", self.bytes_in)])
-            family("polykit_cache_sent_bytes_total", "counter", "Artifact bytes served.", [("", self.bytes_out)])
-            family("polykit_cache_evictions_total", "counter", "Artifacts evicted to stay under the storage limit.", [("", evictions)])
+        def series(kind: str) -> list[tuple[tuple, int]]:
+            return sorted((s[1:], int(n)) for s, n in counts.items() if s[0] == kind)
+
+        family(
+            "polykit_cache_requests_total",
+            "counter",
+            "HTTP requests answered, by protocol, method and status.",
+            [(f'{{protocol="{p}",method="{m}",status="{s}"}}', n) for (p, m, s), n in series("requests")],
+        )
+        cumulative = 0
+        buckets = []
+        for index, bound in enumerate(BUCKETS):
+            cumulative += int(counts[("bucket", index)])
+            buckets.append((f'{{le="{bound}"}}', cumulative))
+        total = cumulative + int(counts[("bucket", len(BUCKETS))])
+        buckets.append(('{le="+Inf"}', total))
+        lines.append("# HELP polykit_cache_request_duration_seconds Time to answer a request.")
+        lines.append("# TYPE polykit_cache_request_duration_seconds histogram")
+        lines.extend(f"polykit_cache_request_duration_seconds_bucket{lb} {v}" for lb, v in buckets)
+        lines.append(f"polykit_cache_request_duration_seconds_sum {counts[('duration',)]:.6f}")
+        lines.append(f"polykit_cache_request_duration_seconds_count {total}")
+        lookups = series("lookups")
+        family("polykit_cache_hits_total", "counter", "Lookups that found the key, by protocol.",
+               [(f'{{protocol="{p}"}}', n) for (p, hit), n in lookups if hit])
+        family("polykit_cache_misses_total", "counter", "Lookups that did not, by protocol.",
+               [(f'{{protocol="{p}"}}', n) for (p, hit), n in lookups if not hit])
+        family("polykit_cache_namespace_lookups_total", "counter",
+               f"Lookups by URL namespace (/ for none; past {MAX_NAMESPACE_LABELS} namespaces, other) and result.",
+               [(f'{{namespace="{ns}",result="{"hit" if hit else "miss"}"}}', n) for (ns, hit), n in series("namespace")])
+        family("polykit_cache_uploads_total", "counter", "Artifacts verified and stored.",
+               [("", int(counts[("uploads",)]))])
+        family(
+            "polykit_cache_uploads_rejected_total",
+            "counter",
+            "Uploads refused, by reason.",
+            [(f'{{reason="{r}"}}', n) for (r,), n in series("rejected")],
+        )
+        family("polykit_cache_received_bytes_total", "counter", "Upload body bytes read.",
+               [("", int(counts[("bytes_in",)]))])
+        family("polykit_cache_sent_bytes_total", "counter", "Artifact bytes served.", [("", int(counts[("bytes_out",)]))])
+        family("polykit_cache_evictions_total", "counter", "Artifacts evicted to stay under the storage limit.", [("", evictions)])
         family("polykit_cache_stored_artifacts", "gauge", "Artifacts in storage.", [("", count)])
         family("polykit_cache_stored_bytes", "gauge", "Bytes of artifacts in storage.", [("", size)])
         return "\n".join(lines) + "\n"
+
+
+def _by_status(counts: Counter[tuple]) -> Counter[int]:
+    out: Counter[int] = Counter()
+    for series, n in counts.items():
+        if series[0] == "requests":
+            out[series[3]] += int(n)
+    return out
+
+
+def _by_protocol(counts: Counter[tuple]) -> dict:
+    out: dict = {}
+    for series, n in counts.items():
+        if series[0] == "requests":
+            out.setdefault(series[1], {"requests": 0, "hits": 0, "misses": 0})["requests"] += int(n)
+        elif series[0] == "lookups":
+            out.setdefault(series[1], {"requests": 0, "hits": 0, "misses": 0})["hits" if series[2] else "misses"] += int(n)
+    return dict(sorted(out.items()))
+
+
+def _by_namespace(counts: Counter[tuple]) -> dict:
+    out: dict = {}
+    for series, n in counts.items():
+        if series[0] == "namespace":
+            out.setdefault(series[1], {"hits": 0, "misses": 0})["hits" if series[2] else "misses"] += int(n)
+    return dict(sorted(out.items()))
