@@ -13,7 +13,10 @@ from polykit_client import __version__, zstd
 from . import config as cfg
 from .app import make_app
 from .auth import Access, TokenError
-from .server import Server
+from .metrics import Metrics
+from .server import Server, bind
+from .sharedstate import SharedState
+from .supervisor import Supervisor
 from .storage import Storage, StorageBusy
 
 log = logging.getLogger("polykit_cache")
@@ -98,6 +101,8 @@ def serve(config: cfg.Config) -> int:
     except TokenError as exc:
         log.error("%s", exc)
         return 2
+    if config.workers > 1:
+        return serve_workers(config, storage, access)
     app = make_app(config, storage, access=access)
     try:
         server = Server(app, config)
@@ -111,6 +116,35 @@ def serve(config: cfg.Config) -> int:
     log.info("serving on http://%s:%d", server.host, server.port)
     server.run(on_hangup=access.reload)
     return 0
+
+
+def serve_workers(config: cfg.Config, storage: Storage, access: Access) -> int:
+    """Bind once, then serve from ``config.workers`` forked processes sharing the storage and the counters."""
+    try:
+        sockets = bind(config)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", config.bind, config.port, exc)
+        return 1
+    shared = SharedState.create(storage.root)
+    Metrics.seed(shared, storage.totals())
+    shared.close()  # each worker opens its own connection after the fork
+    count, size, _ = storage.totals()
+    log.info("polykit-cache %s (%s): %s", __version__, zstd.backend_name(), cfg.describe(config))
+    log.info("storage %s holds %d artifacts, %d bytes", storage.root, count, size)
+    (log.warning if access.open else log.info)("%s", access.describe())
+    host, port = sockets[0].getsockname()[:2]
+    log.info("serving on http://%s:%d with %d worker processes", host, port, config.workers)
+
+    def work(slot: int) -> int:
+        worker_access = Access(config.token_file, os.environ, config.allow_anonymous_read)
+        metrics = Metrics(storage.totals, SharedState(shared.path))
+        app = make_app(config, storage, metrics=metrics, access=worker_access)
+        server = Server(app, config, sockets=sockets)
+        log.info("worker %d (pid %d) serving", slot, os.getpid())
+        server.run(on_hangup=worker_access.reload)
+        return 0
+
+    return Supervisor(config.workers, work).run()
 
 
 if __name__ == "__main__":  # pragma: no cover

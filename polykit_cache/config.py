@@ -89,6 +89,9 @@ class Config:
     max_storage: int | None = None
     # Worker threads that run requests; waitress's own I/O thread moves the bytes.
     threads: int = 4
+    # Worker processes serving one storage (each with its own threads): one Python process uses
+    # one core. Above 1, a supervisor process binds the port, starts them and restarts any that dies.
+    workers: int = 1
     # Open client connections; at the limit the one idle longest is closed to make room, so idle
     # or half-sent connections never lock other clients out. Each may hold a spool file too.
     max_connections: int = 200
@@ -153,6 +156,9 @@ OPTIONS: tuple[Option, ...] = (
         metavar="SIZE",
     ),
     Option("threads", parse_positive, "worker threads (default: 4)", metavar="N"),
+    Option("workers", parse_positive,
+           "worker processes serving one storage, each with --threads threads (default: 1; one per core to use them all)",
+           metavar="N"),
     Option("max_connections", parse_positive,
            "open client connections; at the limit the one idle longest is closed (default: 200)", metavar="N"),
     Option("idle_timeout", parse_positive, "seconds before an idle connection is closed (default: 60)",

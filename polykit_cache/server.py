@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from typing import Callable
 
@@ -51,8 +52,12 @@ def waitress_settings(config: Config) -> dict:
 class Server:
     """A started waitress server; ``run()`` blocks until ``close()`` or SIGTERM/SIGINT."""
 
-    def __init__(self, app: Callable, config: Config, admit: Admit | None = None) -> None:
-        """``admit`` judges each request on its head alone (see :meth:`CacheApp.admit`); the app's own by default."""
+    def __init__(self, app: Callable, config: Config, admit: Admit | None = None,
+                 sockets: list[socket.socket] | None = None) -> None:
+        """``admit`` judges each request on its head alone (see :meth:`CacheApp.admit`); the app's own by default.
+
+        ``sockets`` are listening sockets bound already (:func:`bind`), shared by worker processes.
+        """
         if admit is None:
             admit = getattr(app, "admit", None)
         self._adj = Adjustments(**waitress_settings(config))
@@ -60,10 +65,17 @@ class Server:
         self._dispatcher = ThreadedTaskDispatcher()
         self._dispatcher.set_thread_count(self._adj.threads)
         # One listener per address the bind name resolves to (as waitress's create_server does).
-        self._listeners = [
-            Listener(app, admit, map=self._map, dispatcher=self._dispatcher, adj=self._adj, sockinfo=sockinfo)
-            for sockinfo in self._adj.listen
-        ]
+        if sockets is None:
+            self._listeners = [
+                Listener(app, admit, map=self._map, dispatcher=self._dispatcher, adj=self._adj, sockinfo=sockinfo)
+                for sockinfo in self._adj.listen
+            ]
+        else:
+            self._listeners = [
+                Listener(app, admit, map=self._map, dispatcher=self._dispatcher, adj=self._adj, _sock=sock,
+                         bind_socket=False, sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()))
+                for sock in sockets
+            ]
         self._closed = threading.Event()
 
     @property
@@ -81,11 +93,19 @@ class Server:
             signal.signal(signal.SIGINT, _raise_exit)
             if on_hangup is not None:
                 signal.signal(signal.SIGHUP, lambda signum, frame: on_hangup())
+                # A worker process starts with SIGHUP blocked (see supervisor.py): one sent
+                # meanwhile is delivered now.
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGHUP,))
         try:
             wasyncore.loop(timeout=self._adj.asyncore_loop_timeout, map=self._map, use_poll=self._adj.asyncore_use_poll)
         except (SystemExit, KeyboardInterrupt):
             pass
         finally:
+            if install_signals:
+                # One stop is enough: a second signal (Ctrl-C reaches a supervisor and its workers
+                # alike) must not cut the shutdown short while requests finish.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             # Workers first (up to 5 s for running requests): they wake the I/O loop through the
             # listeners' triggers, which close() closes.
             self._dispatcher.shutdown()
@@ -97,6 +117,35 @@ class Server:
             self._closed.set()
             for listener in self._listeners:
                 listener.close()
+
+
+def bind(config: Config) -> list[socket.socket]:
+    """Listening sockets for every address the bind name resolves to, as waitress would make them.
+
+    Made once by the supervisor and inherited by every worker: the kernel hands each new
+    connection to one worker's accept, and a worker's death closes only its own connections.
+    """
+    adj = Adjustments(**waitress_settings(config))
+    sockets: list[socket.socket] = []
+    try:
+        port = None
+        for family, kind, proto, address in adj.listen:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port is not None and address[1] == 0:  # port 0: every address on the one picked first
+                address = (address[0], port, *address[2:])
+            sock.bind(address)
+            port = sock.getsockname()[1]
+            sock.listen(adj.backlog)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def _raise_exit(signum: int, frame: object) -> None:

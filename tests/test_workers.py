@@ -1,0 +1,184 @@
+"""``--workers N``: several processes serving one storage, each guarantee with 1 and with 2 workers."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+from support import KEY, ServerProcess, key_for, pack_tree, request
+
+ART = f"/v1/artifacts/{KEY}"
+WORKERS = pytest.mark.parametrize("workers", [1, 2])
+
+
+def start(tmp_path, workers: int, *args: str) -> ServerProcess:
+    """The server, once each of its workers serves."""
+    server = ServerProcess(tmp_path / "store", tmp_path / "server.log", "--workers", str(workers), *args)
+    if workers > 1:
+        wait_for(lambda: len(re.findall(r"worker \d+ \(pid \d+\) serving", server.log_path.read_text())) >= workers,
+                 "every worker serves")
+    return server
+
+
+def worker_pids(server: ServerProcess) -> dict[int, int]:
+    """slot -> pid of the workers running now, from the supervisor's log."""
+    text = server.log_path.read_text()
+    pids = {int(slot): int(pid) for slot, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", text)}
+    return {slot: pid for slot, pid in pids.items() if os.path.exists(f"/proc/{pid}")}
+
+
+def wait_for(predicate, what: str, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def stats(port: int) -> dict:
+    status, _, body = request(port, "GET", "/v1/stats")
+    assert status == 200
+    return json.loads(body)
+
+
+@WORKERS
+def test_concurrent_uploads_of_one_key_give_exactly_one_201(tmp_path, workers):
+    blobs = [pack_tree(tmp_path / str(i), {"a": os.urandom(200_000)}) for i in range(8)]
+    server = start(tmp_path, workers)
+    try:
+        barrier = threading.Barrier(8)
+        statuses: list[int | None] = [None] * 8
+
+        def upload(i: int) -> None:
+            barrier.wait()
+            statuses[i] = request(server.port, "PUT", ART, blobs[i])[0]
+
+        threads = [threading.Thread(target=upload, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(statuses) == [201] + [409] * 7
+        winner = blobs[statuses.index(201)]
+        for _ in range(6):  # fresh connections: any worker may answer
+            assert request(server.port, "GET", ART)[2] == winner
+    finally:
+        assert server.stop() == 0
+
+
+@WORKERS
+def test_stats_and_metrics_count_every_workers_requests_whichever_answers(tmp_path, workers):
+    blob = pack_tree(tmp_path, {"a": b"x" * 1000})
+    server = start(tmp_path, workers)
+    try:
+        assert request(server.port, "PUT", ART, blob)[0] == 201
+        for _ in range(20):  # each on a new connection, so both workers get some
+            assert request(server.port, "GET", ART)[0] == 200
+            assert request(server.port, "GET", f"/v1/artifacts/{key_for('none')}")[0] == 404
+        for scrape in range(6):  # every scrape sees the same totals, whoever answers it
+            figures = stats(server.port)
+            assert figures["requests"] == 41 + 2 * scrape  # the stats requests before this one count too
+            assert (figures["hits"], figures["misses"], figures["uploads"]) == (20, 20, 1)
+            assert figures["bytes_out"] == 20 * len(blob) and figures["bytes_in"] == len(blob)
+            assert (figures["artifacts"], figures["stored_bytes"]) == (1, len(blob))
+            status, _, body = request(server.port, "GET", "/metrics")
+            assert status == 200
+            text = body.decode()
+            assert 'polykit_cache_requests_total{protocol="polykit",method="GET",status="404"} 20' in text
+            assert 'polykit_cache_hits_total{protocol="polykit"} 20' in text
+            assert "polykit_cache_stored_artifacts 1\n" in text
+    finally:
+        assert server.stop() == 0
+
+
+@WORKERS
+def test_sighup_reloads_the_tokens_of_every_worker(tmp_path, workers):
+    token_file = tmp_path / "tokens"
+    token_file.write_text("read-write old-token-1111111\n")
+    server = start(tmp_path, workers, "--token-file", str(token_file))
+    try:
+        old, new = {"Authorization": "Bearer old-token-1111111"}, {"Authorization": "Bearer new-token-2222222"}
+        assert request(server.port, "HEAD", ART, headers=old)[0] == 404
+        token_file.write_text("read-write new-token-2222222\n")
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: server.log_path.read_text().count("reloaded 1 access tokens") == workers,
+                 "every worker reloads its tokens")
+        for _ in range(12):  # new connections, spread over the workers
+            assert request(server.port, "HEAD", ART, headers=old)[0] == 401
+            assert request(server.port, "HEAD", ART, headers=new)[0] == 404
+    finally:
+        assert server.stop() == 0
+
+
+@WORKERS
+def test_sigterm_stops_every_worker_cleanly(tmp_path, workers):
+    server = start(tmp_path, workers)
+    assert request(server.port, "GET", "/healthz")[0] == 200
+    pids = list(worker_pids(server).values()) if workers > 1 else []
+    assert len(pids) == (workers if workers > 1 else 0)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    server.stop()
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    text = server.log_path.read_text()
+    assert text.count("polykit_cache.server: stopped") == workers
+    assert "Traceback" not in text
+
+
+def test_a_killed_worker_is_replaced_and_the_others_keep_serving(tmp_path):
+    blob = pack_tree(tmp_path, {"a": os.urandom(50_000)})
+    server = start(tmp_path, 2)
+    try:
+        assert request(server.port, "PUT", ART, blob)[0] == 201
+        before = worker_pids(server)
+        assert len(before) == 2
+        stop = threading.Event()
+        outcomes: list[object] = []
+        lock = threading.Lock()
+
+        def load() -> None:
+            while not stop.is_set():
+                try:
+                    outcome: object = request(server.port, "GET", ART, timeout=30)[0]
+                except (OSError, http.client.HTTPException) as exc:  # a connection the killed worker had
+                    outcome = type(exc).__name__
+                with lock:
+                    outcomes.append(outcome)
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(outcomes) >= 40, "requests are answered")
+        os.kill(before[0], signal.SIGKILL)
+        wait_for(lambda: len(worker_pids(server)) == 2 and worker_pids(server)[0] != before[0], "a new worker 0 starts")
+        served = len(outcomes)
+        wait_for(lambda: len(outcomes) >= served + 40, "requests go on after the restart")
+        stop.set()
+        for t in threads:
+            t.join(60)
+        # Only connections the killed worker held can fail: at most one per client thread.
+        failures = [o for o in outcomes if o != 200]
+        assert len(failures) <= len(threads), failures
+        assert worker_pids(server)[1] == before[1]  # the other worker was never disturbed
+        # What the killed worker had counted is kept: every answered GET is in the totals.
+        assert stats(server.port)["hits"] >= outcomes.count(200)
+        assert "worker 0 (pid %d) was killed by SIGKILL; starting another" % before[0] in server.log_path.read_text()
+    finally:
+        assert server.stop() == 0
+
+
+def test_workers_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYKIT_CACHE_WORKERS", "2")
+    server = ServerProcess(tmp_path / "store", tmp_path / "server.log")
+    try:
+        assert "with 2 worker processes" in server.log_path.read_text()
+        wait_for(lambda: len(worker_pids(server)) == 2, "two workers start")
+    finally:
+        assert server.stop() == 0
