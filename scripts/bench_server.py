@@ -10,6 +10,7 @@ the fsyncs and the bookkeeping cost; the absolute figures only describe this mac
     python scripts/bench_server.py                 # ours and bare, 3 s per measurement
     python scripts/bench_server.py --quick         # smoke run for CI (small sizes, 1 s each)
     python scripts/bench_server.py --bare          # the baseline alone
+    python scripts/bench_server.py --workers-sweep # ours with 1, 2 and one worker per CPU, unpinned
     python scripts/bench_server.py --no-baseline   # ours alone
     python scripts/bench_server.py --url http://127.0.0.1:8080 --path-template /cache/{key}
 
@@ -278,11 +279,32 @@ def machine_busy_seconds() -> float | None:
     return (user + nice + system + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The children of a process (our server's workers under ``--workers``)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def peak_rss_kib(pid: int) -> int | None:
+    """The largest peak RSS of a server process and of its worker processes."""
+    figures = [kib for p in (pid, *child_pids(pid)) if (kib := proc_status_kib(p, "VmHWM")) is not None]
+    return max(figures) if figures else None
+
+
 def proc_cpu_seconds(pid: int | None) -> float | None:
-    """CPU time of a process, all threads: a big transfer lasts only a few clock ticks, so the
-    nanosecond figures of each thread's schedstat are used, and /proc/PID/stat where they lack."""
+    """CPU time of a process and its worker processes, all threads."""
     if pid is None:
         return None
+    figures = [_one_proc_cpu_seconds(p) for p in (pid, *child_pids(pid))]
+    known = [f for f in figures if f is not None]
+    return sum(known) if known else None
+
+
+def _one_proc_cpu_seconds(pid: int) -> float | None:
+    """CPU time of one process, all threads: a big transfer lasts only a few clock ticks, so the
+    nanosecond figures of each thread's schedstat are used, and /proc/PID/stat where they lack."""
     try:
         total = 0
         for task in os.scandir(f"/proc/{pid}/task"):
@@ -578,14 +600,16 @@ def start_server(name: str, cmd: list[str], port: int, workdir: Path, cpu: int |
     raise RuntimeError(f"the {name} server did not start on port {port}:\n{tail}")
 
 
-def start_ours(workdir: Path, cpu: int | None, threads: int, log_level: str, big_bytes: int) -> Target:
-    storage = workdir / "storage-ours"
+def start_ours(workdir: Path, cpu: int | None, threads: int, log_level: str, big_bytes: int,
+               workers: int = 1, name: str = "ours") -> Target:
+    storage = workdir / f"storage-{name}"
     port = free_port()
     cmd = [sys.executable, "-m", "polykit_cache", "serve", "--bind", LOCALHOST, "--port", str(port),
-           "--storage-dir", str(storage), "--threads", str(threads), "--log-level", log_level]
+           "--storage-dir", str(storage), "--threads", str(threads), "--log-level", log_level,
+           "--workers", str(workers)]
     if big_bytes > 1 << 30:
         cmd += ["--max-artifact-size", str(big_bytes)]
-    return start_server("ours", cmd, port, workdir, cpu, storage)
+    return start_server(name, cmd, port, workdir, cpu, storage)
 
 
 def start_bare(workdir: Path, serve_dir: Path, cpu: int | None, threads: int) -> Target:
@@ -847,8 +871,8 @@ def measure(
             result.statuses.pop(409, None)  # already stored is fine for the read set
             if result.failures:
                 notes.append(f"preparing reads: {describe_failures(result)}")
-    rss = proc_status_kib(target.pid, "VmHWM") if target.pid else None
-    if target.name == "ours":
+    rss = peak_rss_kib(target.pid) if target.pid else None
+    if target.name.startswith("ours"):
         notes.extend(check_ours(target, puts_ok))
     return TargetReport(target.name, results, rss / 1024 if rss is not None else None, notes)
 
@@ -923,23 +947,27 @@ def render_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
-def report(reports: list[TargetReport]) -> tuple[str, bool]:
-    """The results table, the CPU table and the checks; returns (text, every check passed)."""
+def report(reports: list[TargetReport], sweep: bool = False) -> tuple[str, bool]:
+    """The results table, the CPU table and the checks; returns (text, every check passed).
+
+    Two servers get the ratio of the first to the second (ours/bare); a ``--workers`` sweep
+    gets each later server's ratio to the first (one worker).
+    """
     labels = list(reports[0].results)
-    ratio = len(reports) == 2
-    headers = ["measurement", "unit", *(r.name for r in reports)] + (["ours/bare"] if ratio else [])
+    pairs = ([(reports[0], reports[1])] if len(reports) == 2 and not sweep
+             else [(r, reports[0]) for r in reports[1:]] if sweep else [])
+    headers = ["measurement", "unit", *(r.name for r in reports)] + [f"{a.name}/{b.name}" for a, b in pairs]
     rows = []
     for label in labels:
         results = [r.results[label] for r in reports]
         row = [label, results[0].unit, *(fmt(x.value, x.unit) + marks(x) for x in results)]
-        if ratio:
-            a, b = results[0].value, results[1].value
-            row.append(f"{a / b:.2f}" if a and b else "n/a")
+        for a, b in pairs:
+            x, y = a.results[label].value, b.results[label].value
+            row.append(f"{x / y:.2f}" if x and y else "n/a")
         rows.append(row)
-    rss = [r.peak_rss_mib for r in reports]
-    row = ["server peak RSS (VmHWM)", "MiB", *(fmt(x, "MiB") for x in rss)]
-    if ratio:
-        row.append(f"{rss[0] / rss[1]:.2f}" if rss[0] and rss[1] else "n/a")
+    row = ["server peak RSS (VmHWM, largest process)", "MiB", *(fmt(r.peak_rss_mib, "MiB") for r in reports)]
+    for a, b in pairs:
+        row.append(f"{a.peak_rss_mib / b.peak_rss_mib:.2f}" if a.peak_rss_mib and b.peak_rss_mib else "n/a")
     rows.append(row)
     out = [render_table(headers, rows)]
     if any(x.exhausted for r in reports for x in r.results.values()):
@@ -1003,6 +1031,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each rate measurement (default: 3)")
     parser.add_argument("--big-mib", type=int, default=512, help="size of the single big artifact, MiB (default: 512)")
     parser.add_argument("--threads", type=int, default=4, help="server worker threads (default: 4, as the server)")
+    parser.add_argument("--workers", type=int, default=1, help="our server's worker processes (default: 1)")
+    parser.add_argument("--workers-sweep", action="store_true",
+                        help="our server alone with 1, 2 and one worker per CPU, unpinned, and each one's ratio to 1")
     parser.add_argument("--server-log-level", default="warning", help="log level of our server (default: warning)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the server and the load generator to CPUs")
     parser.add_argument("--tmp-dir", type=Path, help="where the temporary folder goes (put it on the disk to measure)")
@@ -1017,6 +1048,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.max_puts = min(args.max_puts or QUICK_MAX_PUTS, QUICK_MAX_PUTS)
     if args.seconds <= 0 or args.seconds > 60 or args.big_mib < 1 or (args.max_puts is not None and args.max_puts < 8):
         parser.error("--seconds must be in (0, 60], --big-mib at least 1 and --max-puts at least 8")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers_sweep and (args.url or args.bare):
+        parser.error("--workers-sweep measures our server alone")
+    if args.workers_sweep or args.workers > 1:
+        args.no_pin = True  # one core cannot show what several workers do
     if args.pid is not None and not args.url:
         parser.error("--pid only goes with --url")
     return args
@@ -1028,6 +1065,8 @@ def chosen_servers(args: argparse.Namespace) -> list[str]:
         return ["target"]
     if args.bare:
         return ["bare"]
+    if args.workers_sweep:
+        return [f"ours-w{n}" for n in sorted({1, 2, usable_cpus()})]
     if args.no_baseline:
         return ["ours"]
     return ["ours", "bare"]
@@ -1082,13 +1121,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if kind == "target":
                 target = external
             elif kind == "ours":
-                target = start_ours(workdir, server_cpu, args.threads, args.server_log_level, big_bytes)
+                target = start_ours(workdir, server_cpu, args.threads, args.server_log_level, big_bytes, args.workers)
+            elif kind.startswith("ours-w"):
+                target = start_ours(workdir, server_cpu, args.threads, args.server_log_level, big_bytes,
+                                    int(kind[len("ours-w"):]), kind)
             else:
                 target = start_bare(workdir, artifacts, server_cpu, args.threads)
             targets.append(target)
             reports.append(measure(target, corpus, args.seconds, big_label, progress))
             stop_server(target)
-        text, passed = report(reports)
+        text, passed = report(reports, sweep=args.workers_sweep)
         print(describe_setup(args, corpus, server_cpu, load_cpu, external))
         if external is None:
             print(filesystem_line(workdir))
@@ -1121,6 +1163,7 @@ def describe_setup(
     lines = [
         f"setup: {pinning}; {args.seconds:g} s per rate measurement"
         + (f"; server threads {args.threads}" if external is None else "")
+        + (f"; our server's workers {args.workers}" if external is None and args.workers > 1 else "")
         + (f"; our server's log level {args.server_log_level}" if external is None and not args.bare else ""),
         f"artifacts: 4 KiB random payload = {small} bytes packed, 1 MiB = {mid} bytes, "
         f"big = {corpus.big.size} bytes; MiB/s counts artifact bytes (1 MiB = 1048576 bytes)",
