@@ -32,17 +32,27 @@ CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)
 """
 
 
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection for one process's threads (callers hold their own lock around it), in WAL mode.
+
+    Transactions are opened by hand (``BEGIN IMMEDIATE``: the write lock at once, so two
+    workers never both read then fail to upgrade). Nothing here needs to survive a power loss
+    (counters start at zero, the index is rebuilt from the files at start-up), so no commit syncs.
+    """
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=OFF")
+    return db
+
+
 class SharedState:
     """One process's connection to the shared database; thread-safe (one connection, one lock)."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=OFF")
+        self._db = connect(self.path)
         self._db.executescript(SCHEMA)
 
     @classmethod

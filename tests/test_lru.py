@@ -1,0 +1,73 @@
+"""The disk store's index, in memory and in the workers' shared database: one contract."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+
+from polykit_cache.lru import PERSIST_USE_NS, MemoryIndex, SharedIndex
+
+
+def cost(size: int) -> int:
+    return size + 10
+
+
+@pytest.fixture(params=["memory", "shared"])
+def index(request, tmp_path):
+    if request.param == "memory":
+        return MemoryIndex(cost)
+    return SharedIndex(tmp_path / "state.sqlite3", cost)
+
+
+def test_totals_follow_adds_replacements_and_removals(index):
+    index.load([("a", 1, 100), ("b", 2, 200)])
+    assert index.totals() == (2, 300, 0) and index.total_cost() == 320
+    index.add("c", 50, 3)
+    index.add("a", 10, 4)  # replaced (an action-cache entry)
+    assert index.totals() == (3, 260, 0) and index.total_cost() == 290
+    assert index.remove("b") and not index.remove("b")
+    assert index.totals() == (2, 60, 0) and index.contains("a") and not index.contains("b")
+    assert index.use_range() == (3, 4)
+
+
+def test_eviction_takes_the_least_recently_used_until_within_the_bound(index):
+    index.load([("a", 1, 100), ("b", 2, 100), ("c", 3, 100)])
+    assert not index.touch("missing", 9)
+    index.touch("a", 10)  # now b is the oldest, then c
+    assert index.take_victims(330) == []
+    assert index.take_victims(219) == [("b", 100), ("c", 100)]
+    assert index.totals() == (1, 100, 2) and index.total_cost() == 110
+
+
+def test_a_use_is_written_to_the_file_now_and_then(index):
+    index.load([("a", 0, 1)])
+    assert not index.touch("a", PERSIST_USE_NS // 2)
+    assert index.touch("a", PERSIST_USE_NS + 1)
+    assert not index.touch("a", PERSIST_USE_NS + 2)
+
+
+def _worker(path, start: int) -> None:
+    index = SharedIndex(path, cost)
+    for n in range(start, start + 50):
+        index.add(f"k{n}", 10, n)
+        index.take_victims(20 * 20)
+
+
+def test_workers_share_one_bound_and_one_order(tmp_path):
+    path = tmp_path / "state.sqlite3"
+    SharedIndex(path, cost).load([])
+    context = multiprocessing.get_context("fork")
+    procs = [context.Process(target=_worker, args=(path, start)) for start in (0, 1000)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    index = SharedIndex(path, cost)
+    count, size, evictions = index.totals()
+    assert index.total_cost() <= 400 and count == 20 and size == 200 and evictions == 80
+    # What is left is the most recently used of both workers' entries.
+    low, _ = index.use_range()
+    assert all(index.contains(f"k{n}") for n in range(1040, 1050))
+    assert not index.contains("k0") and low >= 30
