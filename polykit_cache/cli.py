@@ -126,8 +126,8 @@ def serve_workers(config: cfg.Config, storage: Storage, access: Access) -> int:
         log.error("cannot listen on %s:%s: %s", config.bind, config.port, exc)
         return 1
     shared = SharedState.create(storage.root)
-    Metrics.seed(shared, storage.totals())
-    shared.close()  # each worker opens its own connection after the fork
+    shared.close()  # each worker opens its own connections after the fork
+    storage.publish_index(shared.path)
     count, size, _ = storage.totals()
     log.info("polykit-cache %s (%s): %s", __version__, zstd.backend_name(), cfg.describe(config))
     log.info("storage %s holds %d artifacts, %d bytes", storage.root, count, size)
@@ -136,6 +136,7 @@ def serve_workers(config: cfg.Config, storage: Storage, access: Access) -> int:
     log.info("serving on http://%s:%d with %d worker processes", host, port, config.workers)
 
     def work(slot: int) -> int:
+        storage.share(shared.path)
         worker_access = Access(config.token_file, os.environ, config.allow_anonymous_read)
         metrics = Metrics(storage.totals, SharedState(shared.path))
         app = make_app(config, storage, metrics=metrics, access=worker_access)

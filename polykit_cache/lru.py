@@ -46,6 +46,11 @@ class MemoryIndex:
             self.bytes = sum(use[1] for use in ordered.values())
             self.cost = sum(self._cost_of(use[1]) for use in ordered.values())
 
+    def entries(self) -> list[tuple[str, int, int]]:
+        """Every (key, last use in ns, size), to hand the index over to a shared one."""
+        with self._lock:
+            return [(key, use[0], use[1]) for key, use in self._uses.items()]
+
     def add(self, key: str, size: int, now: int) -> None:
         """Record a new entry, or a replaced one, as just used."""
         with self._lock:

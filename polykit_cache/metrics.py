@@ -28,8 +28,6 @@ PROTOCOLS = frozenset({"polykit", "turbo", "nx", "bazel", "kv"})
 # Namespaces come from the URL, so any client can name new ones: the first this many each get
 # their own label, the rest are counted together as "other", so the series stay bounded.
 MAX_NAMESPACE_LABELS = 100
-# The storage's figures as shared series: each worker adds the changes it made.
-STORED_SERIES = ("artifacts", "stored_bytes", "evictions")
 
 
 def namespace_label(namespace: str) -> str:
@@ -58,8 +56,6 @@ class Metrics:
         self.started = shared.started() if shared is not None else time.time()
         self._counts: Counter[tuple] = Counter()  # alone: everything; shared: not yet added
         self._namespace_labels: set[str] = set()
-        # What the storage held when last added to the shared totals (its changes are added).
-        self._stored_seen = stored() if shared is not None else (0, 0, 0)
 
     def request(self, method: str, status: int, seconds: float, protocol: str | None = "polykit") -> None:
         """Count one answer; ``protocol`` None is a path no route owns. The last count of a request."""
@@ -100,40 +96,28 @@ class Metrics:
             self._counts[("bytes_in",)] += size
 
     def flush(self) -> None:
-        """Add what this worker counted (and its storage's changes) to the shared totals."""
+        """Add what this worker counted to the shared totals."""
         if self._shared is None:
             return
-        stored = self._stored()
         with self._lock:
             deltas = {series: n for series, n in self._counts.items() if n}
-            for name, now, seen in zip(STORED_SERIES, stored, self._stored_seen):
-                if now != seen:
-                    deltas[(name,)] = now - seen
             self._counts.clear()
-            self._stored_seen = stored
         self._shared.add(deltas)
 
     def _snapshot(self) -> tuple[Counter[tuple], tuple[int, int, int]]:
-        """Every series and the storage's (artifacts, bytes, evictions), over every worker."""
+        """Every series, and the storage's (artifacts, bytes, evictions) (shared by the workers too)."""
+        stored = self._stored()
         if self._shared is None:
-            stored = self._stored()
             with self._lock:
                 return Counter(self._counts), stored
         self.flush()
-        counts = Counter(self._shared.totals())
-        stored = tuple(int(counts.pop((name,), 0)) for name in STORED_SERIES)
-        return counts, stored  # type: ignore[return-value]
+        return Counter(self._shared.totals()), stored
 
     @property
     def requests(self) -> Counter[tuple[str, str, int]]:
         """Requests answered by (protocol, method, status), over every worker."""
         counts, _ = self._snapshot()
         return Counter({s[1:]: int(n) for s, n in counts.items() if s[0] == "requests"})
-
-    @staticmethod
-    def seed(shared: SharedState, stored: tuple[int, int, int]) -> None:
-        """Record what the storage holds when the server starts, before any worker counts changes."""
-        shared.add({(name,): value for name, value in zip(STORED_SERIES, stored) if value})
 
     def stats(self) -> dict:
         """The JSON figures of /v1/stats."""

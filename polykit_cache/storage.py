@@ -30,12 +30,13 @@ import tempfile
 import stat as stat_module
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from polykit_client.artifact import hash_file, is_cache_key
+
+from .lru import MemoryIndex, SharedIndex
 
 log = logging.getLogger("polykit_cache.storage")
 
@@ -84,6 +85,28 @@ def blob_id(name: str) -> str:
     digest = hashlib.sha256(name.encode()).hexdigest()
     return f"{name.partition('/')[0]}/{digest[:2]}/{digest}"
 
+class LayoutLock:
+    """A lock held while entries appear or leave, across the threads and the worker processes
+    of a server: a thread lock, then ``flock`` on a file opened by this process (an inherited
+    descriptor would be the same lock for parent and child)."""
+
+    def __init__(self, path: Path) -> None:
+        self._thread_lock = threading.Lock()
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread_lock.release()
+
+
 # Metadata of this many artifacts is kept in memory: artifacts never change once published,
 # so a HEAD or GET of a popular key need not reread its JSON file.
 INFO_CACHE_SIZE = 16384
@@ -100,17 +123,13 @@ class Storage:
         self._lock = threading.Lock()
         # Held while entries appear on disk or leave it (publication, eviction), so a check for an
         # entry, its metadata and its folders never see a half-done change; taken before _lock.
-        self._layout_lock = threading.Lock()
+        # With worker processes, it is also a lock on a file (see share()).
+        self._layout_lock: threading.Lock | LayoutLock = threading.Lock()
         self._prefix = str(self.root) + "/"
         self._info: dict[str, ArtifactInfo] = {}
-        # key -> [last use in ns, size, last use written to the file's mtime], least recently
-        # used first: the order is exact in memory and persisted coarsely (see touch()). The key
-        # is a cache key or a blob's id.
-        self._uses: OrderedDict[str, list[int]] = OrderedDict()
-        self.count = 0
-        self.bytes = 0
-        self.cost = 0  # what the entries cost on disk, the figure --max-storage bounds
-        self.evictions = 0
+        # Sizes, costs and the least-recently-used order of the entries (keyed by cache key or
+        # blob id): in this process, or shared by the worker processes (see share()).
+        self._index: MemoryIndex | SharedIndex = MemoryIndex(disk_cost)
 
     # --- paths -------------------------------------------------------------------------------
 
@@ -151,6 +170,22 @@ class Storage:
             os.close(fd)
             raise StorageBusy(f"another polykit-cache is serving {self.root}") from None
         self._lock_fd = fd  # held, and so locked, until the process ends
+
+    def share(self, path: Path | str) -> None:
+        """Serve beside other worker processes: use the index in the shared database at ``path``,
+        and a lock file for changes of the layout, so a bound, an order and first-write-wins hold
+        across processes. Called in each worker after the fork (locks and connections are per process).
+        """
+        self._index = SharedIndex(path, disk_cost)
+        self._layout_lock = LayoutLock(self.root / "layout.lock")
+
+    def publish_index(self, path: Path | str) -> None:
+        """Write this process's index (loaded at start-up) to the shared database at ``path``."""
+        shared = SharedIndex(path, disk_cost)
+        try:
+            shared.load(self._index.entries())
+        finally:
+            shared.close()
 
     def recover(self) -> None:
         """Under the lock, at start-up: remove stale temporaries, move blobs of the former layout,
@@ -233,9 +268,7 @@ class Storage:
         for meta in self.root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*.json"):
             if not meta.with_suffix(".zst").exists():
                 meta.unlink(missing_ok=True)
-        ordered = OrderedDict(sorted(uses.items(), key=lambda item: item[1][0]))
-        with self._lock:
-            self.count, self.bytes, self.cost, self._uses = count, total, cost, ordered
+        self._index.load((key, use[0], use[1]) for key, use in uses.items())
         self.evict()
 
     def _scan_blobs(self, cleanup: bool = False):
@@ -307,11 +340,11 @@ class Storage:
             info = self._repair_meta(key, path)
             if info is None:
                 return None
-        with self._lock:
-            if key in self._uses:  # an eviction may have removed it since its metadata was read
-                if len(self._info) >= INFO_CACHE_SIZE:
-                    self._info.pop(next(iter(self._info)))
-                self._info[key] = info
+        if self._index.contains(key):  # an eviction may have removed it since its metadata was read
+            with self._lock:
+                    if len(self._info) >= INFO_CACHE_SIZE:
+                        self._info.pop(next(iter(self._info)))
+                    self._info[key] = info
         return info
 
     def repair_meta(self, key: str) -> ArtifactInfo | None:
@@ -336,11 +369,7 @@ class Storage:
             if os.path.exists(self._data_path(key)):
                 return  # uploaded again since it was found missing
             self._info.pop(key, None)
-            use = self._uses.pop(key, None)
-            if use is not None:
-                self.count -= 1
-                self.bytes -= use[1]
-                self.cost -= disk_cost(use[1])
+        self._index.remove(key)
 
     def exists(self, key: str) -> bool:
         """Whether the artifact file is there; the disk, not the cache, since maintenance may move it."""
@@ -379,12 +408,7 @@ class Storage:
             raise
         finally:
             temp.unlink(missing_ok=True)
-        now = time.time_ns()
-        with self._lock:
-            self.count += 1
-            self.bytes += size
-            self.cost += disk_cost(size)
-            self._uses[key] = [now, size, now]
+        self._index.add(key, size, time.time_ns())
         self.evict()
         return ArtifactInfo(key, size, sha256, created, str(final))
 
@@ -402,24 +426,11 @@ class Storage:
 
     # --- least recently used eviction ---------------------------------------------------------
 
-    # A use is written to the artifact's mtime at most this often, so the order survives a restart
-    # without a write per request.
-    PERSIST_USE_NS = 60 * 10**9
-
     def touch(self, name: str) -> None:
         """Record a GET or HEAD of an artifact (by key) or blob (by name) as a use: in memory now, on disk now and then."""
         key = self._key_of(name)
         now = time.time_ns()
-        with self._lock:
-            use = self._uses.get(key)
-            if use is None:
-                return
-            use[0] = now
-            self._uses.move_to_end(key)
-            persist = now - use[2] > self.PERSIST_USE_NS
-            if persist:
-                use[2] = now
-        if persist:
+        if self._index.touch(key, now):
             try:
                 os.utime(self._data_path(key), ns=(now, now))
             except OSError:
@@ -435,22 +446,15 @@ class Storage:
         limit = self.max_storage if limit is None else limit
         if limit is None:
             return []
+        if self._index.total_cost() <= limit:
+            return []
         with self._layout_lock:
+            taken = self._index.take_victims(limit)
+            victims = [key for key, _ in taken]
+            freed = sum(size for _, size in taken)
             with self._lock:
-                if self.cost <= limit:
-                    return []
-                victims = []
-                freed = freed_cost = 0
-                while self._uses and self.cost - freed_cost > limit:
-                    key, (_, size, _) = self._uses.popitem(last=False)
+                for key in victims:
                     self._info.pop(key, None)
-                    victims.append(key)
-                    freed += size
-                    freed_cost += disk_cost(size)
-                self.count -= len(victims)
-                self.bytes -= freed
-                self.cost -= freed_cost
-                self.evictions += len(victims)
             for key in victims:
                 path = self._data_path(key)
                 # Data first: a blob's metadata must never be missing while the blob is visible.
@@ -548,28 +552,20 @@ class Storage:
             raise
         finally:
             temp.unlink(missing_ok=True)
-        now = time.time_ns()
-        with self._lock:
-            if replace and key in self._uses:
-                old = self._uses[key][1]
-                self.bytes -= old
-                self.cost -= disk_cost(old)
-                self.count -= 1
-            self.count += 1
-            self.bytes += size
-            self.cost += disk_cost(size)
-            self._uses[key] = [now, size, now]
-            self._uses.move_to_end(key)
+        self._index.add(key, size, time.time_ns())
         self.evict()
         return True
 
+    @property
+    def cost(self) -> int:
+        """What the entries cost on disk: the figure ``--max-storage`` bounds."""
+        return self._index.total_cost()
+
     def totals(self) -> tuple[int, int, int]:
         """(artifacts stored, bytes stored, evictions so far), kept current without touching the disk."""
-        with self._lock:
-            return self.count, self.bytes, self.evictions
+        return self._index.totals()
 
     def use_range(self) -> tuple[float, float] | None:
         """Last use of the least and of the most recently used artifact (seconds since the epoch)."""
-        with self._lock:
-            times = [use[0] for use in self._uses.values()]
-        return (min(times) / 1e9, max(times) / 1e9) if times else None
+        found = self._index.use_range()
+        return (found[0] / 1e9, found[1] / 1e9) if found else None

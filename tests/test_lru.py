@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import multiprocessing
+import subprocess
+import sys
 
 import pytest
 
 from polykit_cache.lru import PERSIST_USE_NS, MemoryIndex, SharedIndex
+from support import ROOT
 
 
 def cost(size: int) -> int:
@@ -47,23 +49,23 @@ def test_a_use_is_written_to_the_file_now_and_then(index):
     assert not index.touch("a", PERSIST_USE_NS + 2)
 
 
-def _worker(path, start: int) -> None:
-    index = SharedIndex(path, cost)
-    for n in range(start, start + 50):
-        index.add(f"k{n}", 10, n)
-        index.take_victims(20 * 20)
+WORKER = """
+import sys
+from polykit_cache.lru import SharedIndex
+index = SharedIndex(sys.argv[1], lambda size: size + 10)
+start = int(sys.argv[2])
+for n in range(start, start + 50):
+    index.add(f"k{n}", 10, n)
+    index.take_victims(20 * 20)
+"""
 
 
 def test_workers_share_one_bound_and_one_order(tmp_path):
     path = tmp_path / "state.sqlite3"
     SharedIndex(path, cost).load([])
-    context = multiprocessing.get_context("fork")
-    procs = [context.Process(target=_worker, args=(path, start)) for start in (0, 1000)]
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(path), str(start)], cwd=ROOT) for start in (0, 1000)]
     for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+        assert p.wait(60) == 0
     index = SharedIndex(path, cost)
     count, size, evictions = index.totals()
     assert index.total_cost() <= 400 and count == 20 and size == 200 and evictions == 80

@@ -182,3 +182,27 @@ def test_workers_from_the_environment(tmp_path, monkeypatch):
         wait_for(lambda: len(worker_pids(server)) == 2, "two workers start")
     finally:
         assert server.stop() == 0
+
+
+@WORKERS
+def test_one_max_storage_bound_and_one_use_order_over_every_worker(tmp_path, workers):
+    from polykit_cache.storage import disk_cost
+
+    blobs = {key_for(str(i)): pack_tree(tmp_path / str(i), {"a": os.urandom(1000)}, key=key_for(str(i)))
+             for i in range(30)}
+    keys = list(blobs)
+    bound = 10 * disk_cost(max(len(b) for b in blobs.values()))
+    server = start(tmp_path, workers, "--max-storage", str(bound))
+    try:
+        for key in keys:
+            assert request(server.port, "PUT", f"/v1/artifacts/{key}", blobs[key])[0] == 201
+            # The first key is read between uploads, over new connections (any worker): it stays.
+            assert request(server.port, "HEAD", f"/v1/artifacts/{keys[0]}")[0] == 200
+        figures = stats(server.port)
+        on_disk = sorted(p.stem for p in (tmp_path / "store").glob("??/??/*.zst"))
+        assert figures["artifacts"] == len(on_disk) <= 10
+        assert figures["evictions"] == 30 - len(on_disk)
+        assert figures["stored_bytes"] == sum(len(blobs[k]) for k in on_disk)
+        assert keys[0] in on_disk and keys[-1] in on_disk and keys[1] not in on_disk
+    finally:
+        assert server.stop() == 0
