@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Callable, Iterable
 from wsgiref.util import FileWrapper
@@ -24,7 +23,7 @@ from .http import SEND_CHUNK, HTTPError, Response, json_response, reason, render
 from .metrics import Metrics
 from .outcomes import parse_length, refuse
 from .routes import Route, Router
-from .storage import AlreadyStored, Storage, StorageFull
+from .store import Store, StorageFull, StorageUnavailable
 from .verification import IncompleteBody, receive
 
 log = logging.getLogger("polykit_cache.app")
@@ -57,7 +56,7 @@ def _environ_lookup(environ: dict) -> Callable[[str], str | None]:
 class CacheApp:
     """The WSGI application of one server; build it with :func:`make_app`."""
 
-    def __init__(self, config: Config, storage: Storage, metrics: Metrics, access: Access) -> None:
+    def __init__(self, config: Config, storage: Store, metrics: Metrics, access: Access) -> None:
         self.config = config
         self.storage = storage
         self.metrics = metrics
@@ -147,7 +146,7 @@ class CacheApp:
         limit = self.config.max_artifact_size
         if length > limit:
             raise refuse("too_large", f"The upload is {length} bytes, over the artifact size limit of {limit} bytes.", limit=limit)
-        if self.storage.max_storage is not None and self.storage.cost_of(length) > self.storage.max_storage:
+        if not self.storage.fits(length):
             raise refuse("storage_full", f"The upload is {length} bytes, more than the whole cache may hold.")
         return length
 
@@ -171,6 +170,12 @@ class CacheApp:
             environ["polykit.protocol"] = route.protocol
             self._admission(route, method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))
             response = route.handlers[method](environ, params)
+        except StorageUnavailable as exc:
+            # The store (a bucket) cannot be reached: clients build instead (spec: any 5xx is a miss).
+            log.warning("storage unavailable answering %s %s: %s", method[:20], path[:MAX_PATH], exc)
+            error = refuse("unavailable", "The cache's storage cannot be reached now; build instead.",
+                           [("Retry-After", "5")], count=False)
+            response = (route.render if route else render_json_error)(error)
         except HTTPError as exc:
             if exc.reject is not None:
                 self.metrics.reject(exc.reject, exc.received)
@@ -219,12 +224,6 @@ class CacheApp:
         self.metrics.lookup(False)
         return refuse("not_found", f"No artifact is stored under {key}.")
 
-    def _found(self, environ: dict, key: str):
-        info = self.storage.lookup(key)
-        if info is None:
-            raise self._missing(key)
-        return info
-
     @staticmethod
     def _artifact_headers(info) -> list[tuple[str, str]]:
         return [
@@ -244,13 +243,11 @@ class CacheApp:
         return None
 
     def head_artifact(self, environ: dict, params: dict) -> Response:
-        """Answer from the metadata alone; the artifact file is not opened."""
+        """Answer from the metadata alone; the artifact is not opened."""
         key = self._key(params)
-        info = self._found(environ, key)
-        if not os.path.exists(info.path):  # removed behind our back (verify's quarantine, gc)
-            self.storage.forget(key)
+        info = self.storage.stat("polykit", key, use=True)
+        if info is None:
             raise self._missing(key)
-        self.storage.touch(key)
         cached = self._not_modified(environ, info)
         if cached is not None:
             return cached
@@ -259,16 +256,15 @@ class CacheApp:
 
     def get_artifact(self, environ: dict, params: dict) -> Response:
         key = self._key(params)
-        info = self._found(environ, key)
-        self.storage.touch(key)
-        cached = self._not_modified(environ, info)
-        if cached is not None:
-            return cached
-        try:
-            fh = open(info.path, "rb")
-        except FileNotFoundError:  # removed since its metadata was read
-            self.storage.forget(key)
-            raise self._missing(key) from None
+        if environ.get("HTTP_IF_NONE_MATCH"):
+            info = self.storage.stat("polykit", key, use=True)
+            cached = self._not_modified(environ, info) if info is not None else None
+            if cached is not None:
+                return cached
+        opened = self.storage.open("polykit", key)
+        if opened is None:
+            raise self._missing(key)
+        info, fh = opened
         self.metrics.lookup(True, info.size)
         # The server's file wrapper lets waitress's I/O thread send the file, freeing this worker.
         wrapper = environ.get("wsgi.file_wrapper", FileWrapper)
@@ -278,11 +274,11 @@ class CacheApp:
         key = self._key(params)
         length = self.content_length(environ)
         exists = f"An artifact is already stored under {key}; artifacts are immutable."
-        if self.storage.exists(key):
+        if self.storage.stat("polykit", key) is not None:
             raise refuse("exists", exists)
-        full = "The cache's disk is full; the artifact was not stored."
+        full = "The cache's storage is full; the artifact was not stored."
         try:
-            received = receive(self.storage, environ["wsgi.input"], length, key, self.limits)
+            staged = receive(self.storage, environ["wsgi.input"], length, key, self.limits)
         except ArtifactError as exc:
             raise refuse("verification_failed", f"The artifact was refused: {exc}", reason=exc.reason, received=length) from None
         except IncompleteBody as exc:
@@ -290,21 +286,22 @@ class CacheApp:
         except StorageFull:
             raise refuse("storage_full", full, received=length) from None
         claimed = environ.get("HTTP_X_ARTIFACT_HASH")
-        if claimed is not None and claimed.strip().lower() != received.sha256:
-            received.temp.unlink(missing_ok=True)
+        size, sha256 = staged.size, staged.sha256
+        if claimed is not None and claimed.strip().lower() != sha256:
+            staged.discard()
             raise refuse("verification_failed", "The body does not match its X-Artifact-Hash header.",
-                         reason="body_hash_mismatch", received=received.size)
+                         reason="body_hash_mismatch", received=size)
         try:
-            info = self.storage.publish(key, received.temp, received.size, received.sha256)
-        except AlreadyStored:
-            raise refuse("exists", exists, received=received.size) from None
+            stored = self.storage.commit("polykit", key, staged)
         except StorageFull:
-            raise refuse("storage_full", full, received=received.size) from None
-        self.metrics.upload(received.size)
+            raise refuse("storage_full", full, received=size) from None
+        if not stored:  # another upload of the key was committed first (first write wins)
+            raise refuse("exists", exists, received=size)
+        self.metrics.upload(size)
         return json_response(
             201,
-            {"key": key, "size": info.size, "sha256": info.sha256},
-            [("Location", f"/v1/artifacts/{key}"), ("ETag", f'"{info.sha256}"')],
+            {"key": key, "size": size, "sha256": sha256},
+            [("Location", f"/v1/artifacts/{key}"), ("ETag", f'"{sha256}"')],
         )
 
     # --- service endpoints (HEAD is answered as GET without the body) ------------------------
@@ -325,10 +322,10 @@ class CacheApp:
         )
 
 
-def make_app(config: Config, storage: Storage, metrics: Metrics | None = None, access: Access | None = None) -> CacheApp:
-    """Build the WSGI application over an opened storage; without ``access`` the server is open."""
+def make_app(config: Config, storage: Store, metrics: Metrics | None = None, access: Access | None = None) -> CacheApp:
+    """Build the WSGI application over an opened store (see :mod:`store`); without ``access`` the server is open."""
     access = access or Access(None, {}, config.allow_anonymous_read)
-    app = CacheApp(config, storage, metrics or Metrics(storage.totals), access)
+    app = CacheApp(config, storage, metrics or Metrics(storage.usage), access)
     routes = app.polykit_routes()
     for module in (turbo, nx, kv, bazel):
         routes += module.routes(app)

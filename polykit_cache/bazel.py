@@ -26,10 +26,11 @@ PATTERN = r"/(?:(?P<instance>[^?#]+?)/)?(?P<kind>ac|cas)/(?P<hash>[0-9a-f]{64})"
 
 
 def _name(params: dict) -> tuple[str, str, str]:
+    """(space, name in it, digest): ``bazel-ac`` or ``bazel-cas``, ``<instance>/<sha256>``."""
     instance = params.get("instance") or "_"
     check_segments(instance.split("/"), "An instance name")
     digest, kind = params["hash"], params["kind"]
-    return f"bazel/{instance}/{kind}/{digest[:2]}/{digest}", kind, digest
+    return f"bazel-{kind}", f"{instance}/{digest}", digest
 
 
 def _empty(app, environ: dict, head: bool) -> Response:
@@ -42,24 +43,24 @@ def routes(app) -> list[Route]:
     """The Bazel routes of the app's route table."""
 
     def get(environ: dict, params: dict) -> Response:
-        name, kind, digest = _name(params)
-        if kind == "cas" and digest == EMPTY_SHA256:
+        space, name, digest = _name(params)
+        if space == "bazel-cas" and digest == EMPTY_SHA256:
             return _empty(app, environ, head=False)
-        return get_blob(app, environ, name, head=False)
+        return get_blob(app, environ, space, name, head=False)
 
     def head(environ: dict, params: dict) -> Response:
-        name, kind, digest = _name(params)
-        if kind == "cas" and digest == EMPTY_SHA256:
+        space, name, digest = _name(params)
+        if space == "bazel-cas" and digest == EMPTY_SHA256:
             return _empty(app, environ, head=True)
-        return get_blob(app, environ, name, head=True)
+        return get_blob(app, environ, space, name, head=True)
 
     def put(environ: dict, params: dict) -> Response:
-        name, kind, digest = _name(params)
-        if kind == "cas" and digest == EMPTY_SHA256 and app.content_length(environ) == 0:
+        space, name, digest = _name(params)
+        if space == "bazel-cas" and digest == EMPTY_SHA256 and app.content_length(environ) == 0:
             return json_response(200, {"stored": False})  # always present; nothing to keep
-        if kind == "cas":
-            return put_blob(app, environ, name, expected_sha256=digest, created=200, existing=200)
-        return put_blob(app, environ, name, replace=True, created=200, existing=200)
+        if space == "bazel-cas":
+            return put_blob(app, environ, space, name, expected_sha256=digest, created=200, existing=200)
+        return put_blob(app, environ, space, name, created=200, existing=200)  # the action cache is replaced
 
     sha = "0" * 64
     return [Route("bazel", "", PATTERN, {"GET": get, "HEAD": head, "PUT": put}, writes=frozenset({"PUT"}),

@@ -15,20 +15,20 @@ from .routes import Route
 def _name(params: dict) -> str:
     parts = [params["namespace"], *params["path"].split("/")]
     check_segments(parts, "A key-value path")
-    return "kv/" + "/".join(parts)
+    return "/".join(parts)
 
 
 def routes(app) -> list[Route]:
     """The key-value routes of the app's route table."""
 
     def get(environ: dict, params: dict):
-        return get_blob(app, environ, _name(params), head=False)
+        return get_blob(app, environ, "kv", _name(params), head=False)
 
     def head(environ: dict, params: dict):
-        return get_blob(app, environ, _name(params), head=True)
+        return get_blob(app, environ, "kv", _name(params), head=True)
 
     def put(environ: dict, params: dict):
-        return put_blob(app, environ, _name(params))
+        return put_blob(app, environ, "kv", _name(params))
 
     return [Route("kv", "kv", r"/kv/(?P<namespace>[^/]+)/(?P<path>.+)", {"GET": get, "HEAD": head, "PUT": put},
                   writes=frozenset({"PUT"}), samples=("/kv/ccache/ab/cdef", "/kv/gradle/0123abcd", "/kv/ns/ac/" + "0" * 64))]

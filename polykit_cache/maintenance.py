@@ -1,108 +1,117 @@
-"""Offline maintenance of a storage folder: rehash and reverify every artifact."""
+"""Maintenance of a store, through the storage interface: verify, gc and stats."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-import os
-from pathlib import Path
 
-from polykit_client.artifact import ArtifactError, HashingReader, Limits, hash_file, verify_stream
+from polykit_client.artifact import ArtifactError, HashingReader, Limits, verify_stream
 
-from .storage import OBJECTS, Storage
+from .storage import Storage
+from .store import SPACES, Stat, Store
 
 log = logging.getLogger("polykit_cache.maintenance")
 
 
-def check_artifact(storage: Storage, key: str, path: Path, limits: Limits) -> str | None:
+def check_artifact(store: Store, stat: Stat, limits: Limits) -> str | None:
     """Why the stored artifact is corrupt, or None when its bytes and its contents both verify."""
-    info = storage.lookup(key) or storage.repair_meta(key)  # lost metadata is rebuilt, not a corruption
-    if info is None:
-        return "unreadable artifact"
+    opened = store.open("polykit", stat.name, use=False)
+    if opened is None:
+        return None  # evicted or removed meanwhile: nothing to judge
+    info, fh = opened
     try:
-        with open(path, "rb") as fh:
+        with fh:
             reader = HashingReader(fh)
-            verify_stream(reader, expected_key=key, limits=limits)
+            verify_stream(reader, expected_key=stat.name, limits=limits)
             while reader.read(1 << 20):
                 pass
     except ArtifactError as exc:
         return str(exc)
     if reader.size != info.size or reader.digest.hexdigest() != info.sha256:
-        return "bytes on disk differ from the recorded size or sha256"
+        return "stored bytes differ from the recorded size or sha256"
     return None
 
 
-def verify_storage(storage: Storage, limits: Limits = Limits()) -> int:
-    """Verify every artifact; move corrupt ones to ``quarantine/``. Exit status 0 or 1."""
-    quarantine = storage.root / "quarantine"
+def verify_storage(store: Store, limits: Limits = Limits()) -> int:
+    """Verify every artifact and content-addressed blob; take corrupt ones aside. Exit status 0 or 1."""
     checked = bad = 0
-    for key, path in list(storage.keys()):
+    for stat in list(store.scan("polykit")):
         checked += 1
-        problem = check_artifact(storage, key, path, limits)
+        problem = check_artifact(store, stat, limits)
         if problem is None:
             continue
         bad += 1
-        quarantine.mkdir(exist_ok=True)
-        for src in (path, path.with_suffix(".json")):
-            if src.exists():
-                os.replace(src, quarantine / src.name)
-        log.error("quarantined %s: %s", key, problem)
-    blobs_checked, blobs_bad = verify_content_addressed(storage, quarantine)
+        store.quarantine("polykit", stat.name)
+        log.error("quarantined %s: %s", stat.name, problem)
+    blobs_checked, blobs_bad = verify_content_addressed(store)
     print(f"verified {checked} artifacts: {checked - bad} good, {bad} quarantined")
     if blobs_checked:
         print(f"verified {blobs_checked} content-addressed blobs: {blobs_checked - blobs_bad} good, {blobs_bad} quarantined")
     return 1 if bad or blobs_bad else 0
 
 
-def verify_content_addressed(storage: Storage, quarantine: Path) -> tuple[int, int]:
+def verify_content_addressed(store: Store) -> tuple[int, int]:
     """Rehash Bazel CAS blobs, whose name ends in their SHA-256; other tools' blobs cannot be checked."""
     checked = bad = 0
-    for name, path in sorted(storage.blobs()):
-        parts = name.split("/")
-        if parts[0] != "bazel" or len(parts) < 4 or parts[-3] != "cas" or len(parts[-1]) != 64:
+    for stat in sorted(store.scan("bazel-cas"), key=lambda s: s.name):
+        digest = stat.name.rpartition("/")[2]
+        opened = store.open("bazel-cas", stat.name, use=False)
+        if opened is None:  # evicted meanwhile
             continue
         checked += 1
-        try:
-            sha, _ = hash_file(path)
-        except FileNotFoundError:  # evicted meanwhile
-            continue
-        if sha == parts[-1]:
+        _, fh = opened
+        with fh:
+            reader = HashingReader(fh)
+            while reader.read(1 << 20):
+                pass
+        if reader.digest.hexdigest() == digest:
             continue
         bad += 1
-        target = quarantine / OBJECTS / path.relative_to(storage.root / OBJECTS)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
-        log.error("quarantined blob %s: its content no longer matches its SHA-256", name)
+        store.quarantine("bazel-cas", stat.name)
+        log.error("quarantined blob %s: its content no longer matches its SHA-256", stat.name)
     return checked, bad
 
 
-def collect(storage: Storage) -> int:
-    """Trim the storage to its ``max_storage`` bound, least recently used first.
+def collect(store: Store, max_age: float | None = None) -> int:
+    """Trim the store: entries older than ``max_age`` seconds go, then (on disk) down to ``max_storage``,
+    least recently used first.
 
-    Only beside no server: a live one keeps its own totals and order, which a second process
-    removing entries would make wrong, so this takes the server's lock or refuses (StorageBusy).
+    On disk only beside no server: a live one keeps its own totals and order, which a second
+    process removing entries would make wrong, so this takes the server's lock or refuses
+    (StorageBusy). A bucket is shared by live servers by design: there only age counts.
     """
-    storage.lock()
-    storage.migrate_legacy_blobs()
-    storage.load_index(cleanup=True)  # counts what is stored and evicts down to the bound
-    count, size, evicted = storage.totals()
-    print(f"evicted {evicted} entries; {count} entries, {size} bytes remain")
+    if isinstance(store, Storage):
+        store.lock()
+        store.migrate_legacy_blobs()
+    removed = 0
+    if max_age is not None:
+        cutoff = time.time() - max_age
+        for space in SPACES:
+            for stat in list(store.scan(space)):
+                if stat.created < cutoff and store.delete(space, stat.name):
+                    removed += 1
+    if isinstance(store, Storage):
+        store.load_index(cleanup=True)  # counts what is stored and evicts down to the bound
+    else:
+        store.refresh()
+    count, size, evicted = store.usage()
+    print(f"evicted {evicted + removed} entries; {count} entries, {size} bytes remain")
     return 0
 
 
-def show_stats(storage: Storage, as_json: bool) -> int:
-    """What the storage holds, from the files' sizes and last-use times (no artifact is read)."""
-    storage.load_index()
-    count, size, _ = storage.totals()
-    uses = storage.use_range()
+def show_stats(store: Store, as_json: bool) -> int:
+    """What the store holds, from sizes and last-use times (no artifact is read)."""
+    store.refresh()
+    count, size, _ = store.usage()
+    uses = store.use_range()
     figures = {
-        "storage_dir": str(storage.root),
+        "storage_dir": store.describe(),
         "artifacts": count,
         "bytes": size,
         "least_recent_use": uses[0] if uses else None,
         "most_recent_use": uses[1] if uses else None,
-        "quarantined": len(list((storage.root / "quarantine").glob("*.zst"))),
+        "quarantined": store.quarantined(),
     }
     if as_json:
         print(json.dumps(figures))

@@ -55,11 +55,11 @@ class MemoryStore(Store):
                 self.uses[(space, name)] = time.time()
         return found[0] if found else None
 
-    def open(self, space: str, name: str) -> tuple[Stat, BinaryIO] | None:
+    def open(self, space: str, name: str, use: bool = True) -> tuple[Stat, BinaryIO] | None:
         check_space(space)
         with self.backing.lock:
             found = self.backing.objects.get((space, name))
-            if found is not None:
+            if found is not None and use:
                 self.uses[(space, name)] = time.time()
         return (found[0], io.BytesIO(found[1])) if found else None
 

@@ -23,16 +23,16 @@ def routes(app) -> list[Route]:
     """The Nx routes of the app's route table."""
 
     def name(params: dict) -> str:
-        return f"nx/{params['hash'][:2]}/{params['hash']}"
+        return params["hash"]
 
     def get(environ: dict, params: dict) -> Response:
-        return get_blob(app, environ, name(params), head=False)
+        return get_blob(app, environ, "nx", name(params), head=False)
 
     def head(environ: dict, params: dict) -> Response:
-        return get_blob(app, environ, name(params), head=True)
+        return get_blob(app, environ, "nx", name(params), head=True)
 
     def put(environ: dict, params: dict) -> Response:
-        answer = put_blob(app, environ, name(params), created=200, existing=409)
+        answer = put_blob(app, environ, "nx", name(params), created=200, existing=409)
         if answer.status == 409:
             raise refuse("exists", "Cannot override an existing record.")
         return answer

@@ -287,18 +287,6 @@ class Storage(Store):
                     if stat_module.S_ISREG(st.st_mode):
                         yield f"{protocol.name}/{shard.name}/{entry.name}", st
 
-    def blobs(self):
-        """(name, data path) of every stored blob, from their metadata, for maintenance commands."""
-        for key, _ in self._scan_blobs():
-            path = self._data_path(key)
-            try:
-                with open(path + ".json", "rb") as fh:
-                    name = json.load(fh).get("name")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if isinstance(name, str):
-                yield name, Path(path)
-
     def _scan(self):
         for top in sorted(os.scandir(self.root), key=lambda e: e.name):
             if len(top.name) != 2 or not top.is_dir(follow_symlinks=False):
@@ -310,10 +298,6 @@ class Storage(Store):
                     name = entry.name
                     if name.endswith(".zst") and is_cache_key(name[:-4]):
                         yield name[:-4], Path(entry.path)
-
-    def keys(self):
-        """Every stored key (with its artifact path), for maintenance commands."""
-        return self._scan()
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -368,10 +352,6 @@ class Storage(Store):
                 self.count -= 1
                 self.bytes -= use[1]
                 self.cost -= disk_cost(use[1])
-
-    def exists(self, key: str) -> bool:
-        """Whether the artifact file is there; the disk, not the cache, since maintenance may move it."""
-        return os.path.exists(self._zst(key))
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -520,34 +500,9 @@ class Storage(Store):
     # served as an artifact nor the other way round. They share the index, the bound and the
     # eviction order. ``name`` is ``<protocol>/<path>``, whose parts the protocol module validated.
 
-    def blob_stat(self, name: str) -> int | None:
-        """The blob's size, or None when it is not stored."""
-        try:
-            st = os.stat(self._data_path(blob_id(name)))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return st.st_size if stat_module.S_ISREG(st.st_mode) else None
-
-    @staticmethod
-    def blob_size_of(fh: BinaryIO) -> int:
-        return os.fstat(fh.fileno()).st_size
-
-    def open_blob(self, name: str) -> BinaryIO | None:
-        try:
-            return open(self._data_path(blob_id(name)), "rb")
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
-
     def blob_meta(self, name: str) -> dict:
         """What a protocol stored beside a blob (for example turbo's duration and tag), or {}."""
-        try:
-            with open(self._data_path(blob_id(name)) + ".json", "rb") as fh:
-                meta = json.load(fh)
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(meta, dict) or meta.get("name") != name:
-            return {}
-        return {k: v for k, v in meta.items() if k != "name"}
+        return {k: v for k, v in self._blob_json(name).items() if k not in RESERVED_META}
 
     def publish_blob(self, name: str, temp: Path, size: int, replace: bool = False, meta: dict | None = None) -> bool:
         """Publish a received blob; False when it existed already and ``replace`` is off (first write wins).
@@ -647,10 +602,10 @@ class Storage(Store):
             return {}
         return meta if isinstance(meta, dict) and meta.get("name") == blob else {}
 
-    def open(self, space: str, name: str) -> tuple[Stat, BinaryIO] | None:
+    def open(self, space: str, name: str, use: bool = True) -> tuple[Stat, BinaryIO] | None:
         check_space(space)
         if space == "polykit":
-            found = self.stat(space, name, use=True)
+            found = self.stat(space, name, use=use)
             if found is None:
                 return None
             try:
@@ -666,7 +621,8 @@ class Storage(Store):
             self.forget(blob)
             return None
         st = os.fstat(fh.fileno())
-        self.touch(blob)
+        if use:
+            self.touch(blob)
         # The metadata is read after the blob was opened: it is written before the blob is
         # published, so a blob that is visible always has its metadata.
         return self._blob_stat(space, name, st.st_size, st.st_mtime, self._blob_json(blob), path), fh
@@ -746,8 +702,9 @@ class Storage(Store):
         if space == "polykit":
             for key, _ in list(self._scan()):
                 if key.startswith(prefix):
-                    found = self.stat(space, key)
-                    if found is not None:
+                    # Lost metadata is rebuilt: the artifact was synced before it was linked.
+                    found = self.stat(space, key) or (self.repair_meta(key) and self.stat(space, key))
+                    if found:
                         yield found
             return
         for key, st in self._scan_blobs():
@@ -764,6 +721,12 @@ class Storage(Store):
 
     def usage(self) -> Usage:
         return Usage(*self.totals())
+
+    def refresh(self) -> None:
+        self.load_index()
+
+    def quarantined(self) -> int:
+        return len(list((self.root / "quarantine").glob("*.zst")))
 
     def fits(self, size: int) -> bool:
         return self.max_storage is None or disk_cost(size) <= self.max_storage

@@ -22,7 +22,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Mapping
+from typing import BinaryIO, Iterator, Mapping, NamedTuple
 
 SPACES = ("polykit", "turbo", "nx", "kv", "bazel-ac", "bazel-cas")
 # Spaces whose objects a commit replaces; every other space keeps its first write.
@@ -64,8 +64,7 @@ class Stat:
     path: str | None = None  # a real file holding the bytes, where the store has one
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(NamedTuple):
     """What a store holds, kept current without a scan."""
 
     count: int
@@ -151,8 +150,8 @@ class Store:
         """The object's metadata, or None; ``use`` records a read for least-recently-used order."""
         raise NotImplementedError
 
-    def open(self, space: str, name: str) -> tuple[Stat, BinaryIO] | None:
-        """The object's metadata and an open file of exactly its bytes (a use), or None."""
+    def open(self, space: str, name: str, use: bool = True) -> tuple[Stat, BinaryIO] | None:
+        """The object's metadata and an open file of exactly its bytes, or None; a use unless ``use`` is off."""
         raise NotImplementedError
 
     def stage(self) -> Staged:
@@ -187,6 +186,13 @@ class Store:
 
     def recover(self) -> None:
         """At start-up, with no upload running: remove what interrupted uploads left."""
+
+    def refresh(self) -> None:
+        """Recount what the store holds (maintenance, possibly beside a live server)."""
+
+    def quarantined(self) -> int:
+        """How many objects verification took away and the store keeps aside."""
+        return 0
 
     def quarantine(self, space: str, name: str) -> None:
         """Take away an object that failed verification (kept aside where the store can)."""
