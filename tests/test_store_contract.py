@@ -1,4 +1,4 @@
-"""The storage interface's contract, run against every store.
+"""The storage interface's contract, run against every store: disk, memory and S3 (on moto).
 
 Each store is built by a factory that can make a second instance on the same backing, as two
 servers share one folder or one bucket.
@@ -13,6 +13,7 @@ import pytest
 from polykit_cache.memstore import Backing, MemoryStore
 from polykit_cache.storage import Storage
 from polykit_cache.store import SPACES, StorageFull
+from store_backends import s3_store_factory
 from support import key_for, sha
 
 # One valid name per space, as the protocol modules build them.
@@ -38,12 +39,14 @@ def memory_factory(tmp_path, capacity=None):
     return lambda: MemoryStore(backing)
 
 
-@pytest.fixture(params=["disk", "memory"])
+@pytest.fixture(params=["disk", "memory", "s3"])
 def factory(request, tmp_path):
     """A function that makes a new store instance on one shared backing."""
     if request.param == "disk":
         return disk_factory(tmp_path)
-    return memory_factory(tmp_path)
+    if request.param == "memory":
+        return memory_factory(tmp_path)
+    return s3_store_factory(request, tmp_path)
 
 
 def put(store, space, name, data, meta=None):
@@ -199,4 +202,4 @@ def test_recovery_removes_interrupted_uploads(factory):
     restarted.recover()
     assert read(restarted, "kv", NAMES["kv"])[1] == b"kept"
     assert restarted.stat("nx", "abc123") is None
-    assert restarted.usage().count == 1
+    assert [s.name for s in restarted.scan("kv")] == [NAMES["kv"]]
