@@ -18,7 +18,8 @@ def check_artifact(store: Store, stat: Stat, limits: Limits) -> str | None:
     """Why the stored artifact is corrupt, or None when its bytes and its contents both verify."""
     opened = store.open("polykit", stat.name, use=False)
     if opened is None:
-        return None  # evicted or removed meanwhile: nothing to judge
+        # Still listed yet not readable: a store refuses to hand out bytes that fail their SHA-256.
+        return "unreadable, or its bytes fail the recorded sha256" if store.stat("polykit", stat.name) else None
     info, fh = opened
     try:
         with fh:
@@ -57,16 +58,17 @@ def verify_content_addressed(store: Store) -> tuple[int, int]:
     for stat in sorted(store.scan("bazel-cas"), key=lambda s: s.name):
         digest = stat.name.rpartition("/")[2]
         opened = store.open("bazel-cas", stat.name, use=False)
-        if opened is None:  # evicted meanwhile
+        if opened is None and store.stat("bazel-cas", stat.name) is None:  # evicted meanwhile
             continue
         checked += 1
-        _, fh = opened
-        with fh:
-            reader = HashingReader(fh)
-            while reader.read(1 << 20):
-                pass
-        if reader.digest.hexdigest() == digest:
-            continue
+        if opened is not None:
+            _, fh = opened
+            with fh:
+                reader = HashingReader(fh)
+                while reader.read(1 << 20):
+                    pass
+            if reader.digest.hexdigest() == digest:
+                continue
         bad += 1
         store.quarantine("bazel-cas", stat.name)
         log.error("quarantined blob %s: its content no longer matches its SHA-256", stat.name)

@@ -22,11 +22,11 @@ REGION = "us-east-1"
 
 def need_moto() -> None:
     """Skip (with the reason) where moto's server cannot be imported."""
-    try:
-        import moto.server  # noqa: F401
-        import werkzeug  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"moto's server is not installed ({exc}); pip install 'moto[s3,server]' flask flask-cors")
+    import importlib.util
+
+    for module in ("moto", "werkzeug", "flask", "flask_cors"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (moto's server needs moto[s3,server], flask and flask-cors)")
 
 
 class Moto:
@@ -79,3 +79,52 @@ def s3_store(moto: Moto, bucket: str, tier: Path, *, max_storage: int | None = N
     store = S3Store(moto.client(bucket, deadline=deadline, breaker=breaker), "cache", Storage(tier, max_storage), **kwargs)
     store.recover()
     return store
+
+
+def _iam(moto: Moto, params: dict) -> bytes:
+    """One call of moto's IAM query API, signed (moto counts it against the unauthenticated allowance)."""
+    import hashlib
+    import http.client
+    import time
+    from urllib.parse import urlencode
+
+    from polykit_cache.sigv4 import authorization
+
+    body = urlencode({**params, "Version": "2010-05-08"}).encode()
+    payload = hashlib.sha256(body).hexdigest()
+    amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    headers = {"host": f"127.0.0.1:{moto.port}", "x-amz-date": amz_date,
+               "content-type": "application/x-www-form-urlencoded"}
+    headers["authorization"] = authorization("POST", "/", [], headers, payload, Credentials("testing", "testing"),
+                                             REGION, "iam", amz_date)
+    conn = http.client.HTTPConnection("127.0.0.1", moto.port, timeout=30)
+    try:
+        conn.request("POST", "/", body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        assert resp.status == 200, data
+        return data
+    finally:
+        conn.close()
+
+
+def enable_auth(moto: Moto, bucket: str) -> Credentials:
+    """Switch on moto's IAM authentication; returns the key of a user allowed everything on S3.
+
+    moto accepts any credentials for its first N requests after ``/moto-api/reset-auth`` and
+    checks them (the key exists, the signature matches, the policy allows) from then on.
+    """
+    import http.client
+    import re
+
+    conn = http.client.HTTPConnection("127.0.0.1", moto.port, timeout=30)
+    conn.request("POST", "/moto-api/reset-auth", body=b"3")
+    assert conn.getresponse().status == 200
+    conn.close()
+    policy = '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:*","Resource":"*"}]}'
+    _iam(moto, {"Action": "CreateUser", "UserName": "cache"})
+    _iam(moto, {"Action": "PutUserPolicy", "UserName": "cache", "PolicyName": "s3", "PolicyDocument": policy})
+    created = _iam(moto, {"Action": "CreateAccessKey", "UserName": "cache"}).decode()
+    key = re.search(r"<AccessKeyId>([^<]+)</AccessKeyId>", created).group(1)
+    secret = re.search(r"<SecretAccessKey>([^<]+)</SecretAccessKey>", created).group(1)
+    return Credentials(key, secret)
