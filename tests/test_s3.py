@@ -224,3 +224,21 @@ def test_memory_stays_flat_for_a_large_artifact_both_ways(tmp_path):
         assert resp.status == 200 and got == size
         for server in (a, b):
             assert server.peak_rss_kib() < 100 * 1024, server.peak_rss_kib()
+
+
+def test_a_replaced_action_cache_entry_is_seen_by_the_other_server_after_revalidation(tmp_path):
+    ac = "/ac/" + "2" * 64
+    with servers(tmp_path, "--s3-revalidate", "0") as (moto, bucket, (a, b)):
+        assert request(a.port, "PUT", ac, b"old result")[0] == 200
+        assert request(a.port, "GET", ac)[2] == b"old result"  # now in a's tier
+        assert request(b.port, "PUT", ac, b"new result")[0] == 200
+        assert request(a.port, "GET", ac)[2] == b"new result"  # a's HEAD saw other bytes: its copy was dropped
+
+
+def test_a_tier_hit_due_for_revalidation_is_served_while_the_bucket_is_down(tmp_path):
+    blob = pack_tree(tmp_path, {"a": b"kept"})
+    with servers(tmp_path, "--s3-revalidate", "0", count=1) as (moto, bucket, (a,)):
+        assert request(a.port, "PUT", ART, blob)[0] == 201
+        moto.stop()
+        for _ in range(3):
+            assert request(a.port, "GET", ART)[2] == blob
