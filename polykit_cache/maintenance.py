@@ -35,7 +35,7 @@ def check_artifact(store: Store, stat: Stat, limits: Limits) -> str | None:
 
 
 def verify_storage(store: Store, limits: Limits = Limits()) -> int:
-    """Verify every artifact and content-addressed blob; take corrupt ones aside. Exit status 0 or 1."""
+    """Verify every artifact and every blob that can be checked; take corrupt ones aside. Exit status 0 or 1."""
     checked = bad = 0
     for stat in list(store.scan("polykit")):
         checked += 1
@@ -45,33 +45,40 @@ def verify_storage(store: Store, limits: Limits = Limits()) -> int:
         bad += 1
         store.quarantine("polykit", stat.name)
         log.error("quarantined %s: %s", stat.name, problem)
-    blobs_checked, blobs_bad = verify_content_addressed(store)
+    # Bazel CAS blobs are named by their SHA-256; other blobs are checked against the SHA-256
+    # recorded when they were stored (blobs of versions that recorded none cannot be checked).
+    cas = verify_blobs(store, ("bazel-cas",), lambda stat: stat.name.rpartition("/")[2])
+    others = verify_blobs(store, tuple(s for s in SPACES if s not in ("polykit", "bazel-cas")), lambda stat: stat.sha256)
     print(f"verified {checked} artifacts: {checked - bad} good, {bad} quarantined")
-    if blobs_checked:
-        print(f"verified {blobs_checked} content-addressed blobs: {blobs_checked - blobs_bad} good, {blobs_bad} quarantined")
-    return 1 if bad or blobs_bad else 0
+    for (blobs_checked, blobs_bad), what in ((cas, "content-addressed blobs"), (others, "other blobs")):
+        if blobs_checked:
+            print(f"verified {blobs_checked} {what}: {blobs_checked - blobs_bad} good, {blobs_bad} quarantined")
+    return 1 if bad or cas[1] or others[1] else 0
 
 
-def verify_content_addressed(store: Store) -> tuple[int, int]:
-    """Rehash Bazel CAS blobs, whose name ends in their SHA-256; other tools' blobs cannot be checked."""
+def verify_blobs(store: Store, spaces: tuple[str, ...], expected_of) -> tuple[int, int]:
+    """Rehash the blobs of ``spaces`` against ``expected_of(stat)`` (None: nothing to check); take bad ones aside."""
     checked = bad = 0
-    for stat in sorted(store.scan("bazel-cas"), key=lambda s: s.name):
-        digest = stat.name.rpartition("/")[2]
-        opened = store.open("bazel-cas", stat.name, use=False)
-        if opened is None and store.stat("bazel-cas", stat.name) is None:  # evicted meanwhile
-            continue
-        checked += 1
-        if opened is not None:
-            _, fh = opened
-            with fh:
-                reader = HashingReader(fh)
-                while reader.read(1 << 20):
-                    pass
-            if reader.digest.hexdigest() == digest:
+    for space in spaces:
+        for stat in sorted(store.scan(space), key=lambda s: s.name):
+            expected = expected_of(stat)
+            if expected is None:
                 continue
-        bad += 1
-        store.quarantine("bazel-cas", stat.name)
-        log.error("quarantined blob %s: its content no longer matches its SHA-256", stat.name)
+            opened = store.open(space, stat.name, use=False)
+            if opened is None and store.stat(space, stat.name) is None:  # evicted meanwhile
+                continue
+            checked += 1
+            if opened is not None:
+                _, fh = opened
+                with fh:
+                    reader = HashingReader(fh)
+                    while reader.read(1 << 20):
+                        pass
+                if reader.digest.hexdigest() == expected:
+                    continue
+            bad += 1
+            store.quarantine(space, stat.name)
+            log.error("quarantined %s blob %s: its content no longer matches its SHA-256", space, stat.name)
     return checked, bad
 
 
