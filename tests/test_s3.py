@@ -242,3 +242,28 @@ def test_a_tier_hit_due_for_revalidation_is_served_while_the_bucket_is_down(tmp_
         moto.stop()
         for _ in range(3):
             assert request(a.port, "GET", ART)[2] == blob
+
+
+def test_stats_and_gc_by_age_on_a_bucket(tmp_path):
+    with servers(tmp_path, count=1) as (moto, bucket, (a,)):
+        for i in range(3):
+            key = key_for(f"gc{i}")
+            assert request(a.port, "PUT", f"/v1/artifacts/{key}", pack_tree(tmp_path, {"a": b"x" * i}, key=key))[0] == 201
+        assert request(a.port, "PUT", "/kv/ns/entry", b"blob")[0] == 201
+
+        def run(*args):
+            return subprocess.run([sys.executable, "-m", "polykit_cache", *args, "--storage", f"s3://{bucket}/cache",
+                                   "--s3-endpoint", moto.url], env={**os.environ, **KEYS}, capture_output=True, text=True,
+                                  timeout=120)
+
+        out = run("stats", "--json")
+        assert out.returncode == 0 and json.loads(out.stdout)["artifacts"] == 4, out.stderr
+        refused = run("gc", "--max-storage", "1M")
+        assert refused.returncode == 2 and "--max-age" in refused.stderr
+        assert run("gc", "--max-age", "1d").returncode == 0  # nothing is a day old
+        assert json.loads(run("stats", "--json").stdout)["artifacts"] == 4
+        out = run("gc", "--max-age", "0")
+        assert out.returncode == 0 and "evicted 4 entries" in out.stdout, out.stdout + out.stderr
+        assert json.loads(run("stats", "--json").stdout)["artifacts"] == 0
+        # The server's verified tier copy is served until its next revalidation uploads it again.
+        assert request(a.port, "HEAD", f"/v1/artifacts/{key_for('gc0')}")[0] == 200
