@@ -42,6 +42,9 @@ BACKOFF_BASE, BACKOFF_CAP = 0.05, 2.0
 BREAKER_FAILURES, BREAKER_COOLDOWN = 5, 5.0
 MAX_IDLE_CONNECTIONS = 16
 MAX_ERROR_BODY = 64 * 1024  # an error's XML is read up to this size
+# A successful answer that is not streamed (a listing page of 1,000 keys is about 300 KiB) is
+# read whole up to this size; a larger one is a broken store, not something to hold in memory.
+MAX_ANSWER_BODY = 8 << 20
 
 
 class S3Error(Exception):
@@ -286,6 +289,12 @@ class S3Client:
             if body is not None or method in ("PUT", "POST"):
                 send_headers["content-length"] = str(length)
             conn = self._connection()
+            # Every socket operation of this attempt ends by the request's deadline (bounded below
+            # so a late attempt still gets a chance); CONNECT_TIMEOUT bounds each one anyway.
+            timeout = min(CONNECT_TIMEOUT, max(self.deadline - (time.monotonic() - started), 1.0))
+            conn.timeout = timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
             try:
                 conn.request(method, url, body=body, headers=send_headers)
                 resp = conn.getresponse()
@@ -299,8 +308,18 @@ class S3Client:
                 self.breaker.success()
                 if stream and method == "GET":
                     return Response(resp.status, answer, b"", resp, lambda reusable, c=conn: self._release(c, reusable))
-                data = resp.read()
-                self._release(conn, not resp.will_close)
+                try:
+                    data = resp.read(MAX_ANSWER_BODY + 1)
+                except (OSError, http.client.HTTPException) as exc:
+                    conn.close()
+                    problem = f"{exc.__class__.__name__}: {exc}"
+                    self.breaker.failure()
+                    continue
+                if len(data) > MAX_ANSWER_BODY:
+                    conn.close()
+                    self.breaker.failure()
+                    raise Unreachable(f"the store answered {method} with more than {MAX_ANSWER_BODY} bytes")
+                self._release(conn, resp.isclosed() and not resp.will_close)
                 return Response(resp.status, answer, data)
             try:
                 data = resp.read(MAX_ERROR_BODY)

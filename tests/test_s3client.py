@@ -134,3 +134,12 @@ def test_addressing_is_virtual_on_aws_and_by_path_elsewhere():
     minio = Endpoint.make("http://minio:9000", "us-east-1", "my-bucket")
     assert not minio.virtual_host and minio.host == "minio:9000" and minio.path("k/x") == "/my-bucket/k/x"
     assert Endpoint.make("http://minio:9000", "us-east-1", "b", "virtual").host == "b.minio:9000"
+
+
+def test_an_oversized_answer_is_refused_not_held():
+    from polykit_cache.s3client import MAX_ANSWER_BODY
+
+    huge = (200, b"<" * (MAX_ANSWER_BODY + 10))
+    with serve_handler(Scripted, script=[huge], seen=[]) as server:
+        with pytest.raises(Unreachable, match="more than"):
+            client_for(server).request("GET", "", params=[("list-type", "2")])
