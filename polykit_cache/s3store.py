@@ -23,6 +23,7 @@ the client builds) and tier hits are still served.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import threading
@@ -198,12 +199,16 @@ class S3Store(Store):
             answer.close(reusable=False)
             raise StorageUnavailable("the local tier is full") from None
         try:
-            while block := answer.read():
+            # Never more than the announced length: a store that keeps sending cannot fill the tier.
+            while staged.size <= remote.size and (block := answer.read(min(1 << 20, remote.size - staged.size + 1))):
                 staged.write(block)
-            complete = True
-        except OSError as exc:
+            complete = staged.size <= remote.size
+        except StorageFull:
             staged.discard()
-            raise Unreachable(f"the download of {space}/{name} broke off: {exc}") from None
+            raise StorageUnavailable("the local tier is full") from None
+        except (OSError, http.client.HTTPException) as exc:
+            staged.discard()
+            raise Unreachable(f"the download of {space}/{name} broke off: {exc!r}") from None
         except BaseException:
             staged.discard()
             raise
