@@ -143,3 +143,28 @@ def test_an_oversized_answer_is_refused_not_held():
     with serve_handler(Scripted, script=[huge], seen=[]) as server:
         with pytest.raises(Unreachable, match="more than"):
             client_for(server).request("GET", "", params=[("list-type", "2")])
+
+
+class Endless(http.server.BaseHTTPRequestHandler):
+    """A broken store: GET answers with no length and sends until the connection is closed."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("x-amz-meta-sha256", "0" * 64)
+        self.end_headers()  # HTTP/1.0 without Content-Length: the body ends when the connection does
+        try:
+            for _ in range(1000):  # at most 64 MiB, though the reader should stop long before
+                self.wfile.write(b"x" * 65536)
+        except OSError:
+            pass
+
+
+def test_a_store_sending_more_than_it_announced_cannot_fill_the_tier(tmp_path):
+    with serve_handler(Endless) as server:
+        store = S3Store(client_for(server), "cache", Storage(tmp_path / "tier"))
+        assert store.open("kv", "ns/key") is None  # never served
+        assert not any((tmp_path / "tier" / "tmp").iterdir())
+        assert store.tier.usage().count == 0
