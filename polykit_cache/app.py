@@ -18,12 +18,13 @@ from polykit_client.artifact import ArtifactError, Limits, is_cache_key
 
 from . import bazel, kv, nx, turbo
 from .auth import Access
+from .blobs import check_segments
 from .config import Config
 from .http import SEND_CHUNK, HTTPError, Response, json_response, reason, render_json_error
 from .metrics import Metrics
 from .outcomes import parse_length, refuse
 from .routes import Route, Router
-from .store import Store, StorageFull, StorageUnavailable
+from .store import Store, StorageFull, StorageUnavailable, entry_name
 from .verification import IncompleteBody, receive
 
 log = logging.getLogger("polykit_cache.app")
@@ -100,12 +101,16 @@ class CacheApp:
         return None
 
     def _route(self, path: str) -> tuple[Route, dict]:
-        """The route of a path within the bounds of the request line, or 414/404."""
+        """The route of a path within the bounds of the request line, or 414/404; 400 for a bad namespace."""
         if len(path) > MAX_PATH:
             raise refuse("uri_too_long", f"The path is {len(path)} characters long; the limit is {MAX_PATH}.")
         found = self.router.match(path)
         if found is None:
             raise refuse("not_found", f"No such endpoint: {path}")
+        namespace = found[1]["namespace"]
+        if namespace:
+            # Validated like a key, since it becomes part of every stored entry's name.
+            check_segments(namespace.split("/"), "A namespace (the path before the protocol)")
         return found
 
     def _admission(self, route: Route, method: str, query: str, header: Callable[[str], str | None]) -> None:
@@ -116,27 +121,33 @@ class CacheApp:
             raise refuse("method_not_allowed", f"{method[:20]} is not allowed here; use {route.allowed}.",
                          [("Allow", route.allowed)])
         write = route.is_write(method)
-        if not route.public:
-            self._authorize(header("Authorization"), write)
+        # A CORS preflight never carries credentials (Fetch standard, "CORS-preflight request"),
+        # and it reads nothing: OPTIONS is open wherever a route serves it.
+        if not route.public and method != "OPTIONS":
+            self._authorize(route, header("Authorization"), write)
         chunked = header("Transfer-Encoding") is not None
         raw = header("Content-Length")
-        if write:
+        if write and method not in route.bodiless:
             if not (chunked and raw is None):  # a chunked body's length is known only once read
                 self._check_upload_length(raw)
         else:
             length = parse_length(raw) or 0
-            limit = route.read_body_limit or READ_BODY_LIMIT
+            limit = 0 if method in route.bodiless else route.read_body_limit or READ_BODY_LIMIT
             if length > limit:
                 raise refuse("too_large", f"A {method} here takes a body of at most {limit} bytes.", count=False, limit=limit)
 
-    def _authorize(self, header: str | None, write: bool) -> None:
+    def _authorize(self, route: Route, header: str | None, write: bool) -> None:
         denied = self.access.check(header, write)
         if denied is None:
             return
         status = denied[0]
-        challenge = 'Bearer realm="polykit-cache"' + (', error="invalid_token"' if header and status == 401 else "")
-        headers = [("WWW-Authenticate", challenge)] if status == 401 else []
-        raise refuse("unauthorized" if status == 401 else "forbidden", denied[2], headers, count=write)
+        if status == 401 and write and not header and self.access.allow_anonymous_read:
+            status = route.anonymous_write_status  # some clients take a 401 on upload as fatal
+        # Both schemes a token may come in (RFC 9110 11.6.1: one challenge per header line).
+        bearer = 'Bearer realm="polykit-cache"' + (', error="invalid_token"' if header else "")
+        headers = [("WWW-Authenticate", bearer), ("WWW-Authenticate", 'Basic realm="polykit-cache", charset="UTF-8"')]
+        raise refuse("unauthorized" if status == 401 else "forbidden", denied[2], headers if status == 401 else [],
+                     count=write)
 
     def _check_upload_length(self, raw: str | None) -> int:
         """The upload's declared length, refused (411, 400, 413, 507) before the body is read."""
@@ -168,6 +179,7 @@ class CacheApp:
                 raise refused
             route, params = self._route(path)
             environ["polykit.protocol"] = route.protocol
+            environ["polykit.namespace"] = params["namespace"]
             self._admission(route, method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))
             response = route.handlers[method](environ, params)
         except StorageUnavailable as exc:
@@ -220,9 +232,18 @@ class CacheApp:
             raise refuse("bad_key", "A cache key is 64 lowercase hexadecimal characters (a SHA-256).")
         return key
 
-    def _missing(self, key: str) -> HTTPError:
-        self.metrics.lookup(False)
+    # An artifact in a URL namespace is named ``@<namespace>/<key>`` in the store's ``polykit``
+    # space (store.entry_name); every artifact is verified alike before it is stored.
+
+    def _name(self, environ: dict, key: str) -> str:
+        return entry_name(environ.get("polykit.namespace", ""), key)
+
+    def _missing(self, environ: dict, key: str) -> HTTPError:
+        self.metrics.lookup(False, namespace=environ.get("polykit.namespace", ""))
         return refuse("not_found", f"No artifact is stored under {key}.")
+
+    def _lookup_hit(self, environ: dict, size: int = 0) -> None:
+        self.metrics.lookup(True, size, namespace=environ.get("polykit.namespace", ""))
 
     @staticmethod
     def _artifact_headers(info) -> list[tuple[str, str]]:
@@ -238,34 +259,38 @@ class CacheApp:
     def _not_modified(self, environ: dict, info) -> Response | None:
         tags = environ.get("HTTP_IF_NONE_MATCH")
         if tags and (tags.strip() == "*" or f'"{info.sha256}"' in tags):
-            self.metrics.lookup(True)
+            self._lookup_hit(environ)
             return Response(304, [("ETag", f'"{info.sha256}"')], [], 0)
         return None
 
     def head_artifact(self, environ: dict, params: dict) -> Response:
         """Answer from the metadata alone; the artifact is not opened."""
         key = self._key(params)
-        info = self.storage.stat("polykit", key, use=True)
-        if info is None:
-            raise self._missing(key)
+        info = self.storage.stat("polykit", self._name(environ, key), use=True)
+        if info is None or info.sha256 is None:
+            raise self._missing(environ, key)
         cached = self._not_modified(environ, info)
         if cached is not None:
             return cached
-        self.metrics.lookup(True)
+        self._lookup_hit(environ)
         return Response(200, self._artifact_headers(info), [], 0)
 
     def get_artifact(self, environ: dict, params: dict) -> Response:
         key = self._key(params)
+        name = self._name(environ, key)
         if environ.get("HTTP_IF_NONE_MATCH"):
-            info = self.storage.stat("polykit", key, use=True)
-            cached = self._not_modified(environ, info) if info is not None else None
+            info = self.storage.stat("polykit", name, use=True)
+            cached = self._not_modified(environ, info) if info is not None and info.sha256 else None
             if cached is not None:
                 return cached
-        opened = self.storage.open("polykit", key)
+        opened = self.storage.open("polykit", name)
+        if opened is not None and opened[0].sha256 is None:
+            opened[1].close()
+            opened = None
         if opened is None:
-            raise self._missing(key)
+            raise self._missing(environ, key)
         info, fh = opened
-        self.metrics.lookup(True, info.size)
+        self._lookup_hit(environ, info.size)
         # The server's file wrapper lets waitress's I/O thread send the file, freeing this worker.
         wrapper = environ.get("wsgi.file_wrapper", FileWrapper)
         return Response(200, self._artifact_headers(info), wrapper(fh, SEND_CHUNK), info.size)
@@ -273,8 +298,10 @@ class CacheApp:
     def put_artifact(self, environ: dict, params: dict) -> Response:
         key = self._key(params)
         length = self.content_length(environ)
+        namespace = params["namespace"]
+        name = entry_name(namespace, key)
         exists = f"An artifact is already stored under {key}; artifacts are immutable."
-        if self.storage.stat("polykit", key) is not None:
+        if self.storage.stat("polykit", name) is not None:
             raise refuse("exists", exists)
         full = "The cache's storage is full; the artifact was not stored."
         try:
@@ -292,16 +319,17 @@ class CacheApp:
             raise refuse("verification_failed", "The body does not match its X-Artifact-Hash header.",
                          reason="body_hash_mismatch", received=size)
         try:
-            stored = self.storage.commit("polykit", key, staged)
+            stored = self.storage.commit("polykit", name, staged)
         except StorageFull:
             raise refuse("storage_full", full, received=size) from None
         if not stored:  # another upload of the key was committed first (first write wins)
             raise refuse("exists", exists, received=size)
         self.metrics.upload(size)
+        location = (f"/{namespace}" if namespace else "") + f"/v1/artifacts/{key}"
         return json_response(
             201,
             {"key": key, "size": size, "sha256": sha256},
-            [("Location", f"/v1/artifacts/{key}"), ("ETag", f'"{sha256}"')],
+            [("Location", location), ("ETag", f'"{sha256}"')],
         )
 
     # --- service endpoints (HEAD is answered as GET without the body) ------------------------

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 
 from polykit_client.artifact import ArtifactError, HashingReader, Limits, verify_stream
 
 from .storage import Storage
-from .store import SPACES, Stat, Store
+from .store import SPACES, Stat, Store, namespace_of
 
 log = logging.getLogger("polykit_cache.maintenance")
 
@@ -24,7 +25,7 @@ def check_artifact(store: Store, stat: Stat, limits: Limits) -> str | None:
     try:
         with fh:
             reader = HashingReader(fh)
-            verify_stream(reader, expected_key=stat.name, limits=limits)
+            verify_stream(reader, expected_key=stat.name.rpartition("/")[2], limits=limits)
             while reader.read(1 << 20):
                 pass
     except ArtifactError as exc:
@@ -110,7 +111,7 @@ def collect(store: Store, max_age: float | None = None) -> int:
 
 
 def show_stats(store: Store, as_json: bool) -> int:
-    """What the store holds, from sizes and last-use times (no artifact is read)."""
+    """What the store holds, from sizes and last-use times, and the entries' names (no artifact is read)."""
     store.refresh()
     count, size, _ = store.usage()
     uses = store.use_range()
@@ -121,6 +122,7 @@ def show_stats(store: Store, as_json: bool) -> int:
         "least_recent_use": uses[0] if uses else None,
         "most_recent_use": uses[1] if uses else None,
         "quarantined": store.quarantined(),
+        "namespaces": namespaces(store, count),
     }
     if as_json:
         print(json.dumps(figures))
@@ -130,4 +132,16 @@ def show_stats(store: Store, as_json: bool) -> int:
         fmt = "%Y-%m-%d %H:%M:%S"
         print(f"last used between {time.strftime(fmt, time.localtime(uses[0]))} and {time.strftime(fmt, time.localtime(uses[1]))}")
     print(f"{figures['quarantined']} quarantined")
+    listed = ", ".join(f"{label} ({n} entries)" for label, n in figures["namespaces"].items())
+    print(f"namespaces: {listed or 'none'}")
     return 0
+
+
+def namespaces(store: Store, count: int) -> dict[str, int]:
+    """Entries per URL namespace, named as URL prefixes (``/`` for none), from the entries' names."""
+    counted: Counter[str] = Counter()
+    for space in SPACES:
+        for stat in store.scan(space, "@"):
+            counted["/" + namespace_of(stat.name)] += 1
+    root = count - sum(counted.values())
+    return dict(sorted({**counted, **({"/": root} if root else {})}.items()))

@@ -82,31 +82,52 @@ def blob_id(name: str) -> str:
 
 
 def disk_name(space: str, name: str) -> str:
-    """The blob name (``<tool>/<path>``) under which the disk layout keeps an object of a space."""
+    """The blob name (``<tool>/<path>``) under which the disk layout keeps an object of a space.
+
+    A namespace (``@ns/`` before the name, see :func:`store.entry_name`) follows the tool's part;
+    an artifact in a namespace is a blob ``polykit/@ns/<key>``, with its size and SHA-256 beside it.
+    """
+    prefix = ""
+    if name.startswith("@"):
+        part, _, name = name.partition("/")
+        prefix = part + "/"
+    if space == "polykit":
+        return f"polykit/{prefix}{name}"
     if space == "turbo":
         team, _, digest = name.rpartition("/")
-        return f"turbo/{team}/{digest[:2]}/{digest}"
+        return f"turbo/{prefix}{team}/{digest[:2]}/{digest}"
     if space == "nx":
-        return f"nx/{name[:2]}/{name}"
+        return f"nx/{prefix}{name[:2]}/{name}"
     if space == "kv":
-        return f"kv/{name}"
+        return f"kv/{prefix}{name}"
     if space in ("bazel-ac", "bazel-cas"):
-        instance, _, digest = name.rpartition("/")
-        return f"bazel/{instance}/{space[6:]}/{digest[:2]}/{digest}"
+        # Without a namespace (a Bazel instance), entries keep the name they always had.
+        return f"bazel/{prefix or '_/'}{space[6:]}/{name[:2]}/{name}"
     raise ValueError(f"no blob layout for space {space!r}")
 
 
 def space_name(blob: str) -> tuple[str, str] | None:
     """The (space, name) of a blob name of the disk layout; the inverse of :func:`disk_name`."""
     parts = blob.split("/")
-    if parts[0] == "turbo" and len(parts) == 4:
-        return "turbo", f"{parts[1]}/{parts[3]}"
-    if parts[0] == "nx" and len(parts) == 3:
-        return "nx", parts[2]
-    if parts[0] == "kv" and len(parts) >= 3:
-        return "kv", "/".join(parts[1:])
-    if parts[0] == "bazel" and len(parts) >= 5 and parts[-3] in ("ac", "cas"):
-        return f"bazel-{parts[-3]}", "/".join(parts[1:-3]) + "/" + parts[-1]
+    prefix = ""
+    if len(parts) > 2 and parts[1].startswith("@"):
+        prefix = parts[1] + "/"
+        parts = [parts[0], *parts[2:]]
+    elif parts[0] == "bazel" and len(parts) == 5 and parts[1] == "_":
+        parts = [parts[0], *parts[2:]]
+    else:
+        prefix = ""
+    tool = parts[0]
+    if tool == "polykit" and len(parts) == 2 and prefix:
+        return "polykit", prefix + parts[1]
+    if tool == "turbo" and len(parts) == 4:
+        return "turbo", f"{prefix}{parts[1]}/{parts[3]}"
+    if tool == "nx" and len(parts) == 3:
+        return "nx", prefix + parts[2]
+    if tool == "kv" and len(parts) >= 3:
+        return "kv", prefix + "/".join(parts[1:])
+    if tool == "bazel" and len(parts) == 4 and parts[1] in ("ac", "cas"):
+        return f"bazel-{parts[1]}", prefix + parts[3]
     return None
 
 
@@ -560,9 +581,14 @@ class Storage(Store):
     # Artifacts (space "polykit") keep the artifact layout; every other space maps onto the blob
     # layout through disk_name(), so the folder is exactly what it was before the interface.
 
+    @staticmethod
+    def _is_artifact(space: str, name: str) -> bool:
+        """Whether an object lives in the artifact layout (an artifact outside any namespace)."""
+        return space == "polykit" and not name.startswith("@")
+
     def stat(self, space: str, name: str, use: bool = False) -> Stat | None:
         check_space(space)
-        if space == "polykit":
+        if self._is_artifact(space, name):
             info = self.lookup(name)
             if info is None:
                 return None
@@ -604,7 +630,7 @@ class Storage(Store):
 
     def open(self, space: str, name: str, use: bool = True) -> tuple[Stat, BinaryIO] | None:
         check_space(space)
-        if space == "polykit":
+        if self._is_artifact(space, name):
             found = self.stat(space, name, use=use)
             if found is None:
                 return None
@@ -638,7 +664,7 @@ class Storage(Store):
             staged.discard()
             raise ValueError(f"metadata may not use {sorted(RESERVED_META & set(extra))}")
         staged.fh.close()
-        if space == "polykit":
+        if self._is_artifact(space, name):
             try:
                 self.publish(name, staged.path, staged.size, staged.sha256, extra)
             except AlreadyStored:
@@ -650,7 +676,7 @@ class Storage(Store):
 
     def _files_of(self, space: str, name: str) -> tuple[str, str, str]:
         """(index key, data file, metadata file) of an object."""
-        if space == "polykit":
+        if self._is_artifact(space, name):
             data = self._zst(name)
             return name, data, data[:-4] + ".json"
         key = blob_id(disk_name(space, name))
@@ -677,7 +703,7 @@ class Storage(Store):
                 os.unlink(meta)
             except FileNotFoundError:
                 pass
-            self._remove_empty_folders(os.path.dirname(data), levels=2 if space == "polykit" else 1)
+            self._remove_empty_folders(os.path.dirname(data), levels=2 if self._is_artifact(space, name) else 1)
         return True
 
     def quarantine(self, space: str, name: str) -> None:
@@ -686,7 +712,7 @@ class Storage(Store):
         key, data, meta = self._files_of(space, name)
         top = self.root / "quarantine"
         with self._layout_lock:
-            if space == "polykit":
+            if self._is_artifact(space, name):
                 targets = [(data, top / os.path.basename(data)), (meta, top / os.path.basename(meta))]
             else:
                 rel = os.path.relpath(data, self.root / OBJECTS)
@@ -695,18 +721,17 @@ class Storage(Store):
                 if os.path.exists(src):
                     target.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(src, target)
-        self.forget(name if space == "polykit" else disk_name(space, name))
+        self.forget(name if self._is_artifact(space, name) else disk_name(space, name))
 
     def scan(self, space: str, prefix: str = ""):
         check_space(space)
-        if space == "polykit":
+        if space == "polykit" and not prefix.startswith("@"):
             for key, _ in list(self._scan()):
                 if key.startswith(prefix):
                     # Lost metadata is rebuilt: the artifact was synced before it was linked.
                     found = self.stat(space, key) or (self.repair_meta(key) and self.stat(space, key))
                     if found:
                         yield found
-            return
         for key, st in self._scan_blobs():
             path = self._data_path(key)
             try:

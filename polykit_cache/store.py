@@ -2,8 +2,9 @@
 through it, and nothing else.
 
 A store holds named objects in *spaces*, one per protocol: ``polykit`` (artifacts, named by
-their cache key), ``turbo`` (``team/hash``), ``nx`` (``hash``), ``kv`` (``namespace/path``),
-``bazel-ac`` and ``bazel-cas`` (``instance/hash``). Every space is first-write-wins: a commit of a
+their cache key), ``turbo`` (``team/hash``), ``nx`` (``hash``), ``kv`` (``name/path``),
+``bazel-ac`` and ``bazel-cas`` (``hash``); an entry in a URL namespace has ``@<namespace>/``
+before that (:func:`entry_name`). Every space is first-write-wins: a commit of a
 name that exists keeps the stored object and says so, without raising, so a lost race is an
 ordinary answer. Only Bazel's action cache may be replaced (a rerun action records its new
 result). An object is visible whole or not at all.
@@ -44,6 +45,21 @@ def is_disk_full(exc: OSError) -> bool:
     import errno
 
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def entry_name(namespace: str, rest: str) -> str:
+    """The name in a space of a protocol's entry ``rest`` in a URL namespace (``""`` for none).
+
+    A namespace is one ``@``-prefixed part (its own parts joined by ``:``): validated parts never
+    begin with ``@`` nor hold ``:``, so no namespace's entry can take another's name, and entries
+    without a namespace keep the names they always had.
+    """
+    return f"@{namespace.replace('/', ':')}/{rest}" if namespace else rest
+
+
+def namespace_of(name: str) -> str:
+    """The URL namespace of a name made by :func:`entry_name` (``""`` for none)."""
+    return name[1:].partition("/")[0].replace(":", "/") if name.startswith("@") else ""
 
 
 def check_space(space: str) -> None:

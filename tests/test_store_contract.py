@@ -12,7 +12,7 @@ import pytest
 
 from polykit_cache.memstore import Backing, MemoryStore
 from polykit_cache.storage import Storage
-from polykit_cache.store import SPACES, StorageFull
+from polykit_cache.store import SPACES, StorageFull, entry_name, namespace_of
 from store_backends import s3_store_factory
 from support import key_for, sha
 
@@ -22,8 +22,8 @@ NAMES = {
     "turbo": "team/abc123",
     "nx": "abc123",
     "kv": "ccache/ab/cdef",
-    "bazel-ac": "_/" + "1" * 64,
-    "bazel-cas": "instance/a/" + "2" * 64,
+    "bazel-ac": "1" * 64,
+    "bazel-cas": "@instance:a/" + "2" * 64,  # in the URL namespace instance/a
 }
 
 
@@ -203,3 +203,15 @@ def test_recovery_removes_interrupted_uploads(factory):
     assert read(restarted, "kv", NAMES["kv"])[1] == b"kept"
     assert restarted.stat("nx", "abc123") is None
     assert [s.name for s in restarted.scan("kv")] == [NAMES["kv"]]
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_a_namespace_s_entry_is_its_own(factory, space):
+    store = factory()
+    name = NAMES[space].rpartition("/")[2] if space in ("polykit", "nx", "bazel-ac", "bazel-cas") else NAMES[space]
+    spaced = entry_name("team/a", name)
+    assert put(store, space, name, b"outside") is True
+    assert put(store, space, spaced, b"inside") is True
+    assert read(store, space, name)[1] == b"outside" and read(store, space, spaced)[1] == b"inside"
+    assert [s.name for s in store.scan(space, "@")] == [spaced]
+    assert namespace_of(spaced) == "team/a" and namespace_of(name) == ""
