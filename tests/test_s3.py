@@ -267,3 +267,27 @@ def test_stats_and_gc_by_age_on_a_bucket(tmp_path):
         assert json.loads(run("stats", "--json").stdout)["artifacts"] == 0
         # The server's verified tier copy is served until its next revalidation uploads it again.
         assert request(a.port, "HEAD", f"/v1/artifacts/{key_for('gc0')}")[0] == 200
+
+
+def test_two_worker_processes_on_a_bucket_race_count_and_serve_as_one(tmp_path):
+    bodies = [pack_tree(tmp_path / f"w{i}", {"out.bin": os.urandom(20_000)}) for i in range(6)]
+    with servers(tmp_path, "--workers", "2", count=1) as (moto, bucket, (server,)):
+        statuses = []
+        barrier = threading.Barrier(6)
+
+        def upload(body):
+            barrier.wait()
+            statuses.append(request(server.port, "PUT", ART, body)[0])
+
+        threads = [threading.Thread(target=upload, args=(b,)) for b in bodies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(statuses) == [201] + [409] * 5
+        for _ in range(6):  # new connections: both workers serve the winner from the shared tier
+            status, _, body = request(server.port, "GET", ART)
+            assert status == 200 and body in bodies
+        stats = json.loads(request(server.port, "GET", "/v1/stats")[2])
+        assert stats["uploads"] == 1 and stats["hits"] == 6 and stats["requests"] == 12
+    assert "with 2 worker processes" in (tmp_path / "s0.log").read_text()
