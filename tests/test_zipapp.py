@@ -79,10 +79,10 @@ class ZipappPolykit(Polykit):
 
 
 @contextmanager
-def zipapp_server(pyz: Path, storage: Path, log_path: Path, env: dict[str, str]) -> Iterator[int]:
+def zipapp_server(pyz: Path, storage: Path, log_path: Path, env: dict[str, str], *args: str) -> Iterator[int]:
     """``polykit-cache.pyz`` on a free port; its log goes to a file that is polled for the port."""
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", str(pyz), "--port", "0", "--storage-dir", str(storage)],
+        proc = subprocess.Popen([sys.executable, "-I", "-S", str(pyz), "--port", "0", "--storage-dir", str(storage), *args],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + 20
@@ -204,6 +204,21 @@ def test_end_to_end_build_between_the_zipapps(dist, tmp_path):
         assert second.ran() == []
         assert (second_ws / "packages" / "web" / "dist" / "app.js").is_file()
     assert len(list((tmp_path / "store").rglob("*.zst"))) == 3
+
+
+def test_the_server_zipapp_serves_with_worker_processes(dist, tmp_path):
+    from support import KEY, pack_tree, request
+
+    blob = pack_tree(tmp_path, {"a": b"x" * 5000})
+    env = fresh_env(tmp_path / "user")
+    with zipapp_server(dist / "polykit-cache.pyz", tmp_path / "store", tmp_path / "server.log", env,
+                       "--workers", "2") as port:
+        assert request(port, "PUT", f"/v1/artifacts/{KEY}", blob)[0] == 201
+        for _ in range(6):
+            assert request(port, "GET", f"/v1/artifacts/{KEY}")[2] == blob
+        stats = json.loads(request(port, "GET", "/v1/stats")[2])
+        assert (stats["uploads"], stats["hits"], stats["artifacts"]) == (1, 6, 1)
+    assert "with 2 worker processes" in (tmp_path / "server.log").read_text()
 
 
 def test_processes_starting_at_once_share_one_unpack(dist, tmp_path):
