@@ -440,15 +440,21 @@ class Storage(Store):
 
     @staticmethod
     def _retry_in_folder(path: str, operation) -> None:
-        """Make ``path``'s folder and run ``operation``; again if an eviction removed the folder meanwhile."""
+        """Run ``operation``, which puts a file at ``path``; make the folder only when it is missing.
+
+        A shard folder is made once, by the first entry that needs it, not checked by every
+        upload: the operation itself fails with ENOENT when the folder is missing, and then the
+        folder is made and the operation tried again (also when an eviction removed an emptied
+        folder meanwhile; ``makedirs`` may race an rmdir of a parent too).
+        """
         for attempt in range(5):
             try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)  # may race an rmdir of a parent too
                 operation()
                 return
             except FileNotFoundError:
                 if attempt == 4:
                     raise
+                os.makedirs(os.path.dirname(path), exist_ok=True)
 
     # --- least recently used eviction ---------------------------------------------------------
 
