@@ -167,7 +167,10 @@ def serve_workers(config: cfg.Config, storage: Store, access: Access) -> int:
 
     def work(slot: int) -> int:
         disk.share(shared.path)
-        worker_access = Access(config.token_file, os.environ, config.allow_anonymous_read)
+        # The tokens read at start-up, reread now: a worker started after the file was broken
+        # (or a reload asked for while it started) keeps serving with the tokens in force.
+        worker_access = access
+        worker_access.reload()
         metrics = Metrics(storage.usage, SharedState(shared.path))
         app = make_app(config, storage, metrics=metrics, access=worker_access)
         server = Server(app, config, sockets=sockets)

@@ -40,6 +40,17 @@ def parse_positive(text: str) -> int:
     return value
 
 
+# Worker processes: each holds its own threads, connections and memory, so their number is bounded.
+MAX_WORKERS = 64
+
+
+def parse_workers(text: str) -> int:
+    value = parse_positive(text)
+    if value > MAX_WORKERS:
+        raise ValueError(f"{value} workers is more than {MAX_WORKERS}")
+    return value
+
+
 def parse_bool(text: str) -> bool:
     value = str(text).strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -197,7 +208,7 @@ OPTIONS: tuple[Option, ...] = (
         metavar="SIZE",
     ),
     Option("threads", parse_positive, "worker threads (default: 4)", metavar="N"),
-    Option("workers", parse_positive,
+    Option("workers", parse_workers,
            "worker processes serving one storage, each with --threads threads (default: 1; one per core to use them all)",
            metavar="N"),
     Option("max_connections", parse_positive,

@@ -58,7 +58,15 @@ class SharedState:
     @classmethod
     def create(cls, folder: Path | str) -> "SharedState":
         """A fresh state for a server starting on ``folder``: counters at zero, the start time recorded."""
-        state = cls(Path(folder) / FILE_NAME)
+        path = Path(folder) / FILE_NAME
+        try:
+            state = cls(path)
+        except sqlite3.DatabaseError:
+            # Damaged (a disk error, a copy made mid-write): it only ever holds what a start
+            # rebuilds, so it is made anew.
+            for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                name.unlink(missing_ok=True)
+            state = cls(path)
         with state._lock:
             state._db.execute("BEGIN IMMEDIATE")
             state._db.execute("DELETE FROM counters")

@@ -27,6 +27,7 @@ def test_every_option_from_flags_env_and_alias():
     assert parse(["--port", "7000"], env).port == 7000
     assert parse(["--max-size", "10M"], env).max_artifact_size == 10 << 20
     assert parse(["--max-artifact-size", "123"], {}).max_artifact_size == 123
+    assert parse([], {"POLYKIT_CACHE_WORKERS": "3"}).workers == 3 and parse([], {}).workers == 1
 
 
 @pytest.mark.parametrize("text,value", [("1024", 1024), ("1k", 1024), ("512M", 512 << 20), ("1GiB", 1 << 30), ("2 GB", 2 << 30)])
@@ -36,7 +37,8 @@ def test_sizes(text, value):
 
 @pytest.mark.parametrize("args,env", [(["--port", "70000"], {}), (["--threads", "0"], {}),
                                        ([], {"POLYKIT_CACHE_MAX_SIZE": "x", "POLYKIT_CACHE_MAX_ARTIFACT_SIZE": "lots"}),
-                                       (["--log-level", "loud"], {})])
+                                       (["--log-level", "loud"], {}), (["--workers", "0"], {}),
+                                       ([], {"POLYKIT_CACHE_WORKERS": "65"})])
 def test_bad_values_are_clear_errors(args, env, monkeypatch, capsys):
     for name, value in env.items():
         monkeypatch.setenv(name, value)

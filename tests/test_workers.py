@@ -106,8 +106,9 @@ def test_sighup_reloads_the_tokens_of_every_worker(tmp_path, workers):
         old, new = {"Authorization": "Bearer old-token-1111111"}, {"Authorization": "Bearer new-token-2222222"}
         assert request(server.port, "HEAD", ART, headers=old)[0] == 404
         token_file.write_text("read-write new-token-2222222\n")
+        before = server.log_path.read_text().count("reloaded 1 access tokens")
         server.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: server.log_path.read_text().count("reloaded 1 access tokens") == workers,
+        wait_for(lambda: server.log_path.read_text().count("reloaded 1 access tokens") == before + workers,
                  "every worker reloads its tokens")
         for _ in range(12):  # new connections, spread over the workers
             assert request(server.port, "HEAD", ART, headers=old)[0] == 401
@@ -204,5 +205,34 @@ def test_one_max_storage_bound_and_one_use_order_over_every_worker(tmp_path, wor
         assert figures["evictions"] == 30 - len(on_disk)
         assert figures["stored_bytes"] == sum(len(blobs[k]) for k in on_disk)
         assert keys[0] in on_disk and keys[-1] in on_disk and keys[1] not in on_disk
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_worker_started_after_the_token_file_broke_keeps_the_tokens_in_force(tmp_path):
+    token_file = tmp_path / "tokens"
+    token_file.write_text("read-write good-token-3333333\n")
+    server = start(tmp_path, 2, "--token-file", str(token_file))
+    try:
+        token_file.write_text("good-token-3333333 read-write\n")  # swapped: not a valid file
+        victim = worker_pids(server)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: worker_pids(server).get(0) not in (None, victim), "worker 0 is replaced")
+        wait_for(lambda: server.log_path.read_text().count("serving") >= 4, "the new worker serves")
+        for _ in range(8):
+            assert request(server.port, "HEAD", ART, headers={"Authorization": "Bearer good-token-3333333"})[0] == 404
+    finally:
+        assert server.stop() == 0
+    assert "tokens not reloaded" in server.log_path.read_text()
+
+
+def test_a_damaged_state_database_is_made_anew(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "server-state.sqlite3").write_bytes(b"not a database" * 100)
+    server = start(tmp_path, 2)
+    try:
+        assert request(server.port, "GET", ART)[0] == 404
+        assert stats(server.port)["misses"] == 1
     finally:
         assert server.stop() == 0
