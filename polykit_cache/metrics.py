@@ -26,7 +26,8 @@ BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 METHODS = frozenset(m.value for m in HTTPMethod)
 PROTOCOLS = frozenset({"polykit", "turbo", "nx", "bazel", "kv"})
 # Namespaces come from the URL, so any client can name new ones: the first this many each get
-# their own label, the rest are counted together as "other", so the series stay bounded.
+# their own label, the rest are counted together as "other", so the series stay bounded (each
+# worker process keeps its own first ones: at most this many times --workers in all).
 MAX_NAMESPACE_LABELS = 100
 
 
