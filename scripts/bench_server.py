@@ -11,6 +11,7 @@ the fsyncs and the bookkeeping cost; the absolute figures only describe this mac
     python scripts/bench_server.py --quick         # smoke run for CI (small sizes, 1 s each)
     python scripts/bench_server.py --bare          # the baseline alone
     python scripts/bench_server.py --workers-sweep # ours with 1, 2 and one worker per CPU, unpinned
+    python scripts/bench_server.py --rounds 3      # each server 3 times, rotating who goes first
     python scripts/bench_server.py --no-baseline   # ours alone
     python scripts/bench_server.py --url http://127.0.0.1:8080 --path-template /cache/{key}
     python scripts/bench_server.py --s3             # the S3 store (a local moto server) beside the disk store
@@ -693,6 +694,41 @@ def stop_server(target: Target) -> None:
     stop_process(target.proc, STOP_TIMEOUT)
 
 
+def start_kind(kind: str, args: argparse.Namespace, workdir: Path, artifacts: Path, cpu: int | None,
+               big_bytes: int) -> Target:
+    """Start one of the servers chosen_servers() names."""
+    if kind == "ours":
+        return start_ours(workdir, cpu, args.threads, args.server_log_level, big_bytes, args.workers)
+    if kind.startswith("ours-w"):
+        return start_ours(workdir, cpu, args.threads, args.server_log_level, big_bytes, int(kind[len("ours-w"):]), kind)
+    if kind == "s3":
+        return start_s3(workdir, cpu, args.threads, args.server_log_level, big_bytes)
+    return start_bare(workdir, artifacts, cpu, args.threads)
+
+
+def discard_state(workdir: Path, target: Target) -> None:
+    """Remove a stopped server's storage and spool, so the next round starts it afresh."""
+    for folder in (target.storage, workdir / f"spool-{target.name}"):
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def median_report(runs: list[TargetReport]) -> TargetReport:
+    """One server's rounds as one report: each measurement's median round, the largest peak RSS."""
+    if len(runs) == 1:
+        return runs[0]
+    results = {}
+    for label in runs[0].results:
+        ranked = sorted((r.results[label] for r in runs), key=lambda x: (x.value is None, x.value or 0))
+        results[label] = ranked[(len(ranked) - 1) // 2]
+    rss = [r.peak_rss_mib for r in runs if r.peak_rss_mib is not None]
+    notes = [f"round {i + 1}: {note}" for i, r in enumerate(runs) for note in r.notes]
+    # A failure in any round fails the run, not only one in the median round.
+    notes += [f"round {i + 1}: {label}: {describe_failures(x)}" for i, r in enumerate(runs)
+              for label, x in r.results.items() if x.failures and x is not results[label]]
+    return TargetReport(runs[0].name, results, max(rss) if rss else None, notes)
+
+
 def external_target(url: str, template: str, pid: int | None) -> Target:
     """A server someone else started; refused unless it is on a loopback address."""
     parts = urllib.parse.urlsplit(url)
@@ -1104,6 +1140,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--big-mib", type=int, default=512, help="size of the single big artifact, MiB (default: 512)")
     parser.add_argument("--threads", type=int, default=4, help="server worker threads (default: 4, as the server)")
     parser.add_argument("--workers", type=int, default=1, help="our server's worker processes (default: 1)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every server this many times, rotating which goes first; report medians")
     parser.add_argument("--workers-sweep", action="store_true",
                         help="our server alone with 1, 2 and one worker per CPU, unpinned, and each one's ratio to 1")
     parser.add_argument("--server-log-level", default="warning", help="log level of our server (default: warning)")
@@ -1120,8 +1158,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.max_puts = min(args.max_puts or QUICK_MAX_PUTS, QUICK_MAX_PUTS)
     if args.seconds <= 0 or args.seconds > 60 or args.big_mib < 1 or (args.max_puts is not None and args.max_puts < 8):
         parser.error("--seconds must be in (0, 60], --big-mib at least 1 and --max-puts at least 8")
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
+    if args.workers < 1 or args.rounds < 1:
+        parser.error("--workers and --rounds must be at least 1")
+    if args.rounds > 1 and (args.url or args.s3):
+        parser.error("--rounds starts each server afresh: not with --url or --s3")
     if args.workers_sweep and (args.url or args.bare):
         parser.error("--workers-sweep measures our server alone")
     if args.workers_sweep or args.workers > 1:
@@ -1194,22 +1234,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(f"packed in {time.monotonic() - started:.1f} s")
         if load_cpu is not None:
             os.sched_setaffinity(0, {load_cpu})
-        reports: list[TargetReport] = []
-        for kind in chosen_servers(args):
-            if kind == "target":
-                target = external
-            elif kind == "ours":
-                target = start_ours(workdir, server_cpu, args.threads, args.server_log_level, big_bytes, args.workers)
-            elif kind.startswith("ours-w"):
-                target = start_ours(workdir, server_cpu, args.threads, args.server_log_level, big_bytes,
-                                    int(kind[len("ours-w"):]), kind)
-            elif kind == "s3":
-                target = start_s3(workdir, server_cpu, args.threads, args.server_log_level, big_bytes)
-            else:
-                target = start_bare(workdir, artifacts, server_cpu, args.threads)
-            targets.append(target)
-            reports.append(measure(target, corpus, args.seconds, big_label, progress))
-            stop_server(target)
+        runs: list[TargetReport] = []
+        kinds = chosen_servers(args)
+        for round_index in range(args.rounds):
+            # Each round rotates which server goes first, so none always meets the disk and the
+            # machine in the same state; with several rounds, each figure is the median.
+            shift = round_index % len(kinds)
+            for kind in kinds[shift:] + kinds[:shift]:
+                target = external if kind == "target" else start_kind(kind, args, workdir, artifacts, server_cpu,
+                                                                      big_bytes)
+                targets.append(target)
+                runs.append(measure(target, corpus, args.seconds, big_label, progress))
+                if target is not external:
+                    stop_server(target)
+                    discard_state(workdir, target)
+        reports = [median_report([r for r in runs if r.name == kind]) for kind in kinds]
         text, passed = report(reports, sweep=args.workers_sweep)
         print(describe_setup(args, corpus, server_cpu, load_cpu, external))
         if external is None:
@@ -1244,6 +1283,7 @@ def describe_setup(
         f"setup: {pinning}; {args.seconds:g} s per rate measurement"
         + (f"; server threads {args.threads}" if external is None else "")
         + (f"; our server's workers {args.workers}" if external is None and args.workers > 1 else "")
+        + (f"; {args.rounds} rounds, rotating which server goes first: medians" if args.rounds > 1 else "")
         + (f"; our server's log level {args.server_log_level}" if external is None and not args.bare else ""),
         f"artifacts: 4 KiB random payload = {small} bytes packed, 1 MiB = {mid} bytes, "
         f"big = {corpus.big.size} bytes; MiB/s counts artifact bytes (1 MiB = 1048576 bytes)",
