@@ -25,6 +25,8 @@ from .sharedstate import connect
 
 # A use is written to the file's mtime at most this often.
 PERSIST_USE_NS = 60 * 10**9
+# Entries whose last written use a worker remembers (then it forgets them all and starts again).
+RECENT_USES = 65536
 
 
 class MemoryIndex:
@@ -126,8 +128,8 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_by_use ON entries (used);
 CREATE TABLE IF NOT EXISTS entry_totals (
     id INTEGER PRIMARY KEY CHECK (id = 1), count INTEGER NOT NULL, bytes INTEGER NOT NULL,
-    cost INTEGER NOT NULL, evictions INTEGER NOT NULL);
-INSERT OR IGNORE INTO entry_totals VALUES (1, 0, 0, 0, 0);
+    cost INTEGER NOT NULL, evictions INTEGER NOT NULL, uses INTEGER NOT NULL);
+INSERT OR IGNORE INTO entry_totals VALUES (1, 0, 0, 0, 0, 0);
 """
 
 
@@ -135,7 +137,9 @@ class SharedIndex:
     """The index in the shared database: every change is one transaction, seen by every worker.
 
     The running totals live in a row of their own, changed in the same transaction as the
-    entries, so reading them never sums the table. A write lasts microseconds; SQLite
+    entries, so reading them never sums the table. The row also numbers the writes that change
+    the order (``uses``): a use of the entry whose write was the last of them changes nothing,
+    so it is not written again (a popular entry read over and over takes the one write lock once). A write lasts microseconds; SQLite
     serialises the workers' writes with its file locks (WAL mode, see :mod:`.sharedstate`).
     """
 
@@ -145,6 +149,8 @@ class SharedIndex:
         self._lock = threading.Lock()
         self._db = connect(self.path)
         self._db.executescript(SCHEMA)
+        # key -> (the order number of this worker's last write of its use, its last use written to the file)
+        self._recent: dict[str, tuple[int, int]] = {}
 
     def _write(self, work: Callable[[sqlite3.Connection], object]) -> object:
         with self._lock:
@@ -175,7 +181,8 @@ class SharedIndex:
         def work(db: sqlite3.Connection) -> None:
             _delete(db, key)
             db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?)", (key, size, cost, now, now))
-            db.execute("UPDATE entry_totals SET count = count + 1, bytes = bytes + ?, cost = cost + ?", (size, cost))
+            db.execute("UPDATE entry_totals SET count = count + 1, bytes = bytes + ?, cost = cost + ?,"
+                       " uses = uses + 1", (size, cost))
 
         self._write(work)
 
@@ -187,13 +194,24 @@ class SharedIndex:
             return self._db.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone() is not None
 
     def touch(self, key: str, now: int) -> bool:
+        with self._lock:
+            (uses,) = self._db.execute("SELECT uses FROM entry_totals").fetchone()  # a read: no lock taken
+            number, persisted = self._recent.get(key, (-1, 0))
+            if number == uses and now - persisted <= PERSIST_USE_NS:
+                return False  # it is the most recently used already
+
         def work(db: sqlite3.Connection) -> bool:
             row = db.execute("SELECT persisted FROM entries WHERE key = ?", (key,)).fetchone()
             if row is None:
                 return False
             persist = now - row[0] > PERSIST_USE_NS
-            db.execute("UPDATE entries SET used = ?, persisted = ? WHERE key = ?",
-                       (now, now if persist else row[0], key))
+            persisted = now if persist else row[0]
+            db.execute("UPDATE entries SET used = ?, persisted = ? WHERE key = ?", (now, persisted, key))
+            db.execute("UPDATE entry_totals SET uses = uses + 1")
+            (number,) = db.execute("SELECT uses FROM entry_totals").fetchone()
+            if len(self._recent) >= RECENT_USES:
+                self._recent.clear()
+            self._recent[key] = (number, persisted)
             return persist
 
         return bool(self._write(work))

@@ -42,6 +42,20 @@ def test_eviction_takes_the_least_recently_used_until_within_the_bound(index):
     assert index.totals() == (1, 100, 2) and index.total_cost() == 110
 
 
+def test_a_use_of_the_most_recently_used_entry_is_not_written_again(tmp_path):
+    path = tmp_path / "state.sqlite3"
+    one, other = SharedIndex(path, cost), SharedIndex(path, cost)
+    one.load([("a", 0, 1), ("b", 0, 1)])
+    one.touch("a", 10)
+    assert one.use_range() == (0, 10)
+    one.touch("a", 20)  # still the most recently used: nothing to change
+    assert one.use_range() == (0, 10)
+    other.touch("b", 30)  # another worker's use comes between
+    one.touch("a", 40)
+    assert one.use_range() == (30, 40)
+    assert one.take_victims(11) == [("b", 1)]  # the order is exact across workers
+
+
 def test_a_use_is_written_to_the_file_now_and_then(index):
     index.load([("a", 0, 1)])
     assert not index.touch("a", PERSIST_USE_NS // 2)
