@@ -13,13 +13,15 @@ import logging
 import os
 import time
 from typing import Callable, Iterable
+from urllib.parse import parse_qsl
 from wsgiref.util import FileWrapper
 
-from polykit_client.artifact import ArtifactError, Limits, is_cache_key
+from polykit_client.artifact import ArtifactError, Limits, is_cache_key, read_metadata
 
-from . import bazel, kv, nx, turbo
+from . import bazel, kv, nx, statuspage, turbo
 from .auth import Access
 from .config import Config
+from .history import History
 from .http import SEND_CHUNK, HTTPError, Response, json_response, reason, render_json_error
 from .metrics import Metrics
 from .outcomes import parse_length, refuse
@@ -76,6 +78,8 @@ class CacheApp:
             Route("polykit", "v1", r"/v1/stats", {"GET": self.stats}, samples=("/v1/stats",)),
             Route("polykit", "healthz", r"/healthz", {"GET": self.healthz}, public=True, samples=("/healthz",)),
             Route("polykit", "metrics", r"/metrics", {"GET": self.prometheus}, samples=("/metrics",)),
+            Route("polykit", "v1", r"/v1/tasks", {"GET": self.newest_task}, samples=("/v1/tasks",)),
+            Route("polykit", "", r"/", {"GET": self.status_page}, browser=True, samples=("/",)),
         ]
 
     # --- admission ---------------------------------------------------------------------------
@@ -118,7 +122,7 @@ class CacheApp:
                          [("Allow", route.allowed)])
         write = route.is_write(method)
         if not route.public:
-            self._authorize(header("Authorization"), write)
+            self._authorize(header("Authorization"), write, route.browser)
         chunked = header("Transfer-Encoding") is not None
         raw = header("Content-Length")
         if write:
@@ -130,12 +134,14 @@ class CacheApp:
             if length > limit:
                 raise refuse("too_large", f"A {method} here takes a body of at most {limit} bytes.", count=False, limit=limit)
 
-    def _authorize(self, header: str | None, write: bool) -> None:
+    def _authorize(self, header: str | None, write: bool, browser: bool = False) -> None:
         denied = self.access.check(header, write)
         if denied is None:
             return
         status = denied[0]
         challenge = 'Bearer realm="polykit-cache"' + (', error="invalid_token"' if header and status == 401 else "")
+        if browser:  # RFC 9110 11.6.1: one header may list several challenges
+            challenge = 'Basic realm="polykit-cache", charset="UTF-8", ' + challenge
         headers = [("WWW-Authenticate", challenge)] if status == 401 else []
         raise refuse("unauthorized" if status == 401 else "forbidden", denied[2], headers, count=write)
 
@@ -173,7 +179,7 @@ class CacheApp:
             response = route.handlers[method](environ, params)
         except HTTPError as exc:
             if exc.reject is not None:
-                self.metrics.reject(exc.reject, exc.received)
+                self.metrics.reject(exc.reject, exc.received, route.protocol if route else None)
             response = (route.render if route else render_json_error)(exc)
         except Exception:
             log.exception("unexpected error answering %s %s", method[:20], path[:MAX_PATH])
@@ -270,6 +276,7 @@ class CacheApp:
             self.storage.forget(key)
             raise self._missing(key) from None
         self.metrics.lookup(True, info.size)
+        self.metrics.saved(self.metrics.history.served(key, lambda: self._manifest(info.path)))
         # The server's file wrapper lets waitress's I/O thread send the file, freeing this worker.
         wrapper = environ.get("wsgi.file_wrapper", FileWrapper)
         return Response(200, self._artifact_headers(info), wrapper(fh, SEND_CHUNK), info.size)
@@ -301,13 +308,44 @@ class CacheApp:
         except StorageFull:
             raise refuse("storage_full", full, received=received.size) from None
         self.metrics.upload(received.size)
+        if received.meta is not None:
+            self.metrics.history.stored(key, received.meta)
         return json_response(
             201,
             {"key": key, "size": info.size, "sha256": info.sha256},
             [("Location", f"/v1/artifacts/{key}"), ("ETag", f'"{info.sha256}"')],
         )
 
+    def _manifest(self, path: str) -> dict | None:
+        """The manifest of a stored artifact (verified before it was stored), or None if it cannot be read."""
+        try:
+            with open(path, "rb") as fh:
+                return read_metadata(fh, self.limits)
+        except (OSError, ArtifactError):
+            return None
+
     # --- service endpoints (HEAD is answered as GET without the body) ------------------------
+
+    def status_page(self, environ: dict, params: dict) -> Response:
+        """The status page for people: the figures of /v1/stats as self-contained HTML (see statuspage)."""
+        refresh = statuspage.parse_refresh(environ.get("QUERY_STRING", ""))
+        data = statuspage.render(self.metrics.stats(), refresh).encode()
+        return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(data))),
+                              *statuspage.HEADERS], [data], len(data))
+
+    def newest_task(self, environ: dict, params: dict) -> Response:
+        """``GET /v1/tasks?package=P&task=T``: the newest artifact stored for a task, with its key components."""
+        try:
+            query = dict(parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True, max_num_fields=4))
+        except ValueError:
+            raise refuse("bad_request", "The query takes package and task.") from None
+        package, task = query.get("package", ""), query.get("task", "")
+        if not package or not task:
+            raise refuse("bad_request", "The query needs package=NAME and task=NAME.")
+        found = self.metrics.history.newest(package, task)
+        if found is None:
+            raise refuse("not_found", f"No artifact of {package}:{task} is indexed here.")
+        return json_response(200, found)
 
     def healthz(self, environ: dict, params: dict) -> Response:
         return json_response(200, {"status": "ok"})
@@ -328,7 +366,9 @@ class CacheApp:
 def make_app(config: Config, storage: Storage, metrics: Metrics | None = None, access: Access | None = None) -> CacheApp:
     """Build the WSGI application over an opened storage; without ``access`` the server is open."""
     access = access or Access(None, {}, config.allow_anonymous_read)
-    app = CacheApp(config, storage, metrics or Metrics(storage.totals), access)
+    if metrics is None:
+        metrics = Metrics(storage.totals, History.open(storage.root), config.max_storage)
+    app = CacheApp(config, storage, metrics, access)
     routes = app.polykit_routes()
     for module in (turbo, nx, kv, bazel):
         routes += module.routes(app)

@@ -1,11 +1,16 @@
 """Access control: bearer tokens with a role each (RFC 6750), or an open server when none are set.
 
+Browsers (the status page) cannot send a bearer token: they send the token as the password of
+HTTP basic authentication (RFC 7617), whatever the user name, and it counts the same.
+
 Tokens are compared in constant time (``hmac.compare_digest`` against every token, with no early
 exit), and never written to a log or an error message.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import logging
 import threading
@@ -102,10 +107,9 @@ class Access:
         """The role of the bearer token in an Authorization header, or None."""
         if not header:
             return None
-        scheme, _, token = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        given = _credential(header)
+        if given is None:
             return None
-        given = token.strip().encode("utf-8", "surrogateescape")
         found = None
         with self._lock:
             entries = self._entries
@@ -128,3 +132,21 @@ class Access:
         if write and role != "read-write":
             return 403, "forbidden", "This token may only read; uploading needs a read-write token."
         return None
+
+
+def _credential(header: str) -> bytes | None:
+    """The token of ``Bearer <token>``, or the password of ``Basic base64(user:password)``; None otherwise."""
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if not value:
+        return None
+    if scheme.lower() == "bearer":
+        return value.encode("utf-8", "surrogateescape")
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            return None
+        user, colon, password = decoded.partition(b":")
+        return password if colon and password else None
+    return None

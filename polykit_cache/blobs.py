@@ -82,5 +82,5 @@ def put_blob(app, environ: dict, name: str, *, replace: bool = False, expected_s
     except StorageFull:
         raise refuse("storage_full", full, received=received.size) from None
     if stored:
-        app.metrics.upload(received.size)
+        app.metrics.upload(received.size, environ.get("polykit.protocol", "polykit"))
     return json_response(created if stored else existing, {"stored": stored})

@@ -38,6 +38,8 @@ class Route:
     samples: tuple[str, ...] = ()  # paths the route must own, for the overlap test
     fallback: bool = False
     read_body_limit: int = 0  # bytes a read may send (0: the application's default)
+    # A page for people: a 401 also offers basic authentication (RFC 7617), so a browser asks for the token.
+    browser: bool = False
     regex: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -32,6 +32,7 @@ class Received:
     temp: Path
     size: int
     sha256: str
+    meta: dict | None = None  # an artifact's manifest (None for a blob)
 
 
 class _Tee:
@@ -87,17 +88,16 @@ def receive_blob(storage: Storage, body: BinaryIO, length: int) -> Received:
     return _spool(storage, body, length, None)
 
 
-def _spool(storage: Storage, body: BinaryIO, length: int, check: Callable[[_Tee], object] | None) -> Received:
+def _spool(storage: Storage, body: BinaryIO, length: int, check: Callable[[_Tee], dict] | None) -> Received:
     out, temp = storage.new_temp()
     try:
         with out:
             tee = _Tee(body, length, out)
-            if check is not None:
-                check(tee)
+            meta = check(tee) if check is not None else None
             tee.drain()  # a checked artifact was read to its end already; this guards the byte count
             out.flush()
             os.fdatasync(out.fileno())
-        return Received(temp, tee.size, tee.digest.hexdigest())
+        return Received(temp, tee.size, tee.digest.hexdigest(), meta if isinstance(meta, dict) else None)
     except OSError as exc:
         temp.unlink(missing_ok=True)
         if is_disk_full(exc):

@@ -23,9 +23,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from . import artifact
+from .components import for_manifest
 from .graph import Node
 from .localcache import LocalCache
 from .outputs import OutputError, check_restorable, expand_outputs
@@ -192,9 +193,12 @@ class TaskRunner:
     """Runs tasks of one invocation; ``run(node)`` is what the scheduler calls."""
 
     def __init__(self, ws: Workspace, keys: dict[Node, str], console: Console, *, local: LocalCache | None,
-                 remote_factory: Callable[[], "RemoteCache | None"], summary: Summary) -> None:
+                 remote_factory: Callable[[], "RemoteCache | None"], summary: Summary,
+                 components: Mapping[Node, dict] | None = None) -> None:
         self.ws = ws
         self.keys = keys
+        # Each task's key components (KeyMaker.parts): an artifact carries them for `polykit why --remote`.
+        self.components = components or {}
         self.console = console
         self.local = local
         self.summary = summary
@@ -479,6 +483,8 @@ class TaskRunner:
             self.console.warn(f"{node} declares no outputs: only its log is cached")
         meta = {"package": pkg.name, "task": task.name, "command": task.command,
                 "created_at": int(time.time()), "duration_ms": duration_ms, "exit_code": 0}
+        if node in self.components:
+            meta["components"] = for_manifest(self.components[node])
         # Every declared output is cached, or the task is not cached at all: a hit must never
         # restore less than the build made.
         try:
