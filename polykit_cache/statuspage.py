@@ -38,7 +38,7 @@ section{background:var(--card);border:1px solid var(--line);border-radius:.5rem;
 dl{display:grid;grid-template-columns:auto auto;gap:.15rem 1rem;margin:0}dt{color:var(--muted)}dd{margin:0;text-align:right}
 table{border-collapse:collapse;width:100%;font-size:.92rem}
 th,td{padding:.25rem .4rem;border-bottom:1px solid var(--line);text-align:right;white-space:nowrap}
-th:first-child,td:first-child{text-align:left;white-space:normal;overflow-wrap:anywhere}
+th:first-child,td:first-child{text-align:left;white-space:normal;overflow-wrap:break-word}
 svg{width:100%;height:auto;display:block}svg text{fill:var(--muted);font-size:11px}
 .hit{fill:var(--hit)}.miss{fill:var(--miss)}.saved{fill:var(--saved)}.axis{stroke:var(--line)}
 .rate{fill:none;stroke:var(--fg);stroke-width:1.5}
@@ -222,11 +222,12 @@ def render(stats: dict, refresh: int | None = None, now: float | None = None) ->
         ("bytes out, last 24 h", _figure("history.windows.day.bytes_out", day["bytes_out"], fmt_bytes(day["bytes_out"]))),
     ]))
     limit = stats["max_storage"]
-    used = f" ({stats['stored_bytes'] / limit * 100:.0f} % of the limit)" if limit else ""
+    share = [("share of the limit", f"{stats['stored_bytes'] / limit * 100:.1f} %")] if limit else []
     storage = _card("Storage", _rows([
-        ("artifacts and blobs", _figure("artifacts", stats["artifacts"], str(stats["artifacts"]))),
-        ("used", _figure("stored_bytes", stats["stored_bytes"], fmt_bytes(stats["stored_bytes"]) + used)),
+        ("entries", _figure("artifacts", stats["artifacts"], str(stats["artifacts"]))),
+        ("used", _figure("stored_bytes", stats["stored_bytes"], fmt_bytes(stats["stored_bytes"]))),
         ("limit (--max-storage)", _figure("max_storage", limit, fmt_bytes(limit))),
+        *share,
         ("evictions", _figure("evictions", stats["evictions"], str(stats["evictions"]))),
     ]))
 
