@@ -71,9 +71,11 @@ def _rate(hits: int, misses: int) -> float | None:
 class History:
     """The server's figures over time, in one sqlite database; thread-safe."""
 
-    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time, *, max_tasks: int = MAX_TASKS,
+                 max_artifacts: int = MAX_ARTIFACTS) -> None:
         self.path = str(path)
         self._clock = clock
+        self.max_tasks, self.max_artifacts = max_tasks, max_artifacts
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         if self.path != ":memory:":
@@ -197,8 +199,9 @@ class History:
                 db.execute("DELETE FROM hours WHERE t < ?", (now - KEEP_HOURS,))
                 for table, order in (("tasks", "last_seen"), ("newest", "stored_at")):
                     db.execute(f"DELETE FROM {table} WHERE rowid IN "
-                               f"(SELECT rowid FROM {table} ORDER BY {order} DESC LIMIT -1 OFFSET ?)", (MAX_TASKS,))
-                db.execute("DELETE FROM artifacts WHERE rowid <= (SELECT max(rowid) FROM artifacts) - ?", (MAX_ARTIFACTS,))
+                               f"(SELECT rowid FROM {table} ORDER BY {order} DESC LIMIT -1 OFFSET ?)", (self.max_tasks,))
+                db.execute("DELETE FROM artifacts WHERE rowid <= (SELECT max(rowid) FROM artifacts) - ?",
+                           (self.max_artifacts,))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
