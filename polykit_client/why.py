@@ -169,10 +169,13 @@ def explain(node: Node, keys: Mapping[Node, str], parts: Mapping[Node, dict],
     said = {(d.kind, d.subject) for d in own if d.kind.startswith("env-")}
     out: list[Difference] = []
     for diff in own:
-        out.append(diff)
-        if diff.kind == "dependency-changed":
-            out += [d for d in _upstream(_node(diff.subject), keys, parts, record_of, hashed_env, 1)
-                    if (d.kind, d.subject) not in said]
+        if diff.kind != "dependency-changed":
+            out.append(diff)
+            continue
+        found = _upstream(_node(diff.subject), keys, parts, record_of, hashed_env, 1)
+        causes = [d for d in found if (d.kind, d.subject) not in said]
+        if causes or not found:  # a dependency that changed only by what was said above adds nothing
+            out += [diff, *causes]
     return Explanation(str(node), keys[node], record["key"], out)
 
 
