@@ -6,6 +6,10 @@ buckets (one a minute for a day, one an hour for a month) and to per-task totals
 keeps them. Events are summed in memory and written at most every ``FLUSH_SECONDS`` (and before
 every read), so a request never waits for the disk; a crash loses at most those seconds.
 
+The history only ever describes the cache: a database that cannot be written (a full disk, a
+damaged file) costs a warning at most once a minute, never an answer; pending sums are kept
+and written by a later flush.
+
 Every table is bounded in rows whatever clients send: buckets by age, tasks and artifacts by
 count (the least recently seen go first), and the stored key components by ``MAX_COMPONENTS``
 bytes each (the manifest check bounds them before an upload is accepted).
@@ -86,6 +90,14 @@ class History:
         self._pending: dict[tuple[int, str], list[int]] = {}
         self._pending_tasks: dict[tuple[str, str], list[int]] = {}
         self._flushed = clock()
+        self._warned = float("-inf")
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        """A write that failed: one warning a minute at most; the request goes on."""
+        now = time.monotonic()
+        if now - self._warned >= 60:
+            self._warned = now
+            log.warning("the status history could not %s (%s); the cache itself is not affected", what, exc)
 
     @classmethod
     def open(cls, folder: Path, clock: Callable[[], float] = time.time) -> "History":
@@ -122,10 +134,16 @@ class History:
             blob = None  # the manifest check refuses this already; never store more than the bound
         created = meta.get("created_at") if isinstance(meta.get("created_at"), int) else None
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?)", (key, package, task, _duration(meta)))
-            self._db.execute("INSERT OR REPLACE INTO newest VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (package, task, key, self._clock(), created, _duration(meta), blob))
             self._task(package, task, misses=1)
+            try:
+                with self._db:  # one transaction: both rows or neither
+                    self._db.execute("BEGIN")
+                    self._db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?)",
+                                     (key, package, task, _duration(meta)))
+                    self._db.execute("INSERT OR REPLACE INTO newest VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                     (package, task, key, self._clock(), created, _duration(meta), blob))
+            except sqlite3.Error as exc:
+                self._failed("index an artifact", exc)
 
     def served(self, key: str, read_meta: Callable[[], dict | None]) -> int:
         """A polykit artifact was downloaded: the build time it saved, in ms (0 when unknown).
@@ -133,14 +151,21 @@ class History:
         ``read_meta`` reads the artifact's manifest; it is called only for an artifact stored
         before this index knew it (or pushed out of it), and what it finds is kept.
         """
-        with self._lock:
-            row = self._db.execute("SELECT package, task, duration_ms FROM artifacts WHERE key = ?", (key,)).fetchone()
+        try:
+            with self._lock:
+                row = self._db.execute("SELECT package, task, duration_ms FROM artifacts WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as exc:
+            self._failed("be read", exc)
+            return 0
         if row is None:
             meta = read_meta() or {}
             package, task = meta.get("package"), meta.get("task")
             row = (package if _name_ok(package) else None, task if _name_ok(task) else None, _duration(meta))
             with self._lock:
-                self._db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?)", (key, *row))
+                try:
+                    self._db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?)", (key, *row))
+                except sqlite3.Error as exc:
+                    self._failed("index an artifact", exc)
         package, task, duration = row
         if package is not None and task is not None:
             with self._lock:
@@ -158,8 +183,12 @@ class History:
     def newest(self, package: str, task: str) -> dict | None:
         """The newest artifact stored for a package's task, with its key components, or None."""
         with self._lock:
-            row = self._db.execute("SELECT key, stored_at, created_at, duration_ms, components FROM newest "
-                                   "WHERE package = ? AND task = ?", (package, task)).fetchone()
+            try:
+                row = self._db.execute("SELECT key, stored_at, created_at, duration_ms, components FROM newest "
+                                       "WHERE package = ? AND task = ?", (package, task)).fetchone()
+            except sqlite3.Error as exc:
+                self._failed("be read", exc)
+                return None
         if row is None:
             return None
         key, stored_at, created_at, duration_ms, components = row
@@ -175,8 +204,8 @@ class History:
             now = self._clock()
             self._flushed = now
             db = self._db
-            db.execute("BEGIN")
             try:
+                db.execute("BEGIN")
                 setters = ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS)
                 marks = ", ".join("?" * (len(COUNTERS) + 2))
                 totals = [0] * len(COUNTERS)
@@ -203,9 +232,21 @@ class History:
                 db.execute("DELETE FROM artifacts WHERE rowid <= (SELECT max(rowid) FROM artifacts) - ?",
                            (self.max_artifacts,))
                 db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                self._failed("be written", exc)
+                self._keep(pending, tasks)
+
+    def _keep(self, pending: dict, tasks: dict) -> None:
+        """Put sums that could not be written back for the next flush (tasks within their row bound)."""
+        for where, source in ((self._pending, pending), (self._pending_tasks, tasks)):
+            for name, row in source.items():
+                if name not in where and where is self._pending_tasks and len(where) >= self.max_tasks:
+                    continue
+                kept = where.setdefault(name, [0] * len(row))
+                for i, value in enumerate(row):
+                    kept[i] += value
 
     def close(self) -> None:
         self.flush()
@@ -213,8 +254,15 @@ class History:
             self._db.close()
 
     def summary(self) -> dict:
-        """Everything the status page shows from the history (part of ``/v1/stats``)."""
+        """Everything the status page shows from the history (part of ``/v1/stats``); empty if it cannot be read."""
         self.flush()
+        try:
+            return self._summary()
+        except sqlite3.Error as exc:
+            self._failed("be read", exc)
+            return History(":memory:", self._clock)._summary()
+
+    def _summary(self) -> dict:
         now = self._clock()
         with self._lock:
             db = self._db

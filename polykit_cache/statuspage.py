@@ -38,6 +38,7 @@ section{background:var(--card);border:1px solid var(--line);border-radius:.5rem;
 dl{display:grid;grid-template-columns:auto auto;gap:.15rem 1rem;margin:0}dt{color:var(--muted)}dd{margin:0;text-align:right}
 table{border-collapse:collapse;width:100%;font-size:.92rem}
 th,td{padding:.25rem .4rem;border-bottom:1px solid var(--line);text-align:right;white-space:nowrap}
+th{white-space:normal;vertical-align:bottom}
 th:first-child,td:first-child{text-align:left;white-space:normal;overflow-wrap:break-word}
 svg{width:100%;height:auto;display:block}svg text{fill:var(--muted);font-size:11px}
 .hit{fill:var(--hit)}.miss{fill:var(--miss)}.saved{fill:var(--saved)}.axis{stroke:var(--line)}

@@ -232,3 +232,28 @@ def test_the_refresh_is_optional_and_bounded(tmp_path):
     assert b"http-equiv" not in call(app, "GET", "/").body
     assert b'content="3600"' in call(app, "GET", "/?refresh=99999").body
     assert b"http-equiv" not in call(app, "GET", "/?refresh=soon").body
+
+
+def test_a_full_disk_never_fails_a_request_and_the_sums_are_written_later(small_tmpfs, tmp_path, caplog):
+    clock = Clock()
+    history = History(small_tmpfs / "status.sqlite3", clock)
+    history.count("polykit", hits=1)
+    history.flush()
+    filler = small_tmpfs / "filler"
+    with open(filler, "wb") as fh:  # take every free block
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    for n in range(200):  # enough rows to need new pages
+        clock.now += 60
+        history.count("polykit", hits=1)
+        history.stored(key_for(str(n)), {"package": f"p{n}" * 40, "task": "build", "duration_ms": 1})
+        history.flush()
+    assert "could not be written" in caplog.text or "could not index" in caplog.text
+    assert history.summary()["windows"]["hour"]["hits"] >= 0  # still answers
+    filler.unlink()
+    history.flush()
+    assert history.summary()["all_time"]["hits"] == 201
