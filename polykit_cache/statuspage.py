@@ -148,6 +148,19 @@ def _last_day_chart(history: dict, now: float) -> str:
     return _bars_chart("Hits and misses per hour, last 24 hours (UTC)", slots, rates, "lookups")
 
 
+def _last_hour_chart(history: dict, now: float) -> str:
+    """Hits and misses per minute over the last hour, with the hit rate."""
+    by_minute = {row["t"]: row for row in history["minutes"]}
+    start = int(now // 60) * 60 - 59 * 60
+    slots, rates = [], []
+    for t in range(start, start + 60 * 60, 60):
+        row = by_minute.get(t, {"hits": 0, "misses": 0})
+        slots.append((time.strftime("%H:%M", time.gmtime(t)), [("hit", row["hits"]), ("miss", row["misses"])]))
+        total = row["hits"] + row["misses"]
+        rates.append(row["hits"] / total if total else None)
+    return _bars_chart("Hits and misses per minute, last hour (UTC)", slots, rates, "lookups")
+
+
 def _saved_chart(history: dict, now: float) -> str:
     """Build time saved per day over the last 30 days (in minutes, or seconds while they are few)."""
     by_day = {row["day"]: row["saved_seconds"] for row in history["days"]}
@@ -257,8 +270,9 @@ def render(stats: dict, refresh: int | None = None, now: float | None = None) ->
     refusals = _card("Uploads refused", reasons + _rows(
         [("last 24 hours", _figure("history.windows.day.rejected", day["rejected"], str(day["rejected"])))]))
 
-    charts = (_card("Lookups, last 24 hours", _last_day_chart(history, now)
-                    + '<p class="muted"><span class="key hit"></span>hits<span class="key miss"></span>misses</p>')
+    legend = '<p class="muted"><span class="key hit"></span>hits<span class="key miss"></span>misses</p>'
+    charts = (_card("Lookups, last hour", _last_hour_chart(history, now) + legend)
+              + _card("Lookups, last 24 hours", _last_day_chart(history, now) + legend)
               + _card("Time saved, last 30 days", _saved_chart(history, now)
                       + '<p class="muted"><span class="key saved"></span>build time saved</p>'))
     tasks = (_card("Tasks that save the most", _task_table(history["top_saving"], "history.top_saving",
