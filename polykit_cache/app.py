@@ -20,13 +20,14 @@ from polykit_client.artifact import ArtifactError, Limits, is_cache_key, read_me
 
 from . import bazel, kv, nx, statuspage, turbo
 from .auth import Access
+from .blobs import blob_name, check_segments
 from .config import Config
 from .history import History
 from .http import SEND_CHUNK, HTTPError, Response, json_response, reason, render_json_error
 from .metrics import Metrics
 from .outcomes import parse_length, refuse
 from .routes import Route, Router
-from .storage import AlreadyStored, Storage, StorageFull
+from .storage import AlreadyStored, ArtifactInfo, Storage, StorageFull
 from .verification import IncompleteBody, receive
 
 log = logging.getLogger("polykit_cache.app")
@@ -79,7 +80,7 @@ class CacheApp:
             Route("polykit", "healthz", r"/healthz", {"GET": self.healthz}, public=True, samples=("/healthz",)),
             Route("polykit", "metrics", r"/metrics", {"GET": self.prometheus}, samples=("/metrics",)),
             Route("polykit", "v1", r"/v1/tasks", {"GET": self.newest_task}, samples=("/v1/tasks",)),
-            Route("polykit", "", r"/", {"GET": self.status_page}, browser=True, samples=("/",)),
+            Route("polykit", "", r"/", {"GET": self.status_page}, samples=("/",)),
         ]
 
     # --- admission ---------------------------------------------------------------------------
@@ -105,12 +106,16 @@ class CacheApp:
         return None
 
     def _route(self, path: str) -> tuple[Route, dict]:
-        """The route of a path within the bounds of the request line, or 414/404."""
+        """The route of a path within the bounds of the request line, or 414/404; 400 for a bad namespace."""
         if len(path) > MAX_PATH:
             raise refuse("uri_too_long", f"The path is {len(path)} characters long; the limit is {MAX_PATH}.")
         found = self.router.match(path)
         if found is None:
             raise refuse("not_found", f"No such endpoint: {path}")
+        namespace = found[1]["namespace"]
+        if namespace:
+            # Validated like a key, since it becomes part of every stored entry's name.
+            check_segments(namespace.split("/"), "A namespace (the path before the protocol)")
         return found
 
     def _admission(self, route: Route, method: str, query: str, header: Callable[[str], str | None]) -> None:
@@ -121,29 +126,33 @@ class CacheApp:
             raise refuse("method_not_allowed", f"{method[:20]} is not allowed here; use {route.allowed}.",
                          [("Allow", route.allowed)])
         write = route.is_write(method)
-        if not route.public:
-            self._authorize(header("Authorization"), write, route.browser)
+        # A CORS preflight never carries credentials (Fetch standard, "CORS-preflight request"),
+        # and it reads nothing: OPTIONS is open wherever a route serves it.
+        if not route.public and method != "OPTIONS":
+            self._authorize(route, header("Authorization"), write)
         chunked = header("Transfer-Encoding") is not None
         raw = header("Content-Length")
-        if write:
+        if write and method not in route.bodiless:
             if not (chunked and raw is None):  # a chunked body's length is known only once read
                 self._check_upload_length(raw)
         else:
             length = parse_length(raw) or 0
-            limit = route.read_body_limit or READ_BODY_LIMIT
+            limit = 0 if method in route.bodiless else route.read_body_limit or READ_BODY_LIMIT
             if length > limit:
                 raise refuse("too_large", f"A {method} here takes a body of at most {limit} bytes.", count=False, limit=limit)
 
-    def _authorize(self, header: str | None, write: bool, browser: bool = False) -> None:
+    def _authorize(self, route: Route, header: str | None, write: bool) -> None:
         denied = self.access.check(header, write)
         if denied is None:
             return
         status = denied[0]
-        challenge = 'Bearer realm="polykit-cache"' + (', error="invalid_token"' if header and status == 401 else "")
-        if browser:  # RFC 9110 11.6.1: one header may list several challenges
-            challenge = 'Basic realm="polykit-cache", charset="UTF-8", ' + challenge
-        headers = [("WWW-Authenticate", challenge)] if status == 401 else []
-        raise refuse("unauthorized" if status == 401 else "forbidden", denied[2], headers, count=write)
+        if status == 401 and write and not header and self.access.allow_anonymous_read:
+            status = route.anonymous_write_status  # some clients take a 401 on upload as fatal
+        # Both schemes a token may come in (RFC 9110 11.6.1: one challenge per header line).
+        bearer = 'Bearer realm="polykit-cache"' + (', error="invalid_token"' if header else "")
+        headers = [("WWW-Authenticate", bearer), ("WWW-Authenticate", 'Basic realm="polykit-cache", charset="UTF-8"')]
+        raise refuse("unauthorized" if status == 401 else "forbidden", denied[2], headers if status == 401 else [],
+                     count=write)
 
     def _check_upload_length(self, raw: str | None) -> int:
         """The upload's declared length, refused (411, 400, 413, 507) before the body is read."""
@@ -175,6 +184,7 @@ class CacheApp:
                 raise refused
             route, params = self._route(path)
             environ["polykit.protocol"] = route.protocol
+            environ["polykit.namespace"] = params["namespace"]
             self._admission(route, method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))
             response = route.handlers[method](environ, params)
         except HTTPError as exc:
@@ -221,15 +231,40 @@ class CacheApp:
             raise refuse("bad_key", "A cache key is 64 lowercase hexadecimal characters (a SHA-256).")
         return key
 
-    def _missing(self, key: str) -> HTTPError:
-        self.metrics.lookup(False)
+    # An artifact in a URL namespace is stored under a name that holds the namespace (the
+    # storage's blob names, with the artifact's size and SHA-256 beside it); one without a
+    # namespace keeps the artifact layout. Both are verified alike before they are stored.
+
+    def _missing(self, environ: dict, key: str) -> HTTPError:
+        self.metrics.lookup(False, namespace=environ.get("polykit.namespace", ""))
         return refuse("not_found", f"No artifact is stored under {key}.")
 
-    def _found(self, environ: dict, key: str):
-        info = self.storage.lookup(key)
-        if info is None:
-            raise self._missing(key)
-        return info
+    def _found(self, environ: dict, key: str) -> tuple[str, ArtifactInfo]:
+        """The storage name and metadata of a stored artifact, or 404."""
+        namespace = environ.get("polykit.namespace", "")
+        if not namespace:
+            info = self.storage.lookup(key)
+            if info is not None:
+                return key, info
+            raise self._missing(environ, key)
+        name = blob_name("polykit", namespace, key)
+        size = self.storage.blob_stat(name)
+        meta = self.storage.blob_meta(name) if size is not None else {}
+        if size is None or not isinstance(meta.get("sha256"), str):
+            raise self._missing(environ, key)
+        return name, ArtifactInfo(key, size, meta["sha256"], float(meta.get("created", 0)), "")
+
+    def _open(self, name: str, info: ArtifactInfo):
+        """The artifact's file, or None when it went away since its metadata was read."""
+        if "/" in name:
+            return self.storage.open_blob(name)
+        try:
+            return open(info.path, "rb")
+        except FileNotFoundError:
+            return None
+
+    def _lookup_hit(self, environ: dict, size: int = 0) -> None:
+        self.metrics.lookup(True, size, namespace=environ.get("polykit.namespace", ""))
 
     @staticmethod
     def _artifact_headers(info) -> list[tuple[str, str]]:
@@ -245,38 +280,38 @@ class CacheApp:
     def _not_modified(self, environ: dict, info) -> Response | None:
         tags = environ.get("HTTP_IF_NONE_MATCH")
         if tags and (tags.strip() == "*" or f'"{info.sha256}"' in tags):
-            self.metrics.lookup(True)
+            self._lookup_hit(environ)
             return Response(304, [("ETag", f'"{info.sha256}"')], [], 0)
         return None
 
     def head_artifact(self, environ: dict, params: dict) -> Response:
         """Answer from the metadata alone; the artifact file is not opened."""
         key = self._key(params)
-        info = self._found(environ, key)
-        if not os.path.exists(info.path):  # removed behind our back (verify's quarantine, gc)
+        name, info = self._found(environ, key)
+        if info.path and not os.path.exists(info.path):  # removed behind our back (verify's quarantine, gc)
             self.storage.forget(key)
-            raise self._missing(key)
-        self.storage.touch(key)
+            raise self._missing(environ, key)
+        self.storage.touch(name)
         cached = self._not_modified(environ, info)
         if cached is not None:
             return cached
-        self.metrics.lookup(True)
+        self._lookup_hit(environ)
         return Response(200, self._artifact_headers(info), [], 0)
 
     def get_artifact(self, environ: dict, params: dict) -> Response:
         key = self._key(params)
-        info = self._found(environ, key)
-        self.storage.touch(key)
+        name, info = self._found(environ, key)
+        self.storage.touch(name)
         cached = self._not_modified(environ, info)
         if cached is not None:
             return cached
-        try:
-            fh = open(info.path, "rb")
-        except FileNotFoundError:  # removed since its metadata was read
-            self.storage.forget(key)
-            raise self._missing(key) from None
-        self.metrics.lookup(True, info.size)
-        self.metrics.saved(self.metrics.history.served(key, lambda: self._manifest(info.path)))
+        fh = self._open(name, info)
+        if fh is None:  # removed since its metadata was read
+            self.storage.forget(name)
+            raise self._missing(environ, key)
+        self._lookup_hit(environ, info.size)
+        namespace = environ.get("polykit.namespace", "")
+        self.metrics.saved(self.metrics.history.served(key, lambda: self._manifest(name, info), namespace))
         # The server's file wrapper lets waitress's I/O thread send the file, freeing this worker.
         wrapper = environ.get("wsgi.file_wrapper", FileWrapper)
         return Response(200, self._artifact_headers(info), wrapper(fh, SEND_CHUNK), info.size)
@@ -284,8 +319,10 @@ class CacheApp:
     def put_artifact(self, environ: dict, params: dict) -> Response:
         key = self._key(params)
         length = self.content_length(environ)
+        namespace = params["namespace"]
+        name = blob_name("polykit", namespace, key) if namespace else key
         exists = f"An artifact is already stored under {key}; artifacts are immutable."
-        if self.storage.exists(key):
+        if (self.storage.blob_stat(name) is not None) if namespace else self.storage.exists(key):
             raise refuse("exists", exists)
         full = "The cache's disk is full; the artifact was not stored."
         try:
@@ -302,24 +339,33 @@ class CacheApp:
             raise refuse("verification_failed", "The body does not match its X-Artifact-Hash header.",
                          reason="body_hash_mismatch", received=received.size)
         try:
-            info = self.storage.publish(key, received.temp, received.size, received.sha256)
+            if namespace:
+                meta = {"sha256": received.sha256, "created": time.time()}
+                if not self.storage.publish_blob(name, received.temp, received.size, meta=meta):
+                    raise AlreadyStored(name)
+            else:
+                self.storage.publish(key, received.temp, received.size, received.sha256)
         except AlreadyStored:
             raise refuse("exists", exists, received=received.size) from None
         except StorageFull:
             raise refuse("storage_full", full, received=received.size) from None
         self.metrics.upload(received.size)
         if received.meta is not None:
-            self.metrics.history.stored(key, received.meta)
+            self.metrics.history.stored(key, received.meta, namespace)
+        location = (f"/{namespace}" if namespace else "") + f"/v1/artifacts/{key}"
         return json_response(
             201,
-            {"key": key, "size": info.size, "sha256": info.sha256},
-            [("Location", f"/v1/artifacts/{key}"), ("ETag", f'"{info.sha256}"')],
+            {"key": key, "size": received.size, "sha256": received.sha256},
+            [("Location", location), ("ETag", f'"{received.sha256}"')],
         )
 
-    def _manifest(self, path: str) -> dict | None:
+    def _manifest(self, name: str, info: ArtifactInfo) -> dict | None:
         """The manifest of a stored artifact (verified before it was stored), or None if it cannot be read."""
         try:
-            with open(path, "rb") as fh:
+            fh = self._open(name, info)
+            if fh is None:
+                return None
+            with fh:
                 return read_metadata(fh, self.limits)
         except (OSError, ArtifactError):
             return None
@@ -328,6 +374,8 @@ class CacheApp:
 
     def status_page(self, environ: dict, params: dict) -> Response:
         """The status page for people: the figures of /v1/stats as self-contained HTML (see statuspage)."""
+        if params["namespace"]:  # one page for the whole server
+            raise refuse("not_found", "The status page is at / only.")
         refresh = statuspage.parse_refresh(environ.get("QUERY_STRING", ""))
         data = statuspage.render(self.metrics.stats(), refresh).encode()
         return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(data))),
@@ -342,7 +390,7 @@ class CacheApp:
         package, task = query.get("package", ""), query.get("task", "")
         if not package or not task:
             raise refuse("bad_request", "The query needs package=NAME and task=NAME.")
-        found = self.metrics.history.newest(package, task)
+        found = self.metrics.history.newest(package, task, params["namespace"])
         if found is None:
             raise refuse("not_found", f"No artifact of {package}:{task} is indexed here.")
         return json_response(200, found)

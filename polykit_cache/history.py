@@ -17,7 +17,8 @@ bytes each (the manifest check bounds them before an upload is accepted).
 What a hit saves: a polykit artifact's manifest carries ``duration_ms``, the time its task took
 to build; each download of it (``GET``, not ``HEAD`` or a ``304``) saved a build that long.
 Per task, *hits* are those downloads and *misses* the artifacts uploaded for it (each one built
-after a miss).
+after a miss). Tasks and artifacts are told apart by URL namespace (``""`` for none), as the
+storage tells them apart.
 """
 
 from __future__ import annotations
@@ -51,11 +52,14 @@ CREATE TABLE IF NOT EXISTS minutes (t INTEGER, protocol TEXT, {", ".join(f"{c} I
 CREATE TABLE IF NOT EXISTS hours (t INTEGER, protocol TEXT, {", ".join(f"{c} INTEGER DEFAULT 0" for c in COUNTERS)},
                                   PRIMARY KEY (t, protocol));
 CREATE TABLE IF NOT EXISTS totals (name TEXT PRIMARY KEY, value INTEGER);
-CREATE TABLE IF NOT EXISTS tasks (package TEXT, task TEXT, hits INTEGER DEFAULT 0, misses INTEGER DEFAULT 0,
-                                  saved_ms INTEGER DEFAULT 0, last_seen REAL, PRIMARY KEY (package, task));
-CREATE TABLE IF NOT EXISTS artifacts (key TEXT PRIMARY KEY, package TEXT, task TEXT, duration_ms INTEGER);
-CREATE TABLE IF NOT EXISTS newest (package TEXT, task TEXT, key TEXT, stored_at REAL, created_at INTEGER,
-                                   duration_ms INTEGER, components TEXT, PRIMARY KEY (package, task));
+CREATE TABLE IF NOT EXISTS tasks (namespace TEXT, package TEXT, task TEXT, hits INTEGER DEFAULT 0,
+                                  misses INTEGER DEFAULT 0, saved_ms INTEGER DEFAULT 0, last_seen REAL,
+                                  PRIMARY KEY (namespace, package, task));
+CREATE TABLE IF NOT EXISTS artifacts (namespace TEXT, key TEXT, package TEXT, task TEXT, duration_ms INTEGER,
+                                      PRIMARY KEY (namespace, key));
+CREATE TABLE IF NOT EXISTS newest (namespace TEXT, package TEXT, task TEXT, key TEXT, stored_at REAL,
+                                   created_at INTEGER, duration_ms INTEGER, components TEXT,
+                                   PRIMARY KEY (namespace, package, task));
 """
 
 
@@ -88,7 +92,7 @@ class History:
             self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._pending: dict[tuple[int, str], list[int]] = {}
-        self._pending_tasks: dict[tuple[str, str], list[int]] = {}
+        self._pending_tasks: dict[tuple[str, str, str], list[int]] = {}
         self._flushed = clock()
         self._warned = float("-inf")
 
@@ -123,7 +127,7 @@ class History:
         if due:
             self.flush()
 
-    def stored(self, key: str, meta: dict) -> None:
+    def stored(self, key: str, meta: dict, namespace: str = "") -> None:
         """A verified polykit artifact was stored: remember whose it is and index it as its task's newest."""
         package, task = meta.get("package"), meta.get("task")
         if not (_name_ok(package) and _name_ok(task)):
@@ -134,18 +138,18 @@ class History:
             blob = None  # the manifest check refuses this already; never store more than the bound
         created = meta.get("created_at") if isinstance(meta.get("created_at"), int) else None
         with self._lock:
-            self._task(package, task, misses=1)
+            self._task((namespace, package, task), misses=1)
             try:
                 with self._db:  # one transaction: both rows or neither
                     self._db.execute("BEGIN")
-                    self._db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?)",
-                                     (key, package, task, _duration(meta)))
-                    self._db.execute("INSERT OR REPLACE INTO newest VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                     (package, task, key, self._clock(), created, _duration(meta), blob))
+                    self._db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)",
+                                     (namespace, key, package, task, _duration(meta)))
+                    self._db.execute("INSERT OR REPLACE INTO newest VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                     (namespace, package, task, key, self._clock(), created, _duration(meta), blob))
             except sqlite3.Error as exc:
                 self._failed("index an artifact", exc)
 
-    def served(self, key: str, read_meta: Callable[[], dict | None]) -> int:
+    def served(self, key: str, read_meta: Callable[[], dict | None], namespace: str = "") -> int:
         """A polykit artifact was downloaded: the build time it saved, in ms (0 when unknown).
 
         ``read_meta`` reads the artifact's manifest; it is called only for an artifact stored
@@ -153,7 +157,8 @@ class History:
         """
         try:
             with self._lock:
-                row = self._db.execute("SELECT package, task, duration_ms FROM artifacts WHERE key = ?", (key,)).fetchone()
+                row = self._db.execute("SELECT package, task, duration_ms FROM artifacts WHERE namespace = ? AND key = ?",
+                                       (namespace, key)).fetchone()
         except sqlite3.Error as exc:
             self._failed("be read", exc)
             return 0
@@ -163,29 +168,31 @@ class History:
             row = (package if _name_ok(package) else None, task if _name_ok(task) else None, _duration(meta))
             with self._lock:
                 try:
-                    self._db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?)", (key, *row))
+                    self._db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)", (namespace, key, *row))
                 except sqlite3.Error as exc:
                     self._failed("index an artifact", exc)
         package, task, duration = row
         if package is not None and task is not None:
             with self._lock:
-                self._task(package, task, hits=1, saved_ms=duration)
+                self._task((namespace, package, task), hits=1, saved_ms=duration)
         return duration
 
-    def _task(self, package: str, task: str, hits: int = 0, misses: int = 0, saved_ms: int = 0) -> None:
-        row = self._pending_tasks.setdefault((package, task), [0, 0, 0])
+    def _task(self, name: tuple[str, str, str], hits: int = 0, misses: int = 0, saved_ms: int = 0) -> None:
+        """Add to the pending totals of one (namespace, package, task)."""
+        row = self._pending_tasks.setdefault(name, [0, 0, 0])
         row[0] += hits
         row[1] += misses
         row[2] += saved_ms
 
     # --- reads -------------------------------------------------------------------------------
 
-    def newest(self, package: str, task: str) -> dict | None:
-        """The newest artifact stored for a package's task, with its key components, or None."""
+    def newest(self, package: str, task: str, namespace: str = "") -> dict | None:
+        """The artifact stored most recently for a package's task, with its key components, or None."""
         with self._lock:
             try:
                 row = self._db.execute("SELECT key, stored_at, created_at, duration_ms, components FROM newest "
-                                       "WHERE package = ? AND task = ?", (package, task)).fetchone()
+                                       "WHERE namespace = ? AND package = ? AND task = ?",
+                                       (namespace, package, task)).fetchone()
             except sqlite3.Error as exc:
                 self._failed("be read", exc)
                 return None
@@ -219,11 +226,11 @@ class History:
                         db.execute("INSERT INTO totals VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + ?",
                                    (name, value, value))
                 db.execute("INSERT OR IGNORE INTO totals VALUES ('since', ?)", (int(now),))
-                for (package, task), (hits, misses, saved) in tasks.items():
-                    db.execute("INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (package, task) DO UPDATE SET "
-                               "hits = hits + excluded.hits, misses = misses + excluded.misses, "
+                for (namespace, package, task), (hits, misses, saved) in tasks.items():
+                    db.execute("INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, package, task) "
+                               "DO UPDATE SET hits = hits + excluded.hits, misses = misses + excluded.misses, "
                                "saved_ms = saved_ms + excluded.saved_ms, last_seen = excluded.last_seen",
-                               (package, task, hits, misses, saved, now))
+                               (namespace, package, task, hits, misses, saved, now))
                 db.execute("DELETE FROM minutes WHERE t < ?", (now - KEEP_MINUTES,))
                 db.execute("DELETE FROM hours WHERE t < ?", (now - KEEP_HOURS,))
                 for table, order in (("tasks", "last_seen"), ("newest", "stored_at")):
@@ -282,11 +289,11 @@ class History:
                      "saved_seconds": round(s / 1000, 3)} for t, h, m, s in db.execute(
                 "SELECT t / 86400 * 86400 AS d, sum(hits), sum(misses), sum(saved_ms) FROM hours "
                 "GROUP BY d ORDER BY d")]
-            columns = "package, task, hits, misses, saved_ms"
+            columns = "namespace, package, task, hits, misses, saved_ms"
             saving = db.execute(f"SELECT {columns} FROM tasks WHERE saved_ms > 0 "
-                                "ORDER BY saved_ms DESC, package, task LIMIT ?", (TOP,)).fetchall()
+                                "ORDER BY saved_ms DESC, namespace, package, task LIMIT ?", (TOP,)).fetchall()
             missing = db.execute(f"SELECT {columns} FROM tasks WHERE misses > 0 "
-                                 "ORDER BY misses DESC, package, task LIMIT ?", (TOP,)).fetchall()
+                                 "ORDER BY misses DESC, namespace, package, task LIMIT ?", (TOP,)).fetchall()
         all_time = {name: totals.get(name, 0) for name in COUNTERS}
         return {
             "since": totals.get("since"),
@@ -323,6 +330,6 @@ class History:
 
     @staticmethod
     def _task_row(row: tuple) -> dict:
-        package, task, hits, misses, saved_ms = row
-        return {"package": package, "task": task, "hits": hits, "misses": misses,
+        namespace, package, task, hits, misses, saved_ms = row
+        return {"namespace": namespace, "package": package, "task": task, "hits": hits, "misses": misses,
                 "hit_rate": _rate(hits, misses), "saved_seconds": round(saved_ms / 1000, 3)}

@@ -182,6 +182,12 @@ def _rows(rows: list[tuple[str, str]]) -> str:
     return "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>"
 
 
+def task_label(row: dict) -> str:
+    """``package:task``, and the URL namespace it was stored under, if any."""
+    label = f"{row['package']}:{row['task']}"
+    return f"{label} (/{row['namespace']})" if row.get("namespace") else label
+
+
 def _task_table(rows: list[dict], path: str, empty: str) -> str:
     if not rows:
         return f'<p class="muted">{escape(empty)}</p>'
@@ -190,7 +196,7 @@ def _task_table(rows: list[dict], path: str, empty: str) -> str:
     for i, row in enumerate(rows):
         p = f"{path}.{i}"
         body.append(
-            f"<tr>{_figure(p + '.task', row['package'] + ':' + row['task'], row['package'] + ':' + row['task'], 'td')}"
+            f"<tr>{_figure(p + '.task', task_label(row), task_label(row), 'td')}"
             f"{_figure(p + '.hits', row['hits'], str(row['hits']), 'td')}"
             f"{_figure(p + '.misses', row['misses'], str(row['misses']), 'td')}"
             f"{_figure(p + '.hit_rate', row['hit_rate'], fmt_rate(row['hit_rate']), 'td')}"

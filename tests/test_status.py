@@ -257,3 +257,18 @@ def test_a_full_disk_never_fails_a_request_and_the_sums_are_written_later(small_
     filler.unlink()
     history.flush()
     assert history.summary()["all_time"]["hits"] == 201
+
+
+def test_namespaces_keep_their_own_tasks_and_newest_artifacts(tmp_path):
+    app = new_app(tmp_path / "store")
+    key = key_for("team-a web build")
+    body = pack_tree(tmp_path, {"out.txt": b"a"}, key, meta={"duration_ms": 700, "components": COMPONENTS})
+    assert call(app, "PUT", f"/team-a/v1/artifacts/{key}", body).status == 201
+    assert call(app, "GET", f"/team-a/v1/artifacts/{key}").status == 200
+    assert call(app, "GET", "/team-a/v1/tasks?package=web&task=build").json()["key"] == key
+    assert call(app, "GET", "/v1/tasks?package=web&task=build").status == 404
+    stats = call(app, "GET", "/v1/stats").json()
+    assert stats["saved_seconds"] == 0.7
+    assert stats["history"]["top_saving"][0]["namespace"] == "team-a"
+    assert "web:build (/team-a)" in call(app, "GET", "/").body.decode()
+    assert call(app, "GET", "/team-a/").status == 404  # one status page, at /

@@ -25,13 +25,14 @@ def resolve(stats: dict, path: str) -> object:
     parts = path.split(".")
     for i, part in enumerate(parts):
         if part == "task" and i == len(parts) - 1 and isinstance(node, dict) and "package" in node:
-            return f"{node['package']}:{node['task']}"
+            return f"{node['package']}:{node['task']}" + (f" (/{node['namespace']})" if node["namespace"] else "")
         node = node[int(part)] if isinstance(node, list) else node[part]
     return node
 
 
 def populate(port: int, tmp_path, headers: dict | None = None) -> None:
-    """Uploads of three tasks' artifacts, downloads of two (hits, saving their durations), and misses."""
+    """Uploads of three tasks' artifacts, downloads of two (hits, saving their durations), and misses;
+    the same task in a namespace too."""
     headers = headers or {}
     tasks = [("web", "build", 5120), ("api", "build", 42_000), ("docs", "lint", 800)]
     for package, task, duration in tasks:
