@@ -33,11 +33,14 @@ from .verification import IncompleteBody, receive
 log = logging.getLogger("polykit_cache.app")
 access_log = logging.getLogger("polykit_cache.access")
 
-__all__ = ["CacheApp", "HTTPError", "REFUSED", "Response", "SEND_CHUNK", "json_response", "make_app"]
+__all__ = ["ADMITTED_WRITE", "CacheApp", "HTTPError", "REFUSED", "Response", "SEND_CHUNK", "json_response", "make_app"]
 
 # The environ key under which the server layer hands the application an answer it decided before
 # reading the body (an admit() refusal, or an error waitress found itself): an HTTPError.
 REFUSED = "polykit.refused"
+# Set by admit() on a request it lets through: True when it writes (so its credentials were
+# checked), which the server layer keeps over anonymous connections at the connection limit.
+ADMITTED_WRITE = "polykit.admitted_write"
 
 # Bounds on what the request line may make the server parse. Real clients' paths are well under
 # 300 characters (a Bazel instance, a 64-character hash); turbo passes one team parameter.
@@ -97,12 +100,13 @@ class CacheApp:
         and then calls the application with the refusal under ``REFUSED`` and an empty body, so
         the answer takes the route's error shape and is counted and logged like any other.
         """
+        method = environ.get("REQUEST_METHOD", "GET").upper()
         try:
             route, _ = self._route(environ.get("PATH_INFO", ""))
-            self._admission(route, environ.get("REQUEST_METHOD", "GET").upper(), environ.get("QUERY_STRING", ""),
-                            _environ_lookup(environ))
+            self._admission(route, method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))
         except HTTPError as exc:
             return exc
+        environ[ADMITTED_WRITE] = route.is_write(method)
         return None
 
     def _route(self, path: str) -> tuple[Route, dict]:
@@ -136,6 +140,10 @@ class CacheApp:
             if not (chunked and raw is None):  # a chunked body's length is known only once read
                 self._check_upload_length(raw)
         else:
+            # A read's body is held in memory, so it must declare its length: a chunked one
+            # would be spooled up to the artifact size limit before any handler could look.
+            if chunked:
+                raise refuse("no_length", f"A {method[:20]} here takes a body only with a Content-Length.", count=False)
             length = parse_length(raw) or 0
             limit = 0 if method in route.bodiless else route.read_body_limit or READ_BODY_LIMIT
             if length > limit:
