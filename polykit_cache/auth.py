@@ -161,4 +161,3 @@ class Access:
         if write and role != "read-write":
             return 403, "forbidden", "This token may only read; uploading needs a read-write token."
         return None
-
