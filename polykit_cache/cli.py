@@ -15,6 +15,7 @@ from polykit_client import __version__, zstd
 from . import config as cfg
 from .app import make_app
 from .auth import Access, TokenError
+from .history import History
 from .metrics import Metrics
 from .s3store import S3Store, StoreMisconfigured
 from .server import Server, bind
@@ -138,7 +139,10 @@ def serve(config: cfg.Config) -> int:
     log.info("storage %s holds %d artifacts, %d bytes", storage.describe(), count, size)
     (log.warning if access.open else log.info)("%s", access.describe())
     log.info("serving on http://%s:%d", server.host, server.port)
-    server.run(on_hangup=access.reload)
+    try:
+        server.run(on_hangup=access.reload)
+    finally:
+        app.metrics.history.close()  # the last seconds of figures
     return 0
 
 
@@ -171,11 +175,16 @@ def serve_workers(config: cfg.Config, storage: Store, access: Access) -> int:
         # (or a reload asked for while it started) keeps serving with the tokens in force.
         worker_access = access
         worker_access.reload()
-        metrics = Metrics(storage.usage, SharedState(shared.path))
+        # Each worker adds to the one history file through its own connection (flushes add up).
+        metrics = Metrics(storage.usage, History.open(config.storage_dir), config.max_storage,
+                          SharedState(shared.path))
         app = make_app(config, storage, metrics=metrics, access=worker_access)
         server = Server(app, config, sockets=sockets)
         log.info("worker %d (pid %d) serving", slot, os.getpid())
-        server.run(on_hangup=worker_access.reload)
+        try:
+            server.run(on_hangup=worker_access.reload)
+        finally:
+            metrics.history.close()  # the worker's last seconds of figures
         return 0
 
     return Supervisor(config.workers, work).run()

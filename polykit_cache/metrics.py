@@ -17,6 +17,9 @@ from collections import Counter
 from http import HTTPMethod
 from typing import Callable
 
+from polykit_client import __version__
+
+from .history import History
 from .sharedstate import SharedState
 
 # Request duration buckets, in seconds: from a cached HEAD to a large upload.
@@ -48,11 +51,18 @@ class Metrics:
     ``shared`` (``--workers N``), what this worker counted during a request is added to the
     shared database when the request is answered, and the figures shown are the totals of every
     worker (:mod:`.sharedstate`); alone, the counter in memory is the whole truth.
+
+    Every event also goes to the ``history`` (time buckets kept across restarts), so the status
+    page, ``/v1/stats`` and ``/metrics`` show one model. Each worker has its own connection to
+    the one history file, whose flushes add up (see :mod:`.history`).
     """
 
-    def __init__(self, stored: Callable[[], tuple[int, int, int]], shared: SharedState | None = None) -> None:
+    def __init__(self, stored: Callable[[], tuple[int, int, int]], history: History | None = None,
+                 max_storage: int | None = None, shared: SharedState | None = None) -> None:
         self._lock = threading.Lock()
         self._stored = stored
+        self.history = history if history is not None else History(":memory:")
+        self.max_storage = max_storage
         self._shared = shared
         self.started = shared.started() if shared is not None else time.time()
         self._counts: Counter[tuple] = Counter()  # alone: everything; shared: not yet added
@@ -85,16 +95,36 @@ class Metrics:
             self._counts[("hits",) if hit else ("misses",)] += 1
             if hit:
                 self._counts[("bytes_out",)] += bytes_out
+        if hit:
+            self.history.count(protocol, hits=1, bytes_out=bytes_out)
+        else:
+            self.history.count(protocol, misses=1)
 
-    def upload(self, size: int) -> None:
+    def upload(self, size: int, protocol: str = "polykit") -> None:
         with self._lock:
             self._counts[("uploads",)] += 1
             self._counts[("bytes_in",)] += size
+        self.history.count(protocol, uploads=1, bytes_in=size)
 
-    def reject(self, reason: str, size: int = 0) -> None:
+    def reject(self, reason: str, size: int = 0, protocol: str | None = None) -> None:
         with self._lock:
             self._counts[("rejected", reason)] += 1
             self._counts[("bytes_in",)] += size
+        self.history.count(protocol if protocol in PROTOCOLS else "none", rejected=1, bytes_in=size)
+
+    def saved(self, ms: int) -> None:
+        """A download that saved a build of ``ms`` milliseconds (the artifact's ``duration_ms``)."""
+        if ms <= 0:
+            return
+        with self._lock:
+            self._counts[("saved_ms",)] += ms
+        self.history.count("polykit", saved_ms=ms)
+
+    @property
+    def saved_ms(self) -> int:
+        """Build time saved since the server started, over every worker."""
+        counts, _ = self._snapshot()
+        return int(counts[("saved_ms",)])
 
     def flush(self) -> None:
         """Add what this worker counted to the shared totals."""
@@ -121,11 +151,14 @@ class Metrics:
         return Counter({s[1:]: int(n) for s, n in counts.items() if s[0] == "requests"})
 
     def stats(self) -> dict:
-        """The JSON figures of /v1/stats."""
+        """The JSON figures of /v1/stats (since this server started, and ``history`` across restarts)."""
         counts, (count, size, evictions) = self._snapshot()
+        history = self.history.summary()
         hits, misses = int(counts[("hits",)]), int(counts[("misses",)])
         lookups = hits + misses
         return {
+            "version": __version__,
+            "started": round(self.started, 3),
             "uptime_seconds": round(time.time() - self.started, 3),
             "requests": int(sum(n for series, n in counts.items() if series[0] == "requests")),
             "requests_by_status": {str(k): v for k, v in sorted(_by_status(counts).items())},
@@ -141,11 +174,15 @@ class Metrics:
             "by_namespace": _by_namespace(counts),
             "artifacts": count,
             "stored_bytes": size,
+            "max_storage": self.max_storage,
+            "saved_seconds": round(counts[("saved_ms",)] / 1000, 3),
+            "history": history,
         }
 
     def prometheus(self) -> str:
         """The text exposition of /metrics."""
         counts, (count, size, evictions) = self._snapshot()
+        windows = self.history.summary()["windows"]
         lines: list[str] = []
 
         def family(name: str, kind: str, text: str, samples: list[tuple[str, float]]) -> None:
@@ -195,6 +232,16 @@ class Metrics:
                [("", int(counts[("bytes_in",)]))])
         family("polykit_cache_sent_bytes_total", "counter", "Artifact bytes served.", [("", int(counts[("bytes_out",)]))])
         family("polykit_cache_evictions_total", "counter", "Artifacts evicted to stay under the storage limit.", [("", evictions)])
+        family("polykit_cache_saved_seconds_total", "counter",
+               "Build time saved: the duration_ms of every polykit artifact downloaded, in seconds.",
+               [("", round(counts[("saved_ms",)] / 1000, 3))])
+        family("polykit_cache_hit_ratio", "gauge", "Hits over lookups in the last hour, day and 30 days (history).",
+               [(f'{{window="{name}"}}', w["hit_rate"]) for name, w in windows.items() if w["hit_rate"] is not None])
+        family("polykit_cache_window_saved_seconds", "gauge", "Build time saved in the last hour, day and 30 days.",
+               [(f'{{window="{name}"}}', w["saved_seconds"]) for name, w in windows.items()])
+        if self.max_storage is not None:
+            family("polykit_cache_storage_limit_bytes", "gauge", "The --max-storage bound.", [("", self.max_storage)])
+        family("polykit_cache_build_info", "gauge", "The server's version.", [(f'{{version="{__version__}"}}', 1)])
         family("polykit_cache_stored_artifacts", "gauge", "Artifacts in storage.", [("", count)])
         family("polykit_cache_stored_bytes", "gauge", "Bytes of artifacts in storage.", [("", size)])
         return "\n".join(lines) + "\n"

@@ -18,9 +18,9 @@ ART = f"/v1/artifacts/{KEY}"
 WORKERS = pytest.mark.parametrize("workers", [1, 2])
 
 
-def start(tmp_path, workers: int, *args: str) -> ServerProcess:
+def start(tmp_path, workers: int, *args: str, log: str = "server.log") -> ServerProcess:
     """The server, once each of its workers serves."""
-    server = ServerProcess(tmp_path / "store", tmp_path / "server.log", "--workers", str(workers), *args)
+    server = ServerProcess(tmp_path / "store", tmp_path / log, "--workers", str(workers), *args)
     if workers > 1:
         wait_for(lambda: len(re.findall(r"worker \d+ \(pid \d+\) serving", server.log_path.read_text())) >= workers,
                  "every worker serves")
@@ -234,5 +234,24 @@ def test_a_damaged_state_database_is_made_anew(tmp_path):
     try:
         assert request(server.port, "GET", ART)[0] == 404
         assert stats(server.port)["misses"] == 1
+    finally:
+        assert server.stop() == 0
+
+
+def test_the_status_history_counts_every_workers_requests(tmp_path):
+    blob = pack_tree(tmp_path, {"a": b"y" * 800})
+    server = start(tmp_path, 2)
+    try:
+        assert request(server.port, "PUT", ART, blob)[0] == 201
+        for _ in range(10):  # new connections: both workers answer some
+            assert request(server.port, "GET", ART)[0] == 200
+            assert request(server.port, "HEAD", f"/v1/artifacts/{key_for('none')}")[0] == 404
+    finally:
+        assert server.stop() == 0  # each worker writes its last figures as it stops
+    server = start(tmp_path, 1, log="again.log")
+    try:
+        history = stats(server.port)["history"]
+        assert (history["all_time"]["hits"], history["all_time"]["misses"]) == (10, 10)
+        assert history["all_time"]["uploads"] == 1
     finally:
         assert server.stop() == 0
