@@ -172,6 +172,7 @@ class Storage(Store):
         self._layout_lock: threading.Lock | LayoutLock = threading.Lock()
         self._prefix = str(self.root) + "/"
         self._info: dict[str, ArtifactInfo] = {}
+        self._info_cache = INFO_CACHE_SIZE  # entries of _info at most
         # Sizes, costs and the least-recently-used order of the entries (keyed by cache key or
         # blob id): in this process, or shared by the worker processes (see share()).
         self._index: MemoryIndex | SharedIndex = MemoryIndex(disk_cost)
@@ -223,6 +224,10 @@ class Storage(Store):
         """
         self._index = SharedIndex(path, disk_cost)
         self._layout_lock = LayoutLock(self.root / "layout.lock")
+        # No metadata is cached: another worker may evict a key and a third store it anew with
+        # other bytes, and this process would not know. Each lookup reads the small JSON file.
+        self._info_cache = 0
+        self._info.clear()
 
     def publish_index(self, path: Path | str) -> None:
         """Write this process's index (loaded at start-up) to the shared database at ``path``."""
@@ -370,11 +375,11 @@ class Storage(Store):
             info = self._repair_meta(key, path)
             if info is None:
                 return None
-        if self._index.contains(key):  # an eviction may have removed it since its metadata was read
+        if self._info_cache and self._index.contains(key):  # an eviction may have removed it meanwhile
             with self._lock:
-                    if len(self._info) >= INFO_CACHE_SIZE:
-                        self._info.pop(next(iter(self._info)))
-                    self._info[key] = info
+                if len(self._info) >= self._info_cache:
+                    self._info.pop(next(iter(self._info)))
+                self._info[key] = info
         return info
 
     def repair_meta(self, key: str) -> ArtifactInfo | None:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from polykit_cache.lru import PERSIST_USE_NS, MemoryIndex, SharedIndex
-from support import ROOT
+from support import KEY, OTHER_KEY, ROOT, sha
 
 
 def cost(size: int) -> int:
@@ -87,3 +87,30 @@ def test_workers_share_one_bound_and_one_order(tmp_path):
     low, _ = index.use_range()
     assert all(index.contains(f"k{n}") for n in range(1040, 1050))
     assert not index.contains("k0") and low >= 30
+
+
+def test_workers_never_answer_from_metadata_another_worker_made_stale(tmp_path):
+    """A key evicted by one worker and stored anew by another with other bytes: a third sees the new ones."""
+    from polykit_cache.storage import Storage, disk_cost
+
+    def put(storage: Storage, key: str, data: bytes) -> bool:
+        staged = storage.stage()
+        staged.write(data)
+        staged.finish()
+        return storage.commit("polykit", key, staged)
+
+    root, state = tmp_path / "store", tmp_path / "state.sqlite3"
+    first = Storage(root, max_storage=disk_cost(100))
+    first.recover()
+    first.publish_index(state)
+    reader, evicting, writing = (Storage(root, max_storage=disk_cost(100)) for _ in range(3))
+    for worker in (reader, evicting, writing):
+        worker.share(state)
+    assert put(writing, KEY, b"a" * 10)
+    assert reader.stat("polykit", KEY).sha256 == sha(b"a" * 10)
+    assert put(evicting, OTHER_KEY, b"o" * 100)  # one entry fits: the first one is evicted (the reader never looks)
+    assert put(writing, KEY, b"b" * 20)  # stored anew, with other bytes
+    found, fh = reader.open("polykit", KEY)
+    with fh:
+        assert found.sha256 == sha(b"b" * 20) and found.size == 20 and fh.read() == b"b" * 20
+    assert reader.usage() == (1, 20, 2)
