@@ -21,7 +21,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .sharedstate import connect
+from .sharedstate import begin_write, connect
 
 # A use is written to the file's mtime at most this often.
 PERSIST_USE_NS = 60 * 10**9
@@ -154,7 +154,7 @@ class SharedIndex:
 
     def _write(self, work: Callable[[sqlite3.Connection], object]) -> object:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            begin_write(self._db)
             try:
                 result = work(self._db)
             except BaseException:
