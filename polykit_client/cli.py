@@ -14,6 +14,15 @@ from . import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 UPLOAD_WAIT_SECONDS = 120.0
+# Tasks run at once by default: at least as many as turbo's default of 10, more on machines with
+# more cores. Tasks are mostly short processes that wait on the disk and on their own start-up
+# (npm, node), so one per core would leave the cores idle; cache I/O has threads of its own.
+DEFAULT_PARALLEL = 10
+
+
+def default_parallel(ws) -> int:
+    """``[workspace] default_parallel``, else the larger of DEFAULT_PARALLEL and the CPU count."""
+    return ws.default_parallel or max(DEFAULT_PARALLEL, os.cpu_count() or 1)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +33,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _build_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("packages", nargs="*", metavar="PACKAGE", help="packages to run (default: every package with the task)")
     parser.add_argument("-j", "--parallel", type=int, default=None, metavar="N",
-                        help="tasks run at once (default: [workspace] default_parallel, else the CPU count)")
+                        help=f"tasks run at once (default: [workspace] default_parallel, else {DEFAULT_PARALLEL} or the CPU count if more)")
     parser.add_argument("--continue-on-error", action="store_true", help="after a failure, go on with tasks that do not depend on it")
     parser.add_argument("--dry-run", action="store_true", help="compute and print every task's cache key; run nothing")
     parser.add_argument("--no-cache", action="store_true", help="run every command; neither read nor write any cache")
@@ -137,7 +146,7 @@ def _build(ws, task: str, args) -> int:
     from .localcache import LocalCache
     from .runner import Console, Summary, TaskRunner
 
-    parallel = args.parallel if args.parallel is not None else (ws.default_parallel or os.cpu_count() or 1)
+    parallel = args.parallel if args.parallel is not None else default_parallel(ws)
     if parallel < 1:
         print("error: --parallel must be at least 1", file=sys.stderr)
         return EXIT_USAGE
@@ -145,7 +154,11 @@ def _build(ws, task: str, args) -> int:
     local = None if args.no_cache else LocalCache(ws.cache_dir, ws.cache_max_size)
     summary = Summary()
     runner = TaskRunner(ws, keys, console, local=local, remote_factory=lambda: _remote(ws, args, console), summary=summary)
-    outcome = run_graph(order, deps, runner.run, parallel, args.continue_on_error)
+    runner.prefetch(order)
+    try:
+        outcome = run_graph(order, deps, runner.run, parallel, args.continue_on_error)
+    finally:
+        runner.finish_prefetch()
     runner.save_records()
     remote, uploader = runner.remote, runner.uploader
     for node in order:

@@ -1,0 +1,136 @@
+"""Remote hits fetched ahead of their tasks' turn: one batch query, then every download at once.
+
+A task's key depends on the keys of its dependencies, not on their outputs, so every key of a
+run is known before the first task starts. The server is asked about all of them in one request
+(``POST /v1/artifacts``); each hit is downloaded, its body checked against its SHA-256 and the
+artifact verified member by member into a private staging folder, on a pool of threads, while
+the tasks run. Cache I/O is not CPU work, so this pool does not count against ``-j``.
+
+Nothing reaches the package from here: the task, in its turn and under its lock, checks what
+the artifact places against its declared outputs and moves it in (``runner.py``). A task whose
+dependency failed is skipped as before, and what was fetched for it is thrown away.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .localcache import LocalCache
+    from .remote import Progress, RemoteCache
+
+# Downloads in flight at once. They wait on the network and on the disk, and hashing releases
+# the GIL, so a few more than the cores keep a loopback or LAN link busy; memory stays bounded
+# (each streams in 256 KiB blocks), and the disk holds no more than the run downloads anyway.
+DOWNLOAD_THREADS = 8
+
+
+@dataclass
+class Staged:
+    """A downloaded artifact, verified into ``staging``; ``path`` is the artifact file itself."""
+
+    path: Path
+    staging: Path
+    meta: dict
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.path.unlink(missing_ok=True)
+
+
+# What the prefetcher knows of a key.
+UNKNOWN, ABSENT = "unknown", "absent"
+
+
+class Prefetcher:
+    """Asks the server about a run's keys and fetches its hits, in background threads.
+
+    ``stage(key, path)`` verifies a downloaded artifact into a staging folder and returns its
+    ``Staged``; it raises ``ArtifactError`` for an artifact that fails verification, which the
+    task reports in its turn. ``progress(key)`` gives a download's progress display, or None.
+    """
+
+    def __init__(self, remote: "RemoteCache", local: "LocalCache", stage: Callable[[str, Path], Staged],
+                 progress: Callable[[str], "Progress | None"] = lambda key: None, threads: int = DOWNLOAD_THREADS) -> None:
+        self.remote, self.local, self._stage, self._progress = remote, local, stage, progress
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="polykit-download")
+        self._lock = threading.Lock()
+        self._asked = threading.Event()
+        self._futures: dict[str, Future] = {}
+        self._absent: set[str] = set()
+        self._closed = False
+        self._query: threading.Thread | None = None
+
+    def start(self, keys: list[str]) -> None:
+        """Ask about ``keys`` and start the downloads of the hits, without waiting for either."""
+        self._query = threading.Thread(target=self._ask, args=(list(keys),), name="polykit-query", daemon=True)
+        self._query.start()
+
+    def _ask(self, keys: list[str]) -> None:
+        try:
+            held = self.remote.which(keys) or {}
+            with self._lock:
+                for key in keys:
+                    if self._closed:
+                        break
+                    if held.get(key) is True:
+                        self._futures[key] = self._pool.submit(self._fetch, key)
+                    elif held.get(key) is False:
+                        self._absent.add(key)
+        finally:
+            self._asked.set()
+
+    def _fetch(self, key: str) -> Staged | None:
+        """Download and verify one artifact; None when the download failed (the backend warned)."""
+        fh, temp = self.local.new_temp()
+        try:
+            with fh:
+                ok = self.remote.fetch(key, fh, self._progress(key))
+            if ok:
+                return self._stage(key, temp)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        temp.unlink(missing_ok=True)
+        return None
+
+    def take(self, key: str) -> Future | str:
+        """The download of ``key`` (a future of a ``Staged`` or None), or ABSENT, or UNKNOWN.
+
+        Waits for the batch answer, not for the download; the caller owns what it takes.
+        """
+        self._asked.wait()
+        with self._lock:
+            future = self._futures.pop(key, None)
+            if future is not None:
+                return future
+            return ABSENT if key in self._absent else UNKNOWN
+
+    def absent(self, key: str) -> bool:
+        """Whether the batch answer said the server lacks ``key`` (so an upload need not ask again)."""
+        with self._lock:
+            return key in self._absent
+
+    def close(self) -> None:
+        """Stop what has not started and throw away what no task took (a skipped task's hit)."""
+        with self._lock:
+            self._closed = True
+            left = list(self._futures.values())
+            self._futures.clear()
+        for future in left:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        for future in left:
+            if future.cancelled():
+                continue
+            try:
+                staged = future.result()
+            except Exception:
+                continue
+            if staged is not None:
+                staged.discard()
