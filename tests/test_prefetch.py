@@ -2,7 +2,6 @@
 do not ask again what the batch query answered."""
 
 import http.server
-import json
 import os
 from pathlib import Path
 
