@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from . import envpatterns
-from .artifact import hash_file
 from .globs import GlobSet
 from .graph import Node
 from .outputs import linked_folders
@@ -108,6 +107,8 @@ def _sha256_small(path: str) -> str | None:
 
 
 def _sha256_large(path: str) -> str | None:
+    from .artifact import hash_file  # tar and zstd are not needed to compute keys: imported on first use
+
     try:
         return hash_file(path)[0]
     except OSError:

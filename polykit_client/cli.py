@@ -186,8 +186,11 @@ def _build(ws, task: str, args) -> int:
 
 def _dry_run(order, keys, keymaker, as_json: bool) -> int:
     if as_json:
-        print(json.dumps({"tasks": [{"task": str(n), "package": n.package, "name": n.task, "key": keys[n],
-                                     "components": keymaker.parts[n]} for n in order]}, indent=2))
+        # One task a line: json's C encoder serves only output without indentation, and with
+        # every input file's digest listed, the pure-Python one took longer than hashing them.
+        tasks = (json.dumps({"task": str(n), "package": n.package, "name": n.task, "key": keys[n],
+                             "components": keymaker.parts[n]}) for n in order)
+        sys.stdout.write('{"tasks": [\n' + ",\n".join(tasks) + "\n]}\n")
     else:
         for node in order:
             print(f"{str(node):<40} {keys[node]}")

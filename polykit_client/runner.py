@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -18,14 +19,12 @@ import queue
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from . import artifact
 from .graph import Node
 from .localcache import LocalCache
 from .outputs import OutputError, check_restorable, expand_outputs
@@ -35,6 +34,9 @@ from .workspace import Package, Task, Workspace
 if TYPE_CHECKING:  # pragma: no cover
     from .remote import RemoteCache
 
+
+# ``artifact`` (tar, zstd) is imported inside the methods that pack or restore: a build whose
+# outputs are all in place never opens an artifact, and that import is a sizeable share of its time.
 
 RECORDS_FILE = ".polykit/outputs.json"
 RECORD_LOG_LIMIT = 64 * 1024
@@ -221,13 +223,18 @@ class TaskRunner:
         self._lock_file: int | None = None
         self._record_cache: dict | None = None
         self._records_changed = False
-        # What a downloaded artifact may unpack to: bounded like the server's default.
-        self.limits = artifact.Limits(max_unpacked_size=64 * (ws.remote.max_artifact_size or artifact.DEFAULT_MAX_ARTIFACT_SIZE))
         self._remote_lock = threading.Lock()
         self._remote_made = False
         self.remote: RemoteCache | None = None
         self.uploader: Uploader | None = None
         self.prefetcher: Prefetcher | None = None
+
+    @functools.cached_property
+    def limits(self):
+        """What a downloaded artifact may unpack to: bounded like the server's default."""
+        from . import artifact
+
+        return artifact.Limits(max_unpacked_size=64 * (self.ws.remote.max_artifact_size or artifact.DEFAULT_MAX_ARTIFACT_SIZE))
 
     def _get_remote(self) -> "RemoteCache | None":
         """The remote backend, made on the first local miss: a build of local hits never pays for it."""
@@ -386,6 +393,8 @@ class TaskRunner:
             self._records_changed = True
 
     def _try_local(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
+        from . import artifact
+
         path = self.local.get(key)
         if path is None:
             return False
@@ -418,6 +427,8 @@ class TaskRunner:
             return False
 
     def _try_remote(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
+        from . import artifact
+
         known = self.prefetcher.take(key) if self.prefetcher is not None else UNKNOWN
         if known == ABSENT:
             return False  # the batch query said so: no GET
@@ -450,6 +461,8 @@ class TaskRunner:
 
     def _restore_prefetched(self, node: Node, pkg: Package, task: Task, key: str, future) -> bool:
         """Place an artifact the prefetcher downloaded and verified (or report why it could not)."""
+        from . import artifact
+
         try:
             staged = future.result()
         except artifact.ArtifactError as exc:
@@ -474,6 +487,8 @@ class TaskRunner:
 
     def _stage(self, key: str, path: Path) -> Staged:
         """Verify an artifact completely into a fresh staging folder (nothing of the package is touched)."""
+        from . import artifact
+
         staging = Path(os.path.join(self.local.tmp, f"restore-{key[:16]}-{os.getpid()}-{threading.get_ident()}"))
         if staging.exists():
             shutil.rmtree(staging)
@@ -501,6 +516,8 @@ class TaskRunner:
         An artifact may only place what the task declares as outputs, and never through a
         symlink: a poisoned cache entry must not overwrite sources or write outside the package.
         """
+        from . import artifact
+
         staged = staged or self._stage(key, path)
         staging, meta = staged.staging, staged.meta
         try:
@@ -521,6 +538,8 @@ class TaskRunner:
         self._forget_record(node)
         started = time.monotonic()
         # The output goes to the console as it comes and to a file for the artifact's log.
+        import tempfile  # only a task that runs needs it
+
         capture = tempfile.NamedTemporaryFile(prefix="polykit-log-", suffix=".log", delete=False,
                                               dir=self._capture_dir())
         log = Path(capture.name)
@@ -560,6 +579,8 @@ class TaskRunner:
             return None
 
     def _store(self, node: Node, pkg: Package, task: Task, key: str, log: Path, duration_ms: int) -> None:
+        from . import artifact
+
         if task.outputs is None:
             self.console.warn(f"{node} declares no outputs: only its log is cached")
         meta = {"package": pkg.name, "task": task.name, "command": task.command,
