@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from . import envpatterns
-from .globs import GlobSet
+from .globs import DEFAULT_INPUTS, GlobSet
 from .graph import Node
 from .outputs import linked_folders
 from .workspace import SKIP_DIRS, Package, Task, Workspace
@@ -99,11 +99,20 @@ def _tree_digest(folder: str) -> str:
 
 
 def _sha256_small(path: str) -> str | None:
+    # os.open and os.read: the io module's buffered file object costs more than hashing 1 KiB.
     try:
-        with open(path, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
+    try:
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+        return digest.hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _sha256_large(path: str) -> str | None:
@@ -115,21 +124,52 @@ def _sha256_large(path: str) -> str | None:
         return None
 
 
+class GitListing:
+    """Tracked and untracked-but-not-ignored files of a git work tree, relative to ``root``.
+
+    ``git ls-files`` is started at once and read when needed, so that it runs while the stat
+    cache loads and the explicit inputs are walked instead of in front of them.
+    """
+
+    TIMEOUT = 60.0
+
+    def __init__(self, root: Path) -> None:
+        self._proc: subprocess.Popen | None = None
+        if shutil.which("git") is None:
+            return
+        try:
+            self._proc = subprocess.Popen(
+                ["git", "-c", "core.quotepath=off", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        except OSError:
+            self._proc = None
+
+    def result(self) -> list[str] | None:
+        """The listing, sorted; None outside a git work tree (or when git failed)."""
+        proc = self._proc
+        if proc is None:
+            return None
+        try:
+            out, _ = proc.communicate(timeout=self.TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return None
+        if proc.returncode != 0:
+            return None
+        names = out.decode("utf-8", "surrogateescape").split("\0")
+        return sorted({n for n in names if n})
+
+    def close(self) -> None:
+        """A listing no task needed: do not leave the process behind."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.communicate()
+
+
 def list_files(root: Path) -> list[str] | None:
     """Tracked and untracked-but-not-ignored files of a git work tree, relative to ``root``; None outside git."""
-    if shutil.which("git") is None:
-        return None
-    try:
-        out = subprocess.run(
-            ["git", "-c", "core.quotepath=off", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=root, capture_output=True, timeout=60,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    names = out.stdout.decode("utf-8", "surrogateescape").split("\0")
-    return sorted({n for n in names if n})
+    return GitListing(root).result()
 
 
 def walk_files(top: Path, root: Path) -> list[str]:
@@ -149,10 +189,16 @@ class KeyMaker:
     # Files over this size are hashed in a thread pool (hashlib releases the GIL for large
     # updates); small ones are cheaper to read and hash in one loop than to hand to threads.
     LARGE_FILE = 256 * 1024
+    # A fresh checkout has no stat cache: its many small files are read by a few threads, each
+    # taking a share in order (open, read and close release the GIL, so the cores overlap them).
+    SMALL_BATCH = 512
+    HASH_THREADS = 4
 
     def __init__(self, ws: Workspace, environ: Mapping[str, str] | None = None) -> None:
         self.ws = ws
         self.environ = os.environ if environ is None else environ
+        # Started before the stat cache loads, when some task takes the default inputs.
+        self._git = GitListing(ws.root) if self._uses_default_inputs() else None
         self.stat_cache = StatCache(ws.root / STATE_FILE)
         self._started_ns = time.time_ns()
         self._toolchains: dict[str, dict] = {}
@@ -163,9 +209,18 @@ class KeyMaker:
         self.keys: dict[Node, str] = {}
         self.parts: dict[Node, dict] = {}
 
+    def _uses_default_inputs(self) -> bool:
+        """Whether some task's inputs are, or include, the default inputs (the git listing)."""
+        for pkg in self.ws.packages.values():
+            for task in pkg.tasks.values():
+                patterns = task.inputs if task.inputs is not None else self.ws.remote.input_files
+                if patterns is None or DEFAULT_INPUTS in patterns:
+                    return True
+        return False
+
     def _package_files(self) -> dict[str, list[str]]:
         """Each package's files, relative to the package, without nested packages' files."""
-        listing = list_files(self.ws.root)
+        listing = self._git.result() if self._git is not None else list_files(self.ws.root)
         if listing is None:
             listing = walk_files(self.ws.root, self.ws.root)
         by_path = {p.path: p.name for p in self.ws.packages.values()}
@@ -271,6 +326,7 @@ class KeyMaker:
         entries = self.stat_cache.entries
         digests: dict[str, str] = {}
         large: list[tuple[str, list]] = []
+        small: list[tuple[str, list]] = []
         for rel in paths:
             try:
                 st = os.stat(root + rel)
@@ -288,10 +344,21 @@ class KeyMaker:
             elif st.st_size > self.LARGE_FILE:
                 large.append((rel, sig))
             else:
-                digest = _sha256_small(root + rel)
-                if digest is not None:
-                    digests[rel] = digest
-                    self.stat_cache.remember(rel, sig, digest, self._started_ns)
+                small.append((rel, sig))
+        if len(small) >= self.SMALL_BATCH:
+            from concurrent.futures import ThreadPoolExecutor
+
+            shares = [small[i::self.HASH_THREADS] for i in range(self.HASH_THREADS)]
+            with ThreadPoolExecutor(max_workers=self.HASH_THREADS) as pool:
+                hashed = list(pool.map(lambda share: [_sha256_small(root + rel) for rel, _ in share], shares))
+            small = [item for share in shares for item in share]
+            results = [digest for part in hashed for digest in part]
+        else:
+            results = [_sha256_small(root + rel) for rel, _ in small]
+        for (rel, sig), digest in zip(small, results):
+            if digest is not None:
+                digests[rel] = digest
+                self.stat_cache.remember(rel, sig, digest, self._started_ns)
         if large:
             from concurrent.futures import ThreadPoolExecutor  # only runs with large inputs import it
 
@@ -365,6 +432,8 @@ class KeyMaker:
             self.parts[node] = parts
             self.keys[node] = key_of(parts)
         self.stat_cache.save()
+        if self._git is not None:
+            self._git.close()
         return self.keys
 
 
