@@ -30,8 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench_client import (BenchError, Run, client_env, console_script, dry_run_keys, expect, load_average,
-                          progress, run_process, settle, start_server, stop_server)
+from bench_client import (BenchError, Run, client_env, console_script, dry_run_keys, expect, interrupts_as_keyboard,
+                          load_average, progress, run_process, settle, start_server, stop_server)
 
 SCRIPTS = Path(__file__).resolve().parent
 SHAPES = {"50x200": (50, 200), "500x20": (500, 20), "10x5000": (10, 5000)}
@@ -228,7 +228,8 @@ def run(args) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="polykit-bench-vs-turbo-", dir=args.tmp_dir))
     try:
-        return _measure(args, workdir)
+        with interrupts_as_keyboard():
+            return _measure(args, workdir)
     except KeyboardInterrupt:
         print("interrupted; stopping the servers and removing temporary files", file=sys.stderr)
         return 130
