@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from . import envpatterns
+from .timing import phase
 from .globs import DEFAULT_INPUTS, GlobSet
 from .graph import Node
 from .outputs import linked_folders
@@ -48,26 +49,57 @@ RACY_SECONDS = 2.0
 
 
 class StatCache:
-    """(size, mtime_ns, inode, ctime_ns) -> sha256 per file, kept between runs so unchanged files are not read."""
+    """A file's signature (size, mtime_ns, inode, ctime_ns) -> its SHA-256, kept between runs so
+    unchanged files are not read again.
+
+    Kept by folder: each folder's names, signatures and digests as three strings, split into a
+    dictionary only when a file of that folder is looked up. Loading then parses three strings
+    per folder rather than six values per file, which is what made loading the cache of a large
+    tree take longer than the rest of a no-op build.
+    """
+
+    VERSION = 3
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._changed = False
-        self.entries: dict[str, list] = {}
+        self._stored: dict[str, list] = {}  # folder -> [names, signatures, digests], "\0"-joined
+        self._folders: dict[str, dict[str, tuple[str, str]]] = {}  # folder -> name -> (signature, digest)
         self.tools: dict[str, list] = {}
         try:
             data = json.loads(path.read_text())
-            if data.get("version") == 2:
-                self.entries = data.get("files", {})
+            if data.get("version") == self.VERSION:
+                self._stored = data.get("folders", {})
                 self.tools = data.get("tools", {})
         except (OSError, ValueError, AttributeError):
             pass  # a missing or damaged cache only costs a rehash
 
-    def remember(self, rel: str, sig: list, digest: str, started_ns: int) -> None:
-        # sig[1] is mtime_ns; a file changed just before it was read may change again within
-        # the same mtime tick, so it is not remembered.
-        if sig[1] < started_ns - int(RACY_SECONDS * 1e9):
-            self.entries[rel] = sig + [digest]
+    def _folder(self, folder: str) -> dict[str, tuple[str, str]]:
+        found = self._folders.get(folder)
+        if found is None:
+            found = {}
+            stored = self._stored.get(folder)
+            try:
+                names, sigs, digests = (part.split("\0") for part in stored) if stored else ((), (), ())
+                if len(names) == len(sigs) == len(digests):
+                    found = dict(zip(names, zip(sigs, digests)))
+            except (TypeError, ValueError, AttributeError):
+                pass  # a damaged folder entry only costs a rehash of that folder
+            self._folders[folder] = found
+        return found
+
+    def get(self, rel: str, sig: str) -> str | None:
+        """The digest remembered for ``rel`` with exactly this signature, or None."""
+        folder, _, name = rel.rpartition("/")
+        entry = self._folder(folder).get(name)
+        return entry[1] if entry is not None and entry[0] == sig else None
+
+    def remember(self, rel: str, sig: str, mtime_ns: int, digest: str, started_ns: int) -> None:
+        # A file changed just before it was read may change again within the same mtime tick,
+        # so it is not remembered.
+        if mtime_ns < started_ns - int(RACY_SECONDS * 1e9):
+            folder, _, name = rel.rpartition("/")
+            self._folder(folder)[name] = (sig, digest)
             self._changed = True
 
     def remember_tool(self, name: str, sig: list, version: str) -> None:
@@ -77,10 +109,16 @@ class StatCache:
     def save(self) -> None:
         if not self._changed:
             return
+        folders = dict(self._stored)
+        for folder, entries in self._folders.items():
+            names = list(entries)
+            folders[folder] = ["\0".join(names), "\0".join(entries[n][0] for n in names),
+                               "\0".join(entries[n][1] for n in names)]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"version": 2, "files": self.entries, "tools": self.tools}, separators=(",", ":")))
+            tmp.write_text(json.dumps({"version": self.VERSION, "folders": folders, "tools": self.tools},
+                                      separators=(",", ":")))
             os.replace(tmp, self.path)
         except OSError:
             pass  # a read-only checkout still builds; it only rehashes next time
@@ -199,7 +237,8 @@ class KeyMaker:
         self.environ = os.environ if environ is None else environ
         # Started before the stat cache loads, when some task takes the default inputs.
         self._git = GitListing(ws.root) if self._uses_default_inputs() else None
-        self.stat_cache = StatCache(ws.root / STATE_FILE)
+        with phase("keys: stat cache loading"):
+            self.stat_cache = StatCache(ws.root / STATE_FILE)
         self._started_ns = time.time_ns()
         self._toolchains: dict[str, dict] = {}
         self._listing: dict[str, list[str]] | None = None
@@ -220,7 +259,8 @@ class KeyMaker:
 
     def _package_files(self) -> dict[str, list[str]]:
         """Each package's files, relative to the package, without nested packages' files."""
-        listing = self._git.result() if self._git is not None else list_files(self.ws.root)
+        with phase("keys: git listing (waiting for it)"):
+            listing = self._git.result() if self._git is not None else list_files(self.ws.root)
         if listing is None:
             listing = walk_files(self.ws.root, self.ws.root)
         by_path = {p.path: p.name for p in self.ws.packages.values()}
@@ -323,10 +363,10 @@ class KeyMaker:
     def hash_files(self, paths: Iterable[str]) -> dict[str, str]:
         """SHA-256 of files given relative to the root; unchanged files come from the stat cache."""
         root = str(self.ws.root) + "/"
-        entries = self.stat_cache.entries
+        cache = self.stat_cache
         digests: dict[str, str] = {}
-        large: list[tuple[str, list]] = []
-        small: list[tuple[str, list]] = []
+        large: list[tuple[str, str, int]] = []  # (path, signature, mtime_ns)
+        small: list[tuple[str, str, int]] = []
         for rel in paths:
             try:
                 st = os.stat(root + rel)
@@ -337,37 +377,37 @@ class KeyMaker:
                 digests[rel] = _tree_digest(root + rel)
                 continue
             # ctime too: a rewrite that puts the old mtime back cannot hide from it.
-            sig = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
-            cached = entries.get(rel)
-            if cached is not None and cached[:4] == sig:
-                digests[rel] = cached[4]
+            sig = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
+            cached = cache.get(rel, sig)
+            if cached is not None:
+                digests[rel] = cached
             elif st.st_size > self.LARGE_FILE:
-                large.append((rel, sig))
+                large.append((rel, sig, st.st_mtime_ns))
             else:
-                small.append((rel, sig))
+                small.append((rel, sig, st.st_mtime_ns))
         if len(small) >= self.SMALL_BATCH:
             from concurrent.futures import ThreadPoolExecutor
 
             shares = [small[i::self.HASH_THREADS] for i in range(self.HASH_THREADS)]
             with ThreadPoolExecutor(max_workers=self.HASH_THREADS) as pool:
-                hashed = list(pool.map(lambda share: [_sha256_small(root + rel) for rel, _ in share], shares))
+                hashed = list(pool.map(lambda share: [_sha256_small(root + item[0]) for item in share], shares))
             small = [item for share in shares for item in share]
             results = [digest for part in hashed for digest in part]
         else:
-            results = [_sha256_small(root + rel) for rel, _ in small]
-        for (rel, sig), digest in zip(small, results):
+            results = [_sha256_small(root + item[0]) for item in small]
+        for (rel, sig, mtime_ns), digest in zip(small, results):
             if digest is not None:
                 digests[rel] = digest
-                self.stat_cache.remember(rel, sig, digest, self._started_ns)
+                cache.remember(rel, sig, mtime_ns, digest, self._started_ns)
         if large:
             from concurrent.futures import ThreadPoolExecutor  # only runs with large inputs import it
 
             with ThreadPoolExecutor(max_workers=min(8, len(large))) as pool:
                 results = pool.map(lambda item: _sha256_large(root + item[0]), large)
-                for (rel, sig), digest in zip(large, results):
+                for (rel, sig, mtime_ns), digest in zip(large, results):
                     if digest is not None:
                         digests[rel] = digest
-                        self.stat_cache.remember(rel, sig, digest, self._started_ns)
+                        cache.remember(rel, sig, mtime_ns, digest, self._started_ns)
         return digests
 
     def _detect(self, language: str) -> dict:
@@ -406,14 +446,17 @@ class KeyMaker:
         for thread in detect:
             thread.start()
         inputs: dict[Node, tuple[str, list[str]]] = {}
-        for node in order:
-            pkg = self.ws.packages[node.package]
-            base = "" if pkg.path == "." else pkg.path + "/"
-            inputs[node] = (base, self.input_files(pkg, pkg.tasks[node.task]))
+        with phase("keys: input listing (and git's)"):
+            for node in order:
+                pkg = self.ws.packages[node.package]
+                base = "" if pkg.path == "." else pkg.path + "/"
+                inputs[node] = (base, self.input_files(pkg, pkg.tasks[node.task]))
         needed = sorted({base + rel for base, rels in inputs.values() for rel in rels})
-        digests = self.hash_files(needed)
-        for thread in detect:
-            thread.join()
+        with phase("keys: hashing, with the stat cache"):
+            digests = self.hash_files(needed)
+        with phase("keys: toolchain detection (waiting for it)"):
+            for thread in detect:
+                thread.join()
         for node in order:
             pkg = self.ws.packages[node.package]
             task = pkg.tasks[node.task]
@@ -431,7 +474,8 @@ class KeyMaker:
             }
             self.parts[node] = parts
             self.keys[node] = key_of(parts)
-        self.stat_cache.save()
+        with phase("keys: stat cache saving"):
+            self.stat_cache.save()
         if self._git is not None:
             self._git.close()
         return self.keys

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
+from . import __version__, timing
+from .timing import phase
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 UPLOAD_WAIT_SECONDS = 120.0
@@ -62,12 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
+    timing.add("start-up: the client's imports", time.perf_counter() - timing.STARTED)
+    try:
+        return _main(argv)
+    finally:
+        timing.report()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     from .graph import GraphError
     from .workspace import ConfigError, load
 
     try:
-        ws = load(Path(args.cwd or os.getcwd()))
+        with phase("workspace: configuration"):
+            ws = load(Path(args.cwd or os.getcwd()))
         if args.command == "scan":
             return _scan(ws, args)
         if args.command == "graph":
@@ -138,11 +148,14 @@ def _build(ws, task: str, args) -> int:
     from .graph import plan, run_graph
 
     started = time.monotonic()
-    order, deps = plan(ws, task, args.packages)
-    keymaker = KeyMaker(ws)
-    keys = keymaker.compute(order, deps)
+    with phase("graph: plan"):
+        order, deps = plan(ws, task, args.packages)
+    with phase("keys: all of them"):
+        keymaker = KeyMaker(ws)
+        keys = keymaker.compute(order, deps)
     if args.dry_run:
-        return _dry_run(order, keys, keymaker, args.json)
+        with phase("dry run: printing"):
+            return _dry_run(order, keys, keymaker, args.json)
     from .localcache import LocalCache
     from .runner import Console, Summary, TaskRunner
 
@@ -156,16 +169,19 @@ def _build(ws, task: str, args) -> int:
     runner = TaskRunner(ws, keys, console, local=local, remote_factory=lambda: _remote(ws, args, console), summary=summary)
     runner.prefetch(order)
     try:
-        outcome = run_graph(order, deps, runner.run, parallel, args.continue_on_error)
+        with phase("tasks: scheduling to the last end"):
+            outcome = run_graph(order, deps, runner.run, parallel, args.continue_on_error)
     finally:
         runner.finish_prefetch()
-    runner.save_records()
+    with phase("records: saving"):
+        runner.save_records()
     remote, uploader = runner.remote, runner.uploader
     for node in order:
         if outcome[node] == "skipped":
             console.line(f"{node}  skipped (a dependency failed)")
     if uploader is not None:
-        uploader.finish(UPLOAD_WAIT_SECONDS)
+        with phase("uploads: waiting for the last"):
+            uploader.finish(UPLOAD_WAIT_SECONDS)
     if local is not None and summary.misses:
         local.trim()
     moved = (remote.bytes_down + remote.bytes_up) if remote is not None else 0

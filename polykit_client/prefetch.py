@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .timing import phase
+
 if TYPE_CHECKING:  # pragma: no cover
     from .localcache import LocalCache
     from .remote import Progress, RemoteCache
@@ -73,7 +75,8 @@ class Prefetcher:
 
     def _ask(self, keys: list[str]) -> None:
         try:
-            held = self.remote.which(keys) or {}
+            with phase("remote: batch query"):
+                held = self.remote.which(keys) or {}
             with self._lock:
                 for key in keys:
                     if self._closed:
@@ -89,10 +92,11 @@ class Prefetcher:
         """Download and verify one artifact; None when the download failed (the backend warned)."""
         fh, temp = self.local.new_temp()
         try:
-            with fh:
+            with fh, phase("remote: downloads", threads=True):
                 ok = self.remote.fetch(key, fh, self._progress(key))
             if ok:
-                return self._stage(key, temp)
+                with phase("remote: verifying into staging", threads=True):
+                    return self._stage(key, temp)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise

@@ -29,6 +29,7 @@ from .graph import Node
 from .localcache import LocalCache
 from .outputs import OutputError, check_restorable, expand_outputs
 from .prefetch import ABSENT, UNKNOWN, Prefetcher, Staged
+from .timing import phase
 from .workspace import Package, Task, Workspace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -168,8 +169,10 @@ class Uploader:
                 return
             node, key, path = item
             try:
-                if self.remote.store(key, path, self.console.progress(f"{node}  uploading"),
-                                     ask_first=not self._known_absent(key)):
+                with phase("remote: uploads", threads=True):
+                    stored = self.remote.store(key, path, self.console.progress(f"{node}  uploading"),
+                                               ask_first=not self._known_absent(key))
+                if stored:
                     with self._count_lock:
                         self.uploaded += 1
             except Exception as exc:  # an upload must never fail the build
@@ -320,12 +323,16 @@ class TaskRunner:
         task = pkg.tasks[node.task]
         key = self.keys[node]
         if self.local is not None:
-            hit = (self._outputs_in_place(node, pkg, task, key)
-                   or self._guarded(node, "local", lambda: self._try_local(node, pkg, task, key))
-                   or self._guarded(node, "remote", lambda: self._try_remote(node, pkg, task, key)))
+            with phase("tasks: outputs-in-place checks", threads=True):
+                hit = self._outputs_in_place(node, pkg, task, key)
+            with phase("tasks: local cache lookups and restores", threads=True):
+                hit = hit or self._guarded(node, "local", lambda: self._try_local(node, pkg, task, key))
+            with phase("tasks: remote hits (waits and placing)", threads=True):
+                hit = hit or self._guarded(node, "remote", lambda: self._try_remote(node, pkg, task, key))
             if hit:
                 return True
-        return self._execute(node, pkg, task, key)
+        with phase("tasks: misses (command, packing, storing)", threads=True):
+            return self._execute(node, pkg, task, key)
 
     # --- outputs already in place ----------------------------------------------------------------
     # After a task is built or restored, a record keeps its key, the signature of each output

@@ -608,8 +608,9 @@ def measure_dry_runs(bench: Bench, source: Path) -> list[Figure]:
 def stat_cache_entries(state: Path) -> int:
     """How many files the stat cache remembers (0 when it is missing or unreadable)."""
     try:
-        return len(json.loads(state.read_text()).get("files", {}))
-    except (OSError, ValueError, AttributeError):
+        folders = json.loads(state.read_text()).get("folders", {})
+        return sum(len(names.split("\0")) for names, _, _ in folders.values())
+    except (OSError, ValueError, AttributeError, TypeError):
         return 0
 
 
