@@ -139,7 +139,9 @@ class SideBySide:
         return source
 
     def clone(self, source: Path, dst: Path) -> Path:
-        subprocess.run(["git", "clone", "--quiet", str(source), str(dst)], check=True, timeout=600)
+        out = subprocess.run(["git", "clone", "--quiet", str(source), str(dst)], capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise BenchError(f"git clone failed\n{out.stderr}")
         return dst
 
     def turbo_env(self, url: str) -> dict[str, str]:
@@ -257,6 +259,7 @@ def _measure(args, workdir: Path) -> int:
         source = side.generate(name, *SHAPES[name])
         results[name] = side.measure(name, source, args.repeat)
         shutil.rmtree(workdir / name, ignore_errors=True)
+        print(render({name: results[name]}) + "\n", file=sys.stderr, flush=True)  # a long run keeps what it has
     print(f"turbo {version} against turborepo-remote-cache; polykit ({' '.join(side.polykit)}) against polykit-cache;"
           f" both servers on 127.0.0.1, emptied for each repetition; every task `npm run build`")
     print(f"figures: wall time of a whole process, median of {args.repeat} per tool; ratio = polykit/turbo per pair"
