@@ -123,3 +123,16 @@ def test_the_default_parallelism_keeps_the_machine_busy(tmp_path):
     assert default_parallel(load(root, {})) == 4  # [workspace] default_parallel wins
     (root / "polykit.toml").write_text((root / "polykit.toml").read_text().replace("default_parallel = 4\n", ""))
     assert default_parallel(load(root, {})) == max(DEFAULT_PARALLEL, os.cpu_count() or 1) >= 10
+
+
+def test_polykit_profile_says_where_the_time_went(tmp_path):
+    pk = Polykit(make_workspace(tmp_path / "ws"), make_tools(tmp_path / "tools"), tmp_path / "marker")
+    quiet = pk.run("build", "--no-remote-cache")
+    assert "profile:" not in quiet.stderr
+    out = pk.run("build", "--no-remote-cache", POLYKIT_PROFILE="1")
+    lines = [line for line in out.stderr.splitlines() if line.startswith("profile: ")]
+    names = [line[len("profile: "):].rsplit(" ms", 1)[0].rsplit(None, 1)[0].strip() for line in lines]
+    for phase in ("start-up: the client's imports", "workspace: configuration", "keys: hashing, with the stat cache",
+                  "tasks: outputs-in-place checks", "tasks: scheduling to the last end", "total, from the first import"):
+        assert phase in names, out.stderr
+    assert all(float(line.rsplit(" ms", 1)[0].split()[-1]) >= 0 for line in lines)
