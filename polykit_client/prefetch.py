@@ -65,6 +65,7 @@ class Prefetcher:
         self._asked = threading.Event()
         self._futures: dict[str, Future] = {}
         self._absent: set[str] = set()
+        self._taken: set[str] = set()  # asked for before the answer came: the task fetches it itself
         self._closed = False
         self._query: threading.Thread | None = None
 
@@ -74,19 +75,20 @@ class Prefetcher:
         self._query.start()
 
     def _ask(self, keys: list[str]) -> None:
+        held: dict[str, bool] = {}
         try:
             with phase("remote: batch query"):
                 held = self.remote.which(keys) or {}
-            with self._lock:
+        finally:
+            with self._lock:  # one step, so a task sees either no answer or the answer with its downloads
                 for key in keys:
                     if self._closed:
                         break
-                    if held.get(key) is True:
-                        self._futures[key] = self._pool.submit(self._fetch, key)
-                    elif held.get(key) is False:
+                    if held.get(key) is False:
                         self._absent.add(key)
-        finally:
-            self._asked.set()
+                    elif held.get(key) is True and key not in self._taken:
+                        self._futures[key] = self._pool.submit(self._fetch, key)
+                self._asked.set()
 
     def _fetch(self, key: str) -> Staged | None:
         """Download and verify one artifact; None when the download failed (the backend warned)."""
@@ -106,17 +108,27 @@ class Prefetcher:
     def take(self, key: str) -> Future | str:
         """The download of ``key`` (a future of a ``Staged`` or None), or ABSENT, or UNKNOWN.
 
-        Waits for the batch answer, not for the download; the caller owns what it takes.
+        Never waits for the batch answer: a task that comes first (the first wave of a cold
+        build) asks for itself, as it would without the batch query, and its key is left out
+        of the downloads started later. The caller owns what it takes.
         """
-        self._asked.wait()
         with self._lock:
+            if not self._asked.is_set():
+                self._taken.add(key)
+                return UNKNOWN
             future = self._futures.pop(key, None)
             if future is not None:
                 return future
             return ABSENT if key in self._absent else UNKNOWN
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the batch answer (and the downloads it starts to be queued); True once it came."""
+        return self._asked.wait(timeout)
+
     def absent(self, key: str) -> bool:
-        """Whether the batch answer said the server lacks ``key`` (so an upload need not ask again)."""
+        """Whether the batch answer said the server lacks ``key`` (so an upload need not ask again).
+
+        Recorded for every key asked about, the ones tasks took early included."""
         with self._lock:
             return key in self._absent
 

@@ -5,6 +5,8 @@ import http.server
 import os
 from pathlib import Path
 
+import pytest
+
 from polykit_client.cli import DEFAULT_PARALLEL, default_parallel
 from polykit_client.localcache import LocalCache
 from polykit_client.prefetch import ABSENT, UNKNOWN, Prefetcher
@@ -27,14 +29,17 @@ def test_a_build_asks_once_and_a_fresh_checkout_downloads_without_asking_per_tas
         url = f"http://127.0.0.1:{port}"
         pk.run("build", "--remote-cache-url", url)
         assert pk.ran() == BUILDS
-        # The batch query said the server lacks all three: no HEAD before the uploads.
-        assert polykit_requests(app) == {("POST", 200): 1, ("PUT", 201): 3}
+        # One batch query; a task that starts before its answer asks for itself (a GET), and an
+        # upload the answer covers does not ask again (no HEAD): at most one question per task.
+        seen = polykit_requests(app)
+        assert seen.pop(("POST", 200)) == 1 and seen.pop(("PUT", 201)) == 3
+        assert set(seen) <= {("GET", 404), ("HEAD", 404)} and sum(seen.values()) <= 6
         app.metrics.requests.clear()
 
         other = copy_workspace(pk.workspace, tmp_path / "second")
         out = pk.run("build", "--remote-cache-url", url, cwd=other)
         assert pk.ran() == [] and "3 remote hits, 0 misses" in out.stdout and out.stderr == ""
-        assert polykit_requests(app) == {("POST", 200): 1, ("GET", 200): 3}
+        assert polykit_requests(app) == {("POST", 200): 1, ("GET", 200): 3}  # each artifact fetched once
         app.metrics.requests.clear()
 
         # A build of local hits does not touch the network at all.
@@ -112,10 +117,24 @@ def test_what_no_task_takes_is_thrown_away(tmp_path):
 
         prefetcher = Prefetcher(remote, local, stage)
         prefetcher.start([KEY, OTHER_KEY])
+        assert prefetcher.wait(30)
         assert prefetcher.take(OTHER_KEY) == ABSENT and prefetcher.absent(OTHER_KEY)
         assert prefetcher.take(key_for("never asked")) == UNKNOWN
         prefetcher.close()  # KEY was fetched and staged, and no task took it
     assert len(staged) == 1 and os.listdir(local.tmp) == []
+
+
+def test_a_task_that_comes_before_the_answer_fetches_for_itself(tmp_path):
+    local = LocalCache(tmp_path / "cache", 1 << 30)
+    with thread_server(tmp_path / "store") as (port, app):
+        assert call(app, "PUT", f"/v1/artifacts/{KEY}", pack_tree(tmp_path, {"a": b"1"})).status == 201
+        remote = RemoteCache(f"http://127.0.0.1:{port}", environ={})
+        prefetcher = Prefetcher(remote, local, lambda key, path: pytest.fail("nothing is fetched for a taken key"))
+        assert prefetcher.take(KEY) == UNKNOWN  # before start(): no answer yet
+        prefetcher.start([KEY])
+        assert prefetcher.wait(30) and prefetcher.take(KEY) == UNKNOWN
+        prefetcher.close()
+    assert polykit_requests(app) == {("PUT", 201): 1, ("POST", 200): 1}
 
 
 def test_the_default_parallelism_keeps_the_machine_busy(tmp_path):
