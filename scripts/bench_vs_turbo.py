@@ -11,6 +11,11 @@ as a whole process with the tool's defaults (turbo's concurrency of 10, polykit'
 - remote: another fresh clone: every task a remote hit;
 - dry: ``turbo run build --dry=json`` against ``polykit build --dry-run --json`` in the warm folder.
 
+Both tools get the same small environment (the variables in TASK_ENV, and Python's own for the
+client): turbo's strict environment mode hides the rest from its tasks, polykit passes the whole
+environment on, and a machine's variables can change what a task costs (``NODE_EXTRA_CA_CERTS``
+makes every node start read a certificate bundle: a fifth more CPU per ``npm run build`` here).
+
 The tools alternate A B, B A, ... within each phase, the ratio polykit/turbo is taken per pair
 and the median is quoted. Every run is checked: exit 0, the expected hit and miss counts, and,
 after the cold and remote phases, every package's output equal to what its build makes. The
@@ -38,6 +43,7 @@ SHAPES = {"50x200": (50, 200), "500x20": (500, 20), "10x5000": (10, 5000)}
 PHASES = ("cold", "warm", "remote", "dry")
 TARGET = 1.0  # polykit/turbo at most this in every phase
 TOKEN = "bench-token"
+TASK_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TERM", "SHELL", "TMPDIR", "USER")
 SERVER_READY_TIMEOUT = 30.0
 
 
@@ -125,7 +131,8 @@ class SideBySide:
         self.workdir, self.turbo, self.turbo_server, self.timeout = workdir, turbo, turbo_server, timeout
         self.polykit, _ = console_script("polykit", "polykit_client", module)
         self.module = module
-        self.env = client_env(workdir / "pycache", True)
+        self.env = {k: v for k, v in client_env(workdir / "pycache", True).items()
+                    if k in TASK_ENV or k.startswith("PYTHON")}
 
     def generate(self, name: str, packages: int, files: int) -> Path:
         source = self.workdir / name / "source"
@@ -250,7 +257,7 @@ def _measure(args, workdir: Path) -> int:
                          "npm install --prefix DIR turbo@2 turborepo-remote-cache@2, then --turbo-dir DIR")
     version = subprocess.run([str(turbo), "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
     side = SideBySide(workdir, turbo, server, args.timeout, args.module)
-    shapes = args.shapes.split(",") if args.shapes else list(SHAPES)
+    shapes = args.shapes.split(",") if args.shapes else ["50x200", "10x5000", "500x20"]
     results = {}
     load_at_start = load_average()
     for name in shapes:
@@ -261,7 +268,8 @@ def _measure(args, workdir: Path) -> int:
         shutil.rmtree(workdir / name, ignore_errors=True)
         print(render({name: results[name]}) + "\n", file=sys.stderr, flush=True)  # a long run keeps what it has
     print(f"turbo {version} against turborepo-remote-cache; polykit ({' '.join(side.polykit)}) against polykit-cache;"
-          f" both servers on 127.0.0.1, emptied for each repetition; every task `npm run build`")
+          f" both servers on 127.0.0.1, emptied for each repetition; every task `npm run build`;"
+          f" environment: {', '.join(k for k in TASK_ENV if k in side.env)} only, for both")
     print(f"figures: wall time of a whole process, median of {args.repeat} per tool; ratio = polykit/turbo per pair"
           f" (tools alternated A B, B A), median; load: 1-minute load average before each pair"
           f" ({os.cpu_count()} cores; {load_at_start} at the start, {load_average()} at the end)")
