@@ -43,6 +43,9 @@ SHAPES = {"50x200": (50, 200), "500x20": (500, 20), "10x5000": (10, 5000)}
 PHASES = ("cold", "warm", "remote", "dry")
 TARGET = 1.0  # polykit/turbo at most this in every phase
 TOKEN = "bench-token"
+# The generated commit leaves thousands of loose objects, and git's automatic gc, detached into
+# the background, would pack and delete them while `git clone` copies them.
+NO_AUTO_GC = dict(os.environ, GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="gc.auto", GIT_CONFIG_VALUE_0="0")
 TASK_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TERM", "SHELL", "TMPDIR", "USER")
 SERVER_READY_TIMEOUT = 30.0
 
@@ -140,13 +143,14 @@ class SideBySide:
         progress(f"generating {name}: {packages} packages x {files} files")
         out = subprocess.run([sys.executable, str(SCRIPTS / "gen_workspace.py"), str(source), "--packages", str(packages),
                               "--files", str(files), "--chain", str(min(10, packages)), "--polykit-cmd", "npm"],
-                             capture_output=True, text=True, timeout=900)
+                             capture_output=True, text=True, timeout=900, env=NO_AUTO_GC)
         if out.returncode != 0:
             raise BenchError(f"gen_workspace.py failed\n{out.stdout}\n{out.stderr}")
         return source
 
     def clone(self, source: Path, dst: Path) -> Path:
-        out = subprocess.run(["git", "clone", "--quiet", str(source), str(dst)], capture_output=True, text=True, timeout=600)
+        out = subprocess.run(["git", "clone", "--quiet", str(source), str(dst)], capture_output=True, text=True, timeout=600,
+                             env=NO_AUTO_GC)
         if out.returncode != 0:
             raise BenchError(f"git clone failed\n{out.stderr}")
         return dst
