@@ -52,14 +52,19 @@ UNKNOWN, ABSENT = "unknown", "absent"
 class Prefetcher:
     """Asks the server about a run's keys and fetches its hits, in background threads.
 
+    ``make_remote()`` gives the backend (or None), on the query's own thread, so that making it
+    (importing the HTTP client) does not delay the first task.
     ``stage(key, path)`` verifies a downloaded artifact into a staging folder and returns its
     ``Staged``; it raises ``ArtifactError`` for an artifact that fails verification, which the
     task reports in its turn. ``progress(key)`` gives a download's progress display, or None.
     """
 
-    def __init__(self, remote: "RemoteCache", local: "LocalCache", stage: Callable[[str, Path], Staged],
-                 progress: Callable[[str], "Progress | None"] = lambda key: None, threads: int = DOWNLOAD_THREADS) -> None:
-        self.remote, self.local, self._stage, self._progress = remote, local, stage, progress
+    def __init__(self, make_remote: "Callable[[], RemoteCache | None]", local: "LocalCache",
+                 stage: Callable[[str, Path], Staged], progress: Callable[[str], "Progress | None"] = lambda key: None,
+                 threads: int = DOWNLOAD_THREADS) -> None:
+        self._make_remote = make_remote
+        self.remote: RemoteCache | None = None
+        self.local, self._stage, self._progress = local, stage, progress
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="polykit-download")
         self._lock = threading.Lock()
         self._asked = threading.Event()
@@ -78,7 +83,9 @@ class Prefetcher:
         held: dict[str, bool] = {}
         try:
             with phase("remote: batch query"):
-                held = self.remote.which(keys) or {}
+                self.remote = self._make_remote()
+                if self.remote is not None and self.remote.enabled:
+                    held = self.remote.which(keys) or {}
         finally:
             with self._lock:  # one step, so a task sees either no answer or the answer with its downloads
                 for key in keys:

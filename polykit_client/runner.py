@@ -266,11 +266,8 @@ class TaskRunner:
                   if (records.get(str(node)) or {}).get("key") != self.keys[node] and not self.local.has(self.keys[node])]
         if not wanted:
             return
-        remote = self._get_remote()
-        if remote is None or not remote.enabled:
-            return
         label = {self.keys[node]: f"{node}  downloading" for node in order}
-        self.prefetcher = Prefetcher(remote, self.local, self._stage, lambda key: self.console.progress(label[key]))
+        self.prefetcher = Prefetcher(self._get_remote, self.local, self._stage, lambda key: self.console.progress(label[key]))
         self.prefetcher.start(wanted)
 
     def finish_prefetch(self) -> None:

@@ -115,7 +115,7 @@ def test_what_no_task_takes_is_thrown_away(tmp_path):
             staged.append(folder)
             return Staged(path, folder, {})
 
-        prefetcher = Prefetcher(remote, local, stage)
+        prefetcher = Prefetcher(lambda: remote, local, stage)
         prefetcher.start([KEY, OTHER_KEY])
         assert prefetcher.wait(30)
         assert prefetcher.take(OTHER_KEY) == ABSENT and prefetcher.absent(OTHER_KEY)
@@ -129,7 +129,7 @@ def test_a_task_that_comes_before_the_answer_fetches_for_itself(tmp_path):
     with thread_server(tmp_path / "store") as (port, app):
         assert call(app, "PUT", f"/v1/artifacts/{KEY}", pack_tree(tmp_path, {"a": b"1"})).status == 201
         remote = RemoteCache(f"http://127.0.0.1:{port}", environ={})
-        prefetcher = Prefetcher(remote, local, lambda key, path: pytest.fail("nothing is fetched for a taken key"))
+        prefetcher = Prefetcher(lambda: remote, local, lambda key, path: pytest.fail("nothing is fetched for a taken key"))
         assert prefetcher.take(KEY) == UNKNOWN  # before start(): no answer yet
         prefetcher.start([KEY])
         assert prefetcher.wait(30) and prefetcher.take(KEY) == UNKNOWN
