@@ -116,7 +116,8 @@ class StatCache:
                                "\0".join(entries[n][1] for n in names)]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            # Its own temporary name: a key computation of another thread may be saving too.
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps({"version": self.VERSION, "folders": folders, "tools": self.tools},
                                       separators=(",", ":")))
             os.replace(tmp, self.path)
@@ -247,6 +248,7 @@ class KeyMaker:
         self._cache_dir = os.path.normpath(ws.cache_dir)
         self.keys: dict[Node, str] = {}
         self.parts: dict[Node, dict] = {}
+        self._saving: threading.Thread | None = None
 
     def _uses_default_inputs(self) -> bool:
         """Whether some task's inputs are, or include, the default inputs (the git listing)."""
@@ -474,11 +476,17 @@ class KeyMaker:
             }
             self.parts[node] = parts
             self.keys[node] = key_of(parts)
-        with phase("keys: stat cache saving"):
-            self.stat_cache.save()
+        # Written beside the tasks (a fresh checkout's is megabytes); not a daemon thread, so the
+        # interpreter waits for it before it exits.
+        self._saving = threading.Thread(target=self._save, name="polykit-stat-cache")
+        self._saving.start()
         if self._git is not None:
             self._git.close()
         return self.keys
+
+    def _save(self) -> None:
+        with phase("keys: stat cache saving (beside the tasks)"):
+            self.stat_cache.save()
 
 
 def key_of(parts: dict) -> str:
