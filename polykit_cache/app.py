@@ -19,22 +19,26 @@ from polykit_client.artifact import ArtifactError, Limits, is_cache_key
 
 from . import bazel, kv, nx, turbo
 from .auth import Access
+from .blobs import blob_name, check_segments
 from .config import Config
 from .http import SEND_CHUNK, HTTPError, Response, json_response, reason, render_json_error
 from .metrics import Metrics
 from .outcomes import parse_length, read_body, refuse
 from .routes import Route, Router
-from .storage import AlreadyStored, Storage, StorageFull
+from .storage import AlreadyStored, ArtifactInfo, Storage, StorageFull
 from .verification import IncompleteBody, receive
 
 log = logging.getLogger("polykit_cache.app")
 access_log = logging.getLogger("polykit_cache.access")
 
-__all__ = ["CacheApp", "HTTPError", "REFUSED", "Response", "SEND_CHUNK", "json_response", "make_app"]
+__all__ = ["ADMITTED_WRITE", "CacheApp", "HTTPError", "REFUSED", "Response", "SEND_CHUNK", "json_response", "make_app"]
 
 # The environ key under which the server layer hands the application an answer it decided before
 # reading the body (an admit() refusal, or an error waitress found itself): an HTTPError.
 REFUSED = "polykit.refused"
+# Set by admit() on a request it lets through: True when it writes (so its credentials were
+# checked), which the server layer keeps over anonymous connections at the connection limit.
+ADMITTED_WRITE = "polykit.admitted_write"
 
 # Bounds on what the request line may make the server parse. Real clients' paths are well under
 # 300 characters (a Bazel instance, a 64-character hash); turbo passes one team parameter.
@@ -99,21 +103,26 @@ class CacheApp:
         and then calls the application with the refusal under ``REFUSED`` and an empty body, so
         the answer takes the route's error shape and is counted and logged like any other.
         """
+        method = environ.get("REQUEST_METHOD", "GET").upper()
         try:
             route, _ = self._route(environ.get("PATH_INFO", ""))
-            self._admission(route, environ.get("REQUEST_METHOD", "GET").upper(), environ.get("QUERY_STRING", ""),
-                            _environ_lookup(environ))
+            self._admission(route, method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))
         except HTTPError as exc:
             return exc
+        environ[ADMITTED_WRITE] = route.is_write(method)
         return None
 
     def _route(self, path: str) -> tuple[Route, dict]:
-        """The route of a path within the bounds of the request line, or 414/404."""
+        """The route of a path within the bounds of the request line, or 414/404; 400 for a bad namespace."""
         if len(path) > MAX_PATH:
             raise refuse("uri_too_long", f"The path is {len(path)} characters long; the limit is {MAX_PATH}.")
         found = self.router.match(path)
         if found is None:
             raise refuse("not_found", f"No such endpoint: {path}")
+        namespace = found[1]["namespace"]
+        if namespace:
+            # Validated like a key, since it becomes part of every stored entry's name.
+            check_segments(namespace.split("/"), "A namespace (the path before the protocol)")
         return found
 
     def _admission(self, route: Route, method: str, query: str, header: Callable[[str], str | None]) -> None:
@@ -124,27 +133,37 @@ class CacheApp:
             raise refuse("method_not_allowed", f"{method[:20]} is not allowed here; use {route.allowed}.",
                          [("Allow", route.allowed)])
         write = route.is_write(method)
-        if not route.public:
-            self._authorize(header("Authorization"), write)
+        # A CORS preflight never carries credentials (Fetch standard, "CORS-preflight request"),
+        # and it reads nothing: OPTIONS is open wherever a route serves it.
+        if not route.public and method != "OPTIONS":
+            self._authorize(route, header("Authorization"), write)
         chunked = header("Transfer-Encoding") is not None
         raw = header("Content-Length")
-        if write:
+        if write and method not in route.bodiless:
             if not (chunked and raw is None):  # a chunked body's length is known only once read
                 self._check_upload_length(raw)
         else:
+            # A read's body is held in memory, so it must declare its length: a chunked one
+            # would be spooled up to the artifact size limit before any handler could look.
+            if chunked:
+                raise refuse("no_length", f"A {method[:20]} here takes a body only with a Content-Length.", count=False)
             length = parse_length(raw) or 0
-            limit = route.read_body_limit or READ_BODY_LIMIT
+            limit = 0 if method in route.bodiless else route.read_body_limit or READ_BODY_LIMIT
             if length > limit:
                 raise refuse("too_large", f"A {method} here takes a body of at most {limit} bytes.", count=False, limit=limit)
 
-    def _authorize(self, header: str | None, write: bool) -> None:
+    def _authorize(self, route: Route, header: str | None, write: bool) -> None:
         denied = self.access.check(header, write)
         if denied is None:
             return
         status = denied[0]
-        challenge = 'Bearer realm="polykit-cache"' + (', error="invalid_token"' if header and status == 401 else "")
-        headers = [("WWW-Authenticate", challenge)] if status == 401 else []
-        raise refuse("unauthorized" if status == 401 else "forbidden", denied[2], headers, count=write)
+        if status == 401 and write and not header and self.access.allow_anonymous_read:
+            status = route.anonymous_write_status  # some clients take a 401 on upload as fatal
+        # Both schemes a token may come in (RFC 9110 11.6.1: one challenge per header line).
+        bearer = 'Bearer realm="polykit-cache"' + (', error="invalid_token"' if header else "")
+        headers = [("WWW-Authenticate", bearer), ("WWW-Authenticate", 'Basic realm="polykit-cache", charset="UTF-8"')]
+        raise refuse("unauthorized" if status == 401 else "forbidden", denied[2], headers if status == 401 else [],
+                     count=write)
 
     def _check_upload_length(self, raw: str | None) -> int:
         """The upload's declared length, refused (411, 400, 413, 507) before the body is read."""
@@ -176,6 +195,7 @@ class CacheApp:
                 raise refused
             route, params = self._route(path)
             environ["polykit.protocol"] = route.protocol
+            environ["polykit.namespace"] = params["namespace"]
             self._admission(route, method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))
             response = route.handlers[method](environ, params)
         except HTTPError as exc:
@@ -222,15 +242,45 @@ class CacheApp:
             raise refuse("bad_key", "A cache key is 64 lowercase hexadecimal characters (a SHA-256).")
         return key
 
-    def _missing(self, key: str) -> HTTPError:
-        self.metrics.lookup(False)
+    # An artifact in a URL namespace is stored under a name that holds the namespace (the
+    # storage's blob names, with the artifact's size and SHA-256 beside it); one without a
+    # namespace keeps the artifact layout. Both are verified alike before they are stored.
+
+    def _missing(self, environ: dict, key: str) -> HTTPError:
+        self.metrics.lookup(False, namespace=environ.get("polykit.namespace", ""))
         return refuse("not_found", f"No artifact is stored under {key}.")
 
-    def _found(self, environ: dict, key: str):
-        info = self.storage.lookup(key)
-        if info is None:
-            raise self._missing(key)
-        return info
+    def _stored(self, environ: dict, key: str) -> tuple[str, ArtifactInfo] | None:
+        """The storage name and metadata of an artifact stored in the request's namespace, or None."""
+        namespace = environ.get("polykit.namespace", "")
+        if not namespace:
+            info = self.storage.lookup(key)
+            return (key, info) if info is not None else None
+        name = blob_name("polykit", namespace, key)
+        size = self.storage.blob_stat(name)
+        meta = self.storage.blob_meta(name) if size is not None else {}
+        if size is None or not isinstance(meta.get("sha256"), str):
+            return None
+        return name, ArtifactInfo(key, size, meta["sha256"], float(meta.get("created", 0)), "")
+
+    def _found(self, environ: dict, key: str) -> tuple[str, ArtifactInfo]:
+        """The storage name and metadata of a stored artifact, or 404."""
+        found = self._stored(environ, key)
+        if found is None:
+            raise self._missing(environ, key)
+        return found
+
+    def _open(self, name: str, info: ArtifactInfo):
+        """The artifact's file, or None when it went away since its metadata was read."""
+        if "/" in name:
+            return self.storage.open_blob(name)
+        try:
+            return open(info.path, "rb")
+        except FileNotFoundError:
+            return None
+
+    def _lookup_hit(self, environ: dict, size: int = 0) -> None:
+        self.metrics.lookup(True, size, namespace=environ.get("polykit.namespace", ""))
 
     @staticmethod
     def _artifact_headers(info) -> list[tuple[str, str]]:
@@ -246,37 +296,36 @@ class CacheApp:
     def _not_modified(self, environ: dict, info) -> Response | None:
         tags = environ.get("HTTP_IF_NONE_MATCH")
         if tags and (tags.strip() == "*" or f'"{info.sha256}"' in tags):
-            self.metrics.lookup(True)
+            self._lookup_hit(environ)
             return Response(304, [("ETag", f'"{info.sha256}"')], [], 0)
         return None
 
     def head_artifact(self, environ: dict, params: dict) -> Response:
         """Answer from the metadata alone; the artifact file is not opened."""
         key = self._key(params)
-        info = self._found(environ, key)
-        if not os.path.exists(info.path):  # removed behind our back (verify's quarantine, gc)
+        name, info = self._found(environ, key)
+        if info.path and not os.path.exists(info.path):  # removed behind our back (verify's quarantine, gc)
             self.storage.forget(key)
-            raise self._missing(key)
-        self.storage.touch(key)
+            raise self._missing(environ, key)
+        self.storage.touch(name)
         cached = self._not_modified(environ, info)
         if cached is not None:
             return cached
-        self.metrics.lookup(True)
+        self._lookup_hit(environ)
         return Response(200, self._artifact_headers(info), [], 0)
 
     def get_artifact(self, environ: dict, params: dict) -> Response:
         key = self._key(params)
-        info = self._found(environ, key)
-        self.storage.touch(key)
+        name, info = self._found(environ, key)
+        self.storage.touch(name)
         cached = self._not_modified(environ, info)
         if cached is not None:
             return cached
-        try:
-            fh = open(info.path, "rb")
-        except FileNotFoundError:  # removed since its metadata was read
-            self.storage.forget(key)
-            raise self._missing(key) from None
-        self.metrics.lookup(True, info.size)
+        fh = self._open(name, info)
+        if fh is None:  # removed since its metadata was read
+            self.storage.forget(name)
+            raise self._missing(environ, key)
+        self._lookup_hit(environ, info.size)
         # The server's file wrapper lets waitress's I/O thread send the file, freeing this worker.
         wrapper = environ.get("wsgi.file_wrapper", FileWrapper)
         return Response(200, self._artifact_headers(info), wrapper(fh, SEND_CHUNK), info.size)
@@ -284,8 +333,10 @@ class CacheApp:
     def put_artifact(self, environ: dict, params: dict) -> Response:
         key = self._key(params)
         length = self.content_length(environ)
+        namespace = params["namespace"]
+        name = blob_name("polykit", namespace, key) if namespace else key
         exists = f"An artifact is already stored under {key}; artifacts are immutable."
-        if self.storage.exists(key):
+        if (self.storage.blob_stat(name) is not None) if namespace else self.storage.exists(key):
             raise refuse("exists", exists)
         full = "The cache's disk is full; the artifact was not stored."
         try:
@@ -302,16 +353,22 @@ class CacheApp:
             raise refuse("verification_failed", "The body does not match its X-Artifact-Hash header.",
                          reason="body_hash_mismatch", received=received.size)
         try:
-            info = self.storage.publish(key, received.temp, received.size, received.sha256)
+            if namespace:
+                meta = {"sha256": received.sha256, "created": time.time()}
+                if not self.storage.publish_blob(name, received.temp, received.size, meta=meta):
+                    raise AlreadyStored(name)
+            else:
+                self.storage.publish(key, received.temp, received.size, received.sha256)
         except AlreadyStored:
             raise refuse("exists", exists, received=received.size) from None
         except StorageFull:
             raise refuse("storage_full", full, received=received.size) from None
         self.metrics.upload(received.size)
+        location = (f"/{namespace}" if namespace else "") + f"/v1/artifacts/{key}"
         return json_response(
             201,
-            {"key": key, "size": info.size, "sha256": info.sha256},
-            [("Location", f"/v1/artifacts/{key}"), ("ETag", f'"{info.sha256}"')],
+            {"key": key, "size": received.size, "sha256": received.sha256},
+            [("Location", location), ("ETag", f'"{received.sha256}"')],
         )
 
     def query_artifacts(self, environ: dict, params: dict) -> Response:
@@ -336,8 +393,8 @@ class CacheApp:
             raise refuse("bad_key", f"{shown!r} is not a cache key (64 lowercase hexadecimal characters).")
         found: dict[str, dict | None] = {}
         for key in keys:
-            info = self.storage.lookup(key)
-            found[key] = None if info is None else {"size": info.size, "sha256": info.sha256}
+            stored = self._stored(environ, key)
+            found[key] = None if stored is None else {"size": stored[1].size, "sha256": stored[1].sha256}
         return json_response(200, {"artifacts": found})
 
     # --- service endpoints (HEAD is answered as GET without the body) ------------------------

@@ -1,4 +1,8 @@
-"""Access control: bearer tokens with a role each (RFC 6750), or an open server when none are set.
+"""Access control: tokens with a role each, or an open server when none are set.
+
+A token is sent as a bearer token (RFC 6750), or as the password of HTTP basic authentication
+(RFC 7617) under any user name, for clients that know no other scheme (Gradle, URLs with
+``user:password@``, browsers).
 
 Tokens are compared in constant time (``hmac.compare_digest`` against every token, with no early
 exit), and never written to a log or an error message.
@@ -6,6 +10,7 @@ exit), and never written to a log or an error message.
 
 from __future__ import annotations
 
+import binascii
 import hmac
 import logging
 import threading
@@ -49,6 +54,35 @@ def parse_tokens(text: str, source: str, commas: bool = False) -> list[tuple[str
             raise TokenError(f"{source} line {number}: a token must be at least 8 characters long")
         entries.append((role, token.encode()))
     return entries
+
+
+# A header longer than this holds no token of ours (tokens are short words); it is not decoded.
+MAX_CREDENTIALS = 4096
+
+
+def token_of(header: str | None) -> bytes | None:
+    """The token an Authorization header carries: a bearer token, or basic authentication's password.
+
+    RFC 7617 section 2: basic credentials are base64 of ``user-id ":" password``; the user id
+    cannot hold a colon, so the password is everything after the first one. Any user name is
+    accepted: the token alone decides.
+    """
+    if not header or len(header) > MAX_CREDENTIALS:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if not value:
+        return None
+    if scheme.lower() == "bearer":
+        return value.encode("utf-8", "surrogateescape")
+    if scheme.lower() == "basic":
+        try:
+            decoded = binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
+        except (binascii.Error, UnicodeEncodeError):
+            return None
+        user, colon, password = decoded.partition(b":")
+        return password if colon and password else None
+    return None
 
 
 class Access:
@@ -99,13 +133,10 @@ class Access:
         return f"access tokens: {counts['read']} read, {counts['read-write']} read-write{anon}"
 
     def role(self, header: str | None) -> str | None:
-        """The role of the bearer token in an Authorization header, or None."""
-        if not header:
+        """The role of the token in an Authorization header (bearer, or basic's password), or None."""
+        given = token_of(header)
+        if not given:
             return None
-        scheme, _, token = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return None
-        given = token.strip().encode("utf-8", "surrogateescape")
         found = None
         with self._lock:
             entries = self._entries
@@ -123,8 +154,10 @@ class Access:
             if not write and self.allow_anonymous_read and not header:
                 return None
             if header:
-                return 401, "unauthorized", "The bearer token is not valid for this cache."
-            return 401, "unauthorized", "This cache needs an Authorization: Bearer <token> header."
+                return 401, "unauthorized", "The token is not valid for this cache."
+            if write and self.allow_anonymous_read:
+                return 401, "unauthorized", "Anyone may read this cache; uploading needs a read-write token."
+            return 401, "unauthorized", "This cache needs a token: Authorization: Bearer <token>, or basic authentication with the token as password."
         if write and role != "read-write":
             return 403, "forbidden", "This token may only read; uploading needs a read-write token."
         return None

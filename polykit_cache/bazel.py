@@ -8,32 +8,30 @@ The empty blob (the SHA-256 of nothing) is always present in the CAS: Bazel neve
 outputs (bazelbuild/bazel#11063), the remote APIs ask servers to act as if it were stored
 (bazelbuild/remote-apis#131), and bazel-remote answers it on its HTTP routes too.
 
-The instance name is whatever precedes ``/ac/`` or ``/cas/``, so this is the route table's
-fallback: it never takes a path whose first segment another protocol owns (``/v8/...``,
-``/kv/...``), and such an instance name is not served.
+The instance name is whatever precedes ``/ac/`` or ``/cas/``: the URL namespace every protocol
+has (:mod:`routes`), so ``--remote_cache=http://host:8080/my-instance`` is a cache of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-from .blobs import check_segments, get_blob, put_blob
+from .blobs import blob_name, get_blob, put_blob
 from .http import Response, json_response
 from .routes import Route
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-PATTERN = r"/(?:(?P<instance>[^?#]+?)/)?(?P<kind>ac|cas)/(?P<hash>[0-9a-f]{64})"
 
 
 def _name(params: dict) -> tuple[str, str, str]:
-    instance = params.get("instance") or "_"
-    check_segments(instance.split("/"), "An instance name")
-    digest, kind = params["hash"], params["kind"]
-    return f"bazel/{instance}/{kind}/{digest[:2]}/{digest}", kind, digest
+    digest, kind, namespace = params["hash"], params["kind"], params["namespace"]
+    rest = f"{kind}/{digest[:2]}/{digest}"
+    # Without an instance, entries keep the name they always had.
+    return (blob_name("bazel", namespace, rest) if namespace else f"bazel/_/{rest}"), kind, digest
 
 
 def _empty(app, environ: dict, head: bool) -> Response:
-    app.metrics.lookup(True, protocol="bazel")
+    app.metrics.lookup(True, protocol="bazel", namespace=environ.get("polykit.namespace", ""))
     headers = [("Content-Type", "application/octet-stream"), ("Content-Length", "0")]
     return Response(200, headers, [] if head else [b""], 0)
 
@@ -62,5 +60,6 @@ def routes(app) -> list[Route]:
         return put_blob(app, environ, name, replace=True, created=200, existing=200)
 
     sha = "0" * 64
-    return [Route("bazel", "", PATTERN, {"GET": get, "HEAD": head, "PUT": put}, writes=frozenset({"PUT"}),
-                  fallback=True, samples=(f"/ac/{sha}", f"/cas/{sha}", f"/my-instance/cas/{sha}", f"/a/b/ac/{sha}"))]
+    return [Route("bazel", kind, rf"/(?P<kind>{kind})/(?P<hash>[0-9a-f]{{64}})", {"GET": get, "HEAD": head, "PUT": put},
+                  writes=frozenset({"PUT"}), samples=(f"/{kind}/{sha}",))
+            for kind in ("ac", "cas")]

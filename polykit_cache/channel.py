@@ -30,7 +30,7 @@ from waitress.server import TcpWSGIServer
 from waitress.task import WSGITask
 from waitress.utilities import Error, RequestEntityTooLarge
 
-from .app import REFUSED
+from .app import ADMITTED_WRITE, REFUSED
 from .http import HTTPError
 
 log = logging.getLogger("polykit_cache.server")
@@ -81,6 +81,8 @@ class HeadParser(HTTPRequestParser):
     # After an early answer: bytes of body still to read and drop before closing (0: close at
     # once), or None when the request has no body and the connection may serve the next one.
     linger: int | None = 0
+    # An admitted write (its token checked): its body is an upload, kept at the connection limit.
+    upload = False
 
     def __init__(self, adj, channel: "Channel") -> None:
         super().__init__(adj)
@@ -202,7 +204,14 @@ class Channel(HTTPChannel):
         if admit is None:
             return None
         try:
-            return admit(WSGITask(self, request).get_environment())
+            environ = WSGITask(self, request).get_environment()
+            if request.chunked:
+                # waitress drops Transfer-Encoding from the environ (it hands the application a
+                # body it has de-chunked and measured); at the head, it is all that says a body comes.
+                environ["HTTP_TRANSFER_ENCODING"] = "chunked"
+            refusal = admit(environ)
+            request.upload = refusal is None and environ.get(ADMITTED_WRITE) is True
+            return refusal
         except Exception:  # a fault here must not take down the I/O thread, which serves everyone
             log.exception("judging the head of %s %s failed", request.command, request.path)
             return HTTPError(500, "internal_error", "The server failed to answer; see its log.")
@@ -274,8 +283,10 @@ class Listener(TcpWSGIServer):
             candidates = [self.active_channels[fd] for fd in newcomers]
         if not candidates:
             return
-        # Half-sent heads and idle keep-alive connections go first, uploads in progress last.
-        victim = min(candidates, key=lambda c: (c.request is not None and c.request.headers_finished, c.last_activity))
+        # Half-sent heads, idle keep-alive connections and bodies of reads go first (whatever
+        # their last activity: an anonymous client trickling a GET's body stays busy as cheaply
+        # as it likes), uploads admitted with their credentials last.
+        victim = min(candidates, key=lambda c: (c.request is not None and c.request.upload, c.last_activity))
         log.info("connection limit %d reached: closing the connection from %s idle longest",
                  self.adj.connection_limit, victim.addr[0])
         victim.shed()

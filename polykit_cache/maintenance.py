@@ -6,10 +6,12 @@ import json
 import logging
 import time
 import os
+from collections import Counter
 from pathlib import Path
 
 from polykit_client.artifact import ArtifactError, HashingReader, Limits, hash_file, verify_stream
 
+from .blobs import namespace_of
 from .storage import OBJECTS, Storage
 
 log = logging.getLogger("polykit_cache.maintenance")
@@ -48,33 +50,62 @@ def verify_storage(storage: Storage, limits: Limits = Limits()) -> int:
             if src.exists():
                 os.replace(src, quarantine / src.name)
         log.error("quarantined %s: %s", key, problem)
-    blobs_checked, blobs_bad = verify_content_addressed(storage, quarantine)
+    blobs_checked, blobs_bad, spaced_checked, spaced_bad = verify_blobs(storage, quarantine, limits)
+    checked, bad = checked + spaced_checked, bad + spaced_bad
     print(f"verified {checked} artifacts: {checked - bad} good, {bad} quarantined")
     if blobs_checked:
         print(f"verified {blobs_checked} content-addressed blobs: {blobs_checked - blobs_bad} good, {blobs_bad} quarantined")
     return 1 if bad or blobs_bad else 0
 
 
-def verify_content_addressed(storage: Storage, quarantine: Path) -> tuple[int, int]:
-    """Rehash Bazel CAS blobs, whose name ends in their SHA-256; other tools' blobs cannot be checked."""
-    checked = bad = 0
+def check_blob(storage: Storage, name: str, path: Path, limits: Limits) -> str | None:
+    """Why a blob we can check is corrupt, or None when it verifies.
+
+    Two kinds carry what to check them against: a Bazel CAS blob, whose name ends in its
+    SHA-256, and a polykit artifact stored in a URL namespace, verified like any artifact
+    against its key and the SHA-256 recorded beside it.
+    """
+    parts = name.split("/")
+    if parts[0] == "polykit":
+        expected = storage.blob_meta(name).get("sha256")
+        with open(path, "rb") as fh:
+            reader = HashingReader(fh)
+            try:
+                verify_stream(reader, expected_key=parts[-1], limits=limits)
+                while reader.read(1 << 20):
+                    pass
+            except ArtifactError as exc:
+                return str(exc)
+        return None if reader.digest.hexdigest() == expected else "bytes on disk differ from the recorded sha256"
+    sha, _ = hash_file(path)
+    return None if sha == parts[-1] else "its content no longer matches its SHA-256"
+
+
+def verify_blobs(storage: Storage, quarantine: Path, limits: Limits) -> tuple[int, int, int, int]:
+    """Check the blobs that can be checked (:func:`check_blob`); other tools' blobs cannot be.
+
+    Returns (CAS blobs checked, quarantined, namespaced artifacts checked, quarantined).
+    """
+    counts = [0, 0, 0, 0]
     for name, path in sorted(storage.blobs()):
         parts = name.split("/")
-        if parts[0] != "bazel" or len(parts) < 4 or parts[-3] != "cas" or len(parts[-1]) != 64:
+        cas = parts[0] == "bazel" and len(parts) >= 4 and parts[-3] == "cas" and len(parts[-1]) == 64
+        if not cas and parts[0] != "polykit":
             continue
-        checked += 1
+        index = 0 if cas else 2
         try:
-            sha, _ = hash_file(path)
+            problem = check_blob(storage, name, path, limits)
         except FileNotFoundError:  # evicted meanwhile
             continue
-        if sha == parts[-1]:
+        counts[index] += 1
+        if problem is None:
             continue
-        bad += 1
+        counts[index + 1] += 1
         target = quarantine / OBJECTS / path.relative_to(storage.root / OBJECTS)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
-        log.error("quarantined blob %s: its content no longer matches its SHA-256", name)
-    return checked, bad
+        log.error("quarantined blob %s: %s", name, problem)
+    return counts[0], counts[1], counts[2], counts[3]
 
 
 def collect(storage: Storage) -> int:
@@ -92,7 +123,7 @@ def collect(storage: Storage) -> int:
 
 
 def show_stats(storage: Storage, as_json: bool) -> int:
-    """What the storage holds, from the files' sizes and last-use times (no artifact is read)."""
+    """What the storage holds, from the files' sizes and last-use times, and the blobs' names (no artifact is read)."""
     storage.load_index()
     count, size, _ = storage.totals()
     uses = storage.use_range()
@@ -103,6 +134,7 @@ def show_stats(storage: Storage, as_json: bool) -> int:
         "least_recent_use": uses[0] if uses else None,
         "most_recent_use": uses[1] if uses else None,
         "quarantined": len(list((storage.root / "quarantine").glob("*.zst"))),
+        "namespaces": namespaces(storage, count),
     }
     if as_json:
         print(json.dumps(figures))
@@ -112,4 +144,17 @@ def show_stats(storage: Storage, as_json: bool) -> int:
         fmt = "%Y-%m-%d %H:%M:%S"
         print(f"last used between {time.strftime(fmt, time.localtime(uses[0]))} and {time.strftime(fmt, time.localtime(uses[1]))}")
     print(f"{figures['quarantined']} quarantined")
+    listed = ", ".join(f"{label} ({n} entries)" for label, n in figures["namespaces"].items())
+    print(f"namespaces: {listed or 'none'}")
     return 0
+
+
+def namespaces(storage: Storage, count: int) -> dict[str, int]:
+    """Entries per URL namespace, named as URL prefixes (``/`` for none), from the blobs' names."""
+    counted: Counter[str] = Counter()
+    for name, _ in storage.blobs():
+        namespace = namespace_of(name)
+        if namespace:
+            counted["/" + namespace] += 1
+    root = count - sum(counted.values())
+    return dict(sorted({**counted, **({"/": root} if root else {})}.items()))

@@ -22,6 +22,14 @@ BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 # The methods of RFC 9110 and RFC 5789 (PATCH) keep their name as a label; any other is OTHER.
 METHODS = frozenset(m.value for m in HTTPMethod)
 PROTOCOLS = frozenset({"polykit", "turbo", "nx", "bazel", "kv"})
+# Namespaces come from the URL, so any client can name new ones: the first this many each get
+# their own label, the rest are counted together as "other", so the series stay bounded.
+MAX_NAMESPACE_LABELS = 100
+
+
+def namespace_label(namespace: str) -> str:
+    """A namespace as the URL prefix that names it: ``/`` for none, ``/cache-v2`` for ``cache-v2``."""
+    return "/" + namespace
 
 
 def method_label(method: str) -> str:
@@ -38,6 +46,8 @@ class Metrics:
         self.started = time.time()
         self.requests: Counter[tuple[str, str, int]] = Counter()  # (protocol, method, status)
         self.lookups: Counter[tuple[str, bool]] = Counter()  # (protocol, hit)
+        self.namespaces: Counter[tuple[str, bool]] = Counter()  # (namespace label, hit)
+        self._namespace_labels: set[str] = set()
         self.rejected: Counter[str] = Counter()
         self.hits = self.misses = 0
         self.bytes_in = self.bytes_out = 0
@@ -58,9 +68,16 @@ class Metrics:
             self._bucket_counts[index] += 1
             self._duration_sum += seconds
 
-    def lookup(self, hit: bool, bytes_out: int = 0, protocol: str = "polykit") -> None:
+    def lookup(self, hit: bool, bytes_out: int = 0, protocol: str = "polykit", namespace: str = "") -> None:
+        label = namespace_label(namespace)
         with self._lock:
+            if label not in self._namespace_labels:
+                if len(self._namespace_labels) < MAX_NAMESPACE_LABELS:
+                    self._namespace_labels.add(label)
+                else:
+                    label = "other"
             self.lookups[(protocol, hit)] += 1
+            self.namespaces[(label, hit)] += 1
             if hit:
                 self.hits += 1
                 self.bytes_out += bytes_out
@@ -95,6 +112,7 @@ class Metrics:
                 "bytes_out": self.bytes_out,
                 "evictions": evictions,
                 "by_protocol": self._by_protocol(),
+                "by_namespace": self._by_namespace(),
                 "artifacts": count,
                 "stored_bytes": size,
             }
@@ -111,6 +129,12 @@ class Metrics:
             out.setdefault(protocol, {"requests": 0, "hits": 0, "misses": 0})["requests"] += n
         for (protocol, hit), n in self.lookups.items():
             out.setdefault(protocol, {"requests": 0, "hits": 0, "misses": 0})["hits" if hit else "misses"] += n
+        return dict(sorted(out.items()))
+
+    def _by_namespace(self) -> dict:
+        out: dict = {}
+        for (label, hit), n in self.namespaces.items():
+            out.setdefault(label, {"hits": 0, "misses": 0})["hits" if hit else "misses"] += n
         return dict(sorted(out.items()))
 
     def prometheus(self) -> str:
@@ -147,6 +171,10 @@ class Metrics:
                    [(f'{{protocol="{p}"}}', n) for (p, hit), n in sorted(self.lookups.items()) if hit])
             family("polykit_cache_misses_total", "counter", "Lookups that did not, by protocol.",
                    [(f'{{protocol="{p}"}}', n) for (p, hit), n in sorted(self.lookups.items()) if not hit])
+            family("polykit_cache_namespace_lookups_total", "counter",
+                   f"Lookups by URL namespace (/ for none; past {MAX_NAMESPACE_LABELS} namespaces, other) and result.",
+                   [(f'{{namespace="{ns}",result="{"hit" if hit else "miss"}"}}', n)
+                    for (ns, hit), n in sorted(self.namespaces.items())])
             family("polykit_cache_uploads_total", "counter", "Artifacts verified and stored.", [("", self.uploads)])
             family(
                 "polykit_cache_uploads_rejected_total",

@@ -1,12 +1,14 @@
 """The declared route table: what each path means, who may use it, and how its errors look.
 
 Every route names its protocol, its root (the first path segment it owns), a pattern for the
-whole path, its handlers by method, which of those methods write, whether it is public, its error
-renderer, and sample paths. Routing does not depend on order: a path is tried against the routes
-of its first segment, and only a route declared ``fallback`` (Bazel's optional instance name)
-takes paths whose first segment no other route owns, so no two patterns can match one path
-(``tests/test_routes.py`` tries every sample against every pattern). A namespace prefix before
-every protocol's root can later be added in :meth:`Router.match` alone.
+path from its root on, its handlers by method, which of those methods write, whether it is
+public, its error renderer, and sample paths. Routing does not depend on order: a path is tried
+against the routes of its root only, so no two patterns can match one path
+(``tests/test_routes.py`` tries every sample against every pattern).
+
+Namespaces: whatever comes before the leftmost segment that is a root names a namespace, for
+every protocol alike (``/cache-v2/v1/artifacts/<key>`` is the polykit protocol in namespace
+``cache-v2``; a Bazel instance name is the same thing). So a namespace's parts are never a root.
 """
 
 from __future__ import annotations
@@ -28,16 +30,19 @@ SAFE = frozenset({"GET", "HEAD"})
 @dataclass(frozen=True)
 class Route:
     protocol: str
-    root: str  # the first path segment the route owns ("v8", "kv"); "" for the fallback route
-    pattern: str  # a regular expression for the whole path, with named groups for the handlers
+    root: str  # the path segment the route owns ("v8", "kv", "ac"); a namespace may come before it
+    pattern: str  # a regular expression for the path from the root on, with named groups for the handlers
     handlers: Mapping[str, Handler]
     writes: frozenset[str] = frozenset()
     reads: frozenset[str] = SAFE
     public: bool = False
     render: Renderer = render_json_error
     samples: tuple[str, ...] = ()  # paths the route must own, for the overlap test
-    fallback: bool = False
+    # The answer to a write without credentials on a server that lets anyone read: 401 asks for
+    # a token; a client that takes 401 as fatal but tolerates 403 (Nx) declares 403.
+    anonymous_write_status: int = 401
     read_body_limit: int = 0  # bytes a read may send (0: the application's default)
+    bodiless: frozenset[str] = frozenset()  # writes that take no body (WebDAV's MKCOL, RFC 4918 9.3)
     regex: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -66,31 +71,34 @@ class Router:
     def __init__(self, routes: list[Route]) -> None:
         self.routes = list(routes)
         self._by_root: dict[str, list[Route]] = {}
-        self._fallback: list[Route] = []
         for route in self.routes:
-            if route.fallback:
-                self._fallback.append(route)
-            else:
-                self._by_root.setdefault(route.root, []).append(route)
-        # The fallback's own pattern refuses every owned root too, so no two patterns overlap
-        # even when tried outside the router.
-        owned = "|".join(re.escape(root) for root in sorted(self._by_root))
-        for route in self._fallback:
-            object.__setattr__(route, "regex", re.compile(rf"(?!/(?:{owned})(?:/|$)){route.pattern}"))
+            self._by_root.setdefault(route.root, []).append(route)
+
+    @property
+    def roots(self) -> frozenset[str]:
+        """Every path segment some route owns (never part of a namespace)."""
+        return frozenset(self._by_root)
 
     def match(self, path: str) -> tuple[Route, dict] | None:
-        """The route owning ``path`` and its parameters, or None."""
-        root = path[1:].partition("/")[0] if path.startswith("/") else None
+        """The route owning ``path`` and its parameters, or None.
+
+        The parameters include ``namespace``: the segments before the root, joined by ``/``
+        (``""`` for none), not yet validated.
+        """
+        if not path.startswith("/"):
+            return None
+        parts = path[1:].split("/")
+        root = next((i for i, part in enumerate(parts) if part in self._by_root), None)
         if root is None:
             return None
-        candidates = self._by_root.get(root, self._fallback)
-        found = [(route, m) for route in candidates if (m := route.regex.fullmatch(path)) is not None]
+        rest = "/" + "/".join(parts[root:])
+        found = [(route, m) for route in self._by_root[parts[root]] if (m := route.regex.fullmatch(rest)) is not None]
         if not found:
             return None
         if len(found) > 1:  # the declared patterns overlap: a bug, never resolved by order
             raise HTTPError(500, "internal_error", "Two routes claim this path.")
         route, m = found[0]
-        return route, m.groupdict()
+        return route, {**m.groupdict(), "namespace": "/".join(parts[:root])}
 
     def owner(self, path: str) -> Route | None:
         """The route a path belongs to, for the error shape of a refusal; None for unknown paths."""

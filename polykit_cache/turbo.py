@@ -6,6 +6,11 @@ namespaced by the team it passes as ``slug``, ``teamId`` or ``team``. turbo trea
 but 2xx as a failure, so a repeated upload answers 202 and keeps the first blob; it reads
 ``x-artifact-duration`` as an integer and checks ``x-artifact-tag`` itself when signing is on;
 and it expects errors as ``{"error": {"code", "message"}}``.
+
+``turbo run --preflight`` first sends ``OPTIONS`` to the artifact's URL, as a browser's CORS
+preflight (Fetch standard): it sends the real request to the answer's ``Location`` (or the same
+URL without one), and includes its ``Authorization`` header only when the answer's
+``Access-Control-Allow-Headers`` names it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import json
 import re
 from urllib.parse import parse_qsl
 
-from .blobs import check_segments, get_blob, put_blob
+from .blobs import blob_name, check_segments, get_blob, put_blob
 from .http import HTTPError, Response, json_response
 from .outcomes import read_body, refuse
 from .routes import Route
@@ -29,6 +34,8 @@ _TAG = re.compile(r"[A-Za-z0-9+/=_.-]{1,1024}")
 MAX_HASHES = 1000
 BODY_LIMIT = 1 << 20
 MAX_QUERY_FIELDS = 16
+# The request headers turbo sends with an artifact (its preflight asks about them).
+PREFLIGHT_HEADERS = "Authorization, Content-Type, Content-Length, User-Agent, x-artifact-duration, x-artifact-tag, x-artifact-client-ci, x-artifact-client-interactive"
 
 
 def _team(environ: dict) -> str:
@@ -42,8 +49,8 @@ def _team(environ: dict) -> str:
     return team
 
 
-def _name(team: str, digest: str) -> str:
-    return f"turbo/{team}/{digest[:2]}/{digest}"
+def _name(params: dict, team: str, digest: str) -> str:
+    return blob_name("turbo", params["namespace"], f"{team}/{digest[:2]}/{digest}")
 
 
 def _headers(meta: dict) -> list[tuple[str, str]]:
@@ -84,7 +91,7 @@ def routes(app) -> list[Route]:
             raise refuse("bad_request", shape)
         found: dict = {}
         for digest in hashes:
-            name = _name(team, digest)
+            name = _name(params, team, digest)
             size = app.storage.blob_stat(name)
             if size is None:
                 found[digest] = None
@@ -94,13 +101,13 @@ def routes(app) -> list[Route]:
         return json_response(200, found)
 
     def get(environ: dict, params: dict) -> Response:
-        return get_blob(app, environ, _name(_team(environ), params["hash"]), head=False, headers_for=_headers)
+        return get_blob(app, environ, _name(params, _team(environ), params["hash"]), head=False, headers_for=_headers)
 
     def head(environ: dict, params: dict) -> Response:
-        return get_blob(app, environ, _name(_team(environ), params["hash"]), head=True, headers_for=_headers)
+        return get_blob(app, environ, _name(params, _team(environ), params["hash"]), head=True, headers_for=_headers)
 
     def put(environ: dict, params: dict) -> Response:
-        name = _name(_team(environ), params["hash"])
+        name = _name(params, _team(environ), params["hash"])
         meta = {}
         duration = environ.get("HTTP_X_ARTIFACT_DURATION", "0").strip() or "0"
         if not _DURATION.fullmatch(duration):
@@ -114,6 +121,16 @@ def routes(app) -> list[Route]:
         answer = put_blob(app, environ, name, created=202, existing=202, meta=meta)
         return json_response(answer.status, {"urls": []})
 
+    def preflight(environ: dict, params: dict) -> Response:
+        """What a CORS preflight answers: the methods and the headers turbo may send here."""
+        headers = [
+            ("Access-Control-Allow-Origin", "*"),
+            ("Access-Control-Allow-Methods", "GET, HEAD, PUT, OPTIONS"),
+            ("Access-Control-Allow-Headers", PREFLIGHT_HEADERS),
+            ("Access-Control-Max-Age", "600"),
+        ]
+        return Response(204, headers, [], 0)
+
     common = {"root": "v8", "render": render_error}
     return [
         Route("turbo", pattern=r"/v8/artifacts/status", handlers={"GET": status}, samples=("/v8/artifacts/status",), **common),
@@ -123,6 +140,6 @@ def routes(app) -> list[Route]:
         # The batch query only reads, whatever its method.
         Route("turbo", pattern=r"/v8/artifacts", handlers={"POST": query}, reads=frozenset({"POST"}),
               read_body_limit=BODY_LIMIT, samples=("/v8/artifacts",), **common),
-        Route("turbo", pattern=rf"/v8/artifacts/{HASH}", handlers={"GET": get, "HEAD": head, "PUT": put},
-              writes=frozenset({"PUT"}), samples=("/v8/artifacts/abc123", "/v8/artifacts/statuses"), **common),
+        Route("turbo", pattern=rf"/v8/artifacts/{HASH}", handlers={"GET": get, "HEAD": head, "PUT": put, "OPTIONS": preflight},
+              writes=frozenset({"PUT"}), reads=frozenset({"GET", "HEAD", "OPTIONS"}), samples=("/v8/artifacts/abc123", "/v8/artifacts/statuses"), **common),
     ]

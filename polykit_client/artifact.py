@@ -78,12 +78,23 @@ def check_relpath(path: object, what: str = "path") -> str:
         raise ArtifactError("unsafe_path", f"{what} must be a non-empty string")
     if len(path) > 4096 or "\x00" in path or "\\" in path:
         raise ArtifactError("unsafe_path", f"{what} {path!r} has a forbidden character or length")
+    _check_utf8(path, what)
     if path.startswith("/"):
         raise ArtifactError("unsafe_path", f"{what} {path!r} is absolute")
     for part in path.split("/"):
         if part in ("", ".", ".."):
             raise ArtifactError("unsafe_path", f"{what} {path!r} is not a normalised relative path")
     return path
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """Names travel as UTF-8 (the manifest, PAX records): a name the filesystem gave us as bytes
+    that are not UTF-8 (``os.listdir`` hands them over as surrogates) cannot be carried, and a
+    tar writer would fall back to PAX ``hdrcharset=BINARY``, which no verifier accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ArtifactError("unsafe_path", f"{what} {text!r} is not valid UTF-8") from None
 
 
 def check_symlink(path: str, target: object) -> str:
@@ -96,6 +107,7 @@ def check_symlink(path: str, target: object) -> str:
         raise ArtifactError("unsafe_link", f"symlink {path!r} has an invalid target")
     if target.startswith("/"):
         raise ArtifactError("unsafe_link", f"symlink {path!r} points to an absolute path")
+    _check_utf8(target, f"the target of symlink {path!r}")
     parts = target.split("/")
     climbs = 0
     while climbs < len(parts) and parts[climbs] == "..":
@@ -285,7 +297,11 @@ def verify_stream(
 # strings left out, before parsing: a hostile manifest costs neither memory nor recursion (the
 # parse of 8 MiB of JSON within these bounds peaks near 110 MiB at worst, measured).
 MAX_MANIFEST_DEPTH = 8
-_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+# A JSON string, or an unterminated one running to the end of the input (invalid JSON, which the
+# parser then refuses). Every match attempt at a quote succeeds, so the removal is one linear
+# pass: a pattern that can fail at a quote is retried from each later quote, quadratic in a
+# manifest of escaped quotes (hours of CPU for 8 MiB).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
@@ -434,15 +450,13 @@ def extract(
 def place(staging: Path, dest: Path, meta: dict) -> None:
     """Move an extracted artifact's outputs from ``staging`` into ``dest``: files and folders, then links.
 
-    No component of either side is followed through a symlink (a folder of the package that is
-    a link, or one swapped for a link meanwhile, stops the restore with ``unsafe_path``).
+    No component of either side is followed through a symlink: a folder of the package that is
+    a link (one the build left, or one swapped in meanwhile) stops the restore with
+    :class:`nofollow.LinkInPath`, an ``OSError`` naming it. It is the package's state, not the
+    artifact's fault, so it is not an :class:`ArtifactError`: a sound cache entry is kept.
     """
-    paths = sorted(meta["files"]) + sorted(meta["symlinks"])
-    try:
-        for rel in paths:
-            nofollow.move(staging, dest, rel)
-    except LinkInPath as exc:
-        raise ArtifactError("unsafe_path", str(exc)) from None
+    for rel in sorted(meta["files"]) + sorted(meta["symlinks"]):
+        nofollow.move(staging, dest, rel)
 
 
 def read_metadata(raw: BinaryIO, limits: Limits = Limits()) -> dict:

@@ -93,5 +93,7 @@ class Watchdog:
                     deadline._expire()
                     self._active.discard(deadline)
                 if self._active:
-                    self.lock.wait(min(d.expires for d in self._active) - now)
+                    # A wait beyond TIMEOUT_MAX (some 292 years) raises OverflowError, which would
+                    # end this thread and leave every later deadline unwatched.
+                    self.lock.wait(min(min(d.expires for d in self._active) - now, threading.TIMEOUT_MAX))
             self._thread = None  # idle: the next transfer starts a new thread

@@ -9,6 +9,7 @@ Names are compared exactly (case-sensitive), as the environment is.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from typing import Iterable, Mapping
 
@@ -28,7 +29,10 @@ def check(entry: str) -> str:
 
 
 def _regex(patterns: Iterable[str]) -> re.Pattern | None:
-    parts = ["[^\0]*".join(re.escape(piece) for piece in p.split("*")) for p in patterns]
+    # fnmatch's translation matches each "*" between literals atomically (a leftmost match is
+    # always a right one), so "*A*A*A*B" costs linear time, not a power of the name's length.
+    # The entry forms leave it only "*" to interpret: no "?" or "[" passes check().
+    parts = [fnmatch.translate(p) for p in patterns]
     return re.compile("|".join(parts)) if parts else None
 
 

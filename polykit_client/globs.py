@@ -66,6 +66,10 @@ def translate(pattern: str, original: str | None = None) -> str:
         c = pattern[i]
         if pattern.startswith("**", i):
             i += 2
+            # "**/**/" means what one "**/" means; each repeat would nest another backtracking
+            # quantifier, and a dozen of them take minutes on one path.
+            if out and out[-1] == "(?:.*/)?":
+                out.pop()
             if pattern.startswith("/", i):
                 out.append("(?:.*/)?")
                 i += 1

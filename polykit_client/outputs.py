@@ -148,8 +148,9 @@ def check_restorable(files: Iterable[str], links: Mapping[str, str], patterns: t
 
     A link is declared when the patterns match it or something under it; a file, when the
     patterns match its path or its path as seen through a declared link to its folder. A file
-    placed through a link goes only into a folder that does not exist yet or that the same link
-    already shows in ``pkg_dir``: an artifact cannot invent ``dist -> src`` to overwrite sources.
+    placed only through a link goes into a new top-level folder of the package, or one the same
+    link already shows in ``pkg_dir``: an artifact cannot invent ``dist -> src`` to overwrite
+    sources, nor ``dist -> node_modules/x`` to add a module beside the installed ones.
     """
     from .artifact import ArtifactError  # only a restore needs it (see runner.py)
 
@@ -167,10 +168,11 @@ def check_restorable(files: Iterable[str], links: Mapping[str, str], patterns: t
             raise ArtifactError("undeclared_output", f"the artifact holds {rel!r}, which is not a declared output")
     for real, link in sorted(used) if pkg_dir is not None else ():
         shown = os.path.join(pkg_dir, link)
-        if os.path.lexists(os.path.join(pkg_dir, real)) and not (
+        top = real.split("/", 1)[0]  # "." for a link to the package itself
+        if os.path.lexists(os.path.join(pkg_dir, top)) and not (
                 os.path.islink(shown) and os.readlink(shown) == links[link]):
             raise ArtifactError("unsafe_path", f"the artifact's link {link!r} -> {links[link]!r} would place files in"
-                                               f" the existing folder {real!r}, which that link does not show")
+                                               f" the existing folder {top!r}, which that link does not show")
 
 
 def _declared(rel: str, globs: GlobSet, folders: list[tuple[str, str]], used: set[tuple[str, str]]) -> bool:

@@ -34,6 +34,7 @@ MAX_PAX_HEADER = 16 * 1024
 PAX_KEYS = frozenset({"path", "linkpath", "size"})
 MEMBER_TYPES = {tarfile.REGTYPE: "file", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink"}
 _ZERO_BLOCK = bytes(BLOCK)
+MAX_SIZE_DIGITS = 20  # a 64-bit size; more is no artifact this reader could accept anyway
 ENCODING = "utf-8"  # of names in PAX records, whatever the locale
 
 
@@ -167,7 +168,7 @@ class TarReader:
         if kind == "dir":
             name = name.rstrip("/")
         mode = _octal(block[100:108], "mode")
-        size = int(records["size"]) if records.get("size", "").isdigit() else _octal(block[124:136], "size")
+        size = _pax_size(records["size"]) if "size" in records else _octal(block[124:136], "size")
         linkname = records.get("linkpath") or _text(block[157:257])
         member = Member(name, kind, mode, size if kind == "file" else 0, linkname if kind == "symlink" else "")
         try:
@@ -199,6 +200,17 @@ class TarReader:
         while data := self._stream.read(CHUNK):
             if data.strip(b"\0"):
                 raise TarFormatError("trailing_data", "artifact has data after the end of its tar archive")
+
+
+def _pax_size(value: str) -> int:
+    """A PAX ``size`` record: ASCII decimal digits only (POSIX.1-2001 pax, "size").
+
+    ``str.isdigit`` and ``int`` also take other scripts' digits (``"²"``, ``"١٢"``), and ``int``
+    refuses long strings with a plain ``ValueError``: neither may decide what a record means.
+    """
+    if not value or len(value) > MAX_SIZE_DIGITS or not value.isascii() or not value.isdigit():
+        raise TarFormatError("bad_header", f"PAX record 'size' is not a decimal number: {value[:40]!r}")
+    return int(value)
 
 
 def _member_name(block: bytes) -> str:

@@ -191,11 +191,10 @@ def _parse_root(root: Path, data: dict, text: str, environ: Mapping[str, str]) -
     _expect(max_size is None or (isinstance(max_size, int) and not isinstance(max_size, bool) and max_size > 0),
             path, text, "max_artifact_size", "max_artifact_size must be a positive number of bytes")
     timeout = rc.get("timeout", 10.0)
-    _expect(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0,
-            path, text, "timeout", "timeout must be a positive number of seconds")
+    _expect(_is_seconds(timeout), path, text, "timeout", f"timeout must be a positive number of seconds, {SECONDS_BOUND}")
     deadline = rc.get("deadline")
-    _expect(deadline is None or (isinstance(deadline, (int, float)) and not isinstance(deadline, bool) and 0 < deadline < float("inf")),
-            path, text, "deadline", "deadline must be a positive number of seconds")
+    _expect(deadline is None or _is_seconds(deadline), path, text, "deadline",
+            f"deadline must be a positive number of seconds, {SECONDS_BOUND}")
     env_vars = _env_list(rc.get("env_vars", []), path, text, "env_vars")
     input_files = (_globs(rc["input_files"], path, text, "input_files", default_allowed=True)
                    if "input_files" in rc else None)
@@ -215,14 +214,24 @@ def _parse_root(root: Path, data: dict, text: str, environ: Mapping[str, str]) -
     return settings, remote
 
 
+# A socket timeout or a wait over about 2**33 seconds overflows the platform's time_t (an
+# OverflowError on the first transfer); a week is more than any transfer of a build may take.
+MAX_SECONDS = 7 * 24 * 3600
+SECONDS_BOUND = f"at most {MAX_SECONDS} (7 days)"
+
+
+def _is_seconds(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_SECONDS
+
+
 def _seconds(text: str, variable: str) -> float:
     """A positive number of seconds from the environment; the error names the variable."""
     try:
         value = float(text.strip())
     except ValueError:
         value = 0.0
-    if not 0 < value < float("inf"):
-        raise ConfigError(variable, f"must be a positive number of seconds, not {text.strip()!r}")
+    if not _is_seconds(value):
+        raise ConfigError(variable, f"must be a positive number of seconds, {SECONDS_BOUND}, not {text.strip()!r}")
     return value
 
 

@@ -143,7 +143,12 @@ class Reply:
         self.status = int(status.split()[0])
         self.reason = status.partition(" ")[2]
         self.headers = {k.lower(): v for k, v in headers}
+        self.header_lines = [(k.lower(), v) for k, v in headers]  # repeated headers included
         self.body = body
+
+    def all(self, name: str) -> list[str]:
+        """Every value of a header that may be repeated (WWW-Authenticate)."""
+        return [v for k, v in self.header_lines if k == name.lower()]
 
     def json(self) -> dict:
         return json.loads(self.body)
@@ -210,6 +215,15 @@ def new_app(storage_dir: Path, **settings):
 
 
 # --- real servers -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server that is down)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextmanager

@@ -337,3 +337,12 @@ def test_batch_query_is_a_read(tmp_path):
     assert reply.status == 200 and reply.json() == {"artifacts": {KEY: None}}
     anonymous = new_app(tmp_path / "t", token_file=tokens, allow_anonymous_read=True)
     assert call(anonymous, "POST", QUERY, body).status == 200
+
+
+def test_batch_query_answers_for_the_namespace_it_is_asked_in(app, tmp_path):
+    blob = pack_tree(tmp_path, {"dist/a.js": b"x"})
+    assert call(app, "PUT", f"/team-a/v1/artifacts/{KEY}", blob).status == 201
+    body = json.dumps({"keys": [KEY]}).encode()
+    assert call(app, "POST", "/team-a/v1/artifacts", body).json() == {"artifacts": {KEY: {"size": len(blob), "sha256": sha(blob)}}}
+    assert call(app, "POST", "/team-b/v1/artifacts", body).json() == {"artifacts": {KEY: None}}
+    assert call(app, "POST", QUERY, body).json() == {"artifacts": {KEY: None}}

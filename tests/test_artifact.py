@@ -2,13 +2,16 @@
 
 import io
 import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from polykit_client import artifact
 from polykit_client.artifact import ArtifactError, Limits
+from polykit_client.nofollow import LinkInPath
 from support import (
     KEY, OTHER_KEY, TAR_END, craft, header, manifest, member, pax_header, padded, raw_tar, sha, tar_member, zst,
 )
@@ -372,10 +375,35 @@ def test_place_moves_files_then_links_and_never_through_a_link_in_the_destinatio
     os.symlink(outside, other / "dist")
     staging2 = tmp_path / "staging2"
     meta = artifact.extract(io.BytesIO(pack(src)), staging2, logs_dir=tmp_path / "logs2", expected_key=KEY)
-    with pytest.raises(ArtifactError) as err:
+    with pytest.raises(LinkInPath, match="through the symlink"):
         artifact.place(staging2, other, meta)
-    assert err.value.reason == "unsafe_path" and "through the symlink" in str(err.value)
     assert not any(outside.iterdir())
+
+
+def test_place_copies_when_the_staging_folder_is_on_another_filesystem(tmp_path):
+    # A cache_dir on another disk than the workspace: rename fails with EXDEV and place copies.
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a second filesystem (/dev/shm)")
+    src = tmp_path / "src"
+    make_tree(src)
+    other_fs = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        meta = artifact.extract(io.BytesIO(pack(src)), other_fs / "outputs", logs_dir=other_fs / "logs", expected_key=KEY)
+        dest = tmp_path / "pkg"
+        (dest / "dist" / "latest").mkdir(parents=True)  # a folder where the artifact has a link
+        (dest / "dist" / "app.js").write_text("stale\n")  # a file that is replaced
+        artifact.place(other_fs / "outputs", dest, meta)
+    finally:
+        shutil.rmtree(other_fs)
+    for rel in list(meta["files"]) + list(meta["symlinks"]):
+        built, placed = src / rel, dest / rel
+        if built.is_symlink():
+            assert os.readlink(placed) == os.readlink(built), rel
+        elif built.is_dir():
+            assert placed.is_dir() and not placed.is_symlink() and not any(placed.iterdir()), rel
+        else:
+            assert placed.read_bytes() == built.read_bytes(), rel
+            assert placed.stat().st_mode & 0o777 == artifact._file_mode(built.stat().st_mode), rel
 
 
 # --- every byte checked, memory bounded -------------------------------------------------------
@@ -410,6 +438,9 @@ UNCHECKED = {
         zst(pax_header({"comment": b"x"}) + tar_member("polykit-artifact.json", b"{}") + TAR_END), "bad_header"),
     "a PAX global header": (_tar(pax_header({"path": b"x"}, kind=tarfile.XGLTYPE), A_JS, LOG, TAR_END), "bad_member_type"),
     "GNU sparse records in PAX": (_tar(pax_header({"GNU.sparse.size": b"99"}), A_JS, LOG, TAR_END), "bad_header"),
+    "a PAX size in superscript digits": (_tar(pax_header({"size": "\u00b2".encode()}), A_JS, LOG, TAR_END), "bad_header"),
+    "a PAX size in Arabic-Indic digits": (_tar(pax_header({"size": "\u0661".encode()}), A_JS, LOG, TAR_END), "bad_header"),
+    "a PAX size of 5,000 digits": (_tar(pax_header({"size": b"1" * 5000}), A_JS, LOG, TAR_END), "bad_header"),
     "a PAX header over the bound": (_tar(pax_header({"path": b"a" * 20_000}), A_JS, LOG, TAR_END), "header_too_large"),
     "a GNU long name": (
         _tar(header("././@LongLink", 13, kind=tarfile.GNUTYPE_LONGNAME) + padded(b"outputs/a.js\0"), A_JS, LOG, TAR_END),
@@ -525,6 +556,27 @@ def test_a_manifest_is_bounded_in_bytes_objects_and_depth(case):
     with pytest.raises(ArtifactError) as err:
         artifact.verify_stream(io.BytesIO(blob), limits=Limits(max_members=200, max_metadata_size=4096))
     assert err.value.reason == "bad_metadata"
+
+
+ESCAPED_QUOTES = [b'"' + b'\\"' * 1000, b'"' + b'\\"' * 1000 + b"\\", b'"' + b'a\\\n' * 1000, b'"' + b"x" * 1000]
+
+
+@pytest.mark.parametrize("text", ESCAPED_QUOTES, ids=["escaped quotes", "a final backslash", "escaped newlines", "unterminated"])
+def test_the_strings_of_a_manifest_are_skipped_in_one_pass(text):
+    # A string pattern that could fail at a quote is tried again from each later quote: quadratic
+    # (an 80 KB manifest of escaped quotes took half a minute, 8 MiB would take days). Every
+    # attempt must match, running to the end of the input when the string never closes.
+    from polykit_client.artifact import _JSON_STRING
+
+    assert _JSON_STRING.match(text).end() == len(text)
+
+
+def test_a_manifest_of_escaped_quotes_is_refused_as_invalid_json():
+    data = b'{"a": "' + b'\\"' * 200_000
+    blob = zst(tar_member("polykit-artifact.json", data) + TAR_END)
+    with pytest.raises(ArtifactError) as err:
+        artifact.verify_stream(io.BytesIO(blob))
+    assert err.value.reason == "bad_metadata" and "not valid JSON" in str(err.value)
 
 
 def test_brackets_inside_names_count_neither_as_nesting_nor_as_entries():
@@ -644,6 +696,25 @@ def test_pack_refuses_outputs_no_verifier_would_accept(tmp_path):
     with pytest.raises(ArtifactError) as err:
         artifact.pack(io.BytesIO(), src, ["dist"], {}, cache_key=KEY, limits=Limits(max_members=10))
     assert err.value.reason == "too_many_members"
+
+
+@pytest.mark.parametrize("where", ["file name", "folder name", "link target"])
+def test_pack_refuses_names_that_are_not_utf8_before_writing(tmp_path, where):
+    # os.listdir gives such names as surrogates; tarfile would write them under PAX
+    # hdrcharset=BINARY, an artifact no verifier (server or client) accepts.
+    dist = os.fsencode(tmp_path / "dist")
+    os.makedirs(dist)
+    if where == "file name":
+        open(os.path.join(dist, b"caf\xe9.js"), "wb").close()
+    elif where == "folder name":
+        os.makedirs(os.path.join(dist, b"\xff", b"a"))
+    else:
+        os.symlink(b"caf\xe9.js", os.path.join(dist, b"link"))
+    out = io.BytesIO()
+    with pytest.raises(ArtifactError) as err:
+        artifact.pack(out, tmp_path, ["dist"], {}, cache_key=KEY)
+    assert err.value.reason in ("unsafe_path", "unsafe_link") and "not valid UTF-8" in str(err.value)
+    assert out.getvalue() == b""
 
 
 def test_the_header_layout_is_pinned_so_artifacts_verify_across_python_versions():

@@ -35,9 +35,9 @@ def test_every_auth_case(tmp_path):
     blob = pack_tree(tmp_path, {"a": b"x"})
     no_token = call(app, "PUT", ART, blob)
     assert no_token.status == 401 and no_token.json()["error"] == "unauthorized"
-    assert no_token.headers["www-authenticate"] == 'Bearer realm="polykit-cache"'
+    assert no_token.all("www-authenticate") == ['Bearer realm="polykit-cache"', 'Basic realm="polykit-cache", charset="UTF-8"']
     bad = call(app, "PUT", ART, blob, headers=bearer("not-a-known-token"))
-    assert bad.status == 401 and 'error="invalid_token"' in bad.headers["www-authenticate"]
+    assert bad.status == 401 and 'error="invalid_token"' in bad.all("www-authenticate")[0]
     assert call(app, "PUT", ART, blob, headers={"Authorization": f"Basic {WRITER}"}).status == 401
     read_write = call(app, "PUT", ART, blob, headers=bearer(READER))
     assert read_write.status == 403 and read_write.json()["error"] == "forbidden"
@@ -162,3 +162,61 @@ def test_the_client_sends_its_token_and_degrades_without_one(tmp_path):
         out = pk.run("build", cwd=copy_workspace(ws, tmp_path / "third"), POLYKIT_REMOTE_CACHE_URL=url,
                      POLYKIT_REMOTE_CACHE_TOKEN=READER)
         assert "3 remote hits" in out.stdout and READER not in out.stdout + out.stderr
+
+
+def basic(user: str, password: str) -> dict:
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.mark.parametrize("path,created", [(ART, 201), ("/kv/gradle/k1", 201), ("/v1/cache/nx1", 200),
+                                          ("/cache-v2/kv/gradle/k1", 201)])
+def test_basic_authentication_carries_the_token_as_its_password(tmp_path, path, created):
+    """Gradle and URLs with user:password@ know only basic authentication (RFC 7617); any user name."""
+    app = secured_app(tmp_path)
+    body = pack_tree(tmp_path, {"a": b"x"}) if path == ART else b"entry"
+    assert call(app, "PUT", path, body, headers=basic("gradle", READER)).status == 403
+    assert call(app, "PUT", path, body, headers=basic("anyone", "not-a-known-token")).status == 401
+    assert call(app, "PUT", path, body, headers=basic("", WRITER)).status == created
+    assert call(app, "GET", path, headers=basic("ci", READER)).body == body
+    assert call(app, "GET", path, headers=basic("ci", WRITER)).status == 200
+
+
+@pytest.mark.parametrize("header", [
+    "Basic " + "bm90LWEtdG9rZW4=",  # base64 of a user name without a colon: no password
+    "Basic " + "dXNlcjo=",  # "user:" (an empty password)
+    "Basic %%%not-base64%%%",
+    "Basic",
+    "Digest username=x",
+    "Bearer",
+])
+def test_malformed_credentials_are_401_with_both_challenges(tmp_path, header):
+    reply = call(secured_app(tmp_path), "GET", ART, headers={"Authorization": header})
+    assert reply.status == 401 and reply.json()["error"] == "unauthorized"
+    schemes = [challenge.split()[0] for challenge in reply.all("www-authenticate")]
+    assert schemes == ["Bearer", "Basic"]
+
+
+def test_a_basic_password_with_colons_is_whole(tmp_path):
+    token_file = tmp_path / "tokens"
+    token_file.write_text("read-write tok:with:colons\n")
+    storage = Storage(tmp_path / "store")
+    storage.recover()
+    app = make_app(Config(storage_dir=storage.root, token_file=token_file), storage, access=Access(token_file, {}, False))
+    assert call(app, "PUT", "/kv/g/k", b"x", headers=basic("u", "tok:with:colons")).status == 201
+
+
+def test_nx_and_webdav_uploads_without_a_token_are_403_where_anyone_may_read(tmp_path):
+    """Nx takes 401 as fatal but 403 on PUT as "may not write here": cold tasks still run.
+    sccache takes 403 on its start-up write as "read only" but 401 as a broken cache."""
+    app = secured_app(tmp_path, anonymous_read=True)
+    nx = call(app, "PUT", "/v1/cache/nxhash1", b"output")
+    assert nx.status == 403 and nx.headers["content-type"] == "text/plain"
+    assert b"read-write token" in nx.body
+    assert call(app, "PUT", ART, pack_tree(tmp_path, {"a": b"x"})).status == 401  # others ask for a token
+    assert call(app, "PUT", "/kv/sccache/.sccache_check", b"ok").status == 403
+    assert call(app, "MKCOL", "/kv/sccache/a/").status == 403
+    assert call(app, "PUT", "/v1/cache/nxhash1", b"x", headers=bearer("wrong-token-000")).status == 401
+    assert call(app, "PUT", "/v1/cache/nxhash1", b"output", headers=bearer(WRITER)).status == 200
+    assert call(app, "GET", "/v1/cache/nxhash1").body == b"output"

@@ -188,7 +188,7 @@ def test_the_server_asks_the_admit_callable_it_is_given(tmp_path):
 
 def test_idle_and_half_sent_connections_do_not_lock_others_out(tmp_path):
     with thread_server(tmp_path / "store", max_connections=10, **token_settings(tmp_path)) as (port, _):
-        blob = pack_tree(tmp_path, {"a.bin": b"x" * 300_000})
+        blob = pack_tree(tmp_path, {"a.bin": os.urandom(300_000)})  # incompressible: 100 KB is a third
         upload = connect(port)  # an upload in progress is kept over idle connections
         upload.sendall(put_head(ART, len(blob), AUTH) + blob[:100_000])
         idle = []
@@ -205,6 +205,31 @@ def test_idle_and_half_sent_connections_do_not_lock_others_out(tmp_path):
         finally:
             upload.close()
             for sock in idle:
+                sock.close()
+
+
+def test_anonymous_bodies_kept_busy_never_push_out_an_upload(tmp_path):
+    """A public read with a body counts as busy as an upload would, however fresh its activity:
+    anonymous connections trickling GET bodies go first at the connection limit."""
+    with thread_server(tmp_path / "store", max_connections=6, **token_settings(tmp_path)) as (port, _):
+        blob = pack_tree(tmp_path, {"a.bin": os.urandom(300_000)})  # incompressible: 100 KB is a third
+        upload = connect(port)
+        upload.sendall(put_head(ART, len(blob), AUTH) + blob[:100_000])
+        assert request(port, "GET", "/healthz", timeout=10)[0] == 200  # the upload's bytes are read by now
+        busy = []
+        try:
+            for _ in range(12):  # each newer, and so more recently active, than the paused upload
+                sock = connect(port)
+                busy.append(sock)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\nExpect: 100-continue\r\n\r\n")
+                assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")  # its head is read and admitted
+                sock.sendall(b"x" * 10)
+            upload.sendall(blob[100_000:])
+            first, _, body = read_answer(upload)
+            assert first.startswith(b"HTTP/1.1 201"), body
+        finally:
+            upload.close()
+            for sock in busy:
                 sock.close()
 
 
@@ -265,3 +290,37 @@ def test_the_access_log_sees_answers_waitress_gives(tmp_path):
     assert '"PUT /kv/gradle/x HTTP/1.1" 400' in text
     assert '"PUT /kv/gradle/x HTTP/1.1" 413' in text
     assert "uncaptured" not in text and "Traceback" not in text
+
+
+def chunked(data: bytes, size: int = 64 * 1024) -> bytes:
+    """``data`` in the chunked transfer coding (RFC 9112 section 7.1)."""
+    parts = [b"%x\r\n%s\r\n" % (len(data[i:i + size]), data[i:i + size]) for i in range(0, len(data), size)]
+    return b"".join(parts) + b"0\r\n\r\n"
+
+
+def test_a_chunked_body_on_a_read_is_refused_before_it_is_spooled(tmp_path):
+    """A read's body is bounded by its Content-Length; a chunked one declares none, so waitress
+    would spool it up to the artifact size limit, without a token on a public route. The answer
+    comes from the head alone (before it, the server waited for the body)."""
+    with thread_server(tmp_path / "store", **token_settings(tmp_path)) as (port, _):
+        for path, headers in (("/healthz", {}), ("/v1/stats", AUTH), ("/v8/artifacts?teamId=t", AUTH)):
+            method = "POST" if path.startswith("/v8") else "GET"
+            with connect(port) as sock:
+                head = [f"{method} {path} HTTP/1.1", "Host: cache", "Transfer-Encoding: chunked"]
+                head += [f"{k}: {v}" for k, v in headers.items()]
+                sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+                first, _, answer = read_answer(sock)  # answered before any of the body
+                assert first.startswith(b"HTTP/1.1 411"), (path, first, answer)
+                assert b"length_required" in answer
+        assert request(port, "GET", "/healthz")[0] == 200
+
+
+def test_a_chunked_upload_is_admitted_and_stored(tmp_path):
+    body = pack_tree(tmp_path / "tree", {"a.js": b"x" * 1000})
+    with thread_server(tmp_path / "store", **token_settings(tmp_path)) as (port, app):
+        with connect(port) as sock:
+            head = [f"PUT {ART} HTTP/1.1", "Host: cache", "Transfer-Encoding: chunked", f"Authorization: Bearer {TOKEN}"]
+            sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + chunked(body, 300))
+            first, _, answer = read_answer(sock)
+        assert first.startswith(b"HTTP/1.1 201"), answer
+        assert app.storage.lookup(KEY) is not None

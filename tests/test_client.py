@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sample import Polykit, copy_workspace, make_tools, make_workspace
-from support import request, serve_handler, thread_server
+from support import free_port, request, serve_handler, thread_server
 
 BUILDS = ["api-server:build", "shared-utils:build", "web:build"]
 
@@ -120,12 +120,6 @@ def test_read_only_never_uploads(pk, tmp_path):
         assert not any(method == "PUT" for _, method, _ in app.metrics.requests)
         pk.run("build", POLYKIT_REMOTE_CACHE_URL=f"http://127.0.0.1:{port}", POLYKIT_REMOTE_CACHE_READONLY="1", cwd=pk.workspace)
         assert not any(method == "PUT" for _, method, _ in app.metrics.requests)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_stopped_server_gives_a_green_build_with_a_warning(pk):

@@ -134,6 +134,32 @@ def test_env_forms(entries, expected):
     assert select(entries, ENVIRON) == expected
 
 
+def test_an_env_wildcard_with_many_stars_is_matched_in_linear_time():
+    # "[^\0]*" per star backtracked: "*A" eight times then "*B" took 3 s on one 40-letter name,
+    # and each further star multiplied that by the name's length.
+    from polykit_client.envpatterns import _regex
+
+    stars = "*A" * 8 + "*B"
+    assert "(?>" in _regex([stars]).pattern  # each star between literals is atomic
+    assert select([stars], {"A" * 40: "x", "ABAB" * 5 + "B": "y"}) == {"ABAB" * 5 + "B": "y"}
+    assert select(["A*.B-C*"], {"A1.B-C2": "1", "A1XB-C2": "2"}) == {"A1.B-C2": "1"}  # '.' and '-' are literal
+
+
 def test_an_unsupported_env_entry_is_refused():
     with pytest.raises(EnvPatternError, match="'A=B'"):
         select(["A=B"], ENVIRON)
+
+
+@pytest.mark.parametrize("repeated,single", [
+    ("**/**/**/**/**/**/**/**/**/**/**/**/x.js", "**/x.js"),
+    ("src/**/**/*.js", "src/**/*.js"),
+    ("dist/**/**", "dist/**"),
+])
+def test_repeated_double_stars_mean_one_and_cost_one(repeated, single):
+    # Each "**/" is a backtracking quantifier: twelve in a row took minutes on a 30-folder path.
+    from polykit_client.globs import translate
+
+    assert translate(repeated) == translate(single)
+    deep = "/".join(["a"] * 30)
+    for path in (f"{deep}/x.js", f"src/{deep}/y.js", f"dist/{deep}", f"{deep}/y.ts"):
+        assert GlobSet([repeated]).matches(path) == GlobSet([single]).matches(path)

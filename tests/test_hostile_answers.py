@@ -10,10 +10,12 @@ bounded number of bytes, and the tests assert that the client left long before t
 
 import io
 import socket
+import threading
 import time
 
 import pytest
 
+from polykit_client.deadline import Watchdog
 from polykit_client.remote import DEADLINE_RATE, RemoteCache
 from polykit_client.workspace import ConfigError, load
 from sample import Polykit, make_tools
@@ -252,6 +254,24 @@ def test_an_upload_the_server_reads_slowly_ends_at_the_deadline(tmp_path):
     assert len(warnings) == 1 and "deadline of 1 s" in warnings[0], warnings
 
 
+def test_a_deadline_beyond_what_a_wait_can_take_leaves_the_watchdog_running():
+    # deadline = 1e10 is a valid setting; waiting that long overflows the platform's time_t.
+    errors = []
+    previous, threading.excepthook = threading.excepthook, errors.append
+    try:
+        watchdog = Watchdog()
+        far = watchdog.start(1e10)
+        near = watchdog.start(0.05)
+        for _ in range(400):  # bounded: until the watchdog expires the near deadline
+            if near.expired:
+                break
+            time.sleep(0.05)
+        far.close()
+    finally:
+        threading.excepthook = previous
+    assert near.expired and not far.expired and errors == []
+
+
 def test_the_default_deadline_scales_with_the_size_of_the_body():
     remote = RemoteCache("http://127.0.0.1:1", timeout=2, environ={})
     assert remote.deadline_for(0) == 6
@@ -272,10 +292,22 @@ def test_the_deadline_comes_from_the_file_or_the_environment(tmp_path):
         load(root, {"POLYKIT_REMOTE_CACHE_DEADLINE": "soon"})
     (root / "polykit.toml").write_text('[remote_cache]\nurl = "http://c:1"\n')
     assert load(root, {}).remote.deadline is None
-    for bad in ("0", "-1", "inf", '"10"'):
+    for bad in ("0", "-1", "inf", '"10"', "1e10", "604801"):
         (root / "polykit.toml").write_text(f'[remote_cache]\ndeadline = {bad}\n')
         with pytest.raises(ConfigError, match="polykit.toml:2: deadline must be a positive number of seconds"):
             load(root, {})
+    (root / "polykit.toml").write_text('[remote_cache]\ndeadline = 604800\n')
+    assert load(root, {}).remote.deadline == 604800
+    with pytest.raises(ConfigError, match="at most 604800"):
+        load(root, {"POLYKIT_REMOTE_CACHE_DEADLINE": "1e10"})
+
+
+@pytest.mark.parametrize("bad", ["inf", "1e10", "nan", "0"])
+def test_a_timeout_a_socket_cannot_take_is_a_config_error(tmp_path, bad):
+    # socket.settimeout(1e10) raises OverflowError: every transfer would fail with that.
+    (tmp_path / "polykit.toml").write_text(f'[remote_cache]\ntimeout = {bad}\n')
+    with pytest.raises(ConfigError, match="polykit.toml:2: timeout must be a positive number of seconds, at most 604800"):
+        load(tmp_path, {})
 
 
 # --- the runner's last safety net -------------------------------------------------------------

@@ -68,6 +68,7 @@ def test_an_output_folder_reached_through_a_symlink_is_cached_and_restored_with_
     ("mkdir -p dist && ln -sfn /etc dist/etc", "'dist/etc' is a symlink"),
     ("mkdir -p dist && ln -sfn .. dist/up", "'dist/up' is a symlink loop"),
     ("mkdir -p dist && rm -f dist/pipe && mkfifo dist/pipe", "'dist/pipe' is not a file"),
+    ("mkdir -p dist && touch \"dist/caf$(printf '\\351').js\"", "'dist/caf\\udce9.js' is not valid UTF-8"),
 ])
 def test_a_declared_output_that_cannot_be_cached_is_one_warning_and_nothing_is_cached(tmp_path, command, named):
     pk = checkout(tmp_path / "a", tmp_path, task(command + " && echo built > built.txt", ["dist/**", "built.txt"]))
@@ -100,6 +101,23 @@ def test_excluded_outputs_are_neither_packed_nor_restored(tmp_path):
     (a.workspace / "packages/site/.next/page.js").write_text("changed\n")
     assert build(a)[0] == "hit (local)"
     assert (a.workspace / "packages/site/.next/cache/b/state.bin").read_text() == "state\n"
+
+
+def test_an_output_folder_that_became_a_link_out_of_the_package_keeps_the_cache_entry(tmp_path):
+    # The restore stops at the link (it never writes through it); the package is at fault, not
+    # the artifact, so the local entry is kept and restores once the link is gone.
+    pk = checkout(tmp_path / "a", tmp_path, task("mkdir -p dist && echo page > dist/index.html", ["dist/**"]))
+    site = pk.workspace / "packages/site"
+    assert build(pk)[0] == "miss"
+    shutil.rmtree(site / "dist")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, site / "dist")
+    status, err = build(pk)
+    assert status == "miss" and "through the symlink or file 'dist'" in err and "damaged" not in err, err
+    (site / "dist").unlink()
+    assert build(pk) == ("hit (local)", "")
+    assert (site / "dist/index.html").read_text() == "page\n"
 
 
 def test_expand_outputs_lists_links_and_the_real_files_they_show(tmp_path):
@@ -138,6 +156,11 @@ def test_a_restore_never_places_files_through_a_link_into_an_existing_folder_it_
     with pytest.raises(artifact.ArtifactError, match="existing folder 'src'"):
         check_restorable({"src/main.ts": {}}, poisoned, ("dist/**",), pkg)
     check_restorable({".output/public/a.html": {}}, {"dist": ".output/public"}, ("dist/**",), pkg)  # a new folder
+    (pkg / "node_modules/react").mkdir(parents=True)
+    with pytest.raises(artifact.ArtifactError, match="existing folder 'node_modules'"):  # nothing new beside it
+        check_restorable({"node_modules/planted/index.js": {}}, {"dist": "node_modules/planted"}, ("dist/**",), pkg)
+    with pytest.raises(artifact.ArtifactError, match="existing folder 'src'"):
+        check_restorable({"src/new/a.js": {}}, {"dist": "src/new"}, ("dist/**",), pkg)
     (pkg / ".output/public").mkdir(parents=True)
     os.symlink(".output/public", pkg / "dist")
     check_restorable({".output/public/a.html": {}}, {"dist": ".output/public"}, ("dist/**",), pkg)  # the same link

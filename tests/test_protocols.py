@@ -62,7 +62,7 @@ def test_key_value_cache_first_write_wins_and_2xx_when_it_exists(app):
     assert call(app, "HEAD", path).headers["content-length"] == "10"
 
 
-@pytest.mark.parametrize("path", ["/kv/ns/../x", "/kv/ns/a//b", "/kv/../x", "/kv/ns/.x", "/kv/ns/a b"])
+@pytest.mark.parametrize("path", ["/kv/ns/../x", "/kv/ns/a//b", "/kv/../x", "/kv/ns/a/./b", "/kv/ns/..", "/kv/ns/a b"])
 def test_key_value_paths_are_checked(app, path):
     assert call(app, "PUT", path, b"x").status in (400, 404)
     assert not (app.storage.root.parent / "x").exists()
@@ -149,7 +149,9 @@ def test_nx_records_are_never_overridden_and_errors_are_plain_text(tmp_path, app
     tokens.write_text("read nx-reader-token\n")
     secured = new_app(tmp_path / "s", token_file=tokens)
     denied = call(secured, "GET", "/v1/cache/nxhash123")
-    assert denied.status == 401 and denied.headers["content-type"].startswith("text/plain")
+    # Nx reads the body of a 401 only when Content-Type is exactly text/plain, no parameters.
+    assert denied.status == 401 and denied.headers["content-type"] == "text/plain"
+    assert denied.body.decode().startswith("This cache needs a token")
     assert call(secured, "PUT", "/v1/cache/x1", b"x", headers={"Authorization": "Bearer nx-reader-token"}).status == 403
 
 
@@ -212,10 +214,11 @@ def test_names_that_are_folders_of_other_names_are_all_stored(app):
         assert call(app, "GET", path).body == body
     h = hashlib.sha256(b"cas").hexdigest()
     z = hashlib.sha256(b"z").hexdigest()
-    assert call(app, "PUT", f"/i/cas/{h[:2]}/{h}/cas/{z}", b"z").status == 200  # an instance named like a CAS path
+    # A namespace's parts are never a protocol's root: the leftmost root decides the protocol.
+    assert call(app, "PUT", f"/i/cas/{h[:2]}/{h}/cas/{z}", b"z").status == 404
     assert call(app, "PUT", f"/i/cas/{h}", b"cas").status == 200
     assert call(app, "GET", f"/i/cas/{h}").body == b"cas"
-    assert call(app, "PUT", f"/j/ac/{h[:2]}/{h}/ac/{'2' * 64}", b"z").status == 200
+    assert call(app, "PUT", f"/j/ac/{h[:2]}/{h}/ac/{'2' * 64}", b"z").status == 404
     assert call(app, "PUT", f"/j/ac/{h}", b"ac").status == 200 and call(app, "GET", f"/j/ac/{h}").body == b"ac"
 
 
@@ -295,3 +298,44 @@ def test_turbo_inputs_are_bounded(app):
     for duration in ("١٢", "+5", "5 5", "9" * 16):
         reply = call(app, "PUT", "/v8/artifacts/abcd?team=t", b"x", headers={"x-artifact-duration": duration})
         assert reply.status == 400 and reply.json()["error"]["code"] == "bad_request", duration
+
+
+def test_webdav_folders_for_sccache(tmp_path):
+    """OpenDAL's WebDAV service: PROPFIND (depth 0) a parent folder, MKCOL what is missing, then PUT."""
+    app = new_app(tmp_path / "open")
+    for folder in ("/kv/sccache/", "/kv/sccache/6/8/7/", "/cache-v2/kv/sccache/a/", "/kv/"):
+        found = call(app, "PROPFIND", folder, b'<?xml version="1.0"?><D:propfind xmlns:D="DAV:"><D:allprop/></D:propfind>',
+                     headers={"Depth": "0"})
+        assert found.status == 207 and found.headers["content-type"].startswith("application/xml")
+        text = found.body.decode()
+        assert f"<D:href>{folder}</D:href>" in text and "<D:collection/>" in text and "<D:getlastmodified>" in text
+        assert call(app, "MKCOL", folder).status == 201
+    assert call(app, "PUT", "/kv/sccache/.sccache_check", b"ok").status == 201
+    assert call(app, "GET", "/kv/sccache/.sccache_check").body == b"ok"
+    for bad in ("/kv/sccache/./", "/kv/sccache/../", "/kv/a b/"):
+        assert call(app, "PROPFIND", bad).status == 400, bad
+        assert call(app, "MKCOL", bad).status == 400, bad
+    assert call(app, "MKCOL", "/kv/sccache/x/", b"body").status == 413  # MKCOL takes no body (RFC 4918 9.3)
+    assert call(app, "PROPFIND", "/kv/sccache/entry").status == 405  # no listing or properties of entries
+    tokens = tmp_path / "tokens"
+    tokens.write_text("read dav-reader-token\nread-write dav-writer-token\n")
+    secured = new_app(tmp_path / "secured", token_file=tokens)
+    assert call(secured, "PROPFIND", "/kv/sccache/").status == 401
+    assert call(secured, "PROPFIND", "/kv/sccache/", headers={"Authorization": "Bearer dav-reader-token"}).status == 207
+    assert call(secured, "MKCOL", "/kv/sccache/a/", headers={"Authorization": "Bearer dav-reader-token"}).status == 403
+    assert call(secured, "MKCOL", "/kv/sccache/a/", headers={"Authorization": "Bearer dav-writer-token"}).status == 201
+
+
+def test_turbo_preflight_answers_as_turbo_reads_it(tmp_path):
+    """turbo --preflight: OPTIONS on the artifact's URL; it sends Authorization only if allowed."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("read-write turbo-token-1\n")
+    app = new_app(tmp_path / "s", token_file=tokens)
+    answer = call(app, "OPTIONS", "/v8/artifacts/abc123?team=t",
+                  headers={"Access-Control-Request-Method": "PUT", "Access-Control-Request-Headers": "Authorization"})
+    assert answer.status == 204 and answer.body == b""
+    assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+    assert "PUT" in answer.headers["access-control-allow-methods"]
+    assert "location" not in answer.headers  # the real request goes to the same URL
+    assert call(app, "OPTIONS", "/cache-v2/v8/artifacts/abc123").status == 204
+    assert call(app, "OPTIONS", "/v1/artifacts/" + "ab" * 32).status == 405

@@ -1,4 +1,4 @@
-"""Real build tools against a real polykit-cache: ccache, in each of its remote layouts."""
+"""Real build tools against a real polykit-cache: ccache in each of its remote layouts, and turbo."""
 
 import os
 import shutil
@@ -78,8 +78,8 @@ TURBO_FILES = {
 }
 
 
-@pytest.mark.skipif(find_turbo() is None or shutil.which("git") is None, reason="turbo (npm) or git is not installed")
-def test_turbo_gets_remote_hits_in_a_second_clone(tmp_path):
+def turbo_clones(tmp_path):
+    """Two clones of one small turbo monorepo; each build appends to ran-<package> when it runs."""
     first = tmp_path / "first"
     for rel, text in TURBO_FILES.items():
         (first / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,16 @@ def test_turbo_gets_remote_hits_in_a_second_clone(tmp_path):
     subprocess.run(git + ["commit", "-qm", "sources"], cwd=first, check=True)
     second = tmp_path / "second"
     subprocess.run(["git", "clone", "-q", str(first), str(second)], check=True)
-    env = {**os.environ, "TURBO_TELEMETRY_DISABLED": "1", "DO_NOT_TRACK": "1", "TURBO_NO_UPDATE_NOTIFIER": "1"}
+    return first, second
+
+
+TURBO_ENV = {**os.environ, "TURBO_TELEMETRY_DISABLED": "1", "DO_NOT_TRACK": "1", "TURBO_NO_UPDATE_NOTIFIER": "1"}
+
+
+@pytest.mark.skipif(find_turbo() is None or shutil.which("git") is None, reason="turbo (npm) or git is not installed")
+def test_turbo_gets_remote_hits_in_a_second_clone(tmp_path):
+    first, second = turbo_clones(tmp_path)
+    env = TURBO_ENV
     with thread_server(tmp_path / "store") as (port, app):
         command = [find_turbo(), "run", "build", f"--api=http://127.0.0.1:{port}", "--token=any-token", "--team=my-team"]
         one = subprocess.run(command, cwd=first, env=env, capture_output=True, text=True, timeout=120)
@@ -110,3 +119,20 @@ def test_turbo_gets_remote_hits_in_a_second_clone(tmp_path):
     assert not [line for line in lowered.splitlines() if "warning" in line and "cache" in line], output
     assert (second / "packages/a/dist/out.txt").read_text() == "built-a\n"
     assert (tmp_path / "ran-a").read_text().count("ran") == 1  # the second clone ran nothing
+
+
+@pytest.mark.skipif(find_turbo() is None or shutil.which("git") is None, reason="turbo (npm) or git is not installed")
+def test_turbo_preflight_with_tokens_in_a_namespace(tmp_path):
+    """--preflight: turbo sends OPTIONS first, and its token only where the answer allows it."""
+    from realtools import READ_WRITE, secured_server
+
+    first, second = turbo_clones(tmp_path)
+    with secured_server(tmp_path) as (port, app):
+        command = [find_turbo(), "run", "build", "--preflight", f"--api=http://127.0.0.1:{port}/turbo-v2",
+                   f"--token={READ_WRITE}", "--team=my-team"]
+        one = subprocess.run(command, cwd=first, env=TURBO_ENV, capture_output=True, text=True, timeout=120)
+        assert one.returncode == 0 and app.metrics.stats()["uploads"] == 2, one.stdout + one.stderr
+        two = subprocess.run(command, cwd=second, env=TURBO_ENV, capture_output=True, text=True, timeout=120)
+        assert any(method == "OPTIONS" for _, method, _ in app.metrics.requests)
+    assert two.returncode == 0 and "FULL TURBO" in two.stdout, two.stdout + two.stderr
+    assert (tmp_path / "ran-a").read_text().count("ran") == 1
