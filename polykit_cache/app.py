@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Callable, Iterable
 from wsgiref.util import FileWrapper
@@ -19,13 +18,13 @@ from polykit_client.artifact import ArtifactError, Limits, is_cache_key
 
 from . import bazel, kv, nx, turbo
 from .auth import Access
-from .blobs import blob_name, check_segments
+from .blobs import check_segments
 from .config import Config
 from .http import SEND_CHUNK, HTTPError, Response, json_response, reason, render_json_error
 from .metrics import Metrics
 from .outcomes import parse_length, read_body, refuse
 from .routes import Route, Router
-from .storage import AlreadyStored, ArtifactInfo, Storage, StorageFull
+from .store import Store, StorageFull, StorageUnavailable, entry_name
 from .verification import IncompleteBody, receive
 
 log = logging.getLogger("polykit_cache.app")
@@ -65,7 +64,7 @@ def _environ_lookup(environ: dict) -> Callable[[str], str | None]:
 class CacheApp:
     """The WSGI application of one server; build it with :func:`make_app`."""
 
-    def __init__(self, config: Config, storage: Storage, metrics: Metrics, access: Access) -> None:
+    def __init__(self, config: Config, storage: Store, metrics: Metrics, access: Access) -> None:
         self.config = config
         self.storage = storage
         self.metrics = metrics
@@ -173,7 +172,7 @@ class CacheApp:
         limit = self.config.max_artifact_size
         if length > limit:
             raise refuse("too_large", f"The upload is {length} bytes, over the artifact size limit of {limit} bytes.", limit=limit)
-        if self.storage.max_storage is not None and self.storage.cost_of(length) > self.storage.max_storage:
+        if not self.storage.fits(length):
             raise refuse("storage_full", f"The upload is {length} bytes, more than the whole cache may hold.")
         return length
 
@@ -198,6 +197,12 @@ class CacheApp:
             environ["polykit.namespace"] = params["namespace"]
             self._admission(route, method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))
             response = route.handlers[method](environ, params)
+        except StorageUnavailable as exc:
+            # The store (a bucket) cannot be reached: clients build instead (spec: any 5xx is a miss).
+            log.warning("storage unavailable answering %s %s: %s", method[:20], path[:MAX_PATH], exc)
+            error = refuse("unavailable", "The cache's storage cannot be reached now; build instead.",
+                           [("Retry-After", "5")], count=False)
+            response = (route.render if route else render_json_error)(error)
         except HTTPError as exc:
             if exc.reject is not None:
                 self.metrics.reject(exc.reject, exc.received)
@@ -242,42 +247,15 @@ class CacheApp:
             raise refuse("bad_key", "A cache key is 64 lowercase hexadecimal characters (a SHA-256).")
         return key
 
-    # An artifact in a URL namespace is stored under a name that holds the namespace (the
-    # storage's blob names, with the artifact's size and SHA-256 beside it); one without a
-    # namespace keeps the artifact layout. Both are verified alike before they are stored.
+    # An artifact in a URL namespace is named ``@<namespace>/<key>`` in the store's ``polykit``
+    # space (store.entry_name); every artifact is verified alike before it is stored.
+
+    def _name(self, environ: dict, key: str) -> str:
+        return entry_name(environ.get("polykit.namespace", ""), key)
 
     def _missing(self, environ: dict, key: str) -> HTTPError:
         self.metrics.lookup(False, namespace=environ.get("polykit.namespace", ""))
         return refuse("not_found", f"No artifact is stored under {key}.")
-
-    def _stored(self, environ: dict, key: str) -> tuple[str, ArtifactInfo] | None:
-        """The storage name and metadata of an artifact stored in the request's namespace, or None."""
-        namespace = environ.get("polykit.namespace", "")
-        if not namespace:
-            info = self.storage.lookup(key)
-            return (key, info) if info is not None else None
-        name = blob_name("polykit", namespace, key)
-        size = self.storage.blob_stat(name)
-        meta = self.storage.blob_meta(name) if size is not None else {}
-        if size is None or not isinstance(meta.get("sha256"), str):
-            return None
-        return name, ArtifactInfo(key, size, meta["sha256"], float(meta.get("created", 0)), "")
-
-    def _found(self, environ: dict, key: str) -> tuple[str, ArtifactInfo]:
-        """The storage name and metadata of a stored artifact, or 404."""
-        found = self._stored(environ, key)
-        if found is None:
-            raise self._missing(environ, key)
-        return found
-
-    def _open(self, name: str, info: ArtifactInfo):
-        """The artifact's file, or None when it went away since its metadata was read."""
-        if "/" in name:
-            return self.storage.open_blob(name)
-        try:
-            return open(info.path, "rb")
-        except FileNotFoundError:
-            return None
 
     def _lookup_hit(self, environ: dict, size: int = 0) -> None:
         self.metrics.lookup(True, size, namespace=environ.get("polykit.namespace", ""))
@@ -301,13 +279,11 @@ class CacheApp:
         return None
 
     def head_artifact(self, environ: dict, params: dict) -> Response:
-        """Answer from the metadata alone; the artifact file is not opened."""
+        """Answer from the metadata alone; the artifact is not opened."""
         key = self._key(params)
-        name, info = self._found(environ, key)
-        if info.path and not os.path.exists(info.path):  # removed behind our back (verify's quarantine, gc)
-            self.storage.forget(key)
+        info = self.storage.stat("polykit", self._name(environ, key), use=True)
+        if info is None or info.sha256 is None:
             raise self._missing(environ, key)
-        self.storage.touch(name)
         cached = self._not_modified(environ, info)
         if cached is not None:
             return cached
@@ -316,15 +292,19 @@ class CacheApp:
 
     def get_artifact(self, environ: dict, params: dict) -> Response:
         key = self._key(params)
-        name, info = self._found(environ, key)
-        self.storage.touch(name)
-        cached = self._not_modified(environ, info)
-        if cached is not None:
-            return cached
-        fh = self._open(name, info)
-        if fh is None:  # removed since its metadata was read
-            self.storage.forget(name)
+        name = self._name(environ, key)
+        if environ.get("HTTP_IF_NONE_MATCH"):
+            info = self.storage.stat("polykit", name, use=True)
+            cached = self._not_modified(environ, info) if info is not None and info.sha256 else None
+            if cached is not None:
+                return cached
+        opened = self.storage.open("polykit", name)
+        if opened is not None and opened[0].sha256 is None:
+            opened[1].close()
+            opened = None
+        if opened is None:
             raise self._missing(environ, key)
+        info, fh = opened
         self._lookup_hit(environ, info.size)
         # The server's file wrapper lets waitress's I/O thread send the file, freeing this worker.
         wrapper = environ.get("wsgi.file_wrapper", FileWrapper)
@@ -334,13 +314,13 @@ class CacheApp:
         key = self._key(params)
         length = self.content_length(environ)
         namespace = params["namespace"]
-        name = blob_name("polykit", namespace, key) if namespace else key
+        name = entry_name(namespace, key)
         exists = f"An artifact is already stored under {key}; artifacts are immutable."
-        if (self.storage.blob_stat(name) is not None) if namespace else self.storage.exists(key):
+        if self.storage.stat("polykit", name) is not None:
             raise refuse("exists", exists)
-        full = "The cache's disk is full; the artifact was not stored."
+        full = "The cache's storage is full; the artifact was not stored."
         try:
-            received = receive(self.storage, environ["wsgi.input"], length, key, self.limits)
+            staged = receive(self.storage, environ["wsgi.input"], length, key, self.limits)
         except ArtifactError as exc:
             raise refuse("verification_failed", f"The artifact was refused: {exc}", reason=exc.reason, received=length) from None
         except IncompleteBody as exc:
@@ -348,27 +328,23 @@ class CacheApp:
         except StorageFull:
             raise refuse("storage_full", full, received=length) from None
         claimed = environ.get("HTTP_X_ARTIFACT_HASH")
-        if claimed is not None and claimed.strip().lower() != received.sha256:
-            received.temp.unlink(missing_ok=True)
+        size, sha256 = staged.size, staged.sha256
+        if claimed is not None and claimed.strip().lower() != sha256:
+            staged.discard()
             raise refuse("verification_failed", "The body does not match its X-Artifact-Hash header.",
-                         reason="body_hash_mismatch", received=received.size)
+                         reason="body_hash_mismatch", received=size)
         try:
-            if namespace:
-                meta = {"sha256": received.sha256, "created": time.time()}
-                if not self.storage.publish_blob(name, received.temp, received.size, meta=meta):
-                    raise AlreadyStored(name)
-            else:
-                self.storage.publish(key, received.temp, received.size, received.sha256)
-        except AlreadyStored:
-            raise refuse("exists", exists, received=received.size) from None
+            stored = self.storage.commit("polykit", name, staged)
         except StorageFull:
-            raise refuse("storage_full", full, received=received.size) from None
-        self.metrics.upload(received.size)
+            raise refuse("storage_full", full, received=size) from None
+        if not stored:  # another upload of the key was committed first (first write wins)
+            raise refuse("exists", exists, received=size)
+        self.metrics.upload(size)
         location = (f"/{namespace}" if namespace else "") + f"/v1/artifacts/{key}"
         return json_response(
             201,
-            {"key": key, "size": received.size, "sha256": received.sha256},
-            [("Location", location), ("ETag", f'"{received.sha256}"')],
+            {"key": key, "size": size, "sha256": sha256},
+            [("Location", location), ("ETag", f'"{sha256}"')],
         )
 
     def query_artifacts(self, environ: dict, params: dict) -> Response:
@@ -393,8 +369,8 @@ class CacheApp:
             raise refuse("bad_key", f"{shown!r} is not a cache key (64 lowercase hexadecimal characters).")
         found: dict[str, dict | None] = {}
         for key in keys:
-            stored = self._stored(environ, key)
-            found[key] = None if stored is None else {"size": stored[1].size, "sha256": stored[1].sha256}
+            info = self.storage.stat("polykit", self._name(environ, key))  # not a use: the GET that follows is
+            found[key] = {"size": info.size, "sha256": info.sha256} if info is not None and info.sha256 else None
         return json_response(200, {"artifacts": found})
 
     # --- service endpoints (HEAD is answered as GET without the body) ------------------------
@@ -415,10 +391,10 @@ class CacheApp:
         )
 
 
-def make_app(config: Config, storage: Storage, metrics: Metrics | None = None, access: Access | None = None) -> CacheApp:
-    """Build the WSGI application over an opened storage; without ``access`` the server is open."""
+def make_app(config: Config, storage: Store, metrics: Metrics | None = None, access: Access | None = None) -> CacheApp:
+    """Build the WSGI application over an opened store (see :mod:`store`); without ``access`` the server is open."""
     access = access or Access(None, {}, config.allow_anonymous_read)
-    app = CacheApp(config, storage, metrics or Metrics(storage.totals), access)
+    app = CacheApp(config, storage, metrics or Metrics(storage.usage), access)
     routes = app.polykit_routes()
     for module in (turbo, nx, kv, bazel):
         routes += module.routes(app)

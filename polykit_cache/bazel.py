@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import hashlib
 
-from .blobs import blob_name, get_blob, put_blob
+from .blobs import get_blob, put_blob
 from .http import Response, json_response
 from .routes import Route
+from .store import entry_name
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 def _name(params: dict) -> tuple[str, str, str]:
-    digest, kind, namespace = params["hash"], params["kind"], params["namespace"]
-    rest = f"{kind}/{digest[:2]}/{digest}"
-    # Without an instance, entries keep the name they always had.
-    return (blob_name("bazel", namespace, rest) if namespace else f"bazel/_/{rest}"), kind, digest
+    """(space, name in it, digest): ``bazel-ac`` or ``bazel-cas``, the SHA-256 in the instance's namespace."""
+    digest, kind = params["hash"], params["kind"]
+    return f"bazel-{kind}", entry_name(params["namespace"], digest), digest
 
 
 def _empty(app, environ: dict, head: bool) -> Response:
@@ -40,24 +40,24 @@ def routes(app) -> list[Route]:
     """The Bazel routes of the app's route table."""
 
     def get(environ: dict, params: dict) -> Response:
-        name, kind, digest = _name(params)
-        if kind == "cas" and digest == EMPTY_SHA256:
+        space, name, digest = _name(params)
+        if space == "bazel-cas" and digest == EMPTY_SHA256:
             return _empty(app, environ, head=False)
-        return get_blob(app, environ, name, head=False)
+        return get_blob(app, environ, space, name, head=False)
 
     def head(environ: dict, params: dict) -> Response:
-        name, kind, digest = _name(params)
-        if kind == "cas" and digest == EMPTY_SHA256:
+        space, name, digest = _name(params)
+        if space == "bazel-cas" and digest == EMPTY_SHA256:
             return _empty(app, environ, head=True)
-        return get_blob(app, environ, name, head=True)
+        return get_blob(app, environ, space, name, head=True)
 
     def put(environ: dict, params: dict) -> Response:
-        name, kind, digest = _name(params)
-        if kind == "cas" and digest == EMPTY_SHA256 and app.content_length(environ) == 0:
+        space, name, digest = _name(params)
+        if space == "bazel-cas" and digest == EMPTY_SHA256 and app.content_length(environ) == 0:
             return json_response(200, {"stored": False})  # always present; nothing to keep
-        if kind == "cas":
-            return put_blob(app, environ, name, expected_sha256=digest, created=200, existing=200)
-        return put_blob(app, environ, name, replace=True, created=200, existing=200)
+        if space == "bazel-cas":
+            return put_blob(app, environ, space, name, expected_sha256=digest, created=200, existing=200)
+        return put_blob(app, environ, space, name, created=200, existing=200)  # the action cache is replaced
 
     sha = "0" * 64
     return [Route("bazel", kind, rf"/(?P<kind>{kind})/(?P<hash>[0-9a-f]{{64}})", {"GET": get, "HEAD": head, "PUT": put},

@@ -1,19 +1,19 @@
 """GET, HEAD and PUT of other build tools' opaque blobs, shared by their protocol modules.
 
-A blob is hashed while it is spooled, synced, then published whole (never partially); what we
-can check depends on the protocol (a content-addressed key must match the SHA-256). Refusals go
+A blob is staged in the store while it is hashed, then committed whole (never partially); what
+we can check depends on the protocol (a content-addressed key must match the SHA-256). Refusals go
 through :func:`outcomes.refuse`, so they mean the same in every protocol.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 from wsgiref.util import FileWrapper
 
 from .http import SEND_CHUNK, Response, json_response
 from .outcomes import refuse
-from .storage import StorageFull
+from .store import REPLACEABLE, StorageFull
 from .verification import IncompleteBody, receive_blob
 
 SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -41,75 +41,53 @@ def check_segments(parts: list[str], what: str, leading_dot: bool = False) -> No
                                     f"(at most {MAX_SEGMENT} characters each{first}; never '.' or '..').")
 
 
-def blob_name(protocol: str, namespace: str, rest: str) -> str:
-    """The storage name of a protocol's entry ``rest`` in a URL namespace (``""`` for none).
-
-    A namespace is one ``@``-prefixed part (its own parts joined by ``:``): validated parts never
-    begin with ``@`` nor hold ``:``, so no namespace's entry can take another's name, and entries
-    without a namespace keep the names they always had.
-    """
-    if not namespace:
-        return f"{protocol}/{rest}"
-    return f"{protocol}/@{namespace.replace('/', ':')}/{rest}"
-
-
-def namespace_of(name: str) -> str:
-    """The URL namespace of a storage name made by :func:`blob_name` (``""`` for none)."""
-    parts = name.split("/", 2)
-    if len(parts) > 2 and parts[1].startswith("@"):
-        return parts[1][1:].replace(":", "/")
-    return ""
-
-
-def get_blob(app, environ: dict, name: str, head: bool,
-             headers_for: Callable[[dict], Iterable[tuple[str, str]]] | None = None) -> Response:
-    """Answer GET or HEAD of a blob from disk (sent by waitress's I/O thread).
-
-    The blob's metadata is read after the blob was found: it is written before the blob is
-    published, so a blob that is visible always has its metadata.
-    """
-    fh = None if head else app.storage.open_blob(name)
-    size = app.storage.blob_stat(name) if head else None
-    if fh is not None:
-        size = app.storage.blob_size_of(fh)
+def get_blob(app, environ: dict, space: str, name: str, head: bool,
+             headers_for: Callable[[Mapping[str, object]], Iterable[tuple[str, str]]] | None = None) -> Response:
+    """Answer GET or HEAD of a blob from the store (a file is sent by waitress's I/O thread)."""
     protocol = environ.get("polykit.protocol", "polykit")
     namespace = environ.get("polykit.namespace", "")
-    if size is None:
-        app.storage.forget(name)  # in case it was moved away behind the server's back
+    fh = None
+    if head:
+        found = app.storage.stat(space, name, use=True)
+    else:
+        opened = app.storage.open(space, name)
+        found, fh = opened if opened is not None else (None, None)
+    if found is None:
         app.metrics.lookup(False, protocol=protocol, namespace=namespace)
         raise refuse("not_found", "No such blob is stored.")
-    app.storage.touch(name)
-    extra = list(headers_for(app.storage.blob_meta(name))) if headers_for else []
-    headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(size)), *extra]
+    extra = list(headers_for(found.meta)) if headers_for else []
+    headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(found.size)), *extra]
     if head:
         app.metrics.lookup(True, protocol=protocol, namespace=namespace)
         return Response(200, headers, [], 0)
-    app.metrics.lookup(True, size, protocol=protocol, namespace=namespace)
+    app.metrics.lookup(True, found.size, protocol=protocol, namespace=namespace)
     wrapper = environ.get("wsgi.file_wrapper", FileWrapper)
-    return Response(200, headers, wrapper(fh, SEND_CHUNK), size)
+    return Response(200, headers, wrapper(fh, SEND_CHUNK), found.size)
 
 
-def put_blob(app, environ: dict, name: str, *, replace: bool = False, expected_sha256: str | None = None,
-             created: int = 201, existing: int = 200, meta: dict | None = None) -> Response:
-    """Store a blob; a repeated PUT of a kept key answers ``existing`` (first write wins unless ``replace``)."""
+def put_blob(app, environ: dict, space: str, name: str, *, expected_sha256: str | None = None,
+             created: int = 201, existing: int = 200, meta: Mapping[str, object] | None = None) -> Response:
+    """Store a blob; a repeated PUT of a kept name answers ``existing`` (first write wins, except
+    in the spaces whose entries are replaced, see :data:`store.REPLACEABLE`)."""
     length = app.content_length(environ)
-    if not replace and app.storage.blob_stat(name) is not None:
+    if space not in REPLACEABLE and app.storage.stat(space, name) is not None:
         return json_response(existing, {"stored": False})
-    full = "The cache's disk is full; the blob was not stored."
+    full = "The cache's storage is full; the blob was not stored."
     try:
-        received = receive_blob(app.storage, environ["wsgi.input"], length)
+        staged = receive_blob(app.storage, environ["wsgi.input"], length)
     except IncompleteBody as exc:
         raise refuse("incomplete_body", f"The request body is incomplete: {exc}.") from None
     except StorageFull:
         raise refuse("storage_full", full, received=length) from None
-    if expected_sha256 is not None and received.sha256 != expected_sha256:
-        received.temp.unlink(missing_ok=True)
+    if expected_sha256 is not None and staged.sha256 != expected_sha256:
+        staged.discard()
         raise refuse("hash_mismatch", "The body's SHA-256 differs from its content-addressed key; not stored.",
-                     received=received.size)
+                     received=staged.size)
+    size = staged.size
     try:
-        stored = app.storage.publish_blob(name, received.temp, received.size, replace=replace, meta=meta)
+        stored = app.storage.commit(space, name, staged, meta)
     except StorageFull:
-        raise refuse("storage_full", full, received=received.size) from None
+        raise refuse("storage_full", full, received=size) from None
     if stored:
-        app.metrics.upload(received.size)
+        app.metrics.upload(size)
     return json_response(created if stored else existing, {"stored": stored})

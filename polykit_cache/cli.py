@@ -1,4 +1,4 @@
-"""The ``polykit-cache`` command: ``serve`` (the default) and ``verify``."""
+"""The ``polykit-cache`` command: ``serve`` (the default), ``verify``, ``gc`` and ``stats``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
 from polykit_client import __version__, zstd
@@ -13,8 +15,10 @@ from polykit_client import __version__, zstd
 from . import config as cfg
 from .app import make_app
 from .auth import Access, TokenError
+from .s3store import S3Store, StoreMisconfigured
 from .server import Server
-from .storage import Storage, StorageBusy
+from .storage import StorageBusy
+from .stores import open_store
 
 log = logging.getLogger("polykit_cache")
 
@@ -35,11 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the cache over HTTP (the default command)")
     cfg.add_arguments(serve)
     verify = sub.add_parser("verify", help="rehash every stored artifact; quarantine corrupt ones (exit 1 if any)")
-    cfg.add_arguments(verify, ["storage_dir", "log_level"])
-    gc = sub.add_parser("gc", help="evict least recently used artifacts until the storage is under --max-storage")
-    cfg.add_arguments(gc, ["storage_dir", "max_storage", "log_level"])
+    store_options = ["storage_dir", "storage", "s3_endpoint", "s3_region", "s3_addressing", "s3_ca_file", "log_level"]
+    cfg.add_arguments(verify, store_options)
+    gc = sub.add_parser("gc", help="evict least recently used artifacts until the storage is under --max-storage, "
+                                   "or remove entries older than --max-age (the way on a bucket)")
+    cfg.add_arguments(gc, store_options + ["max_storage", "max_age"])
     stats = sub.add_parser("stats", help="print what the storage holds")
-    cfg.add_arguments(stats, ["storage_dir", "log_level"])
+    cfg.add_arguments(stats, store_options)
     stats.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -63,30 +69,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("verify", "gc", "stats"):
         from . import maintenance
 
-        if args.command == "gc" and config.max_storage is None:
-            parser.error("gc needs --max-storage (or POLYKIT_CACHE_MAX_STORAGE)")
-        # Only gc evicts: verify and stats may run beside a live server, so they never get a
-        # bound (one could come from POLYKIT_CACHE_MAX_STORAGE in a shared environment).
-        storage = Storage(config.storage_dir, config.max_storage if args.command == "gc" else None)
-        if args.command == "verify":
-            return maintenance.verify_storage(storage)
-        if args.command == "gc":
+        if args.command == "gc" and config.max_storage is None and config.max_age is None:
+            parser.error("gc needs --max-storage (or POLYKIT_CACHE_MAX_STORAGE), or --max-age")
+        if args.command == "gc" and config.storage is not None and config.max_age is None:
+            parser.error("gc on a bucket removes by age: give --max-age (live servers share the bucket)")
+        with tempfile.TemporaryDirectory(prefix="polykit-cache-tier-") as scratch:
+            # Only gc evicts: verify and stats may run beside a live server, so they never get a
+            # bound (one could come from POLYKIT_CACHE_MAX_STORAGE in a shared environment). On a
+            # bucket they read through a scratch tier, never a live server's.
             try:
-                return maintenance.collect(storage)
-            except StorageBusy:
-                log.error("a polykit-cache server is serving %s; gc evicts only beside a stopped server "
-                          "(a running one with --max-storage evicts by itself)", storage.root)
-                return 1
-        return maintenance.show_stats(storage, args.json)
+                store = open_store(config, config.max_storage if args.command == "gc" else None,
+                                   tier_dir=Path(scratch) if config.storage else None)
+            except StoreMisconfigured as exc:
+                log.error("%s", exc)
+                return 2
+            try:
+                if args.command == "verify":
+                    return maintenance.verify_storage(store)
+                if args.command == "gc":
+                    try:
+                        return maintenance.collect(store, config.max_age)
+                    except StorageBusy:
+                        log.error("a polykit-cache server is serving %s; gc evicts only beside a stopped server "
+                                  "(a running one with --max-storage evicts by itself)", store.describe())
+                        return 1
+                return maintenance.show_stats(store, args.json)
+            finally:
+                store.close()
     return serve(config)
 
 
 def serve(config: cfg.Config) -> int:
     """Recover the storage, then serve until SIGTERM or SIGINT."""
     try:
-        storage = Storage(config.storage_dir, config.max_storage)
-        storage.lock()
+        storage = open_store(config, config.max_storage)
+        (storage.tier if isinstance(storage, S3Store) else storage).lock()
         storage.recover()
+        if isinstance(storage, S3Store):
+            storage.check(config.s3_accept_last_writer_wins)
+    except StoreMisconfigured as exc:
+        log.error("cannot use %s: %s", config.storage, exc)
+        return 2
     except StorageBusy as exc:
         log.error("%s", exc)
         return 1
@@ -104,9 +127,9 @@ def serve(config: cfg.Config) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.bind, config.port, exc)
         return 1
-    count, size, _ = storage.totals()
+    count, size, _ = storage.usage()
     log.info("polykit-cache %s (%s): %s", __version__, zstd.backend_name(), cfg.describe(config))
-    log.info("storage %s holds %d artifacts, %d bytes", storage.root, count, size)
+    log.info("storage %s holds %d artifacts, %d bytes", storage.describe(), count, size)
     (log.warning if access.open else log.info)("%s", access.describe())
     log.info("serving on http://%s:%d", server.host, server.port)
     server.run(on_hangup=access.reload)

@@ -65,6 +65,32 @@ def parse_proxy_headers(text: str) -> tuple[str, ...]:
     return names
 
 
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``15m``, ``12h`` or ``30d``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (try 300, 15m, 12h or 30d)")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def parse_storage_url(text: str) -> str | None:
+    """``s3://BUCKET/PREFIX`` (the prefix may be empty); ``disk`` or empty for the storage folder."""
+    value = text.strip()
+    if value in ("", "disk"):
+        return None
+    match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/[A-Za-z0-9_./-]*)?", value)
+    if not match:
+        raise ValueError(f"not a storage URL: {text!r} (s3://BUCKET/PREFIX, or disk)")
+    return value
+
+
+def parse_addressing(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("auto", "path", "virtual"):
+        raise ValueError(f"unknown addressing style {text!r} (auto, path or virtual)")
+    return value
+
+
 def parse_log_level(text: str) -> str:
     level = text.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -105,6 +131,21 @@ class Config:
     # "*" trusts any peer: only when the port is reachable from the proxy alone.
     trusted_proxy: str | None = None
     trusted_proxy_headers: tuple[str, ...] = ("x-forwarded-for",)
+    # Where entries live: None for the disk store at storage_dir, or "s3://BUCKET/PREFIX", a bucket
+    # shared by any number of servers; storage_dir is then each server's local read tier.
+    storage: str | None = None
+    s3_endpoint: str | None = None  # None: AWS's endpoint of s3_region
+    s3_region: str = "us-east-1"
+    s3_addressing: str = "auto"  # path or virtual-host URLs; auto: virtual on AWS, paths elsewhere
+    s3_ca_file: Path | None = None
+    s3_multipart_threshold: int = 64 << 20
+    s3_part_size: int = 16 << 20
+    # Seconds a tier hit is served before the bucket is asked (one HEAD) whether it still holds it.
+    s3_revalidate: float = 300.0
+    # Start on a store that ignores If-None-Match (then the last writer wins across servers).
+    s3_accept_last_writer_wins: bool = False
+    # gc: remove entries created longer ago than this many seconds (the way to expire a bucket by hand).
+    max_age: float | None = None
 
     @property
     def unpacked_limit(self) -> int:
@@ -171,6 +212,24 @@ OPTIONS: tuple[Option, ...] = (
     Option("trusted_proxy", str, "address of the reverse proxy whose X-Forwarded-* headers are believed", metavar="ADDR"),
     Option("trusted_proxy_headers", parse_proxy_headers,
            "forwarding headers taken from the trusted proxy (default: x-forwarded-for)", metavar="NAMES"),
+    Option("storage", parse_storage_url,
+           "s3://BUCKET/PREFIX to keep entries in an S3-compatible bucket shared by several servers, --storage-dir "
+           "then being a local read tier (default: the disk store at --storage-dir)", metavar="URL"),
+    Option("s3_endpoint", str, "URL of the S3-compatible store (default: AWS's endpoint of --s3-region)", metavar="URL"),
+    Option("s3_region", str, "region of the bucket (default: us-east-1)", metavar="REGION"),
+    Option("s3_addressing", parse_addressing,
+           "bucket URLs: path, virtual (host) or auto (virtual on AWS, path elsewhere; the default)", metavar="STYLE"),
+    Option("s3_ca_file", Path, "CA certificates to trust for an https endpoint (default: the system's)", metavar="PATH"),
+    Option("s3_multipart_threshold", parse_size, "uploads this large go in parts (default: 64M)", metavar="SIZE"),
+    Option("s3_part_size", parse_size, "size of each part of a multipart upload, at least 5M (default: 16M)",
+           metavar="SIZE"),
+    Option("s3_revalidate", parse_duration,
+           "a local copy older than this is confirmed with the bucket before it is served (default: 300 seconds)",
+           metavar="SECONDS"),
+    Option("s3_accept_last_writer_wins", parse_bool,
+           "start even on a store that ignores If-None-Match (then the last of racing writers wins)", switch=True),
+    Option("max_age", parse_duration, "gc: remove entries created longer ago than this (30d, 12h, seconds)",
+           metavar="AGE"),
 )
 
 

@@ -25,15 +25,17 @@ from email.utils import formatdate
 from urllib.parse import quote
 from xml.sax.saxutils import escape
 
-from .blobs import blob_name, check_segments, get_blob, put_blob
+from .blobs import check_segments, get_blob, put_blob
 from .http import Response, json_response
 from .routes import Route
+from .store import entry_name
 
 
 def _name(params: dict) -> str:
+    """The name in the store's ``kv`` space."""
     parts = [params["name"], *params["path"].split("/")]
     check_segments(parts, "A key-value path", leading_dot=True)
-    return blob_name("kv", params["namespace"], "/".join(parts))
+    return entry_name(params["namespace"], "/".join(parts))
 
 
 def _folder(environ: dict, params: dict) -> str:
@@ -64,13 +66,13 @@ def routes(app) -> list[Route]:
     """The key-value routes of the app's route table."""
 
     def get(environ: dict, params: dict):
-        return get_blob(app, environ, _name(params), head=False)
+        return get_blob(app, environ, "kv", _name(params), head=False)
 
     def head(environ: dict, params: dict):
-        return get_blob(app, environ, _name(params), head=True)
+        return get_blob(app, environ, "kv", _name(params), head=True)
 
     def put(environ: dict, params: dict):
-        return put_blob(app, environ, _name(params))
+        return put_blob(app, environ, "kv", _name(params))
 
     def propfind(environ: dict, params: dict) -> Response:
         return multistatus(_folder(environ, params))

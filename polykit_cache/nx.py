@@ -11,10 +11,11 @@ server with anonymous reads an upload without a token is ``403``: cold tasks sti
 
 from __future__ import annotations
 
-from .blobs import blob_name, get_blob, put_blob
+from .blobs import get_blob, put_blob
 from .http import HTTPError, Response
 from .outcomes import refuse
 from .routes import Route
+from .store import entry_name
 
 
 def render_error(exc: HTTPError) -> Response:
@@ -28,16 +29,16 @@ def routes(app) -> list[Route]:
     """The Nx routes of the app's route table."""
 
     def name(params: dict) -> str:
-        return blob_name("nx", params["namespace"], f"{params['hash'][:2]}/{params['hash']}")
+        return entry_name(params["namespace"], params["hash"])
 
     def get(environ: dict, params: dict) -> Response:
-        return get_blob(app, environ, name(params), head=False)
+        return get_blob(app, environ, "nx", name(params), head=False)
 
     def head(environ: dict, params: dict) -> Response:
-        return get_blob(app, environ, name(params), head=True)
+        return get_blob(app, environ, "nx", name(params), head=True)
 
     def put(environ: dict, params: dict) -> Response:
-        answer = put_blob(app, environ, name(params), created=200, existing=409)
+        answer = put_blob(app, environ, "nx", name(params), created=200, existing=409)
         if answer.status == 409:
             raise refuse("exists", "Cannot override an existing record.")
         return answer

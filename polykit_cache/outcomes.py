@@ -39,6 +39,7 @@ OUTCOMES: dict[str, Outcome] = {
     "not_found": Outcome(404, "not_found", None),
     "method_not_allowed": Outcome(405, "method_not_allowed", None),
     "uri_too_long": Outcome(414, "uri_too_long", None),
+    "unavailable": Outcome(503, "unavailable", None),  # the store cannot be reached
 }
 
 # Why an artifact was refused (the ``reason`` of a 422); anything else is labelled "other".

@@ -19,7 +19,6 @@ needed (:func:`disk_cost`). Folders left empty by an eviction are removed.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
@@ -31,11 +30,13 @@ import stat as stat_module
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from polykit_client.artifact import hash_file, is_cache_key
+
+from .store import REPLACEABLE, RESERVED_META, Staged, Stat, Store, StorageFull, Usage, check_space, is_disk_full
 
 log = logging.getLogger("polykit_cache.storage")
 
@@ -48,12 +49,6 @@ class StorageBusy(Exception):
     """Another server holds the storage folder."""
 
 
-class StorageFull(Exception):
-    """The disk refused a write (ENOSPC or EDQUOT)."""
-
-
-def is_disk_full(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -63,6 +58,7 @@ class ArtifactInfo:
     sha256: str
     created: float
     path: str
+    meta: dict = field(default_factory=dict)  # fields other than size, sha256 and created
 
 
 OBJECTS = "objects"
@@ -84,13 +80,64 @@ def blob_id(name: str) -> str:
     digest = hashlib.sha256(name.encode()).hexdigest()
     return f"{name.partition('/')[0]}/{digest[:2]}/{digest}"
 
+
+def disk_name(space: str, name: str) -> str:
+    """The blob name (``<tool>/<path>``) under which the disk layout keeps an object of a space.
+
+    A namespace (``@ns/`` before the name, see :func:`store.entry_name`) follows the tool's part;
+    an artifact in a namespace is a blob ``polykit/@ns/<key>``, with its size and SHA-256 beside it.
+    """
+    prefix = ""
+    if name.startswith("@"):
+        part, _, name = name.partition("/")
+        prefix = part + "/"
+    if space == "polykit":
+        return f"polykit/{prefix}{name}"
+    if space == "turbo":
+        team, _, digest = name.rpartition("/")
+        return f"turbo/{prefix}{team}/{digest[:2]}/{digest}"
+    if space == "nx":
+        return f"nx/{prefix}{name[:2]}/{name}"
+    if space == "kv":
+        return f"kv/{prefix}{name}"
+    if space in ("bazel-ac", "bazel-cas"):
+        # Without a namespace (a Bazel instance), entries keep the name they always had.
+        return f"bazel/{prefix or '_/'}{space[6:]}/{name[:2]}/{name}"
+    raise ValueError(f"no blob layout for space {space!r}")
+
+
+def space_name(blob: str) -> tuple[str, str] | None:
+    """The (space, name) of a blob name of the disk layout; the inverse of :func:`disk_name`."""
+    parts = blob.split("/")
+    prefix = ""
+    if len(parts) > 2 and parts[1].startswith("@"):
+        prefix = parts[1] + "/"
+        parts = [parts[0], *parts[2:]]
+    elif parts[0] == "bazel" and len(parts) == 5 and parts[1] == "_":
+        parts = [parts[0], *parts[2:]]
+    else:
+        prefix = ""
+    tool = parts[0]
+    if tool == "polykit" and len(parts) == 2 and prefix:
+        return "polykit", prefix + parts[1]
+    if tool == "turbo" and len(parts) == 4:
+        return "turbo", f"{prefix}{parts[1]}/{parts[3]}"
+    if tool == "nx" and len(parts) == 3:
+        return "nx", prefix + parts[2]
+    if tool == "kv" and len(parts) >= 3:
+        return "kv", prefix + "/".join(parts[1:])
+    if tool == "bazel" and len(parts) == 4 and parts[1] in ("ac", "cas"):
+        return f"bazel-{parts[1]}", prefix + parts[3]
+    return None
+
+
 # Metadata of this many artifacts is kept in memory: artifacts never change once published,
 # so a HEAD or GET of a popular key need not reread its JSON file.
 INFO_CACHE_SIZE = 16384
 
 
-class Storage:
-    """One storage folder. Thread-safe; one instance per server process."""
+class Storage(Store):
+    """One storage folder, the disk store. Thread-safe; one instance per server process."""
 
     def __init__(self, root: Path | str, max_storage: int | None = None) -> None:
         self.root = Path(root).absolute()
@@ -261,18 +308,6 @@ class Storage:
                     if stat_module.S_ISREG(st.st_mode):
                         yield f"{protocol.name}/{shard.name}/{entry.name}", st
 
-    def blobs(self):
-        """(name, data path) of every stored blob, from their metadata, for maintenance commands."""
-        for key, _ in self._scan_blobs():
-            path = self._data_path(key)
-            try:
-                with open(path + ".json", "rb") as fh:
-                    name = json.load(fh).get("name")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if isinstance(name, str):
-                yield name, Path(path)
-
     def _scan(self):
         for top in sorted(os.scandir(self.root), key=lambda e: e.name):
             if len(top.name) != 2 or not top.is_dir(follow_symlinks=False):
@@ -285,10 +320,6 @@ class Storage:
                     if name.endswith(".zst") and is_cache_key(name[:-4]):
                         yield name[:-4], Path(entry.path)
 
-    def keys(self):
-        """Every stored key (with its artifact path), for maintenance commands."""
-        return self._scan()
-
     # --- reads -------------------------------------------------------------------------------
 
     def lookup(self, key: str) -> ArtifactInfo | None:
@@ -300,7 +331,8 @@ class Storage:
         try:
             with open(path[:-4] + ".json", "rb") as fh:
                 meta = json.load(fh)
-            info = ArtifactInfo(key, int(meta["size"]), str(meta["sha256"]), float(meta["created"]), path)
+            info = ArtifactInfo(key, int(meta["size"]), str(meta["sha256"]), float(meta["created"]), path,
+                                {k: v for k, v in meta.items() if k not in RESERVED_META})
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError):
@@ -342,10 +374,6 @@ class Storage:
                 self.bytes -= use[1]
                 self.cost -= disk_cost(use[1])
 
-    def exists(self, key: str) -> bool:
-        """Whether the artifact file is there; the disk, not the cache, since maintenance may move it."""
-        return os.path.exists(self._zst(key))
-
     # --- writes ------------------------------------------------------------------------------
 
     def new_temp(self) -> tuple[BinaryIO, Path]:
@@ -358,7 +386,7 @@ class Storage:
             raise
         return os.fdopen(fd, "w+b"), Path(name)
 
-    def publish(self, key: str, temp: Path, size: int, sha256: str) -> ArtifactInfo:
+    def publish(self, key: str, temp: Path, size: int, sha256: str, meta: dict | None = None) -> ArtifactInfo:
         """Link a verified, synced temporary file into place; raise AlreadyStored if the key exists."""
         final = self.artifact_path(key)
         try:
@@ -368,7 +396,7 @@ class Storage:
                 except FileExistsError:
                     raise AlreadyStored(key) from None
                 created = time.time()
-                self._write_meta(key, size, sha256, created)
+                self._write_meta(key, size, sha256, created, meta)
             # The directory is not synced: after a power loss the link may be gone, which is
             # only a cache miss; the file itself was synced before it was linked.
         except OSError as exc:
@@ -386,7 +414,7 @@ class Storage:
             self.cost += disk_cost(size)
             self._uses[key] = [now, size, now]
         self.evict()
-        return ArtifactInfo(key, size, sha256, created, str(final))
+        return ArtifactInfo(key, size, sha256, created, str(final), dict(meta or {}))
 
     @staticmethod
     def _retry_in_folder(path: str, operation) -> None:
@@ -474,8 +502,8 @@ class Storage:
                 return
             folder = os.path.dirname(folder)
 
-    def _write_meta(self, key: str, size: int, sha256: str, created: float) -> None:
-        self._write_json(self._meta_path(key), {"size": size, "sha256": sha256, "created": created})
+    def _write_meta(self, key: str, size: int, sha256: str, created: float, meta: dict | None = None) -> None:
+        self._write_json(self._meta_path(key), {**(meta or {}), "size": size, "sha256": sha256, "created": created})
 
     def _write_json(self, path: Path | str, value: object) -> None:
         """Replace a small JSON file atomically; the temporary lives in tmp/, swept at start-up."""
@@ -493,34 +521,9 @@ class Storage:
     # served as an artifact nor the other way round. They share the index, the bound and the
     # eviction order. ``name`` is ``<protocol>/<path>``, whose parts the protocol module validated.
 
-    def blob_stat(self, name: str) -> int | None:
-        """The blob's size, or None when it is not stored."""
-        try:
-            st = os.stat(self._data_path(blob_id(name)))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return st.st_size if stat_module.S_ISREG(st.st_mode) else None
-
-    @staticmethod
-    def blob_size_of(fh: BinaryIO) -> int:
-        return os.fstat(fh.fileno()).st_size
-
-    def open_blob(self, name: str) -> BinaryIO | None:
-        try:
-            return open(self._data_path(blob_id(name)), "rb")
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
-
     def blob_meta(self, name: str) -> dict:
         """What a protocol stored beside a blob (for example turbo's duration and tag), or {}."""
-        try:
-            with open(self._data_path(blob_id(name)) + ".json", "rb") as fh:
-                meta = json.load(fh)
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(meta, dict) or meta.get("name") != name:
-            return {}
-        return {k: v for k, v in meta.items() if k != "name"}
+        return {k: v for k, v in self._blob_json(name).items() if k not in RESERVED_META}
 
     def publish_blob(self, name: str, temp: Path, size: int, replace: bool = False, meta: dict | None = None) -> bool:
         """Publish a received blob; False when it existed already and ``replace`` is off (first write wins).
@@ -573,3 +576,185 @@ class Storage:
         with self._lock:
             times = [use[0] for use in self._uses.values()]
         return (min(times) / 1e9, max(times) / 1e9) if times else None
+
+    # --- the storage interface (store.Store) --------------------------------------------------
+    # Artifacts (space "polykit") keep the artifact layout; every other space maps onto the blob
+    # layout through disk_name(), so the folder is exactly what it was before the interface.
+
+    @staticmethod
+    def _is_artifact(space: str, name: str) -> bool:
+        """Whether an object lives in the artifact layout (an artifact outside any namespace)."""
+        return space == "polykit" and not name.startswith("@")
+
+    def stat(self, space: str, name: str, use: bool = False) -> Stat | None:
+        check_space(space)
+        if self._is_artifact(space, name):
+            info = self.lookup(name)
+            if info is None:
+                return None
+            if not os.path.exists(info.path):  # removed behind our back (verify's quarantine, gc)
+                self.forget(name)
+                return None
+            if use:
+                self.touch(name)
+            return Stat(space, name, info.size, info.sha256, info.created, info.meta, info.path)
+        blob = disk_name(space, name)
+        path = self._data_path(blob_id(blob))
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            self.forget(blob)  # in case it was moved away behind the server's back
+            return None
+        if not stat_module.S_ISREG(st.st_mode):
+            return None
+        if use:
+            self.touch(blob)
+        return self._blob_stat(space, name, st.st_size, st.st_mtime, self._blob_json(blob), path)
+
+    @staticmethod
+    def _blob_stat(space: str, name: str, size: int, mtime: float, meta: dict, path: str) -> Stat:
+        sha = meta.get("sha256")
+        created = meta.get("created")
+        return Stat(space, name, size, sha if isinstance(sha, str) else None,
+                    float(created) if isinstance(created, (int, float)) else mtime,
+                    {k: v for k, v in meta.items() if k not in RESERVED_META}, path)
+
+    def _blob_json(self, blob: str) -> dict:
+        """Everything kept beside a blob (its name, sha256, created and the protocol's fields), or {}."""
+        try:
+            with open(self._data_path(blob_id(blob)) + ".json", "rb") as fh:
+                meta = json.load(fh)
+        except (OSError, ValueError):
+            return {}
+        return meta if isinstance(meta, dict) and meta.get("name") == blob else {}
+
+    def open(self, space: str, name: str, use: bool = True) -> tuple[Stat, BinaryIO] | None:
+        check_space(space)
+        if self._is_artifact(space, name):
+            found = self.stat(space, name, use=use)
+            if found is None:
+                return None
+            try:
+                return found, open(found.path, "rb")
+            except FileNotFoundError:  # removed since its metadata was read
+                self.forget(name)
+                return None
+        blob = disk_name(space, name)
+        path = self._data_path(blob_id(blob))
+        try:
+            fh = open(path, "rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            self.forget(blob)
+            return None
+        st = os.fstat(fh.fileno())
+        if use:
+            self.touch(blob)
+        # The metadata is read after the blob was opened: it is written before the blob is
+        # published, so a blob that is visible always has its metadata.
+        return self._blob_stat(space, name, st.st_size, st.st_mtime, self._blob_json(blob), path), fh
+
+    def stage(self) -> Staged:
+        fh, path = self.new_temp()
+        return Staged(fh, path)
+
+    def commit(self, space: str, name: str, staged: Staged, meta=None) -> bool:
+        check_space(space)
+        extra = dict(meta or {})
+        if RESERVED_META & set(extra):
+            staged.discard()
+            raise ValueError(f"metadata may not use {sorted(RESERVED_META & set(extra))}")
+        staged.fh.close()
+        if self._is_artifact(space, name):
+            try:
+                self.publish(name, staged.path, staged.size, staged.sha256, extra)
+            except AlreadyStored:
+                return False
+            return True
+        extra.update(sha256=staged.sha256, created=time.time())
+        return self.publish_blob(disk_name(space, name), staged.path, staged.size,
+                                 replace=space in REPLACEABLE, meta=extra)
+
+    def _files_of(self, space: str, name: str) -> tuple[str, str, str]:
+        """(index key, data file, metadata file) of an object."""
+        if self._is_artifact(space, name):
+            data = self._zst(name)
+            return name, data, data[:-4] + ".json"
+        key = blob_id(disk_name(space, name))
+        data = self._data_path(key)
+        return key, data, data + ".json"
+
+    def delete(self, space: str, name: str) -> bool:
+        check_space(space)
+        key, data, meta = self._files_of(space, name)
+        with self._layout_lock:
+            try:
+                os.unlink(data)  # data first: a visible blob always has its metadata
+            except FileNotFoundError:
+                return False
+            finally:
+                with self._lock:
+                    self._info.pop(key, None)
+                    use = self._uses.pop(key, None)
+                    if use is not None:
+                        self.count -= 1
+                        self.bytes -= use[1]
+                        self.cost -= disk_cost(use[1])
+            try:
+                os.unlink(meta)
+            except FileNotFoundError:
+                pass
+            self._remove_empty_folders(os.path.dirname(data), levels=2 if self._is_artifact(space, name) else 1)
+        return True
+
+    def quarantine(self, space: str, name: str) -> None:
+        """Move an object's files under ``quarantine/`` (kept for a look, never served)."""
+        check_space(space)
+        key, data, meta = self._files_of(space, name)
+        top = self.root / "quarantine"
+        with self._layout_lock:
+            if self._is_artifact(space, name):
+                targets = [(data, top / os.path.basename(data)), (meta, top / os.path.basename(meta))]
+            else:
+                rel = os.path.relpath(data, self.root / OBJECTS)
+                targets = [(data, top / OBJECTS / rel)]
+            for src, target in targets:
+                if os.path.exists(src):
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, target)
+        self.forget(name if self._is_artifact(space, name) else disk_name(space, name))
+
+    def scan(self, space: str, prefix: str = ""):
+        check_space(space)
+        if space == "polykit" and not prefix.startswith("@"):
+            for key, _ in list(self._scan()):
+                if key.startswith(prefix):
+                    # Lost metadata is rebuilt: the artifact was synced before it was linked.
+                    found = self.stat(space, key) or (self.repair_meta(key) and self.stat(space, key))
+                    if found:
+                        yield found
+        for key, st in self._scan_blobs():
+            path = self._data_path(key)
+            try:
+                with open(path + ".json", "rb") as fh:
+                    meta = json.load(fh)
+            except (OSError, ValueError):
+                continue
+            named = space_name(meta.get("name", "")) if isinstance(meta, dict) and isinstance(meta.get("name"), str) else None
+            if named is None or named[0] != space or not named[1].startswith(prefix):
+                continue
+            yield self._blob_stat(space, named[1], st.st_size, st.st_mtime, meta, path)
+
+    def usage(self) -> Usage:
+        return Usage(*self.totals())
+
+    def refresh(self) -> None:
+        self.load_index()
+
+    def quarantined(self) -> int:
+        return len(list((self.root / "quarantine").glob("*.zst")))
+
+    def fits(self, size: int) -> bool:
+        return self.max_storage is None or disk_cost(size) <= self.max_storage
+
+    def describe(self) -> str:
+        return str(self.root)

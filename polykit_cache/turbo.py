@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Mapping
 from urllib.parse import parse_qsl
 
-from .blobs import blob_name, check_segments, get_blob, put_blob
+from .blobs import check_segments, get_blob, put_blob
 from .http import HTTPError, Response, json_response
 from .outcomes import read_body, refuse
 from .routes import Route
+from .store import entry_name
 
 HASH = r"(?P<hash>(?!(?:status|events)$)[A-Za-z0-9_-]{1,128})"
 _HASH = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -50,10 +52,11 @@ def _team(environ: dict) -> str:
 
 
 def _name(params: dict, team: str, digest: str) -> str:
-    return blob_name("turbo", params["namespace"], f"{team}/{digest[:2]}/{digest}")
+    """The name in the store's ``turbo`` space."""
+    return entry_name(params["namespace"], f"{team}/{digest}")
 
 
-def _headers(meta: dict) -> list[tuple[str, str]]:
+def _headers(meta: Mapping[str, object]) -> list[tuple[str, str]]:
     headers = [("x-artifact-duration", str(meta.get("duration", 0)))]
     if meta.get("tag"):
         headers.append(("x-artifact-tag", meta["tag"]))
@@ -91,20 +94,21 @@ def routes(app) -> list[Route]:
             raise refuse("bad_request", shape)
         found: dict = {}
         for digest in hashes:
-            name = _name(params, team, digest)
-            size = app.storage.blob_stat(name)
-            if size is None:
+            stat = app.storage.stat("turbo", _name(params, team, digest))
+            if stat is None:
                 found[digest] = None
                 continue
-            meta = app.storage.blob_meta(name)
-            found[digest] = {"size": size, "taskDurationMs": int(meta.get("duration", 0)), "tag": meta.get("tag")}
+            found[digest] = {"size": stat.size, "taskDurationMs": int(stat.meta.get("duration", 0)),
+                             "tag": stat.meta.get("tag")}
         return json_response(200, found)
 
     def get(environ: dict, params: dict) -> Response:
-        return get_blob(app, environ, _name(params, _team(environ), params["hash"]), head=False, headers_for=_headers)
+        return get_blob(app, environ, "turbo", _name(params, _team(environ), params["hash"]), head=False,
+                        headers_for=_headers)
 
     def head(environ: dict, params: dict) -> Response:
-        return get_blob(app, environ, _name(params, _team(environ), params["hash"]), head=True, headers_for=_headers)
+        return get_blob(app, environ, "turbo", _name(params, _team(environ), params["hash"]), head=True,
+                        headers_for=_headers)
 
     def put(environ: dict, params: dict) -> Response:
         name = _name(params, _team(environ), params["hash"])
@@ -118,7 +122,7 @@ def routes(app) -> list[Route]:
             if not _TAG.fullmatch(tag):
                 raise refuse("bad_request", "x-artifact-tag is not a valid tag.")
             meta["tag"] = tag
-        answer = put_blob(app, environ, name, created=202, existing=202, meta=meta)
+        answer = put_blob(app, environ, "turbo", name, created=202, existing=202, meta=meta)
         return json_response(answer.status, {"urls": []})
 
     def preflight(environ: dict, params: dict) -> Response:

@@ -12,6 +12,12 @@ the fsyncs and the bookkeeping cost; the absolute figures only describe this mac
     python scripts/bench_server.py --bare          # the baseline alone
     python scripts/bench_server.py --no-baseline   # ours alone
     python scripts/bench_server.py --url http://127.0.0.1:8080 --path-template /cache/{key}
+    python scripts/bench_server.py --s3             # the S3 store (a local moto server) beside the disk store
+
+With ``--s3``, our server runs twice: on a bucket of a moto server started on loopback (moto's
+threaded server; install the test extras) with a fresh tier, then on the disk store; the ratio
+column is s3/disk. Reads after the seeding uploads are tier hits, which is what most reads of
+a warm server are; uploads go through the bucket.
 
 Measured: PUT, GET and HEAD requests per second for 4 KiB artifacts at 1 and 8 connections,
 MiB/s for 1 MiB artifacts at 4 connections, MiB/s for one big artifact each way, the server's
@@ -588,6 +594,70 @@ def start_ours(workdir: Path, cpu: int | None, threads: int, log_level: str, big
     return start_server("ours", cmd, port, workdir, cpu, storage)
 
 
+# Helper processes (the moto server) stopped by cleanup().
+_HELPERS: list[subprocess.Popen] = []
+S3_BUCKET = "bench"
+
+
+def serve_moto(argv: Sequence[str]) -> int:
+    """The ``_moto`` subcommand: moto's S3 on loopback, threaded, for --s3."""
+    parser = argparse.ArgumentParser(prog="bench_server.py _moto")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(list(argv))
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    signal.signal(signal.SIGTERM, _raise_exit)
+    server = make_server(LOCALHOST, args.port, DomainDispatcherApplication(create_backend_app), threaded=True)
+    try:
+        server.serve_forever()
+    except SystemExit:
+        pass
+    return 0
+
+
+def start_s3(workdir: Path, cpu: int | None, threads: int, log_level: str, big_bytes: int) -> Target:
+    """A moto server with one bucket, and our server on it (its tier in the work folder)."""
+    import importlib.util
+
+    if importlib.util.find_spec("moto") is None:  # checked here: the moto process imports it
+        raise RuntimeError("--s3 needs moto: install the test extras (pip install -e '.[test]')")
+    from polykit_cache.s3client import Endpoint, S3Client, S3Error
+    from polykit_cache.sigv4 import Credentials
+    from polykit_cache.store import StorageUnavailable
+
+    moto_port = free_port()
+    log = open(workdir / "moto.log", "wb")
+    moto_proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_moto", "--port", str(moto_port)],
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+                                 preexec_fn=_child_setup(None))
+    log.close()
+    _HELPERS.append(moto_proc)
+    url = f"http://{LOCALHOST}:{moto_port}"
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        client = S3Client(Endpoint.make(url, "us-east-1", S3_BUCKET, "path"), Credentials("bench", "bench"), deadline=1)
+        try:
+            client.request("PUT", "")  # create the bucket
+            break
+        except (S3Error, StorageUnavailable) as exc:  # moto still starting
+            if time.monotonic() > deadline or moto_proc.poll() is not None:
+                raise RuntimeError(f"moto did not start: {exc}") from None
+            time.sleep(0.2)
+        finally:
+            client.close()
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    storage = workdir / "tier-s3"
+    port = free_port()
+    cmd = [sys.executable, "-m", "polykit_cache", "serve", "--bind", LOCALHOST, "--port", str(port),
+           "--storage-dir", str(storage), "--threads", str(threads), "--log-level", log_level,
+           "--storage", f"s3://{S3_BUCKET}/cache", "--s3-endpoint", url]
+    if big_bytes > 1 << 30:
+        cmd += ["--max-artifact-size", str(big_bytes)]
+    return start_server("s3", cmd, port, workdir, cpu, storage)
+
+
 def start_bare(workdir: Path, serve_dir: Path, cpu: int | None, threads: int) -> Target:
     port = free_port()
     cmd = [sys.executable, str(Path(__file__).resolve()), "_bare", "--port", str(port), "--threads", str(threads),
@@ -848,7 +918,7 @@ def measure(
             if result.failures:
                 notes.append(f"preparing reads: {describe_failures(result)}")
     rss = proc_status_kib(target.pid, "VmHWM") if target.pid else None
-    if target.name == "ours":
+    if target.name in ("ours", "s3"):
         notes.extend(check_ours(target, puts_ok))
     return TargetReport(target.name, results, rss / 1024 if rss is not None else None, notes)
 
@@ -927,7 +997,7 @@ def report(reports: list[TargetReport]) -> tuple[str, bool]:
     """The results table, the CPU table and the checks; returns (text, every check passed)."""
     labels = list(reports[0].results)
     ratio = len(reports) == 2
-    headers = ["measurement", "unit", *(r.name for r in reports)] + (["ours/bare"] if ratio else [])
+    headers = ["measurement", "unit", *(r.name for r in reports)] + ([f"{reports[0].name}/{reports[1].name}"] if ratio else [])
     rows = []
     for label in labels:
         results = [r.results[label] for r in reports]
@@ -997,6 +1067,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     which.add_argument("--url", help="measure an already running server at this loopback base URL instead")
     which.add_argument("--bare", action="store_true", help="measure only the bare waitress baseline")
     which.add_argument("--no-baseline", action="store_true", help="measure only our server")
+    which.add_argument("--s3", action="store_true",
+                       help="measure our server on the S3 store (a local moto bucket), then on the disk store")
     parser.add_argument("--path-template", default=DEFAULT_TEMPLATE,
                         help=f"artifact path under --url, with {{key}} (default: {DEFAULT_TEMPLATE})")
     parser.add_argument("--pid", type=int, help="with --url: the server's process id, for its CPU use and peak RSS")
@@ -1030,6 +1102,8 @@ def chosen_servers(args: argparse.Namespace) -> list[str]:
         return ["bare"]
     if args.no_baseline:
         return ["ours"]
+    if args.s3:
+        return ["s3", "ours"]
     return ["ours", "bare"]
 
 
@@ -1045,6 +1119,8 @@ def cleanup(targets: list[Target], workdir: Path | None) -> None:
             proc.join(5)
     for target in targets:
         stop_server(target)
+    for helper in _HELPERS:
+        stop_process(helper, STOP_TIMEOUT)
     if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -1053,6 +1129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_bare"]:
         return serve_bare(argv[1:])
+    if argv[:1] == ["_moto"]:
+        return serve_moto(argv[1:])
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     server_cpu, load_cpu = plan_cpus(not args.no_pin)
@@ -1083,6 +1161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 target = external
             elif kind == "ours":
                 target = start_ours(workdir, server_cpu, args.threads, args.server_log_level, big_bytes)
+            elif kind == "s3":
+                target = start_s3(workdir, server_cpu, args.threads, args.server_log_level, big_bytes)
             else:
                 target = start_bare(workdir, artifacts, server_cpu, args.threads)
             targets.append(target)

@@ -6,6 +6,7 @@ import hashlib
 import http.client
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -244,12 +245,13 @@ def thread_server(storage_dir: Path, **settings):
 class ServerProcess:
     """``python -m polykit_cache`` as a child process; its log goes to a file (pipes can fill)."""
 
-    def __init__(self, storage_dir: Path, log_path: Path, *args: str) -> None:
+    def __init__(self, storage_dir: Path, log_path: Path, *args: str, env: dict | None = None) -> None:
+        """``env`` is added to this process's environment for the server."""
         self.log_path = log_path
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "polykit_cache", "--port", "0", "--storage-dir", str(storage_dir), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
         )
         self.port = self._wait_port()
 

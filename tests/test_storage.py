@@ -91,3 +91,18 @@ def test_an_artifact_quarantined_beside_a_live_server_can_be_uploaded_again(tmp_
     assert call(app, "HEAD", path).status == 404
     assert call(app, "PUT", path, blob).status == 201
     assert call(app, "GET", path).body == blob
+
+
+def test_verify_checks_other_blobs_against_their_recorded_sha256(tmp_path):
+    store = tmp_path / "store"
+    app = new_app(store)
+    assert call(app, "PUT", "/kv/ccache/ab/good", b"good entry").status == 201
+    assert call(app, "PUT", "/kv/ccache/ab/bad", b"bad entry").status == 201
+    path = app.storage.stat("kv", "ccache/ab/bad").path
+    with open(path, "r+b") as fh:
+        fh.write(b"B")  # one byte changed on disk
+    out = subprocess.run([sys.executable, "-m", "polykit_cache", "verify", "--storage-dir", str(store)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "verified 2 other blobs: 1 good, 1 quarantined" in out.stdout
+    assert call(app, "GET", "/kv/ccache/ab/bad").status == 404
+    assert call(app, "GET", "/kv/ccache/ab/good").body == b"good entry"
