@@ -12,14 +12,16 @@ import json
 import logging
 import time
 from typing import Callable, Iterable
+from urllib.parse import parse_qsl
 from wsgiref.util import FileWrapper
 
-from polykit_client.artifact import ArtifactError, Limits, is_cache_key
+from polykit_client.artifact import ArtifactError, Limits, is_cache_key, read_metadata
 
-from . import bazel, kv, nx, turbo
+from . import bazel, kv, nx, statuspage, turbo
 from .auth import Access
 from .blobs import check_segments
 from .config import Config
+from .history import History
 from .http import SEND_CHUNK, HTTPError, Response, json_response, reason, render_json_error
 from .metrics import Metrics
 from .outcomes import parse_length, read_body, refuse
@@ -86,6 +88,8 @@ class CacheApp:
             Route("polykit", "v1", r"/v1/stats", {"GET": self.stats}, samples=("/v1/stats",)),
             Route("polykit", "healthz", r"/healthz", {"GET": self.healthz}, public=True, samples=("/healthz",)),
             Route("polykit", "metrics", r"/metrics", {"GET": self.prometheus}, samples=("/metrics",)),
+            Route("polykit", "v1", r"/v1/tasks", {"GET": self.newest_task}, samples=("/v1/tasks",)),
+            Route("polykit", "", r"/", {"GET": self.status_page}, samples=("/",)),
         ]
 
     # --- admission ---------------------------------------------------------------------------
@@ -205,7 +209,7 @@ class CacheApp:
             response = (route.render if route else render_json_error)(error)
         except HTTPError as exc:
             if exc.reject is not None:
-                self.metrics.reject(exc.reject, exc.received)
+                self.metrics.reject(exc.reject, exc.received, route.protocol if route else None)
             response = (route.render if route else render_json_error)(exc)
         except Exception:
             log.exception("unexpected error answering %s %s", method[:20], path[:MAX_PATH])
@@ -306,6 +310,8 @@ class CacheApp:
             raise self._missing(environ, key)
         info, fh = opened
         self._lookup_hit(environ, info.size)
+        namespace = environ.get("polykit.namespace", "")
+        self.metrics.saved(self.metrics.history.served(key, lambda: self._manifest(name), namespace))
         # The server's file wrapper lets waitress's I/O thread send the file, freeing this worker.
         wrapper = environ.get("wsgi.file_wrapper", FileWrapper)
         return Response(200, self._artifact_headers(info), wrapper(fh, SEND_CHUNK), info.size)
@@ -320,7 +326,7 @@ class CacheApp:
             raise refuse("exists", exists)
         full = "The cache's storage is full; the artifact was not stored."
         try:
-            staged = receive(self.storage, environ["wsgi.input"], length, key, self.limits)
+            staged, manifest = receive(self.storage, environ["wsgi.input"], length, key, self.limits)
         except ArtifactError as exc:
             raise refuse("verification_failed", f"The artifact was refused: {exc}", reason=exc.reason, received=length) from None
         except IncompleteBody as exc:
@@ -340,6 +346,7 @@ class CacheApp:
         if not stored:  # another upload of the key was committed first (first write wins)
             raise refuse("exists", exists, received=size)
         self.metrics.upload(size)
+        self.metrics.history.stored(key, manifest, namespace)
         location = (f"/{namespace}" if namespace else "") + f"/v1/artifacts/{key}"
         return json_response(
             201,
@@ -373,7 +380,41 @@ class CacheApp:
             found[key] = {"size": info.size, "sha256": info.sha256} if info is not None and info.sha256 else None
         return json_response(200, {"artifacts": found})
 
+    def _manifest(self, name: str) -> dict | None:
+        """The manifest of a stored artifact (verified before it was stored), or None if it cannot be read."""
+        try:
+            opened = self.storage.open("polykit", name, use=False)
+            if opened is None:
+                return None
+            with opened[1] as fh:
+                return read_metadata(fh, self.limits)
+        except (OSError, ArtifactError, StorageUnavailable):
+            return None
+
     # --- service endpoints (HEAD is answered as GET without the body) ------------------------
+
+    def status_page(self, environ: dict, params: dict) -> Response:
+        """The status page for people: the figures of /v1/stats as self-contained HTML (see statuspage)."""
+        if params["namespace"]:  # one page for the whole server
+            raise refuse("not_found", "The status page is at / only.")
+        refresh = statuspage.parse_refresh(environ.get("QUERY_STRING", ""))
+        data = statuspage.render(self.metrics.stats(), refresh).encode()
+        return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(data))),
+                              *statuspage.HEADERS], [data], len(data))
+
+    def newest_task(self, environ: dict, params: dict) -> Response:
+        """``GET /v1/tasks?package=P&task=T``: the newest artifact stored for a task, with its key components."""
+        try:
+            query = dict(parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True, max_num_fields=4))
+        except ValueError:
+            raise refuse("bad_request", "The query takes package and task.") from None
+        package, task = query.get("package", ""), query.get("task", "")
+        if not package or not task:
+            raise refuse("bad_request", "The query needs package=NAME and task=NAME.")
+        found = self.metrics.history.newest(package, task, params["namespace"])
+        if found is None:
+            raise refuse("not_found", f"No artifact of {package}:{task} is indexed here.")
+        return json_response(200, found)
 
     def healthz(self, environ: dict, params: dict) -> Response:
         return json_response(200, {"status": "ok"})
@@ -394,7 +435,10 @@ class CacheApp:
 def make_app(config: Config, storage: Store, metrics: Metrics | None = None, access: Access | None = None) -> CacheApp:
     """Build the WSGI application over an opened store (see :mod:`store`); without ``access`` the server is open."""
     access = access or Access(None, {}, config.allow_anonymous_read)
-    app = CacheApp(config, storage, metrics or Metrics(storage.usage), access)
+    if metrics is None:
+        # The history sits in the local storage folder, whatever store holds the artifacts.
+        metrics = Metrics(storage.usage, History.open(config.storage_dir), config.max_storage)
+    app = CacheApp(config, storage, metrics, access)
     routes = app.polykit_routes()
     for module in (turbo, nx, kv, bazel):
         routes += module.routes(app)

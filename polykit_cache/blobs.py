@@ -89,5 +89,5 @@ def put_blob(app, environ: dict, space: str, name: str, *, expected_sha256: str 
     except StorageFull:
         raise refuse("storage_full", full, received=size) from None
     if stored:
-        app.metrics.upload(size)
+        app.metrics.upload(size, environ.get("polykit.protocol", "polykit"))
     return json_response(created if stored else existing, {"stored": stored})

@@ -132,7 +132,10 @@ def serve(config: cfg.Config) -> int:
     log.info("storage %s holds %d artifacts, %d bytes", storage.describe(), count, size)
     (log.warning if access.open else log.info)("%s", access.describe())
     log.info("serving on http://%s:%d", server.host, server.port)
-    server.run(on_hangup=access.reload)
+    try:
+        server.run(on_hangup=access.reload)
+    finally:
+        app.metrics.history.close()  # the last seconds of figures
     return 0
 
 

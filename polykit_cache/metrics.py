@@ -16,6 +16,10 @@ from collections import Counter
 from http import HTTPMethod
 from typing import Callable
 
+from polykit_client import __version__
+
+from .history import History
+
 # Request duration buckets, in seconds: from a cached HEAD to a large upload.
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -38,11 +42,19 @@ def method_label(method: str) -> str:
 
 
 class Metrics:
-    """All counters of one server; ``stored`` reports (artifacts, bytes, evictions) from the storage."""
+    """All counters of one server; ``stored`` reports (artifacts, bytes, evictions) from the storage.
 
-    def __init__(self, stored: Callable[[], tuple[int, int, int]]) -> None:
+    Every event also goes to the ``history`` (time buckets kept across restarts), so the status
+    page, ``/v1/stats`` and ``/metrics`` show one model.
+    """
+
+    def __init__(self, stored: Callable[[], tuple[int, int, int]], history: History | None = None,
+                 max_storage: int | None = None) -> None:
         self._lock = threading.Lock()
         self._stored = stored
+        self.history = history if history is not None else History(":memory:")
+        self.max_storage = max_storage
+        self.saved_ms = 0
         self.started = time.time()
         self.requests: Counter[tuple[str, str, int]] = Counter()  # (protocol, method, status)
         self.lookups: Counter[tuple[str, bool]] = Counter()  # (protocol, hit)
@@ -83,23 +95,40 @@ class Metrics:
                 self.bytes_out += bytes_out
             else:
                 self.misses += 1
+        if hit:
+            self.history.count(protocol, hits=1, bytes_out=bytes_out)
+        else:
+            self.history.count(protocol, misses=1)
 
-    def upload(self, size: int) -> None:
+    def upload(self, size: int, protocol: str = "polykit") -> None:
         with self._lock:
             self.uploads += 1
             self.bytes_in += size
+        self.history.count(protocol, uploads=1, bytes_in=size)
 
-    def reject(self, reason: str, size: int = 0) -> None:
+    def reject(self, reason: str, size: int = 0, protocol: str | None = None) -> None:
         with self._lock:
             self.rejected[reason] += 1
             self.bytes_in += size
+        self.history.count(protocol if protocol in PROTOCOLS else "none", rejected=1, bytes_in=size)
+
+    def saved(self, ms: int) -> None:
+        """A download that saved a build of ``ms`` milliseconds (the artifact's ``duration_ms``)."""
+        if ms <= 0:
+            return
+        with self._lock:
+            self.saved_ms += ms
+        self.history.count("polykit", saved_ms=ms)
 
     def stats(self) -> dict:
-        """The JSON figures of /v1/stats."""
+        """The JSON figures of /v1/stats (since this server started, and ``history`` across restarts)."""
         count, size, evictions = self._stored()
+        history = self.history.summary()
         with self._lock:
             lookups = self.hits + self.misses
             return {
+                "version": __version__,
+                "started": round(self.started, 3),
                 "uptime_seconds": round(time.time() - self.started, 3),
                 "requests": sum(self.requests.values()),
                 "requests_by_status": {str(k): v for k, v in sorted(self._by_status().items())},
@@ -115,6 +144,9 @@ class Metrics:
                 "by_namespace": self._by_namespace(),
                 "artifacts": count,
                 "stored_bytes": size,
+                "max_storage": self.max_storage,
+                "saved_seconds": round(self.saved_ms / 1000, 3),
+                "history": history,
             }
 
     def _by_status(self) -> Counter[int]:
@@ -140,6 +172,7 @@ class Metrics:
     def prometheus(self) -> str:
         """The text exposition of /metrics."""
         count, size, evictions = self._stored()
+        windows = self.history.summary()["windows"]
         lines: list[str] = []
 
         def family(name: str, kind: str, text: str, samples: list[tuple[str, float]]) -> None:
@@ -185,6 +218,16 @@ class Metrics:
             family("polykit_cache_received_bytes_total", "counter", "Upload body bytes read.", [("", self.bytes_in)])
             family("polykit_cache_sent_bytes_total", "counter", "Artifact bytes served.", [("", self.bytes_out)])
             family("polykit_cache_evictions_total", "counter", "Artifacts evicted to stay under the storage limit.", [("", evictions)])
+            family("polykit_cache_saved_seconds_total", "counter",
+                   "Build time saved: the duration_ms of every polykit artifact downloaded, in seconds.",
+                   [("", round(self.saved_ms / 1000, 3))])
+        family("polykit_cache_hit_ratio", "gauge", "Hits over lookups in the last hour, day and 30 days (history).",
+               [(f'{{window="{name}"}}', w["hit_rate"]) for name, w in windows.items() if w["hit_rate"] is not None])
+        family("polykit_cache_window_saved_seconds", "gauge", "Build time saved in the last hour, day and 30 days.",
+               [(f'{{window="{name}"}}', w["saved_seconds"]) for name, w in windows.items()])
+        if self.max_storage is not None:
+            family("polykit_cache_storage_limit_bytes", "gauge", "The --max-storage bound.", [("", self.max_storage)])
+        family("polykit_cache_build_info", "gauge", "The server's version.", [(f'{{version="{__version__}"}}', 1)])
         family("polykit_cache_stored_artifacts", "gauge", "Artifacts in storage.", [("", count)])
         family("polykit_cache_stored_bytes", "gauge", "Bytes of artifacts in storage.", [("", size)])
         return "\n".join(lines) + "\n"

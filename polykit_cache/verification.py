@@ -45,12 +45,18 @@ class _Tee:
             pass
 
 
-def receive(store: Store, body: BinaryIO, length: int, key: str, limits: Limits) -> Staged:
-    """Stage an artifact body, verified and durable, for a commit; or raise and leave nothing behind.
+def receive(store: Store, body: BinaryIO, length: int, key: str, limits: Limits) -> tuple[Staged, dict]:
+    """Stage an artifact body, verified and durable, for a commit, with its manifest; or raise and
+    leave nothing behind.
 
     Raises ArtifactError (422), IncompleteBody (400) or StorageFull (507).
     """
-    return _spool(store, body, length, lambda tee: verify_stream(tee, expected_key=key, limits=limits))
+    found: dict = {}
+
+    def check(tee: _Tee) -> None:
+        found["manifest"] = verify_stream(tee, expected_key=key, limits=limits)
+
+    return _spool(store, body, length, check), found["manifest"]
 
 
 def receive_blob(store: Store, body: BinaryIO, length: int) -> Staged:

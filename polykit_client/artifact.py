@@ -42,6 +42,9 @@ LINK_MODE = 0o777
 CHUNK = 1024 * 1024
 DEFAULT_MAX_ARTIFACT_SIZE = 1 << 30  # the server's default limit; the client's default download bound
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# The key components a manifest may carry (see components.py), as canonical JSON: the server keeps
+# them for every package's task, so they are bounded apart from the rest of the manifest.
+MAX_COMPONENTS = 512 * 1024
 
 
 class ArtifactError(ValueError):
@@ -163,6 +166,60 @@ def _check_layout(kinds: dict[str, str]) -> None:
             parent = parent.rpartition("/")[0]
 
 
+def _bad_components(what: str) -> ArtifactError:
+    return ArtifactError("bad_metadata", f"metadata field 'components': {what}")
+
+
+def _check_map(value: object, what: str, values: str) -> dict:
+    """A JSON object of strings to 64-hex digests ("digest"), or to digests and nulls ("digest-or-null")."""
+    if not isinstance(value, dict):
+        raise _bad_components(f"{what} must be an object")
+    for name, digest in value.items():
+        if not isinstance(name, str) or not name:
+            raise _bad_components(f"{what} has an empty name")
+        if not (isinstance(digest, str) and _HEX64.fullmatch(digest) or digest is None and values == "digest-or-null"):
+            raise _bad_components(f"{what} {name!r} must be a SHA-256 in hex")
+    return value
+
+
+def check_components(value: object) -> None:
+    """The key components of a manifest: the shape ``components.for_manifest`` writes, within ``MAX_COMPONENTS``.
+
+    Environment values are never carried, only their SHA-256, and everything is bounded here
+    because the server indexes the components of every package's newest artifact.
+    """
+    if not isinstance(value, dict):
+        raise _bad_components("must be an object")
+    allowed = {"format", "package", "task", "command", "env", "inputs", "inputs_digest", "dependencies",
+               "toolchain", "outputs"}
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise _bad_components(f"unknown entry {unknown[0][:40]!r}")
+    for name in ("format", "task", "command"):
+        if not isinstance(value.get(name), str):
+            raise _bad_components(f"{name} must be a string")
+    package = value.get("package")
+    if not (isinstance(package, dict) and set(package) == {"name", "path"}
+            and all(isinstance(v, str) for v in package.values())):
+        raise _bad_components("package must be an object of name and path")
+    _check_map(value.get("env"), "env", "digest-or-null")
+    _check_map(value.get("dependencies"), "dependencies", "digest")
+    if "inputs" in value:
+        _check_map(value["inputs"], "inputs", "digest")
+    elif not (isinstance(value.get("inputs_digest"), str) and _HEX64.fullmatch(value["inputs_digest"])):
+        raise _bad_components("needs inputs or an inputs_digest")
+    toolchain = value.get("toolchain")
+    if not (isinstance(toolchain, dict) and set(toolchain) == {"language", "version"}
+            and isinstance(toolchain["version"], str) and isinstance(toolchain["language"], (str, type(None)))):
+        raise _bad_components("toolchain must be an object of language and version")
+    outputs = value.get("outputs")
+    if not (outputs is None or isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
+        raise _bad_components("outputs must be a list of strings or null")
+    size = len(json.dumps(value, sort_keys=True, separators=(",", ":")))
+    if size > MAX_COMPONENTS:
+        raise _bad_components(f"{size} bytes, over {MAX_COMPONENTS}")
+
+
 def check_manifest(meta: object, expected_key: str | None, limits: Limits) -> dict[str, tuple]:
     """Validate a manifest; return the tar members it promises, by member name."""
     if not isinstance(meta, dict):
@@ -183,6 +240,8 @@ def check_manifest(meta: object, expected_key: str | None, limits: Limits) -> di
     for field in ("created_at", "duration_ms", "exit_code"):
         if field in meta and (not isinstance(meta[field], int) or isinstance(meta[field], bool)):
             raise ArtifactError("bad_metadata", f"metadata field {field!r} must be an integer")
+    if "components" in meta:
+        check_components(meta["components"])
     # The log is part of the format (it is replayed on every hit): an artifact without it is
     # refused here, on the server and on the client alike, never half used.
     if list(meta["logs"]) != [LOG_NAME]:

@@ -42,6 +42,8 @@ def _build_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remote-cache-readonly", action="store_true",
                         help="download from the remote cache, never upload [env: POLYKIT_REMOTE_CACHE_READONLY]")
     parser.add_argument("--no-remote-cache", action="store_true", help="do not use the remote cache at all")
+    parser.add_argument("--summary", default=None, metavar="FILE",
+                        help="write the run as JSON to FILE: per task its key, outcome, durations, bytes moved, time saved")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", metavar="TASK")
     _common(p)
     _build_flags(p)
+    p = sub.add_parser("why", help="say what changed in tasks' cache keys since their last build")
+    p.add_argument("tasks", nargs="*", metavar="PACKAGE:TASK", help="tasks to explain (default: every task built here)")
+    _common(p)
+    p.add_argument("--show-values", action="store_true", help="print environment variables' values, not only names")
+    p.add_argument("--remote", action="store_true",
+                   help="compare with the newest artifact the remote cache holds for each task (from another machine, CI)")
+    p.add_argument("--remote-cache-url", default=None, metavar="URL", help="remote cache server [env: POLYKIT_REMOTE_CACHE_URL]")
     return parser
 
 
@@ -82,6 +91,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _scan(ws, args)
         if args.command == "graph":
             return _graph(ws, args)
+        if args.command == "why":
+            return _why(ws, args)
         task = args.task if args.command == "run" else args.command
         return _build(ws, task, args)
     except (ConfigError, GraphError) as exc:
@@ -143,6 +154,30 @@ def _remote(ws, args, console):
         return None
 
 
+def _why(ws, args) -> int:
+    from . import why
+
+    remote = None
+    if args.remote:
+        from .remote import RemoteCache
+
+        url = args.remote_cache_url or ws.remote.url
+        if not url:
+            print("error: --remote needs a remote cache: [remote_cache] url, --remote-cache-url or "
+                  "POLYKIT_REMOTE_CACHE_URL", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            remote = RemoteCache(url, token=ws.remote.token, timeout=ws.remote.timeout, deadline=ws.remote.deadline)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        return why.command(ws, args.tasks, as_json=args.json, show_values=args.show_values, remote=remote)
+    except ValueError as exc:  # the server could not answer
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
 def _build(ws, task: str, args) -> int:
     from .cachekey import KeyMaker
     from .graph import plan, run_graph
@@ -156,8 +191,10 @@ def _build(ws, task: str, args) -> int:
     if args.dry_run:
         with phase("dry run: printing"):
             return _dry_run(order, keys, keymaker, args.json)
+    from .components import save_records
     from .localcache import LocalCache
     from .runner import Console, Summary, TaskRunner
+    from .summary import Timings
 
     parallel = args.parallel if args.parallel is not None else default_parallel(ws)
     if parallel < 1:
@@ -166,15 +203,21 @@ def _build(ws, task: str, args) -> int:
     console = Console(prefix_logs=parallel > 1 and len(order) > 1)
     local = None if args.no_cache else LocalCache(ws.cache_dir, ws.cache_max_size)
     summary = Summary()
-    runner = TaskRunner(ws, keys, console, local=local, remote_factory=lambda: _remote(ws, args, console), summary=summary)
+    runner = TaskRunner(ws, keys, console, local=local, remote_factory=lambda: _remote(ws, args, console), summary=summary,
+                        components=keymaker.parts)
+    timings = Timings()
+    wall_started = time.time()
     runner.prefetch(order)
     try:
         with phase("tasks: scheduling to the last end"):
-            outcome = run_graph(order, deps, runner.run, parallel, args.continue_on_error)
+            outcome = run_graph(order, deps, timings.wrap(runner.run), parallel, args.continue_on_error)
     finally:
         runner.finish_prefetch()
     with phase("records: saving"):
         runner.save_records()
+        # What `polykit why` compares with: the key components of every task that built or restored.
+        save_records(ws.root, {str(n): {"key": keys[n], "components": keymaker.parts[n]} for n in order
+                               if summary.statuses.get(n) in ("hit (local)", "hit (remote)", "miss")})
     remote, uploader = runner.remote, runner.uploader
     for node in order:
         if outcome[node] == "skipped":
@@ -193,6 +236,17 @@ def _build(ws, task: str, args) -> int:
         f"{summary.misses} misses, {failed} failed" + (f", {skipped} skipped" if skipped else "")
         + f"; {_size(moved)} moved; {summary.saved_ms / 1000:.1f} s saved; {elapsed:.2f} s"
     )
+    if args.summary:
+        from . import summary as run_summary
+
+        document = run_summary.document(
+            order, keys, deps, outcome, summary.statuses, summary.saved_by_task, summary.moved, timings,
+            command=f"{args.command} {task}" if args.command == "run" else args.command,
+            started=wall_started, elapsed_ms=int(elapsed * 1000))
+        try:
+            run_summary.write(Path(args.summary), document)
+        except OSError as exc:
+            console.warn(f"cannot write the summary to {args.summary}: {exc.strerror or exc}")
     if args.json:
         print(json.dumps({"tasks": {str(n): {"key": keys[n], "status": summary.statuses.get(n, outcome[n])} for n in order},
                           "local_hits": summary.local_hits, "remote_hits": summary.remote_hits, "misses": summary.misses,

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Mapping, TypeVar
 
 from . import __version__
+from .artifact import MAX_COMPONENTS
 from .deadline import Deadline, Watchdog
 from .proxy import Proxy, proxy_for
 
@@ -500,6 +501,39 @@ class RemoteCache:
                 self.bytes_up += size
         return stored
 
+    def task_record(self, package: str, task: str) -> dict | None:
+        """The newest artifact the server indexes for a package's task, with its key components, or None.
+
+        ``GET /v1/tasks?package=P&task=T``, for ``polykit why --remote``. Unlike the cache
+        operations this raises: a ``ValueError`` of one line when the server cannot answer. The
+        answer is read up to a bound (the components are bounded by the manifest check).
+        """
+        path = "/v1/tasks?" + urllib.parse.urlencode({"package": package, "task": task})
+        limit = MAX_COMPONENTS + 64 * 1024
+
+        def get(deadline: Deadline) -> dict | None:
+            with self._open(self._request("GET", path, deadline)) as answer:
+                if answer.status == 404:
+                    return None
+                if answer.status != 200:
+                    raise _Failure(_status_reason(answer.status, answer), transient=_is_transient(answer.status))
+                data = answer.read(limit + 1)
+            if len(data) > limit:
+                raise _Failure(f"the answer is over {limit} bytes", transient=False)
+            try:
+                found = json.loads(data)
+            except (ValueError, RecursionError):
+                raise _Failure("the answer is not JSON", transient=False) from None
+            if not isinstance(found, dict) or not isinstance(found.get("key"), str):
+                raise _Failure("the answer is not a task record", transient=False)
+            return found
+
+        try:
+            return self._with_retries(lambda: self._attempt(0, get))
+        except Exception as exc:
+            raise ValueError(f"remote cache {self.url}: cannot read the record of {package}:{task} "
+                             f"({_as_failure(exc).reason})") from None
+
     # --- single attempts ----------------------------------------------------------------------
 
     def deadline_for(self, size: int) -> float:
@@ -654,6 +688,7 @@ class RemoteCache:
     # --- plumbing -----------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, deadline: Deadline, body: object = None) -> urllib.request.Request:
+        """A request for ``path`` of the server (``/v1/artifacts/<key>``, the batch query, ...)."""
         request = urllib.request.Request(self.url + path, data=body, method=method)
         request.deadline = deadline  # read by the connection classes above
         if self._token:

@@ -23,8 +23,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
+from .components import for_manifest
 from .graph import Node
 from .localcache import LocalCache
 from .outputs import OutputError, check_restorable, expand_outputs
@@ -119,11 +120,21 @@ class Summary:
     failed: int = 0
     saved_ms: int = 0
     statuses: dict = field(default_factory=dict)
+    saved_by_task: dict = field(default_factory=dict)  # node -> ms a hit saved
+    moved: dict = field(default_factory=dict)  # node -> {"down": bytes, "up": bytes} to and from the remote cache
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def transfer(self, node: Node, direction: str, size: int) -> None:
+        """Count ``size`` bytes a task moved ("down" or "up"), for the run summary."""
+        with self.lock:
+            entry = self.moved.setdefault(node, {"down": 0, "up": 0})
+            entry[direction] += size
 
     def add(self, node: Node, status: str, saved_ms: int = 0) -> None:
         with self.lock:
             self.statuses[node] = status
+            if saved_ms:
+                self.saved_by_task[node] = saved_ms
             if status == "hit (local)":
                 self.local_hits += 1
             elif status == "hit (remote)":
@@ -140,6 +151,7 @@ class Summary:
 UPLOAD_THREADS = 4
 
 
+
 class Uploader:
     """Uploads in background threads, so the next task never waits for the network.
 
@@ -147,10 +159,11 @@ class Uploader:
     in which case the upload does not ask again with a ``HEAD`` first.
     """
 
-    def __init__(self, remote: "RemoteCache", console: Console, known_absent: Callable[[str], bool] = lambda key: False,
-                 threads: int = UPLOAD_THREADS) -> None:
+    def __init__(self, remote: "RemoteCache", console: Console, summary: Summary | None = None,
+                 known_absent: Callable[[str], bool] = lambda key: False, threads: int = UPLOAD_THREADS) -> None:
         self.remote = remote
         self.console = console
+        self.summary = summary
         self._known_absent = known_absent
         self._queue: queue.Queue = queue.Queue()
         self._threads = [threading.Thread(target=self._loop, name="polykit-upload", daemon=True) for _ in range(threads)]
@@ -175,6 +188,8 @@ class Uploader:
                 if stored:
                     with self._count_lock:
                         self.uploaded += 1
+                    if self.summary is not None:
+                        self.summary.transfer(node, "up", _size_of(path))
             except Exception as exc:  # an upload must never fail the build
                 self.console.warn(f"upload of {node} failed ({_flat(exc)})")
             finally:
@@ -189,6 +204,13 @@ class Uploader:
             thread.join(max(0.0, end - time.monotonic()))
         if any(thread.is_alive() for thread in self._threads):
             self.console.warn(f"gave up waiting for uploads after {bound:.0f} s; they are kept in the local cache")
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _flat(exc: BaseException) -> str:
@@ -216,9 +238,12 @@ class TaskRunner:
     """Runs tasks of one invocation; ``run(node)`` is what the scheduler calls."""
 
     def __init__(self, ws: Workspace, keys: dict[Node, str], console: Console, *, local: LocalCache | None,
-                 remote_factory: Callable[[], "RemoteCache | None"], summary: Summary) -> None:
+                 remote_factory: Callable[[], "RemoteCache | None"], summary: Summary,
+                 components: Mapping[Node, dict] | None = None) -> None:
         self.ws = ws
         self.keys = keys
+        # Each task's key components (KeyMaker.parts): an artifact carries them for `polykit why --remote`.
+        self.components = components or {}
         self.console = console
         self.local = local
         self.summary = summary
@@ -247,7 +272,7 @@ class TaskRunner:
                 try:
                     self.remote = self._remote_factory()
                     if self.remote is not None and not self.remote.read_only:
-                        self.uploader = Uploader(self.remote, self.console, self._known_absent)
+                        self.uploader = Uploader(self.remote, self.console, self.summary, self._known_absent)
                 except Exception as exc:  # the remote cache only saves time: never a reason to fail
                     self.console.warn(f"the remote cache cannot be used ({_flat(exc)}); building without it")
                     self.remote = self.uploader = None
@@ -451,6 +476,7 @@ class TaskRunner:
                 ok = remote.fetch(key, fh, self.console.progress(f"{node}  downloading"))
             if not ok:
                 return False
+            self.summary.transfer(node, "down", temp.stat().st_size)
             try:
                 self._restore(node, "hit (remote)", pkg, task, key, temp, keep=self.local.put)
             except artifact.ArtifactError as exc:
@@ -477,6 +503,7 @@ class TaskRunner:
             return False
         if staged is None:
             return False  # the download failed; the backend said why
+        self.summary.transfer(node, "down", staged.path.stat().st_size)
         try:
             self._restore(node, "hit (remote)", pkg, task, key, staged.path, keep=self.local.put, staged=staged)
         except artifact.ArtifactError as exc:
@@ -589,6 +616,8 @@ class TaskRunner:
             self.console.warn(f"{node} declares no outputs: only its log is cached")
         meta = {"package": pkg.name, "task": task.name, "command": task.command,
                 "created_at": int(time.time()), "duration_ms": duration_ms, "exit_code": 0}
+        if node in self.components:
+            meta["components"] = for_manifest(self.components[node])
         # Every declared output is cached, or the task is not cached at all: a hit must never
         # restore less than the build made.
         try:

@@ -47,15 +47,16 @@ def sha(data: bytes) -> str:
 # --- artifacts --------------------------------------------------------------------------------
 
 
-def pack_tree(tmp: Path, files: dict[str, bytes], key: str = KEY, log: bytes = b"built\n") -> bytes:
-    """A real artifact of the given files, made by the project's own packer."""
+def pack_tree(tmp: Path, files: dict[str, bytes], key: str = KEY, log: bytes = b"built\n",
+              meta: dict | None = None) -> bytes:
+    """A real artifact of the given files, made by the project's own packer (``meta``: manifest fields)."""
     root = tmp / f"src-{key[:8]}-{len(files)}"
     root.mkdir(parents=True, exist_ok=True)
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     buf = io.BytesIO()
-    artifact.pack(buf, root, sorted(files), {"package": "web", "task": "build"}, log=log, cache_key=key)
+    artifact.pack(buf, root, sorted(files), {"package": "web", "task": "build", **(meta or {})}, log=log, cache_key=key)
     return buf.getvalue()
 
 

@@ -1,0 +1,83 @@
+"""A task's key components as they travel: in the artifact manifest, and in the workspace's record of its last build.
+
+The components are what ``polykit build --dry-run --json`` prints (:attr:`KeyMaker.parts`):
+package, task, command, environment, input files, dependency keys, toolchain and outputs. An
+artifact carries them so that ``polykit why --remote`` can say why another machine's build did
+not match, but never an environment value: each is replaced by its SHA-256, enough to tell that
+a value differs and not what it is. A package with very many inputs carries one digest of them
+instead of the list, so the manifest stays within ``MAX_COMPONENTS`` (which the server checks).
+
+The workspace keeps the full components of each task's last build in ``RECORD_FILE`` (values
+included, readable by the owner only), which ``polykit why`` compares with the current ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+
+RECORD_FILE = ".polykit/keys.json"
+RECORD_VERSION = 1
+
+
+def env_digest(value: str | None) -> str | None:
+    """What a manifest carries for an environment value: its SHA-256 (an unset variable stays null)."""
+    return None if value is None else hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def inputs_digest(inputs: Mapping[str, str]) -> str:
+    """One digest of every input file's path and digest, for components too big to list them."""
+    blob = json.dumps(dict(sorted(inputs.items())), separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def for_manifest(parts: dict) -> dict:
+    """The components an artifact carries: environment values hashed, bounded by ``MAX_COMPONENTS``."""
+    from .artifact import MAX_COMPONENTS  # only packing needs it: a build of hits never imports tar and zstd
+
+    out = {name: value for name, value in parts.items()}
+    out["env"] = {name: env_digest(value) for name, value in parts["env"].items()}
+    if len(json.dumps(out, sort_keys=True, separators=(",", ":"))) > MAX_COMPONENTS:
+        inputs = out.pop("inputs")
+        out["inputs_digest"] = inputs_digest(inputs)
+    return out
+
+
+def load_records(root: Path) -> dict[str, dict]:
+    """The components of each task's last build in this workspace, by ``package:task``."""
+    try:
+        data = json.loads((root / RECORD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != RECORD_VERSION or not isinstance(data.get("tasks"), dict):
+        return {}
+    return {name: entry for name, entry in data["tasks"].items() if isinstance(entry, dict)}
+
+
+def save_records(root: Path, built: Mapping[str, dict]) -> None:
+    """Record the components of the tasks just built or restored; other tasks keep their record.
+
+    Written to a temporary file and renamed, mode 0600 (environment values are in it); a
+    record that cannot be written only leaves ``polykit why`` less to compare with.
+    """
+    if not built:
+        return
+    records = load_records(root)
+    records.update(built)
+    path = root / RECORD_FILE
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump({"version": RECORD_VERSION, "tasks": records}, fh, sort_keys=True, separators=(",", ":"))
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
