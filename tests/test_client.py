@@ -440,7 +440,7 @@ def test_concurrent_runs_in_one_workspace_never_damage_each_other(pk):
                                  env=pk.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
         results = [r.communicate(timeout=120) + (r.returncode,) for r in runs]
         for stdout, stderr, code in results:
-            assert code == 0 and "warning" not in stderr, stderr
+            assert code == 0 and "warning" not in stderr, stdout + stderr
             assert "3 local hits" in stdout
         assert outputs(pk.workspace) == expected
 
