@@ -24,7 +24,7 @@ from .config import Config
 from .history import History
 from .http import SEND_CHUNK, HTTPError, Response, json_response, reason, render_json_error
 from .metrics import Metrics
-from .outcomes import parse_length, refuse
+from .outcomes import parse_length, read_body, refuse
 from .routes import Route, Router
 from .store import Store, StorageFull, StorageUnavailable, entry_name
 from .verification import IncompleteBody, receive
@@ -48,6 +48,10 @@ MAX_QUERY = 4096
 # A body sent with a read (turbo's batch query) is held in memory: this is its bound unless the
 # route declares another; writes are bounded by --max-artifact-size.
 READ_BODY_LIMIT = 64 * 1024
+# The batch query (``POST /v1/artifacts``) names at most this many keys, in a JSON body of at
+# most QUERY_BODY_LIMIT bytes (1,000 keys take about 67 KB); a client asks in slices of this size.
+MAX_QUERY_KEYS = 1000
+QUERY_BODY_LIMIT = 128 * 1024
 
 
 def _environ_lookup(environ: dict) -> Callable[[str], str | None]:
@@ -78,6 +82,9 @@ class CacheApp:
             Route("polykit", "v1", r"/v1/artifacts/(?P<key>[^/]*)",
                   {"GET": self.get_artifact, "HEAD": self.head_artifact, "PUT": self.put_artifact},
                   writes=frozenset({"PUT"}), samples=(f"/v1/artifacts/{'ab' * 32}", "/v1/artifacts/x")),
+            # The batch query only reads, whatever its method (RFC 9110 9.3.3: a POST may be a query).
+            Route("polykit", "v1", r"/v1/artifacts", {"POST": self.query_artifacts}, reads=frozenset({"POST"}),
+                  read_body_limit=QUERY_BODY_LIMIT, samples=("/v1/artifacts",)),
             Route("polykit", "v1", r"/v1/stats", {"GET": self.stats}, samples=("/v1/stats",)),
             Route("polykit", "healthz", r"/healthz", {"GET": self.healthz}, public=True, samples=("/healthz",)),
             Route("polykit", "metrics", r"/metrics", {"GET": self.prometheus}, samples=("/metrics",)),
@@ -346,6 +353,32 @@ class CacheApp:
             {"key": key, "size": size, "sha256": sha256},
             [("Location", location), ("ETag", f'"{sha256}"')],
         )
+
+    def query_artifacts(self, environ: dict, params: dict) -> Response:
+        """Which of a list of keys are stored: one request for a whole task graph's keys.
+
+        A client knows every key of a build before anything runs (a key depends on its
+        dependencies' keys, not on their outputs), so it asks once instead of one ``HEAD`` per
+        task. Answered from the storage's metadata; no artifact is opened, and it is not a use
+        for eviction (the ``GET`` that follows a hit is).
+        """
+        shape = f'The body must be {{"keys": ["<64 hex>", ...]}} with at most {MAX_QUERY_KEYS} keys.'
+        try:
+            # RecursionError: deeply nested arrays make the json module recurse once per level.
+            keys = json.loads(read_body(environ))["keys"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise refuse("bad_request", shape) from None
+        if not isinstance(keys, list) or len(keys) > MAX_QUERY_KEYS or not all(isinstance(k, str) for k in keys):
+            raise refuse("bad_request", shape)
+        bad = next((k for k in keys if not is_cache_key(k)), None)
+        if bad is not None:
+            shown = bad if len(bad) <= 70 else bad[:70] + "..."
+            raise refuse("bad_key", f"{shown!r} is not a cache key (64 lowercase hexadecimal characters).")
+        found: dict[str, dict | None] = {}
+        for key in keys:
+            info = self.storage.stat("polykit", self._name(environ, key))  # not a use: the GET that follows is
+            found[key] = {"size": info.size, "sha256": info.sha256} if info is not None and info.sha256 else None
+        return json_response(200, {"artifacts": found})
 
     def _manifest(self, name: str) -> dict | None:
         """The manifest of a stored artifact (verified before it was stored), or None if it cannot be read."""

@@ -76,3 +76,12 @@ def parse_length(raw: str | None) -> int | None:
         shown = raw if len(raw) <= 40 else raw[:40] + "..."
         raise refuse("bad_length", f"Content-Length {shown!r} is not a byte count.")
     return int(raw)
+
+
+def read_body(environ: dict) -> bytes:
+    """The whole request body of a read whose length admission already bounded (a batch query)."""
+    length = parse_length(environ.get("CONTENT_LENGTH")) or 0
+    data = environ["wsgi.input"].read(length) if length else b""
+    if len(data) != length:
+        raise refuse("incomplete_body", f"The request body ended after {len(data)} of {length} bytes.", count=False)
+    return data

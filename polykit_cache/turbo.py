@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 
 from .blobs import check_segments, get_blob, put_blob
 from .http import HTTPError, Response, json_response
-from .outcomes import parse_length, refuse
+from .outcomes import read_body, refuse
 from .routes import Route
 from .store import entry_name
 
@@ -63,15 +63,6 @@ def _headers(meta: Mapping[str, object]) -> list[tuple[str, str]]:
     return headers
 
 
-def _read_body(environ: dict) -> bytes:
-    """The whole (bounded, admitted) request body of a read."""
-    length = parse_length(environ.get("CONTENT_LENGTH")) or 0
-    data = environ["wsgi.input"].read(length) if length else b""
-    if len(data) != length:
-        raise refuse("incomplete_body", f"The request body ended after {len(data)} of {length} bytes.", count=False)
-    return data
-
-
 def render_error(exc: HTTPError) -> Response:
     """turbo's error shape."""
     return json_response(exc.status, {"error": {"code": exc.error, "message": exc.message}}, exc.headers)
@@ -84,14 +75,14 @@ def routes(app) -> list[Route]:
         return json_response(200, {"status": "enabled"})
 
     def events(environ: dict, params: dict) -> Response:
-        _read_body(environ)  # usage events: accepted and not kept
+        read_body(environ)  # usage events: accepted and not kept
         return json_response(200, {})
 
     def query(environ: dict, params: dict) -> Response:
         """Which of these hashes are stored (Vercel's "query information about an array of artifacts")."""
         team = _team(environ)
         shape = f'The body must be {{"hashes": ["<hash>", ...]}} with at most {MAX_HASHES} hashes.'
-        body = _read_body(environ)
+        body = read_body(environ)
         try:
             # RecursionError: deeply nested arrays make the json module recurse once per level.
             hashes = json.loads(body)["hashes"]

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from . import envpatterns
-from .artifact import hash_file
-from .globs import GlobSet
+from .timing import phase
+from .globs import DEFAULT_INPUTS, GlobSet
 from .graph import Node
 from .outputs import linked_folders
 from .workspace import SKIP_DIRS, Package, Task, Workspace
@@ -49,26 +49,57 @@ RACY_SECONDS = 2.0
 
 
 class StatCache:
-    """(size, mtime_ns, inode, ctime_ns) -> sha256 per file, kept between runs so unchanged files are not read."""
+    """A file's signature (size, mtime_ns, inode, ctime_ns) -> its SHA-256, kept between runs so
+    unchanged files are not read again.
+
+    Kept by folder: each folder's names, signatures and digests as three strings, split into a
+    dictionary only when a file of that folder is looked up. Loading then parses three strings
+    per folder rather than six values per file, which is what made loading the cache of a large
+    tree take longer than the rest of a no-op build.
+    """
+
+    VERSION = 3
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._changed = False
-        self.entries: dict[str, list] = {}
+        self._stored: dict[str, list] = {}  # folder -> [names, signatures, digests], "\0"-joined
+        self._folders: dict[str, dict[str, tuple[str, str]]] = {}  # folder -> name -> (signature, digest)
         self.tools: dict[str, list] = {}
         try:
             data = json.loads(path.read_text())
-            if data.get("version") == 2:
-                self.entries = data.get("files", {})
+            if data.get("version") == self.VERSION:
+                self._stored = data.get("folders", {})
                 self.tools = data.get("tools", {})
         except (OSError, ValueError, AttributeError):
             pass  # a missing or damaged cache only costs a rehash
 
-    def remember(self, rel: str, sig: list, digest: str, started_ns: int) -> None:
-        # sig[1] is mtime_ns; a file changed just before it was read may change again within
-        # the same mtime tick, so it is not remembered.
-        if sig[1] < started_ns - int(RACY_SECONDS * 1e9):
-            self.entries[rel] = sig + [digest]
+    def _folder(self, folder: str) -> dict[str, tuple[str, str]]:
+        found = self._folders.get(folder)
+        if found is None:
+            found = {}
+            stored = self._stored.get(folder)
+            try:
+                names, sigs, digests = (part.split("\0") for part in stored) if stored else ((), (), ())
+                if len(names) == len(sigs) == len(digests):
+                    found = dict(zip(names, zip(sigs, digests)))
+            except (TypeError, ValueError, AttributeError):
+                pass  # a damaged folder entry only costs a rehash of that folder
+            self._folders[folder] = found
+        return found
+
+    def get(self, rel: str, sig: str) -> str | None:
+        """The digest remembered for ``rel`` with exactly this signature, or None."""
+        folder, _, name = rel.rpartition("/")
+        entry = self._folder(folder).get(name)
+        return entry[1] if entry is not None and entry[0] == sig else None
+
+    def remember(self, rel: str, sig: str, mtime_ns: int, digest: str, started_ns: int) -> None:
+        # A file changed just before it was read may change again within the same mtime tick,
+        # so it is not remembered.
+        if mtime_ns < started_ns - int(RACY_SECONDS * 1e9):
+            folder, _, name = rel.rpartition("/")
+            self._folder(folder)[name] = (sig, digest)
             self._changed = True
 
     def remember_tool(self, name: str, sig: list, version: str) -> None:
@@ -78,10 +109,17 @@ class StatCache:
     def save(self) -> None:
         if not self._changed:
             return
+        folders = dict(self._stored)
+        for folder, entries in self._folders.items():
+            names = list(entries)
+            folders[folder] = ["\0".join(names), "\0".join(entries[n][0] for n in names),
+                               "\0".join(entries[n][1] for n in names)]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"version": 2, "files": self.entries, "tools": self.tools}, separators=(",", ":")))
+            # Its own temporary name: a key computation of another thread may be saving too.
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps({"version": self.VERSION, "folders": folders, "tools": self.tools},
+                                      separators=(",", ":")))
             os.replace(tmp, self.path)
         except OSError:
             pass  # a read-only checkout still builds; it only rehashes next time
@@ -100,35 +138,77 @@ def _tree_digest(folder: str) -> str:
 
 
 def _sha256_small(path: str) -> str | None:
+    # os.open and os.read: the io module's buffered file object costs more than hashing 1 KiB.
     try:
-        with open(path, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
+    try:
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+        return digest.hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _sha256_large(path: str) -> str | None:
+    from .artifact import hash_file  # tar and zstd are not needed to compute keys: imported on first use
+
     try:
         return hash_file(path)[0]
     except OSError:
         return None
 
 
+class GitListing:
+    """Tracked and untracked-but-not-ignored files of a git work tree, relative to ``root``.
+
+    ``git ls-files`` is started at once and read when needed, so that it runs while the stat
+    cache loads and the explicit inputs are walked instead of in front of them.
+    """
+
+    TIMEOUT = 60.0
+
+    def __init__(self, root: Path) -> None:
+        self._proc: subprocess.Popen | None = None
+        if shutil.which("git") is None:
+            return
+        try:
+            self._proc = subprocess.Popen(
+                ["git", "-c", "core.quotepath=off", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        except OSError:
+            self._proc = None
+
+    def result(self) -> list[str] | None:
+        """The listing, sorted; None outside a git work tree (or when git failed)."""
+        proc = self._proc
+        if proc is None:
+            return None
+        try:
+            out, _ = proc.communicate(timeout=self.TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return None
+        if proc.returncode != 0:
+            return None
+        names = out.decode("utf-8", "surrogateescape").split("\0")
+        return sorted({n for n in names if n})
+
+    def close(self) -> None:
+        """A listing no task needed: do not leave the process behind."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.communicate()
+
+
 def list_files(root: Path) -> list[str] | None:
     """Tracked and untracked-but-not-ignored files of a git work tree, relative to ``root``; None outside git."""
-    if shutil.which("git") is None:
-        return None
-    try:
-        out = subprocess.run(
-            ["git", "-c", "core.quotepath=off", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=root, capture_output=True, timeout=60,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    names = out.stdout.decode("utf-8", "surrogateescape").split("\0")
-    return sorted({n for n in names if n})
+    return GitListing(root).result()
 
 
 def walk_files(top: Path, root: Path) -> list[str]:
@@ -148,11 +228,18 @@ class KeyMaker:
     # Files over this size are hashed in a thread pool (hashlib releases the GIL for large
     # updates); small ones are cheaper to read and hash in one loop than to hand to threads.
     LARGE_FILE = 256 * 1024
+    # A fresh checkout has no stat cache: its many small files are read by a few threads, each
+    # taking a share in order (open, read and close release the GIL, so the cores overlap them).
+    SMALL_BATCH = 512
+    HASH_THREADS = 4
 
     def __init__(self, ws: Workspace, environ: Mapping[str, str] | None = None) -> None:
         self.ws = ws
         self.environ = os.environ if environ is None else environ
-        self.stat_cache = StatCache(ws.root / STATE_FILE)
+        # Started before the stat cache loads, when some task takes the default inputs.
+        self._git = GitListing(ws.root) if self._uses_default_inputs() else None
+        with phase("keys: stat cache loading"):
+            self.stat_cache = StatCache(ws.root / STATE_FILE)
         self._started_ns = time.time_ns()
         self._toolchains: dict[str, dict] = {}
         self._listing: dict[str, list[str]] | None = None
@@ -161,10 +248,21 @@ class KeyMaker:
         self._cache_dir = os.path.normpath(ws.cache_dir)
         self.keys: dict[Node, str] = {}
         self.parts: dict[Node, dict] = {}
+        self._saving: threading.Thread | None = None
+
+    def _uses_default_inputs(self) -> bool:
+        """Whether some task's inputs are, or include, the default inputs (the git listing)."""
+        for pkg in self.ws.packages.values():
+            for task in pkg.tasks.values():
+                patterns = task.inputs if task.inputs is not None else self.ws.remote.input_files
+                if patterns is None or DEFAULT_INPUTS in patterns:
+                    return True
+        return False
 
     def _package_files(self) -> dict[str, list[str]]:
         """Each package's files, relative to the package, without nested packages' files."""
-        listing = list_files(self.ws.root)
+        with phase("keys: git listing (waiting for it)"):
+            listing = self._git.result() if self._git is not None else list_files(self.ws.root)
         if listing is None:
             listing = walk_files(self.ws.root, self.ws.root)
         by_path = {p.path: p.name for p in self.ws.packages.values()}
@@ -267,9 +365,10 @@ class KeyMaker:
     def hash_files(self, paths: Iterable[str]) -> dict[str, str]:
         """SHA-256 of files given relative to the root; unchanged files come from the stat cache."""
         root = str(self.ws.root) + "/"
-        entries = self.stat_cache.entries
+        cache = self.stat_cache
         digests: dict[str, str] = {}
-        large: list[tuple[str, list]] = []
+        large: list[tuple[str, str, int]] = []  # (path, signature, mtime_ns)
+        small: list[tuple[str, str, int]] = []
         for rel in paths:
             try:
                 st = os.stat(root + rel)
@@ -280,26 +379,37 @@ class KeyMaker:
                 digests[rel] = _tree_digest(root + rel)
                 continue
             # ctime too: a rewrite that puts the old mtime back cannot hide from it.
-            sig = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
-            cached = entries.get(rel)
-            if cached is not None and cached[:4] == sig:
-                digests[rel] = cached[4]
+            sig = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
+            cached = cache.get(rel, sig)
+            if cached is not None:
+                digests[rel] = cached
             elif st.st_size > self.LARGE_FILE:
-                large.append((rel, sig))
+                large.append((rel, sig, st.st_mtime_ns))
             else:
-                digest = _sha256_small(root + rel)
-                if digest is not None:
-                    digests[rel] = digest
-                    self.stat_cache.remember(rel, sig, digest, self._started_ns)
+                small.append((rel, sig, st.st_mtime_ns))
+        if len(small) >= self.SMALL_BATCH:
+            from concurrent.futures import ThreadPoolExecutor
+
+            shares = [small[i::self.HASH_THREADS] for i in range(self.HASH_THREADS)]
+            with ThreadPoolExecutor(max_workers=self.HASH_THREADS) as pool:
+                hashed = list(pool.map(lambda share: [_sha256_small(root + item[0]) for item in share], shares))
+            small = [item for share in shares for item in share]
+            results = [digest for part in hashed for digest in part]
+        else:
+            results = [_sha256_small(root + item[0]) for item in small]
+        for (rel, sig, mtime_ns), digest in zip(small, results):
+            if digest is not None:
+                digests[rel] = digest
+                cache.remember(rel, sig, mtime_ns, digest, self._started_ns)
         if large:
             from concurrent.futures import ThreadPoolExecutor  # only runs with large inputs import it
 
             with ThreadPoolExecutor(max_workers=min(8, len(large))) as pool:
                 results = pool.map(lambda item: _sha256_large(root + item[0]), large)
-                for (rel, sig), digest in zip(large, results):
+                for (rel, sig, mtime_ns), digest in zip(large, results):
                     if digest is not None:
                         digests[rel] = digest
-                        self.stat_cache.remember(rel, sig, digest, self._started_ns)
+                        cache.remember(rel, sig, mtime_ns, digest, self._started_ns)
         return digests
 
     def _detect(self, language: str) -> dict:
@@ -338,14 +448,17 @@ class KeyMaker:
         for thread in detect:
             thread.start()
         inputs: dict[Node, tuple[str, list[str]]] = {}
-        for node in order:
-            pkg = self.ws.packages[node.package]
-            base = "" if pkg.path == "." else pkg.path + "/"
-            inputs[node] = (base, self.input_files(pkg, pkg.tasks[node.task]))
+        with phase("keys: input listing (and git's)"):
+            for node in order:
+                pkg = self.ws.packages[node.package]
+                base = "" if pkg.path == "." else pkg.path + "/"
+                inputs[node] = (base, self.input_files(pkg, pkg.tasks[node.task]))
         needed = sorted({base + rel for base, rels in inputs.values() for rel in rels})
-        digests = self.hash_files(needed)
-        for thread in detect:
-            thread.join()
+        with phase("keys: hashing, with the stat cache"):
+            digests = self.hash_files(needed)
+        with phase("keys: toolchain detection (waiting for it)"):
+            for thread in detect:
+                thread.join()
         for node in order:
             pkg = self.ws.packages[node.package]
             task = pkg.tasks[node.task]
@@ -363,8 +476,17 @@ class KeyMaker:
             }
             self.parts[node] = parts
             self.keys[node] = key_of(parts)
-        self.stat_cache.save()
+        # Written beside the tasks (a fresh checkout's is megabytes); not a daemon thread, so the
+        # interpreter waits for it before it exits.
+        self._saving = threading.Thread(target=self._save, name="polykit-stat-cache")
+        self._saving.start()
+        if self._git is not None:
+            self._git.close()
         return self.keys
+
+    def _save(self) -> None:
+        with phase("keys: stat cache saving (beside the tasks)"):
+            self.stat_cache.save()
 
 
 def key_of(parts: dict) -> str:

@@ -10,10 +10,20 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
+from . import __version__, timing
+from .timing import phase
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 UPLOAD_WAIT_SECONDS = 120.0
+# Tasks run at once by default: at least as many as turbo's default of 10, more on machines with
+# more cores. Tasks are mostly short processes that wait on the disk and on their own start-up
+# (npm, node), so one per core would leave the cores idle; cache I/O has threads of its own.
+DEFAULT_PARALLEL = 10
+
+
+def default_parallel(ws) -> int:
+    """``[workspace] default_parallel``, else the larger of DEFAULT_PARALLEL and the CPU count."""
+    return ws.default_parallel or max(DEFAULT_PARALLEL, os.cpu_count() or 1)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +34,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _build_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("packages", nargs="*", metavar="PACKAGE", help="packages to run (default: every package with the task)")
     parser.add_argument("-j", "--parallel", type=int, default=None, metavar="N",
-                        help="tasks run at once (default: [workspace] default_parallel, else the CPU count)")
+                        help=f"tasks run at once (default: [workspace] default_parallel, else {DEFAULT_PARALLEL} or the CPU count if more)")
     parser.add_argument("--continue-on-error", action="store_true", help="after a failure, go on with tasks that do not depend on it")
     parser.add_argument("--dry-run", action="store_true", help="compute and print every task's cache key; run nothing")
     parser.add_argument("--no-cache", action="store_true", help="run every command; neither read nor write any cache")
@@ -62,12 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
+    timing.add("start-up: the client's imports", time.perf_counter() - timing.STARTED)
+    try:
+        return _main(argv)
+    finally:
+        timing.report()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     from .graph import GraphError
     from .workspace import ConfigError, load
 
     try:
-        ws = load(Path(args.cwd or os.getcwd()))
+        with phase("workspace: configuration"):
+            ws = load(Path(args.cwd or os.getcwd()))
         if args.command == "scan":
             return _scan(ws, args)
         if args.command == "graph":
@@ -164,17 +183,20 @@ def _build(ws, task: str, args) -> int:
     from .graph import plan, run_graph
 
     started = time.monotonic()
-    order, deps = plan(ws, task, args.packages)
-    keymaker = KeyMaker(ws)
-    keys = keymaker.compute(order, deps)
+    with phase("graph: plan"):
+        order, deps = plan(ws, task, args.packages)
+    with phase("keys: all of them"):
+        keymaker = KeyMaker(ws)
+        keys = keymaker.compute(order, deps)
     if args.dry_run:
-        return _dry_run(order, keys, keymaker, args.json)
+        with phase("dry run: printing"):
+            return _dry_run(order, keys, keymaker, args.json)
     from .components import save_records
     from .localcache import LocalCache
     from .runner import Console, Summary, TaskRunner
     from .summary import Timings
 
-    parallel = args.parallel if args.parallel is not None else (ws.default_parallel or os.cpu_count() or 1)
+    parallel = args.parallel if args.parallel is not None else default_parallel(ws)
     if parallel < 1:
         print("error: --parallel must be at least 1", file=sys.stderr)
         return EXIT_USAGE
@@ -185,17 +207,24 @@ def _build(ws, task: str, args) -> int:
                         components=keymaker.parts)
     timings = Timings()
     wall_started = time.time()
-    outcome = run_graph(order, deps, timings.wrap(runner.run), parallel, args.continue_on_error)
-    runner.save_records()
-    # What `polykit why` compares with: the key components of every task that built or restored.
-    save_records(ws.root, {str(n): {"key": keys[n], "components": keymaker.parts[n]} for n in order
-                           if summary.statuses.get(n) in ("hit (local)", "hit (remote)", "miss")})
+    runner.prefetch(order)
+    try:
+        with phase("tasks: scheduling to the last end"):
+            outcome = run_graph(order, deps, timings.wrap(runner.run), parallel, args.continue_on_error)
+    finally:
+        runner.finish_prefetch()
+    with phase("records: saving"):
+        runner.save_records()
+        # What `polykit why` compares with: the key components of every task that built or restored.
+        save_records(ws.root, {str(n): {"key": keys[n], "components": keymaker.parts[n]} for n in order
+                               if summary.statuses.get(n) in ("hit (local)", "hit (remote)", "miss")})
     remote, uploader = runner.remote, runner.uploader
     for node in order:
         if outcome[node] == "skipped":
             console.line(f"{node}  skipped (a dependency failed)")
     if uploader is not None:
-        uploader.finish(UPLOAD_WAIT_SECONDS)
+        with phase("uploads: waiting for the last"):
+            uploader.finish(UPLOAD_WAIT_SECONDS)
     if local is not None and summary.misses:
         local.trim()
     moved = (remote.bytes_down + remote.bytes_up) if remote is not None else 0
@@ -227,8 +256,11 @@ def _build(ws, task: str, args) -> int:
 
 def _dry_run(order, keys, keymaker, as_json: bool) -> int:
     if as_json:
-        print(json.dumps({"tasks": [{"task": str(n), "package": n.package, "name": n.task, "key": keys[n],
-                                     "components": keymaker.parts[n]} for n in order]}, indent=2))
+        # One task a line: json's C encoder serves only output without indentation, and with
+        # every input file's digest listed, the pure-Python one took longer than hashing them.
+        tasks = (json.dumps({"task": str(n), "package": n.package, "name": n.task, "key": keys[n],
+                             "components": keymaker.parts[n]}) for n in order)
+        sys.stdout.write('{"tasks": [\n' + ",\n".join(tasks) + "\n]}\n")
     else:
         for node in order:
             print(f"{str(node):<40} {keys[node]}")

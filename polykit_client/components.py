@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from .artifact import MAX_COMPONENTS
 
 RECORD_FILE = ".polykit/keys.json"
 RECORD_VERSION = 1
@@ -38,6 +37,8 @@ def inputs_digest(inputs: Mapping[str, str]) -> str:
 
 def for_manifest(parts: dict) -> dict:
     """The components an artifact carries: environment values hashed, bounded by ``MAX_COMPONENTS``."""
+    from .artifact import MAX_COMPONENTS  # only packing needs it: a build of hits never imports tar and zstd
+
     out = {name: value for name, value in parts.items()}
     out["env"] = {name: env_digest(value) for name, value in parts["env"].items()}
     if len(json.dumps(out, sort_keys=True, separators=(",", ":"))) > MAX_COMPONENTS:

@@ -152,6 +152,13 @@ class GlobSet:
         self.exclusions = tuple(exclude)
         self._include = _compile(self.patterns)
         self._exclude = _compile(self.exclusions)
+        # Every match lies at or under a pattern's literal leading folders (``dist/**`` under
+        # ``dist``), so a path elsewhere needs no regular expression: with thousands of sources
+        # and outputs in one folder, this is most of what listing the default inputs costs.
+        bases = self.bases()
+        self._anywhere = "" in bases or not bases
+        self._bases = frozenset(bases)
+        self._under = tuple(base + "/" for base in bases)
 
     def __bool__(self) -> bool:
         return self._include is not None
@@ -171,6 +178,8 @@ class GlobSet:
         return kept
 
     def matches(self, path: str) -> bool:
+        if not self._anywhere and path not in self._bases and not path.startswith(self._under):
+            return False
         return _matches(self._include, path) and (self._exclude is None or not _matches(self._exclude, path))
 
     def excluded(self, path: str) -> bool:

@@ -32,6 +32,10 @@ class LocalCache:
             return None
         return path
 
+    def has(self, key: str) -> bool:
+        """Whether the artifact is present (without counting as a use)."""
+        return os.path.exists(self.path(key))
+
     def new_temp(self) -> tuple[BinaryIO, Path]:
         self.tmp.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")

@@ -18,7 +18,6 @@ import stat
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .artifact import ArtifactError
 from .globs import GlobSet
 
 # A restore maps a file back through at most this many symlinked folders (a chain of links).
@@ -153,6 +152,8 @@ def check_restorable(files: Iterable[str], links: Mapping[str, str], patterns: t
     link already shows in ``pkg_dir``: an artifact cannot invent ``dist -> src`` to overwrite
     sources, nor ``dist -> node_modules/x`` to add a module beside the installed ones.
     """
+    from .artifact import ArtifactError  # only a restore needs it (see runner.py)
+
     globs = globs_of(tuple(patterns) if patterns is not None else None)
     folders: list[tuple[str, str]] = []  # (real folder, link showing it)
     for link, target in links.items():

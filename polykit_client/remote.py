@@ -47,6 +47,10 @@ CHUNK = 256 * 1024
 BACKOFF_START = 0.05
 BACKOFF_BUDGET = 0.5
 MAX_ERROR_BODY = 64 * 1024
+# The batch query (POST /v1/artifacts) takes at most QUERY_BATCH keys a request; its answer is
+# read up to MAX_QUERY_ANSWER bytes (a thousand keys with their size and digest take ~130 KB).
+QUERY_BATCH = 1000
+MAX_QUERY_ANSWER = 1024 * 1024
 MAX_MESSAGE = 300
 # The default deadline of one transfer: DEADLINE_TIMEOUTS per-read timeouts (connecting, sending
 # the request and receiving the answer's head may each take one) plus one second per
@@ -412,6 +416,30 @@ class RemoteCache:
         self._succeeded()
         return found
 
+    def which(self, keys: list[str]) -> dict[str, bool] | None:
+        """Which of ``keys`` the server holds, asked in one request per QUERY_BATCH keys.
+
+        A key the answer leaves out is not in the result. None when the server cannot say: one
+        that predates the batch query (404 or 405), or any failure. That is quiet and tried once:
+        the batch query only saves round trips, and the caller then asks task by task, where each
+        failure is retried, warned about and counted towards switching the remote off as ever.
+        """
+        keys = list(dict.fromkeys(keys))
+        for key in keys:
+            _check_key(key)
+        if not self.enabled:
+            return None
+        found: dict[str, bool] = {}
+        try:
+            for start in range(0, len(keys), QUERY_BATCH):
+                answer = self._attempt(0, lambda deadline: self._query(keys[start:start + QUERY_BATCH], deadline))
+                if answer is None:
+                    return None
+                found.update(answer)
+        except Exception:
+            return None
+        return found
+
     def fetch(self, key: str, dest: BinaryIO, progress: Progress | None = None) -> bool:
         """Download ``key`` into ``dest``; True only for a whole body whose SHA-256 matches.
 
@@ -435,12 +463,13 @@ class RemoteCache:
             self.bytes_down += size
         return True
 
-    def store(self, key: str, path: Path, progress: Progress | None = None) -> bool:
+    def store(self, key: str, path: Path, progress: Progress | None = None, ask_first: bool = True) -> bool:
         """Upload the artifact file at ``path``; True only when the server stored it now.
 
         False without a word when the server already has it (another machine was first) or in
         read-only mode; False with one warning when the upload failed. Never raises for a
-        network or server problem: an upload must not fail a build.
+        network or server problem: an upload must not fail a build. ``ask_first=False`` skips
+        the ``HEAD`` when a batch query of this run already said the server lacks the key.
         """
         _check_key(key)
         if self.read_only or not self.enabled:
@@ -459,7 +488,7 @@ class RemoteCache:
         try:
             # HEAD first: the server spools a whole body before it can answer 409, so asking
             # is far cheaper than sending an artifact it already has.
-            if self._with_retries(lambda: self._attempt(0, lambda deadline: self._head(key, deadline))):
+            if ask_first and self._with_retries(lambda: self._attempt(0, lambda deadline: self._head(key, deadline))):
                 self._succeeded()
                 return False
             stored = self._upload(key, path, size, progress)
@@ -483,7 +512,7 @@ class RemoteCache:
         limit = MAX_COMPONENTS + 64 * 1024
 
         def get(deadline: Deadline) -> dict | None:
-            with self._open(self._request("GET", "", deadline, path=path)) as answer:
+            with self._open(self._request("GET", path, deadline)) as answer:
                 if answer.status == 404:
                     return None
                 if answer.status != 200:
@@ -531,7 +560,7 @@ class RemoteCache:
         """Whether the server holds ``key``. A ``200`` carries the same Content-Length and
         X-Artifact-Hash as a GET would; when they are missing or malformed the answer is not
         believed, since a yes makes the caller skip its upload."""
-        with self._open(self._request("HEAD", key, deadline)) as answer:
+        with self._open(self._request("HEAD", f"/v1/artifacts/{key}", deadline)) as answer:
             status = answer.status
             if status == 200:
                 self._announced(answer)
@@ -540,9 +569,28 @@ class RemoteCache:
                 return False
             raise _Failure(_status_reason(status, answer), transient=_is_transient(status))
 
+    def _query(self, keys: list[str], deadline: Deadline) -> dict[str, bool] | None:
+        """One batch query; None when the server has no such endpoint (an older server)."""
+        body = json.dumps({"keys": keys}, separators=(",", ":")).encode()
+        request = self._request("POST", "/v1/artifacts", deadline, body)
+        request.add_header("Content-Type", "application/json")
+        with self._open(request) as answer:
+            status = answer.status
+            if status in (404, 405):
+                return None
+            if status != 200:
+                raise _Failure(_status_reason(status, answer), transient=_is_transient(status))
+            try:
+                raw = answer.read(MAX_QUERY_ANSWER + 1)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                raise _Failure(_describe(exc, self.timeout), transient=True) from None
+            if len(raw) > MAX_QUERY_ANSWER:
+                raise _Failure(f"the answer to the batch query is over {MAX_QUERY_ANSWER} bytes", transient=False)
+            return _query_answer(raw, keys)
+
     def _get(self, key: str, download: _Download, deadline: Deadline) -> int | None:
         """One GET; the size of a verified body, or None for a plain miss."""
-        with self._open(self._request("GET", key, deadline)) as answer:
+        with self._open(self._request("GET", f"/v1/artifacts/{key}", deadline)) as answer:
             status = answer.status
             if status == 404:
                 return None
@@ -625,7 +673,7 @@ class RemoteCache:
              deadline: Deadline) -> bool:
         fh.seek(0)
         body = _UploadBody(fh, size, progress)
-        request = self._request("PUT", key, deadline, body)
+        request = self._request("PUT", f"/v1/artifacts/{key}", deadline, body)
         request.add_header("Content-Type", "application/zstd")
         request.add_header("Content-Length", str(size))
         request.add_header("X-Artifact-Hash", digest)
@@ -639,10 +687,9 @@ class RemoteCache:
 
     # --- plumbing -----------------------------------------------------------------------------
 
-    def _request(self, method: str, key: str, deadline: Deadline, body: object = None,
-                 path: str | None = None) -> urllib.request.Request:
-        """A request for an artifact, or for another ``path`` of the server."""
-        request = urllib.request.Request(self.url + (path or f"/v1/artifacts/{key}"), data=body, method=method)
+    def _request(self, method: str, path: str, deadline: Deadline, body: object = None) -> urllib.request.Request:
+        """A request for ``path`` of the server (``/v1/artifacts/<key>``, the batch query, ...)."""
+        request = urllib.request.Request(self.url + path, data=body, method=method)
         request.deadline = deadline  # read by the connection classes above
         if self._token:
             # RFC 6750 section 2.1; "unredirected" keeps it from following a redirect elsewhere.
@@ -760,6 +807,29 @@ class _Download:
         self.dest.truncate()
         self.written = 0
         return True
+
+
+def _query_answer(raw: bytes, keys: list[str]) -> dict[str, bool]:
+    """``{"artifacts": {key: {...} or null}}`` read for the keys asked; anything else is refused.
+
+    Only the keys asked count; a yes is only a reason to download (the download is verified as
+    ever), a no only a reason to build and upload without asking again (a 409 is harmless).
+    """
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError):  # deep nesting: RecursionError
+        payload = None
+    listing = payload.get("artifacts") if isinstance(payload, dict) else None
+    if not isinstance(listing, dict):
+        raise _Failure("the answer to the batch query is not {\"artifacts\": {...}}", transient=False)
+    found: dict[str, bool] = {}
+    for key in keys:
+        if key in listing:
+            entry = listing[key]
+            if entry is not None and not isinstance(entry, dict):
+                raise _Failure("the answer to the batch query is malformed", transient=False)
+            found[key] = entry is not None
+    return found
 
 
 def _seekable(stream: BinaryIO) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -18,23 +19,26 @@ import queue
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
-from . import artifact
 from .components import for_manifest
 from .graph import Node
 from .localcache import LocalCache
 from .outputs import OutputError, check_restorable, expand_outputs
+from .prefetch import ABSENT, UNKNOWN, Prefetcher, Staged
+from .timing import phase
 from .workspace import Package, Task, Workspace
 
 if TYPE_CHECKING:  # pragma: no cover
     from .remote import RemoteCache
 
+
+# ``artifact`` (tar, zstd) is imported inside the methods that pack or restore: a build whose
+# outputs are all in place never opens an artifact, and that import is a sizeable share of its time.
 
 RECORDS_FILE = ".polykit/outputs.json"
 RECORD_LOG_LIMIT = 64 * 1024
@@ -142,16 +146,30 @@ class Summary:
             self.saved_ms += saved_ms
 
 
-class Uploader:
-    """Uploads in one background thread, so the next task never waits for the network."""
+# Uploads in flight at once: like downloads they wait on the network, not on a core, so they
+# do not count against -j; a cold build's uploads overlap with its tasks and with each other.
+UPLOAD_THREADS = 4
 
-    def __init__(self, remote: "RemoteCache", console: Console, summary: Summary | None = None) -> None:
+
+
+class Uploader:
+    """Uploads in background threads, so the next task never waits for the network.
+
+    ``known_absent(key)`` says whether this run's batch query found the server without the key,
+    in which case the upload does not ask again with a ``HEAD`` first.
+    """
+
+    def __init__(self, remote: "RemoteCache", console: Console, summary: Summary | None = None,
+                 known_absent: Callable[[str], bool] = lambda key: False, threads: int = UPLOAD_THREADS) -> None:
         self.remote = remote
         self.console = console
         self.summary = summary
+        self._known_absent = known_absent
         self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="polykit-upload", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name="polykit-upload", daemon=True) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+        self._count_lock = threading.Lock()
         self.uploaded = 0
 
     def submit(self, node: Node, key: str, path: Path) -> None:
@@ -164,8 +182,12 @@ class Uploader:
                 return
             node, key, path = item
             try:
-                if self.remote.store(key, path, self.console.progress(f"{node}  uploading")):
-                    self.uploaded += 1
+                with phase("remote: uploads", threads=True):
+                    stored = self.remote.store(key, path, self.console.progress(f"{node}  uploading"),
+                                               ask_first=not self._known_absent(key))
+                if stored:
+                    with self._count_lock:
+                        self.uploaded += 1
                     if self.summary is not None:
                         self.summary.transfer(node, "up", _size_of(path))
             except Exception as exc:  # an upload must never fail the build
@@ -175,9 +197,12 @@ class Uploader:
 
     def finish(self, bound: float) -> None:
         """Wait for pending uploads, at most ``bound`` seconds."""
-        self._queue.put(None)
-        self._thread.join(bound)
-        if self._thread.is_alive():
+        for _ in self._threads:
+            self._queue.put(None)
+        end = time.monotonic() + bound
+        for thread in self._threads:
+            thread.join(max(0.0, end - time.monotonic()))
+        if any(thread.is_alive() for thread in self._threads):
             self.console.warn(f"gave up waiting for uploads after {bound:.0f} s; they are kept in the local cache")
 
 
@@ -226,12 +251,18 @@ class TaskRunner:
         self._lock_file: int | None = None
         self._record_cache: dict | None = None
         self._records_changed = False
-        # What a downloaded artifact may unpack to: bounded like the server's default.
-        self.limits = artifact.Limits(max_unpacked_size=64 * (ws.remote.max_artifact_size or artifact.DEFAULT_MAX_ARTIFACT_SIZE))
         self._remote_lock = threading.Lock()
         self._remote_made = False
         self.remote: RemoteCache | None = None
         self.uploader: Uploader | None = None
+        self.prefetcher: Prefetcher | None = None
+
+    @functools.cached_property
+    def limits(self):
+        """What a downloaded artifact may unpack to: bounded like the server's default."""
+        from . import artifact
+
+        return artifact.Limits(max_unpacked_size=64 * (self.ws.remote.max_artifact_size or artifact.DEFAULT_MAX_ARTIFACT_SIZE))
 
     def _get_remote(self) -> "RemoteCache | None":
         """The remote backend, made on the first local miss: a build of local hits never pays for it."""
@@ -241,11 +272,33 @@ class TaskRunner:
                 try:
                     self.remote = self._remote_factory()
                     if self.remote is not None and not self.remote.read_only:
-                        self.uploader = Uploader(self.remote, self.console, self.summary)
+                        self.uploader = Uploader(self.remote, self.console, self.summary, self._known_absent)
                 except Exception as exc:  # the remote cache only saves time: never a reason to fail
                     self.console.warn(f"the remote cache cannot be used ({_flat(exc)}); building without it")
                     self.remote = self.uploader = None
             return self.remote
+
+    def _known_absent(self, key: str) -> bool:
+        return self.prefetcher is not None and self.prefetcher.absent(key)
+
+    def prefetch(self, order: list[Node]) -> None:
+        """Ask the server at once about every task that the local cache cannot serve, and start
+        downloading its hits (see ``prefetch.py``). A run of local hits never touches the network."""
+        if self.local is None:
+            return
+        records = self._records()
+        wanted = [self.keys[node] for node in order
+                  if (records.get(str(node)) or {}).get("key") != self.keys[node] and not self.local.has(self.keys[node])]
+        if not wanted:
+            return
+        label = {self.keys[node]: f"{node}  downloading" for node in order}
+        self.prefetcher = Prefetcher(self._get_remote, self.local, self._stage, lambda key: self.console.progress(label[key]))
+        self.prefetcher.start(wanted)
+
+    def finish_prefetch(self) -> None:
+        """Throw away what was fetched for tasks that did not take it (skipped after a failure)."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
 
     # --- one task ----------------------------------------------------------------------------
 
@@ -292,12 +345,16 @@ class TaskRunner:
         task = pkg.tasks[node.task]
         key = self.keys[node]
         if self.local is not None:
-            hit = (self._outputs_in_place(node, pkg, task, key)
-                   or self._guarded(node, "local", lambda: self._try_local(node, pkg, task, key))
-                   or self._guarded(node, "remote", lambda: self._try_remote(node, pkg, task, key)))
+            with phase("tasks: outputs-in-place checks", threads=True):
+                hit = self._outputs_in_place(node, pkg, task, key)
+            with phase("tasks: local cache lookups and restores", threads=True):
+                hit = hit or self._guarded(node, "local", lambda: self._try_local(node, pkg, task, key))
+            with phase("tasks: remote hits (waits and placing)", threads=True):
+                hit = hit or self._guarded(node, "remote", lambda: self._try_remote(node, pkg, task, key))
             if hit:
                 return True
-        return self._execute(node, pkg, task, key)
+        with phase("tasks: misses (command, packing, storing)", threads=True):
+            return self._execute(node, pkg, task, key)
 
     # --- outputs already in place ----------------------------------------------------------------
     # After a task is built or restored, a record keeps its key, the signature of each output
@@ -365,6 +422,8 @@ class TaskRunner:
             self._records_changed = True
 
     def _try_local(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
+        from . import artifact
+
         path = self.local.get(key)
         if path is None:
             return False
@@ -397,6 +456,13 @@ class TaskRunner:
             return False
 
     def _try_remote(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
+        from . import artifact
+
+        known = self.prefetcher.take(key) if self.prefetcher is not None else UNKNOWN
+        if known == ABSENT:
+            return False  # the batch query said so: no GET
+        if known != UNKNOWN:
+            return self._restore_prefetched(node, pkg, task, key, known)
         remote = self._get_remote()
         if remote is None or not remote.enabled:
             return False
@@ -423,6 +489,49 @@ class TaskRunner:
             temp.unlink(missing_ok=True)
         return True
 
+    def _restore_prefetched(self, node: Node, pkg: Package, task: Task, key: str, future) -> bool:
+        """Place an artifact the prefetcher downloaded and verified (or report why it could not)."""
+        from . import artifact
+
+        try:
+            staged = future.result()
+        except artifact.ArtifactError as exc:
+            self.console.warn(f"{node}: the remote cache sent an artifact that failed verification ({exc}); building locally")
+            return False
+        except OSError as exc:
+            self.console.warn(f"{node}: could not restore the remote artifact ({exc}); building locally")
+            return False
+        if staged is None:
+            return False  # the download failed; the backend said why
+        self.summary.transfer(node, "down", staged.path.stat().st_size)
+        try:
+            self._restore(node, "hit (remote)", pkg, task, key, staged.path, keep=self.local.put, staged=staged)
+        except artifact.ArtifactError as exc:
+            self.console.warn(f"{node}: the remote cache sent an artifact that failed verification ({exc}); building locally")
+            return False
+        except OSError as exc:
+            self.console.warn(f"{node}: could not restore the remote artifact ({exc}); building locally")
+            return False
+        finally:
+            staged.discard()
+        return True
+
+    def _stage(self, key: str, path: Path) -> Staged:
+        """Verify an artifact completely into a fresh staging folder (nothing of the package is touched)."""
+        from . import artifact
+
+        staging = Path(os.path.join(self.local.tmp, f"restore-{key[:16]}-{os.getpid()}-{threading.get_ident()}"))
+        if staging.exists():
+            shutil.rmtree(staging)
+        try:
+            with open(path, "rb") as fh:
+                meta = artifact.extract(fh, staging / "outputs", logs_dir=staging / "logs", expected_key=key,
+                                        limits=self.limits)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return Staged(path, staging, meta)
+
     def _report_hit(self, node: Node, status: str, meta: dict, log: Path) -> None:
         # Counted as soon as its status line is out: a hit stays a hit if replaying its log fails.
         saved_ms = int(meta.get("duration_ms", 0))
@@ -431,19 +540,18 @@ class TaskRunner:
         self.console.log_file(node, log)
 
     def _restore(self, node: Node, status: str, pkg: Package, task: Task, key: str, path: Path,
-                 keep: Callable[[str, Path], object] | None = None) -> None:
-        """Verify the artifact into a staging folder, then swap its outputs into the package.
+                 keep: Callable[[str, Path], object] | None = None, staged: Staged | None = None) -> None:
+        """Verify the artifact into a staging folder (unless ``staged`` already is), then swap
+        its outputs into the package.
 
         An artifact may only place what the task declares as outputs, and never through a
         symlink: a poisoned cache entry must not overwrite sources or write outside the package.
         """
-        staging = Path(os.path.join(self.local.tmp, f"restore-{key[:16]}-{os.getpid()}-{threading.get_ident()}"))
-        if staging.exists():
-            shutil.rmtree(staging)
+        from . import artifact
+
+        staged = staged or self._stage(key, path)
+        staging, meta = staged.staging, staged.meta
         try:
-            with open(path, "rb") as fh:
-                meta = artifact.extract(fh, staging / "outputs", logs_dir=staging / "logs", expected_key=key,
-                                        limits=self.limits)
             check_restorable(meta["files"], meta["symlinks"], task.outputs, pkg.dir)
             self._forget_record(node)
             for stale in expand_outputs(pkg.dir, task.outputs, strict=False):
@@ -461,6 +569,8 @@ class TaskRunner:
         self._forget_record(node)
         started = time.monotonic()
         # The output goes to the console as it comes and to a file for the artifact's log.
+        import tempfile  # only a task that runs needs it
+
         capture = tempfile.NamedTemporaryFile(prefix="polykit-log-", suffix=".log", delete=False,
                                               dir=self._capture_dir())
         log = Path(capture.name)
@@ -500,6 +610,8 @@ class TaskRunner:
             return None
 
     def _store(self, node: Node, pkg: Package, task: Task, key: str, log: Path, duration_ms: int) -> None:
+        from . import artifact
+
         if task.outputs is None:
             self.console.warn(f"{node} declares no outputs: only its log is cached")
         meta = {"package": pkg.name, "task": task.name, "command": task.command,

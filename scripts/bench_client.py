@@ -17,6 +17,8 @@ client process, as a user or CI job would see it:
     python scripts/bench_client.py             # the full shape, median of 5 runs each
     python scripts/bench_client.py --quick     # smoke run: 5 packages x 20 files, 1 run each
     python scripts/bench_client.py --git       # the workspace is a git checkout (inputs via git ls-files)
+    python scripts/bench_client.py --shape 500x20     # or 10x5000: the shapes a workspace grows into
+    python scripts/bench_client.py --vs-turbo --turbo-dir DIR   # turbo side by side (bench_vs_turbo.py)
 
 Every run is checked while it is measured: the cold build must report only misses, the warm
 build only local hits, the fresh checkout only remote hits (and its outputs must be there), and
@@ -606,8 +608,9 @@ def measure_dry_runs(bench: Bench, source: Path) -> list[Figure]:
 def stat_cache_entries(state: Path) -> int:
     """How many files the stat cache remembers (0 when it is missing or unreadable)."""
     try:
-        return len(json.loads(state.read_text()).get("files", {}))
-    except (OSError, ValueError, AttributeError):
+        folders = json.loads(state.read_text()).get("folders", {})
+        return sum(len(names.split("\0")) for names, _, _ in folders.values())
+    except (OSError, ValueError, AttributeError, TypeError):
         return 0
 
 
@@ -689,6 +692,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 5 packages x 20 files, 1 run each")
+    parser.add_argument("--shape", choices=["50x200", "500x20", "10x5000"], default=None,
+                        help="packages x files per package (default: 50x200; --packages and --files win)")
+    parser.add_argument("--vs-turbo", action="store_true",
+                        help="polykit and turbo side by side on generated npm workspaces, with ratios (bench_vs_turbo.py)")
+    parser.add_argument("--shapes", default=None, help="with --vs-turbo: which shapes, comma-separated (default: all three)")
+    parser.add_argument("--turbo-dir", default=None,
+                        help="with --vs-turbo: the folder of `npm install --prefix DIR turbo@2 turborepo-remote-cache@2`"
+                             " (default: .ci/tools, else turbo on PATH)")
     parser.add_argument("--packages", type=int, default=None, help="packages (default: 50; --quick: 5)")
     parser.add_argument("--files", type=int, default=None, help="files per package (default: 200; --quick: 20)")
     parser.add_argument("--file-size", type=int, default=1024, help="bytes per file (default: 1024)")
@@ -702,16 +713,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--no-bytecode", action="store_true",
                         help="write no .pyc files: a client never compiled before is compiled at every run")
     parser.add_argument("--module", action="store_true", help="run `python -m polykit_client` instead of the console script")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds one process may take before it is killed and the benchmark fails (default: 120)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds one process may take before it is killed and the benchmark fails"
+                             " (default: 120; 900 with --vs-turbo, whose cold builds run 500 npm commands)")
     parser.add_argument("--tmp-dir", default=None, help="where the temporary folder goes (default: the system's)")
     args = parser.parse_args(list(argv))
+    shape = tuple(int(n) for n in args.shape.split("x")) if args.shape else (50, 200)
     if args.packages is None:
-        args.packages = 5 if args.quick else 50
+        args.packages = 5 if args.quick else shape[0]
     if args.files is None:
-        args.files = 20 if args.quick else 200
+        args.files = 20 if args.quick else shape[1]
     if args.repeat is None:
-        args.repeat = 1 if args.quick else 5
+        args.repeat = 1 if args.quick else 2 if args.vs_turbo else 5
+    if args.timeout is None:
+        args.timeout = 900.0 if args.vs_turbo else 120.0
     if args.chain is None:
         args.chain = min(args.packages, max(2, min(10, args.packages // 5)))
     for name in ("packages", "files", "file_size", "repeat", "jobs", "chain"):
@@ -786,6 +801,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 when it completed (targets missed or not), 1 when a check failed, 130 on Ctrl-C."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     print(machine_line(), flush=True)
+    if args.vs_turbo:
+        import bench_vs_turbo
+
+        return bench_vs_turbo.run(args)
     workdir = Path(tempfile.mkdtemp(prefix="polykit-bench-client-", dir=args.tmp_dir))
     servers: list[Server] = []
     started = time.monotonic()

@@ -291,3 +291,58 @@ def test_every_verification_reason_of_the_code_has_its_own_label():
     source = "".join(p.read_text() for p in (ROOT / "polykit_client").glob("*.py"))
     reasons = set(re.findall(r'ArtifactError\(\s*"([a-z_]+)"', source))
     assert reasons and reasons <= VERIFICATION_REASONS, reasons - VERIFICATION_REASONS
+
+
+QUERY = "/v1/artifacts"
+
+
+def test_batch_query_answers_which_keys_are_stored(app, tmp_path):
+    blob = pack_tree(tmp_path, {"dist/a.js": b"x"})
+    assert call(app, "PUT", ART, blob).status == 201
+    reply = call(app, "POST", QUERY, json.dumps({"keys": [KEY, OTHER_KEY, KEY]}).encode())
+    assert reply.status == 200 and reply.headers["content-type"] == "application/json"
+    assert reply.json() == {"artifacts": {KEY: {"size": len(blob), "sha256": sha(blob)}, OTHER_KEY: None}}
+    assert call(app, "POST", QUERY, b'{"keys": []}').json() == {"artifacts": {}}
+    assert call(app, "GET", QUERY).status == 405 and call(app, "GET", QUERY).headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize("body, word", [
+    (b"", "bad_request"), (b"nope", "bad_request"), (b"[]", "bad_request"), (b'{"hashes": []}', "bad_request"),
+    (b'{"keys": "' + KEY.encode() + b'"}', "bad_request"), (b'{"keys": [1]}', "bad_request"),
+    (b'{"keys": [[]]}', "bad_request"), (b'{"keys": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "bad_request"),
+    (b'{"keys": ["' + KEY.upper().encode() + b'"]}', "bad_key"), (b'{"keys": ["../x"]}', "bad_key"),
+])
+def test_batch_query_refuses_bad_bodies(app, body, word):
+    assert_error(call(app, "POST", QUERY, body), 400, word)
+
+
+def test_batch_query_is_bounded(app):
+    keys = [key_for(str(i)) for i in range(1000)]
+    reply = call(app, "POST", QUERY, json.dumps({"keys": keys}).encode())
+    assert reply.status == 200 and set(reply.json()["artifacts"]) == set(keys)
+    body = assert_error(call(app, "POST", QUERY, json.dumps({"keys": keys + [KEY]}).encode()), 400, "bad_request")
+    assert "at most 1000 keys" in body["message"]
+    # Refused from Content-Length, before the body is read.
+    huge = call(app, "POST", QUERY, headers={"Content-Length": str(128 * 1024 + 1)}, body_stream=ExplodingInput())
+    assert_error(huge, 413, "too_large")
+
+
+def test_batch_query_is_a_read(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("read reader-token-1\n")
+    app = new_app(tmp_path / "s", token_file=tokens)
+    body = json.dumps({"keys": [KEY]}).encode()
+    assert_error(call(app, "POST", QUERY, body), 401, "unauthorized")
+    reply = call(app, "POST", QUERY, body, headers={"Authorization": "Bearer reader-token-1"})
+    assert reply.status == 200 and reply.json() == {"artifacts": {KEY: None}}
+    anonymous = new_app(tmp_path / "t", token_file=tokens, allow_anonymous_read=True)
+    assert call(anonymous, "POST", QUERY, body).status == 200
+
+
+def test_batch_query_answers_for_the_namespace_it_is_asked_in(app, tmp_path):
+    blob = pack_tree(tmp_path, {"dist/a.js": b"x"})
+    assert call(app, "PUT", f"/team-a/v1/artifacts/{KEY}", blob).status == 201
+    body = json.dumps({"keys": [KEY]}).encode()
+    assert call(app, "POST", "/team-a/v1/artifacts", body).json() == {"artifacts": {KEY: {"size": len(blob), "sha256": sha(blob)}}}
+    assert call(app, "POST", "/team-b/v1/artifacts", body).json() == {"artifacts": {KEY: None}}
+    assert call(app, "POST", QUERY, body).json() == {"artifacts": {KEY: None}}

@@ -164,7 +164,7 @@ def test_the_stat_cache_skips_unchanged_files_and_sees_changed_ones(pk):
     old = age_tree(pk.workspace)
     before = pk.keys()
     state = json.loads((pk.workspace / ".polykit/state.json").read_text())
-    assert "packages/web/src/app.ts" in state["files"]
+    assert "app.ts" in state["folders"]["packages/web/src"][0].split("\0")
     assert pk.keys() == before
     app = pk.workspace / "packages/web/src/app.ts"
     app.write_text(app.read_text().replace("web", "WEB"))  # same size
@@ -197,3 +197,27 @@ def test_files_of_a_git_submodule_are_inputs(pk, tmp_path):
     before = pk.keys()
     (pk.workspace / "packages/web/vendor/lib.c").write_text("int y;\n")
     assert changed(before, pk.keys()) == {"web:build"}
+
+
+def test_the_stat_cache_round_trips_by_folder_and_forgets_only_what_is_damaged(tmp_path):
+    from polykit_client.cachekey import StatCache
+
+    path = tmp_path / "state.json"
+    cache = StatCache(path)
+    now = time.time_ns()
+    for i in range(2000):
+        cache.remember(f"pkg/src/m{i % 7}/f{i}.js", f"{i}:1:2:3", 1, f"{i:064x}", now)
+    cache.remember("top.txt", "5:1:2:3", 1, "ab" * 32, now)
+    cache.remember("racy.txt", "5:9:2:3", now, "cd" * 32, now)  # modified just now: not kept
+    cache.save()
+    again = StatCache(path)
+    assert again.get("pkg/src/m3/f10.js", "10:1:2:3") == f"{10:064x}"
+    assert again.get("pkg/src/m3/f10.js", "10:1:2:4") is None  # another signature: rehash
+    assert again.get("top.txt", "5:1:2:3") == "ab" * 32
+    assert again.get("racy.txt", "5:9:2:3") is None
+    data = json.loads(path.read_text())
+    data["folders"]["pkg/src/m3"] = ["f3", "only one", None]
+    path.write_text(json.dumps(data))
+    damaged = StatCache(path)
+    assert damaged.get("pkg/src/m3/f10.js", "10:1:2:3") is None
+    assert damaged.get("pkg/src/m4/f11.js", "11:1:2:3") == f"{11:064x}"

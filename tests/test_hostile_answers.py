@@ -125,13 +125,41 @@ def test_a_build_against_a_hostile_answer_builds_locally_with_one_warning(one_ta
     shutil.rmtree(one_task.workspace / "packages" / "web" / "dist", ignore_errors=True)
     with serve_raw(raw) as server:
         out = one_task.run("build", "--remote-cache-readonly", "--remote-cache-url", f"http://127.0.0.1:{server.port}")
-    assert server.heads and server.heads[0].startswith(b"GET /v1/artifacts/")
+    # One batch query, which warns about nothing; the task's own GET (retried) is what warns.
+    posts = [head for head in server.heads if head.startswith(b"POST /v1/artifacts HTTP/1.1\r\n")]
+    gets = [head for head in server.heads if head.startswith(b"GET /v1/artifacts/")]
+    assert len(posts) == 1 and gets and len(posts) + len(gets) == len(server.heads)
     assert one_task.ran() == ["web:build"]
     assert [line for line in out.stdout.splitlines() if line.startswith("web:build")] == ["web:build  miss"]
     assert (one_task.workspace / "packages" / "web" / "dist" / "app.js").read_text() == "local\n"
     warnings = out.stderr.splitlines()
     assert len(warnings) == 1 and warnings[0].startswith("warning: remote cache http://127.0.0.1:"), out.stderr
     assert "0 remote hits, 1 misses, 0 failed" in out.stdout
+
+
+# Answers to the batch query (POST /v1/artifacts) that are HTTP but not a usable answer.
+QUERY_ANSWERS = {
+    **ANSWERS,
+    "200 with a body that is not JSON": answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1000"),
+    "200 with JSON of another shape": answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2", b"[]"),
+    "200 with artifacts not an object": answer(b"HTTP/1.1 200 OK\r\nContent-Length: 17", b'{"artifacts": []}'),
+    "200 with an entry of the wrong type": answer(b"HTTP/1.1 200 OK\r\nContent-Length: 88",
+                                                  b'{"artifacts": {"' + KEY.encode() + b'": 1}}'.ljust(88)),
+    "200 with deeply nested JSON": answer(b"HTTP/1.1 200 OK\r\nContent-Length: 60000", b"[" * 60_000),
+    "200 with 2 MB of JSON": answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2000020",
+                                    b'{"artifacts": {}, "pad": "' + b"a" * 2_000_000 + b'"}'[:2_000_020]),
+}
+
+
+@pytest.mark.parametrize("raw", list(QUERY_ANSWERS.values()), ids=list(QUERY_ANSWERS))
+def test_a_hostile_answer_to_the_batch_query_is_no_answer_and_no_warning(raw):
+    """The batch query only saves round trips: the task's own GET is asked next, and warns."""
+    warnings: list = []
+    with serve_raw(raw) as server:
+        remote = remote_for(server.port, warnings)
+        assert remote.which([KEY]) is None
+    assert warnings == [] and remote.enabled
+    assert len(server.heads) == 1 and server.heads[0].startswith(b"POST /v1/artifacts HTTP/1.1\r\n")
 
 
 # --- the deadline of a transfer -------------------------------------------------------------
@@ -296,7 +324,7 @@ class Unforeseen:
     def fetch(self, key, dest, progress=None):
         raise RuntimeError("unforeseen\nin two lines")
 
-    def store(self, key, path, progress=None):
+    def store(self, key, path, progress=None, ask_first=True):
         raise RuntimeError("unforeseen upload")
 
 
