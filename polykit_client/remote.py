@@ -12,7 +12,8 @@ the client runs from a zipapp on a bare build agent.
 Whatever a server (or something posing as one) answers is bounded: http.client refuses a status
 or header line over 64 KiB and more than 100 header fields, error bodies are read up to 64 KiB,
 and every transfer has an overall deadline (``deadline.py``) besides the per-read timeout.
-Proxies come from the environment as curl reads it (``proxy.py``).
+Proxies come from the environment as curl reads it (``proxy.py``); connections are kept alive
+and reused between requests (``connections.py``).
 """
 
 from __future__ import annotations
