@@ -20,7 +20,7 @@ class CacheHandler(http.server.BaseHTTPRequestHandler):
     ``server.mode`` makes it misbehave: "drop-second" closes a connection, unanswered, when a
     second request arrives on it (the race of a server closing an idle connection);
     "refuse-put" answers 413 to a PUT without reading its body; "short-get" announces a body and
-    sends half of it, then waits.
+    sends half of it, then waits; "short-second" does so from the second request on a connection.
     """
 
     protocol_version = "HTTP/1.1"
@@ -68,7 +68,7 @@ class CacheHandler(http.server.BaseHTTPRequestHandler):
         blob = self.server.store.get(self.path.rsplit("/", 1)[-1])
         if blob is None:
             self._send(404, b'{"error": "not_found", "message": "No such artifact."}', send_body=send_body)
-        elif self.server.mode == "short-get" and send_body:
+        elif send_body and (self.server.mode == "short-get" or (self.server.mode == "short-second" and self.served > 1)):
             self.send_response(200)
             self.send_header("Content-Length", str(len(blob)))
             self.send_header("X-Artifact-Hash", sha(blob))
@@ -169,3 +169,15 @@ def test_no_reuse_after_a_truncated_body(tmp_path):
         assert len(warnings) == 1 and "after" in warnings[0]
         assert remote.exists(OTHER_KEY)  # on a new connection: the old one holds half a body
     assert server.accepted == 2
+
+
+def test_the_deadline_shuts_down_a_reused_connection(tmp_path):
+    _, blob = artifact(tmp_path)
+    with cache_server("short-second", store={OTHER_KEY: blob}) as server:
+        warnings: list = []
+        # The per-read timeout alone would wait a minute: only the deadline ends the transfer.
+        remote = remote_for(server.server_address[1], warnings, retries=0, timeout=60, deadline=1)
+        assert remote.fetch(OTHER_KEY, io.BytesIO())
+        assert remote.fetch(OTHER_KEY, io.BytesIO()) is False  # on the kept connection, which stalls
+        assert len(warnings) == 1 and "deadline of 1 s" in warnings[0]
+    assert server.accepted == 1
