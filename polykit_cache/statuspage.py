@@ -135,30 +135,17 @@ def _bars_chart(title: str, slots: list[tuple[str, list[tuple[str, int]]]], rate
     return "".join(out)
 
 
-def _last_day_chart(history: dict, now: float) -> str:
-    """Hits and misses per hour over the last 24 hours, with the hit rate."""
-    by_hour = {row["t"]: row for row in history["hours"]}
-    start = int(now // 3600) * 3600 - 23 * 3600
+def _lookups_chart(rows: list[dict], now: float, step: int, count: int, label: str, title: str) -> str:
+    """Hits and misses per bucket of ``step`` seconds over the last ``count`` buckets, with the hit rate."""
+    by_start = {row["t"]: row for row in rows}
+    start = int(now // step) * step - (count - 1) * step
     slots, rates = [], []
-    for t in range(start, start + 24 * 3600, 3600):
-        row = by_hour.get(t, {"hits": 0, "misses": 0})
-        slots.append((time.strftime("%H:00", time.gmtime(t)), [("hit", row["hits"]), ("miss", row["misses"])]))
+    for t in range(start, start + count * step, step):
+        row = by_start.get(t, {"hits": 0, "misses": 0})
+        slots.append((time.strftime(label, time.gmtime(t)), [("hit", row["hits"]), ("miss", row["misses"])]))
         total = row["hits"] + row["misses"]
         rates.append(row["hits"] / total if total else None)
-    return _bars_chart("Hits and misses per hour, last 24 hours (UTC)", slots, rates, "lookups")
-
-
-def _last_hour_chart(history: dict, now: float) -> str:
-    """Hits and misses per minute over the last hour, with the hit rate."""
-    by_minute = {row["t"]: row for row in history["minutes"]}
-    start = int(now // 60) * 60 - 59 * 60
-    slots, rates = [], []
-    for t in range(start, start + 60 * 60, 60):
-        row = by_minute.get(t, {"hits": 0, "misses": 0})
-        slots.append((time.strftime("%H:%M", time.gmtime(t)), [("hit", row["hits"]), ("miss", row["misses"])]))
-        total = row["hits"] + row["misses"]
-        rates.append(row["hits"] / total if total else None)
-    return _bars_chart("Hits and misses per minute, last hour (UTC)", slots, rates, "lookups")
+    return _bars_chart(title, slots, rates, "lookups")
 
 
 def _saved_chart(history: dict, now: float) -> str:
@@ -277,8 +264,10 @@ def render(stats: dict, refresh: int | None = None, now: float | None = None) ->
         [("last 24 hours", _figure("history.windows.day.rejected", day["rejected"], str(day["rejected"])))]))
 
     legend = '<p class="muted"><span class="key hit"></span>hits<span class="key miss"></span>misses</p>'
-    charts = (_card("Lookups, last hour", _last_hour_chart(history, now) + legend)
-              + _card("Lookups, last 24 hours", _last_day_chart(history, now) + legend)
+    charts = (_card("Lookups, last hour", _lookups_chart(
+                  history["minutes"], now, 60, 60, "%H:%M", "Hits and misses per minute, last hour (UTC)") + legend)
+              + _card("Lookups, last 24 hours", _lookups_chart(
+                  history["hours"], now, 3600, 24, "%H:00", "Hits and misses per hour, last 24 hours (UTC)") + legend)
               + _card("Time saved, last 30 days", _saved_chart(history, now)
                       + '<p class="muted"><span class="key saved"></span>build time saved</p>'))
     tasks = (_card("Tasks that save the most", _task_table(history["top_saving"], "history.top_saving",

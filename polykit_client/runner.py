@@ -456,8 +456,6 @@ class TaskRunner:
             return False
 
     def _try_remote(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
-        from . import artifact
-
         known = self.prefetcher.take(key) if self.prefetcher is not None else UNKNOWN
         if known == ABSENT:
             return False  # the batch query said so: no GET
@@ -477,17 +475,9 @@ class TaskRunner:
             if not ok:
                 return False
             self.summary.transfer(node, "down", temp.stat().st_size)
-            try:
-                self._restore(node, "hit (remote)", pkg, task, key, temp, keep=self.local.put)
-            except artifact.ArtifactError as exc:
-                self.console.warn(f"{node}: the remote cache sent an artifact that failed verification ({exc}); building locally")
-                return False
-            except OSError as exc:
-                self.console.warn(f"{node}: could not restore the remote artifact ({exc}); building locally")
-                return False
+            return self._restore_remote(node, pkg, task, key, temp)
         finally:
             temp.unlink(missing_ok=True)
-        return True
 
     def _restore_prefetched(self, node: Node, pkg: Package, task: Task, key: str, future) -> bool:
         """Place an artifact the prefetcher downloaded and verified (or report why it could not)."""
@@ -505,15 +495,22 @@ class TaskRunner:
             return False  # the download failed; the backend said why
         self.summary.transfer(node, "down", staged.path.stat().st_size)
         try:
-            self._restore(node, "hit (remote)", pkg, task, key, staged.path, keep=self.local.put, staged=staged)
+            return self._restore_remote(node, pkg, task, key, staged.path, staged=staged)
+        finally:
+            staged.discard()
+
+    def _restore_remote(self, node: Node, pkg: Package, task: Task, key: str, path: Path, **kwargs) -> bool:
+        """Restore a downloaded artifact; a refusal or a failure is one warning and a local build."""
+        from . import artifact
+
+        try:
+            self._restore(node, "hit (remote)", pkg, task, key, path, keep=self.local.put, **kwargs)
         except artifact.ArtifactError as exc:
             self.console.warn(f"{node}: the remote cache sent an artifact that failed verification ({exc}); building locally")
             return False
         except OSError as exc:
             self.console.warn(f"{node}: could not restore the remote artifact ({exc}); building locally")
             return False
-        finally:
-            staged.discard()
         return True
 
     def _stage(self, key: str, path: Path) -> Staged:
