@@ -12,12 +12,12 @@ the client runs from a zipapp on a bare build agent.
 Whatever a server (or something posing as one) answers is bounded: http.client refuses a status
 or header line over 64 KiB and more than 100 header fields, error bodies are read up to 64 KiB,
 and every transfer has an overall deadline (``deadline.py``) besides the per-read timeout.
-Proxies come from the environment as curl reads it (``proxy.py``).
+Proxies come from the environment as curl reads it (``proxy.py``); connections are kept alive
+and reused between requests (``connections.py``).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import http.client
 import json
@@ -35,6 +35,7 @@ from typing import BinaryIO, Callable, Mapping, TypeVar
 
 from . import __version__
 from .artifact import MAX_COMPONENTS
+from .connections import KeepAliveMixin, Pool, StaleConnection, release
 from .deadline import Deadline, Watchdog
 from .proxy import Proxy, proxy_for
 
@@ -93,24 +94,26 @@ class _EarlyAnswerMixin:
     _body: object = None
     _send_error: OSError | None = None
 
-    def __init__(self, *args, deadline: Deadline | None = None, **kwargs) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("blocksize", CHUNK)  # large sends: 8 KiB blocks cap an upload's speed
         super().__init__(*args, **kwargs)
-        self._deadline = deadline
-        if deadline is not None:
-            create = self._create_connection
+        # The deadline of the request in flight, set per request: a kept-alive connection
+        # serves many transfers, and may reconnect (http.client's auto_open) for any of them.
+        self.deadline: Deadline | None = None
+        create = self._create_connection
 
-            def created(*args, **kwargs):
-                sock = create(*args, **kwargs)
-                deadline.watch(sock)  # the plain socket: a proxy's CONNECT answer is read on it
-                return sock
+        def created(*args, **kwargs):
+            sock = create(*args, **kwargs)
+            if self.deadline is not None:
+                self.deadline.watch(sock)  # the plain socket: a proxy's CONNECT answer is read on it
+            return sock
 
-            self._create_connection = created
+        self._create_connection = created
 
     def connect(self):
         super().connect()
-        if self._deadline is not None:
-            self._deadline.watch(self.sock)  # the TLS socket, when there is one
+        if self.deadline is not None:
+            self.deadline.watch(self.sock)  # the TLS socket, when there is one
 
     def request(self, method, url, body=None, headers=None, **kwargs):
         self._body, self._send_error = body, None
@@ -140,26 +143,21 @@ class _HTTPConnection(_EarlyAnswerMixin, http.client.HTTPConnection):
     pass
 
 
-def _with_deadline(connection_class: type, req: urllib.request.Request) -> Callable[..., http.client.HTTPConnection]:
-    return functools.partial(connection_class, deadline=getattr(req, "deadline", None))
-
-
-class _HTTPHandler(urllib.request.HTTPHandler):
+class _HTTPHandler(KeepAliveMixin, urllib.request.HTTPHandler):
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_with_deadline(_HTTPConnection, req), req)
+        return self.do_open(_HTTPConnection, req)
 
 
-def _build_opener() -> urllib.request.OpenerDirector:
-    """An opener without redirects: a cache that redirects is misconfigured, and a PUT body
-    cannot be replayed to another address anyway (the warning shows the Location instead).
-    Nor with urllib's ProxyHandler: the proxy is chosen per request, as curl chooses it."""
-    handlers: list[urllib.request.BaseHandler] = [
-        _HTTPHandler(),
-        urllib.request.HTTPDefaultErrorHandler(),
-        urllib.request.HTTPErrorProcessor(),
-    ]
+def _build_opener(pool: Pool) -> urllib.request.OpenerDirector:
+    """An opener whose connections are kept alive in ``pool`` (``connections.py``).
+
+    Every answer comes back as it is, errors included: no redirects, since a cache that
+    redirects is misconfigured and a PUT body cannot be replayed to another address anyway (the
+    warning shows the Location instead). Nor with urllib's ProxyHandler: the proxy is chosen per
+    request, as curl chooses it."""
+    handlers: list[urllib.request.BaseHandler] = [_HTTPHandler(pool)]
     if hasattr(http.client, "HTTPSConnection"):  # a Python built without ssl has no https
-        handlers.append(_https_handler())
+        handlers.append(_https_handler(pool))
     opener = urllib.request.OpenerDirector()
     for handler in handlers:
         opener.add_handler(handler)
@@ -167,15 +165,15 @@ def _build_opener() -> urllib.request.OpenerDirector:
     return opener
 
 
-def _https_handler() -> urllib.request.BaseHandler:
+def _https_handler(pool: Pool) -> urllib.request.BaseHandler:
     class _HTTPSConnection(_EarlyAnswerMixin, http.client.HTTPSConnection):
         pass
 
-    class _HTTPSHandler(urllib.request.HTTPSHandler):
+    class _HTTPSHandler(KeepAliveMixin, urllib.request.HTTPSHandler):
         def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-            return self.do_open(_with_deadline(_HTTPSConnection, req), req, context=self._context)
+            return self.do_open(_HTTPSConnection, req, context=self._context)
 
-    return _HTTPSHandler()
+    return _HTTPSHandler(pool)
 
 
 class _UploadBody:
@@ -228,6 +226,13 @@ class _Failure(Exception):
         self.reason = reason
         self.transient = transient
         self.retry = retry
+
+
+class _Stale(_Failure):
+    """A reused connection turned out closed by the server before any answer (``connections.py``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, transient=True)
 
 
 def _one_line(text: str, limit: int = MAX_MESSAGE) -> str:
@@ -380,7 +385,8 @@ class RemoteCache:
         self.bytes_up = 0
         self._failures = 0
         self._lock = threading.Lock()
-        self._opener = _build_opener()
+        self._pool = Pool()
+        self._opener = _build_opener(self._pool)
         self._watchdog = Watchdog()
 
     @staticmethod
@@ -393,6 +399,10 @@ class RemoteCache:
         if _TOKEN.fullmatch(token) is None:
             raise ValueError("the remote cache token contains spaces, control or non-ASCII characters")
         return token
+
+    def close(self) -> None:
+        """Close the idle kept-alive connections (the object stays usable: it opens new ones)."""
+        self._pool.close()
 
     def __repr__(self) -> str:
         auth = ", token=<set>" if self._token else ""
@@ -547,7 +557,16 @@ class RemoteCache:
         such (the watchdog's shutdown shows up as a dropped connection), and is not retried."""
         deadline = self._watchdog.start(self.deadline_for(size))
         try:
-            return attempt(deadline)
+            try:
+                return attempt(deadline)
+            except _Stale:
+                # RFC 9112 section 9.3.1: the server closed the kept-alive connection while it
+                # was idle, so the request never reached it. Sent once more, on a new connection;
+                # the attempt builds its request afresh (an upload rewinds its file), and the
+                # other idle connections, likely closed too, are dropped.
+                self._pool.close()
+                self._pool.fresh_next()
+                return attempt(deadline)
         except Exception:
             if deadline.expired:
                 raise _Failure(f"the transfer took longer than its deadline of {deadline.seconds:g} s",
@@ -708,8 +727,8 @@ class RemoteCache:
         become a transient ``_Failure``."""
         try:
             return _Answer(self._opener.open(request, timeout=self.timeout))
-        except urllib.error.HTTPError as answer:
-            return _Answer(answer)
+        except StaleConnection as exc:
+            raise _Stale(_describe(exc.error, self.timeout)) from None
         except _FileChanged as exc:
             raise _Failure(str(exc), transient=False) from None
         except (OSError, http.client.HTTPException) as exc:
@@ -756,11 +775,12 @@ class RemoteCache:
 
 
 class _Answer:
-    """An HTTP answer, success or error alike, closed after use so no socket is left open."""
+    """An HTTP answer, success or error alike, released after use: its connection is reused or
+    closed, so no socket is left half-read."""
 
-    def __init__(self, response: http.client.HTTPResponse | urllib.error.HTTPError) -> None:
+    def __init__(self, response: http.client.HTTPResponse) -> None:
         self.response = response
-        self.status: int = response.status if isinstance(response, http.client.HTTPResponse) else response.code
+        self.status: int = response.status
         self.headers = response.headers
 
     def read(self, amount: int) -> bytes:
@@ -776,8 +796,9 @@ class _Answer:
     def __enter__(self) -> _Answer:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.response.close()
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        # The connection is kept for the next request only when this exchange went cleanly.
+        release(self.response, clean=exc_type is None)
 
 
 class _Download:
