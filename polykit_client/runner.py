@@ -485,12 +485,8 @@ class TaskRunner:
 
         try:
             staged = future.result()
-        except artifact.ArtifactError as exc:
-            self.console.warn(f"{node}: the remote cache sent an artifact that failed verification ({exc}); building locally")
-            return False
-        except OSError as exc:
-            self.console.warn(f"{node}: could not restore the remote artifact ({exc}); building locally")
-            return False
+        except (artifact.ArtifactError, OSError) as exc:
+            return self._remote_restore_failed(node, exc)
         if staged is None:
             return False  # the download failed; the backend said why
         self.summary.transfer(node, "down", staged.path.stat().st_size)
@@ -505,13 +501,19 @@ class TaskRunner:
 
         try:
             self._restore(node, "hit (remote)", pkg, task, key, path, keep=self.local.put, **kwargs)
-        except artifact.ArtifactError as exc:
-            self.console.warn(f"{node}: the remote cache sent an artifact that failed verification ({exc}); building locally")
-            return False
-        except OSError as exc:
-            self.console.warn(f"{node}: could not restore the remote artifact ({exc}); building locally")
-            return False
+        except (artifact.ArtifactError, OSError) as exc:
+            return self._remote_restore_failed(node, exc)
         return True
+
+    def _remote_restore_failed(self, node: Node, exc: Exception) -> bool:
+        """The one warning for a downloaded artifact that could not be restored; the task builds."""
+        from . import artifact
+
+        if isinstance(exc, artifact.ArtifactError):
+            self.console.warn(f"{node}: the remote cache sent an artifact that failed verification ({exc}); building locally")
+        else:
+            self.console.warn(f"{node}: could not restore the remote artifact ({exc}); building locally")
+        return False
 
     def _stage(self, key: str, path: Path) -> Staged:
         """Verify an artifact completely into a fresh staging folder (nothing of the package is touched)."""
