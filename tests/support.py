@@ -300,6 +300,23 @@ def request(port: int, method: str, path: str, body: bytes | None = None, header
         conn.close()
 
 
+def race_uploads(port: int, path: str, bodies: list[bytes]) -> list[int | None]:
+    """PUT each body to one path at once (threads released together); the statuses, in order."""
+    barrier = threading.Barrier(len(bodies))
+    statuses: list[int | None] = [None] * len(bodies)
+
+    def upload(i: int) -> None:
+        barrier.wait()
+        statuses[i] = request(port, "PUT", path, bodies[i])[0]
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return statuses
+
+
 @contextmanager
 def serve_handler(handler_class, **attributes):
     """A stdlib HTTP server on a free loopback port, for imitating a broken or lying cache server."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from polykit_client import artifact
-from support import KEY, ServerProcess, key_for, pack_tree, request, sha, thread_server
+from support import KEY, ServerProcess, key_for, pack_tree, race_uploads, request, sha, thread_server
 
 ART = f"/v1/artifacts/{KEY}"
 
@@ -67,18 +67,7 @@ def test_a_malformed_request_gets_a_json_400_and_the_server_keeps_serving(tmp_pa
 def test_eight_concurrent_uploads_of_one_key_give_exactly_one_201(tmp_path):
     blobs = [pack_tree(tmp_path / str(i), {"a": os.urandom(300_000)}) for i in range(8)]
     with thread_server(tmp_path / "store", threads=8) as (port, _):
-        barrier = threading.Barrier(8)
-        statuses = [None] * 8
-
-        def upload(i):
-            barrier.wait()
-            statuses[i] = request(port, "PUT", ART, blobs[i])[0]
-
-        threads = [threading.Thread(target=upload, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        statuses = race_uploads(port, ART, blobs)
         assert sorted(statuses) == [201] + [409] * 7
         winner = blobs[statuses.index(201)]
         assert request(port, "GET", ART)[2] == winner

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from support import KEY, ServerProcess, key_for, pack_tree, request
+from support import KEY, ServerProcess, key_for, pack_tree, race_uploads, request
 
 ART = f"/v1/artifacts/{KEY}"
 WORKERS = pytest.mark.parametrize("workers", [1, 2])
@@ -52,18 +52,7 @@ def test_concurrent_uploads_of_one_key_give_exactly_one_201(tmp_path, workers):
     blobs = [pack_tree(tmp_path / str(i), {"a": os.urandom(200_000)}) for i in range(8)]
     server = start(tmp_path, workers)
     try:
-        barrier = threading.Barrier(8)
-        statuses: list[int | None] = [None] * 8
-
-        def upload(i: int) -> None:
-            barrier.wait()
-            statuses[i] = request(server.port, "PUT", ART, blobs[i])[0]
-
-        threads = [threading.Thread(target=upload, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        statuses = race_uploads(server.port, ART, blobs)
         assert sorted(statuses) == [201] + [409] * 7
         winner = blobs[statuses.index(201)]
         for _ in range(6):  # fresh connections: any worker may answer
