@@ -176,6 +176,9 @@ def _why(ws, args) -> int:
     except ValueError as exc:  # the server could not answer
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        if remote is not None:
+            remote.close()
 
 
 def _build(ws, task: str, args) -> int:
@@ -225,6 +228,8 @@ def _build(ws, task: str, args) -> int:
     if uploader is not None:
         with phase("uploads: waiting for the last"):
             uploader.finish(UPLOAD_WAIT_SECONDS)
+    if remote is not None:
+        remote.close()  # the kept-alive connections: the server need not keep them until its idle timeout
     if local is not None and summary.misses:
         local.trim()
     moved = (remote.bytes_down + remote.bytes_up) if remote is not None else 0
