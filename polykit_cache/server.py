@@ -59,15 +59,16 @@ class Server:
 
     Stopping (RFC 9112 section 9.6, "tear-down"): the listening sockets close, idle connections
     (kept alive between requests) close at once, and a connection in the middle of a request
-    closes once its answer is sent (with ``Connection: close``). After ``DRAIN_SECONDS`` what is
-    left is closed, so a client that never finishes cannot hold the stop up.
+    closes once its answer is sent (with ``Connection: close``). After ``DRAIN_SECONDS`` (or
+    ``drain_seconds``) what is left is closed, so a client that never finishes cannot hold the stop up.
     """
 
     def __init__(self, app: Callable, config: Config, admit: Admit | None = None,
-                 sockets: list[socket.socket] | None = None) -> None:
+                 sockets: list[socket.socket] | None = None, drain_seconds: float = DRAIN_SECONDS) -> None:
         """``admit`` judges each request on its head alone (see :meth:`CacheApp.admit`); the app's own by default.
 
         ``sockets`` are listening sockets bound already (:func:`bind`), shared by worker processes.
+        ``drain_seconds`` bounds the drain when the server stops.
         """
         if admit is None:
             admit = getattr(app, "admit", None)
@@ -89,6 +90,7 @@ class Server:
                 for sock in sockets
             ]
         # Asked to stop (close() or a signal); read by the I/O thread at each turn of its loop.
+        self._drain_seconds = drain_seconds
         self._stop_asked = False
         # The listeners' triggers (the pipes that wake the I/O thread) are closed: none may be pulled.
         self._finished = False
@@ -150,8 +152,8 @@ class Server:
         deadline = None
         while self._map:
             if self._stop_asked and deadline is None:
-                log.info("stopping: no new connections; requests in progress have %.0f s to finish", DRAIN_SECONDS)
-                deadline = time.monotonic() + DRAIN_SECONDS
+                log.info("stopping: no new connections; requests in progress have %.0f s to finish", self._drain_seconds)
+                deadline = time.monotonic() + self._drain_seconds
                 for listener in self._listeners:
                     listener.drain()
             if deadline is not None:
@@ -159,7 +161,7 @@ class Server:
                     return
                 if time.monotonic() >= deadline:
                     log.warning("closing %d connections still busy after %.0f s",
-                                sum(len(listener.active_channels) for listener in self._listeners), DRAIN_SECONDS)
+                                sum(len(listener.active_channels) for listener in self._listeners), self._drain_seconds)
                     return
             wasyncore.loop(timeout=self._adj.asyncore_loop_timeout, map=self._map,
                            use_poll=self._adj.asyncore_use_poll, count=1)

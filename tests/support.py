@@ -229,11 +229,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(storage_dir: Path, **settings):
+def running_server(storage_dir: Path, drain_seconds: float | None = None, **settings):
     """The real waitress server on a free loopback port, running in a thread of this process:
     yields the Server and the thread serving it (which ends once the server has drained)."""
     config = Config(storage_dir=storage_dir, port=0, **settings)
-    server = Server(new_app(storage_dir, **settings), config)
+    server = Server(new_app(storage_dir, **settings), config,
+                    **({} if drain_seconds is None else {"drain_seconds": drain_seconds}))
     thread = threading.Thread(target=server.run, kwargs={"install_signals": False}, daemon=True)
     thread.start()
     try:
