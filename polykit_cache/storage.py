@@ -651,9 +651,9 @@ class Storage(Store):
         return Stat("polykit", key, info.size, info.sha256, info.created, info.meta, path)
 
     def _vanished(self, key: str) -> None:
-        """An artifact file not found: forget it if its metadata is left (removed behind our back:
-        verify's quarantine, gc); a key never stored costs no more than this one check."""
-        if os.path.exists(self._zst(key)[:-4] + ".json"):
+        """An artifact file not found: forget it if it was served or its metadata is left (removed
+        behind our back: verify's quarantine, gc); a key never stored costs no more than one check."""
+        if key in self._info or os.path.exists(self._zst(key)[:-4] + ".json"):
             self.forget(key)
 
     @staticmethod
