@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import threading
 import time
 
@@ -215,11 +216,20 @@ def test_one_max_storage_bound_and_one_use_order_over_every_worker(tmp_path, wor
     keys = list(blobs)
     bound = 10 * disk_cost(max(len(b) for b in blobs.values()))
     server = start(tmp_path, workers, "--max-storage", str(bound))
+
+    def last_use(key: str) -> int:
+        """The use of an entry the workers' shared index holds (each worker writes its uses every tick)."""
+        with sqlite3.connect(tmp_path / "store" / "server-state.sqlite3") as db:
+            return db.execute("SELECT used FROM entries WHERE key = ?", (key,)).fetchone()[0]
+
     try:
         for key in keys:
             assert request(server.port, "PUT", f"/v1/artifacts/{key}", blobs[key])[0] == 201
+            before = last_use(keys[0]) if workers > 1 else 0
             # The first key is read between uploads, over new connections (any worker): it stays.
             assert request(server.port, "HEAD", f"/v1/artifacts/{keys[0]}")[0] == 200
+            if workers > 1:  # another worker's eviction counts the read once its worker wrote it
+                wait_for(lambda: last_use(keys[0]) > before, "the read is written to the shared index")
         figures = stats(server.port)
         on_disk = sorted(p.stem for p in (tmp_path / "store").glob("??/??/*.zst"))
         assert figures["artifacts"] == len(on_disk) <= 10
