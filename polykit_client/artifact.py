@@ -390,15 +390,15 @@ def _read_metadata_member(tar: TarReader, limits: Limits) -> dict:
 
 def _verify_member(tar: TarReader, info: Member, members: dict, sink: Sink | None) -> None:
     name = info.name
-    if name.startswith(OUTPUTS_PREFIX):
-        check_relpath(name[len(OUTPUTS_PREFIX):], "member")
-    elif name.startswith(LOGS_PREFIX):
-        check_relpath(name[len(LOGS_PREFIX):], "member")
-    else:
-        check_relpath(name, "member")
-        raise ArtifactError("unlisted_member", f"member {name!r} is outside outputs/ and logs/")
     expected = members.pop(name, None)
-    if expected is None:
+    if expected is None:  # a listed name was checked with its manifest entry; say what is wrong with this one
+        if name.startswith(OUTPUTS_PREFIX):
+            check_relpath(name[len(OUTPUTS_PREFIX):], "member")
+        elif name.startswith(LOGS_PREFIX):
+            check_relpath(name[len(LOGS_PREFIX):], "member")
+        else:
+            check_relpath(name, "member")
+            raise ArtifactError("unlisted_member", f"member {name!r} is outside outputs/ and logs/")
         raise ArtifactError("unlisted_member", f"member {name!r} is not listed in the metadata (or repeated)")
     kind = expected[0]
     if kind == "dir":
