@@ -672,11 +672,34 @@ def pack(
     would accept (names one filesystem merges, a manifest over the bounds) raise
     :class:`ArtifactError` before anything is written.
     """
+    prepared = prepare(root, outputs, metadata, log=log, cache_key=cache_key, limits=limits)
+    prepared.write(dest, level)
+    return prepared.meta
+
+
+def prepare(
+    root: Path,
+    outputs: Iterable[str],
+    metadata: dict,
+    *,
+    log: bytes | Path = b"",
+    cache_key: str,
+    limits: Limits = Limits(),
+) -> "Prepared":
+    """The first half of :func:`pack`: hash the outputs and check the manifest, write nothing.
+
+    The bytes of small outputs and of a short log are held from here on (see
+    :data:`KEEP_BUDGET`), so what :meth:`Prepared.write` writes later is what was hashed now;
+    larger files are hashed again as they are written.
+    """
     if not is_cache_key(cache_key):
         raise ArtifactError("bad_metadata", f"invalid cache key {cache_key!r}")
     root = Path(root)
     kept: dict[str, bytes] = {}
     files, links = collect_outputs(root, outputs, kept)
+    if isinstance(log, Path) and os.stat(log).st_size <= KEEP_SMALL_FILE:
+        body = _read_small(log)
+        log = body if body is not None else log
     meta = dict(metadata)
     meta.update(
         format=FORMAT,
@@ -690,31 +713,46 @@ def pack(
         raise ArtifactError("bad_metadata", f"the manifest would be over {limits.max_metadata_size} bytes")
     _check_json_shape(blob, limits)
     check_manifest(meta, cache_key, limits)
-    with zstd.CompressingWriter(dest, level) as writer:
-        tar = TarWriter(writer)
-        _add_file(tar, METADATA_NAME, 0o644, blob)
-        entries = [(p, "file") for p in files] + [(p, "link") for p in links]
-        for rel, kind in sorted(entries):
-            name = OUTPUTS_PREFIX + rel
-            if kind == "link":
-                tar.add(name, tarfile.SYMTYPE, LINK_MODE, target=links[rel])
-                continue
-            entry = files[rel]
-            if entry.get("type") == "dir":
-                tar.add(name, tarfile.DIRTYPE, DIR_MODE)
-            elif rel in kept:
-                _add_file(tar, name, entry["mode"], kept.pop(rel))
+    return Prepared(root, meta, blob, kept, log)
+
+
+@dataclass
+class Prepared:
+    """Outputs hashed and a manifest checked by :func:`prepare`, ready to be written."""
+
+    root: Path
+    meta: dict
+    blob: bytes  # the manifest's JSON
+    kept: dict[str, bytes]
+    log: bytes | Path
+
+    def write(self, dest: BinaryIO, level: int = zstd.DEFAULT_LEVEL) -> None:
+        """The artifact, compressed into ``dest``; once only (the kept bodies are let go as written)."""
+        files, links, kept = self.meta["files"], self.meta["symlinks"], self.kept
+        with zstd.CompressingWriter(dest, level) as writer:
+            tar = TarWriter(writer)
+            _add_file(tar, METADATA_NAME, 0o644, self.blob)
+            entries = [(p, "file") for p in files] + [(p, "link") for p in links]
+            for rel, kind in sorted(entries):
+                name = OUTPUTS_PREFIX + rel
+                if kind == "link":
+                    tar.add(name, tarfile.SYMTYPE, LINK_MODE, target=links[rel])
+                    continue
+                entry = files[rel]
+                if entry.get("type") == "dir":
+                    tar.add(name, tarfile.DIRTYPE, DIR_MODE)
+                elif rel in kept:
+                    _add_file(tar, name, entry["mode"], kept.pop(rel))
+                else:
+                    with open(self.root / rel, "rb", buffering=0) as fh:
+                        _copy_file(tar, name, entry, fh, f"output {rel!r}")
+            entry = self.meta["logs"][LOG_NAME]
+            if isinstance(self.log, Path):
+                with open(self.log, "rb", buffering=0) as fh:
+                    _copy_file(tar, LOGS_PREFIX + LOG_NAME, dict(entry, mode=0o644), fh, "the log")
             else:
-                with open(root / rel, "rb", buffering=0) as fh:
-                    _copy_file(tar, name, entry, fh, f"output {rel!r}")
-        entry = meta["logs"][LOG_NAME]
-        if isinstance(log, Path):
-            with open(log, "rb", buffering=0) as fh:
-                _copy_file(tar, LOGS_PREFIX + LOG_NAME, dict(entry, mode=0o644), fh, "the log")
-        else:
-            _add_file(tar, LOGS_PREFIX + LOG_NAME, 0o644, log)
-        tar.close()
-    return meta
+                _add_file(tar, LOGS_PREFIX + LOG_NAME, 0o644, self.log)
+            tar.close()
 
 
 def _add_file(tar: TarWriter, name: str, mode: int, body: bytes) -> None:
