@@ -77,8 +77,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Sequence
 
-from _bench import (find_node_tool, load_average, machine_line, node_server_env, stop_process,  # scripts/ is on
-                    usable_cpus)  # sys.path when a script runs
+# scripts/ is on sys.path when a script runs
+from _bench import find_node_tool, load_average, machine_line, node_server_env, stop_process, usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 try:
@@ -114,6 +114,8 @@ QUICK_MAX_PUTS = 3000
 LOADGEN_SATURATED = 90.0
 OTHER_BUSY = 25.0
 SMALL_READ_SET = 64
+MID_READ_SET = 16
+PACK_BATCH = 256
 # The server's performance targets: (measurement, the server it is compared with, the least ratio
 # of ours to it); {big} is the big artifact's size (512 MiB unless --big-mib says otherwise).
 SIDE_BY_SIDE_TARGETS = [
@@ -127,8 +129,6 @@ SIDE_BY_SIDE_TARGETS = [
 # --workers-sweep: the least ratio of N workers to one, unpinned.
 SWEEP_TARGETS = [("PUT 4 KiB, 8 connections", 1.5), ("GET 4 KiB, 8 connections", 1.5)]
 MAX_RSS_MIB = 100.0  # peak RSS of any server process, whatever the artifact's size
-MID_READ_SET = 16
-PACK_BATCH = 256
 
 _LIVE_PROCESSES: list[multiprocessing.process.BaseProcess] = []
 
