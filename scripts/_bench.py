@@ -1,13 +1,17 @@
-"""What the benchmarks share: the machine line every report starts with, and stopping a server."""
+"""What the benchmarks share: the machine line every report starts with, the load average,
+finding an npm-installed tool, and stopping a server."""
 
 from __future__ import annotations
 
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 def cpu_model() -> str:
@@ -31,6 +35,38 @@ def machine_line() -> str:
     """CPU, cores, Python and OS: start-up, hashing and I/O speed depend on all of these."""
     return (f"machine: {cpu_model()}, {os.cpu_count()} cores ({usable_cpus()} usable), "
             f"{platform.python_implementation()} {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+def load_average() -> str:
+    """The 1-minute load average: other work on the machine shows up in every figure, so say how much there was."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "unknown"
+
+
+def find_node_tool(explicit: str | None, package: str, relative: str) -> Path | None:
+    """A tool from ``explicit`` (an ``npm install --prefix`` folder), the checkout's ``.ci/tools``, or PATH."""
+    for prefix in ([Path(explicit)] if explicit else []) + [CHECKOUT / ".ci" / "tools"]:
+        candidate = prefix / "node_modules" / package / relative
+        if candidate.is_file():
+            return candidate
+    found = shutil.which(package) if package == "turbo" else None
+    return Path(found) if found else None
+
+
+def node_server_env(port: int, storage: Path, token: str, body_limit: int | None = None) -> dict[str, str]:
+    """The environment that runs turborepo-remote-cache (its ``dist/env.js`` reads these) on loopback.
+
+    Local storage under ``storage`` itself (not the system temp folder), one static bearer
+    token, warnings only in its log; ``body_limit`` raises its 100 MiB default for bigger uploads
+    (it buffers a whole upload in memory before it writes it).
+    """
+    env = dict(os.environ, PORT=str(port), HOST="127.0.0.1", STORAGE_PROVIDER="local", STORAGE_PATH=str(storage),
+               STORAGE_PATH_USE_TMP_FOLDER="false", TURBO_TOKEN=token, LOG_LEVEL="warn")
+    if body_limit is not None:
+        env["BODY_LIMIT"] = str(body_limit)
+    return env
 
 
 def stop_process(proc: subprocess.Popen | None, timeout: float) -> None:

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from _bench import machine_line, stop_process  # scripts/ is on sys.path when a script runs
+from _bench import load_average, machine_line, stop_process  # scripts/ is on sys.path when a script runs
 
 LOCALHOST = "127.0.0.1"
 SERVER_READY_TIMEOUT = 30.0
@@ -643,14 +643,6 @@ def render(figures: list[Figure]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def load_average() -> str:
-    """The 1-minute load average: other work on the machine shows up in every figure, so say how much there was."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "unknown"
 
 
 def describe_setup(bench: Bench, files: int, toolchain: str, server_label: str) -> list[str]:

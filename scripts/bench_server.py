@@ -1,16 +1,28 @@
 #!/usr/bin/env python3
-"""Benchmark of the cache server's wire protocol, against a bare waitress baseline.
+"""Benchmark of the cache server's wire protocol, against a bare waitress baseline and the Node server.
 
-By default two servers are measured back to back, on 127.0.0.1 and a fresh temporary storage
-folder each: ours (``python -m polykit_cache``) and a bare waitress application with the same
+By default the servers are measured back to back, on 127.0.0.1 and a fresh temporary storage
+folder each: ours (``python -m polykit_cache``), a bare waitress application with the same
 waitress tuning that verifies nothing (PUT reads the body into a temporary file and answers 201;
-GET streams a file with ``wsgi.file_wrapper``). The ratio ours/bare is what the verification,
-the fsyncs and the bookkeeping cost; the absolute figures only describe this machine.
+GET streams a file with ``wsgi.file_wrapper``), and, when it is installed, the Node server
+turborepo-remote-cache 2 (``npm install --prefix DIR turborepo-remote-cache@2``, then
+``--node-dir DIR``; the checkout's ``.ci/tools`` is looked in too), on its local storage. The
+ratio ours/bare is what the verification, the fsyncs and the bookkeeping cost; ours/node is
+where we stand against the server most turbo users run (it neither verifies nor fsyncs, and
+buffers every upload whole in memory); the absolute figures only describe this machine.
 
-    python scripts/bench_server.py                 # ours and bare, 3 s per measurement
+Every server gets the same artifacts at the same path, turbo's ``/v8/artifacts/{hash}?teamId=bench``
+with a bearer token that each of them checks (``--api polykit`` measures ours and bare on
+``/v1/artifacts/{key}`` instead, where our server also verifies every archive: zstd, tar,
+manifest). Under the figures, a table of targets gives each line its ratio to the Node server and
+to the bare app beside the target it has, and says whether it is met.
+
+    python scripts/bench_server.py                 # ours, bare (and Node when found), 3 s per measurement
+    python scripts/bench_server.py --node-dir DIR --rounds 2  # with the Node server in DIR, 2 rotated rounds
     python scripts/bench_server.py --quick         # smoke run for CI (small sizes, 1 s each)
     python scripts/bench_server.py --bare          # the baseline alone
     python scripts/bench_server.py --workers-sweep # ours with 1, 2 and one worker per CPU, unpinned
+    python scripts/bench_server.py --api polykit   # ours and bare on polykit's own verified path
     python scripts/bench_server.py --rounds 3      # each server 3 times, rotating who goes first
     python scripts/bench_server.py --no-baseline   # ours alone
     python scripts/bench_server.py --url http://127.0.0.1:8080 --path-template /cache/{key}
@@ -29,7 +41,9 @@ a key of its own, so each PUT is a real store (201), never a conflict.
 
 The load generator is plain Python: persistent HTTP/1.1 connections, one process per connection,
 each measurement bounded in time and in count. With two or more CPUs the server is pinned to one
-and the load generator to another, so the two never compete for a core.
+and the load generator to another, so the two never compete for a core. With ``--rounds N`` each
+server runs N times, the order rotating each round so that none always goes first, and every
+figure is the median round's; the 1-minute load average at the start and the end is printed.
 
 Exit status: 0 when every answer was a success and every check passed, 1 when not (the failures
 are listed under the tables), 2 on a usage or start-up error, 130 when interrupted.
@@ -40,6 +54,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import hashlib
+import hmac
 import http.client
 import io
 import ipaddress
@@ -62,7 +77,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Sequence
 
-from _bench import machine_line, stop_process, usable_cpus  # scripts/ is on sys.path when a script runs
+# scripts/ is on sys.path when a script runs
+from _bench import find_node_tool, load_average, machine_line, node_server_env, stop_process, usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 try:
@@ -77,6 +93,14 @@ MID_PAYLOAD = 1024 * 1024
 MIB = 1024 * 1024
 LOCALHOST = "127.0.0.1"
 DEFAULT_TEMPLATE = "/v1/artifacts/{key}"
+# The paths of the servers we start (``--api``): turbo's, which all three serve, or polykit's own.
+TEAM = "bench"
+API_TEMPLATES = {"turbo": f"/v8/artifacts/{{key}}?teamId={TEAM}", "polykit": DEFAULT_TEMPLATE}
+# Every server we start checks this bearer token (RFC 6750) on every request.
+TOKEN = "bench-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+NODE_PACKAGE = ("turborepo-remote-cache", "dist/cli.js")
+NODE_BODY_LIMIT = 100 * 1024 * 1024  # the Node server's default BODY_LIMIT
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 # The pools of unique upload keys are sized for these rates (per second of measuring), and the
@@ -92,6 +116,19 @@ OTHER_BUSY = 25.0
 SMALL_READ_SET = 64
 MID_READ_SET = 16
 PACK_BATCH = 256
+# The server's performance targets: (measurement, the server it is compared with, the least ratio
+# of ours to it); {big} is the big artifact's size (512 MiB unless --big-mib says otherwise).
+SIDE_BY_SIDE_TARGETS = [
+    ("PUT 4 KiB, 8 connections", "node", 1.0),
+    ("PUT 1 MiB, 4 connections", "node", 1.0),
+    ("PUT one {big}", "node", 1.5),
+    ("GET 4 KiB, 8 connections", "bare", 0.95),
+    ("HEAD 4 KiB, 8 connections", "bare", 0.95),
+    ("GET one {big}", "bare", 0.8),
+]
+# --workers-sweep: the least ratio of N workers to one, unpinned.
+SWEEP_TARGETS = [("PUT 4 KiB, 8 connections", 1.5), ("GET 4 KiB, 8 connections", 1.5)]
+MAX_RSS_MIB = 100.0  # peak RSS of any server process, whatever the artifact's size
 
 _LIVE_PROCESSES: list[multiprocessing.process.BaseProcess] = []
 
@@ -190,7 +227,8 @@ class PhaseResult:
 
 @dataclass
 class Target:
-    """A server to measure: where it listens, and its process when we know it."""
+    """A server to measure: where it listens, the headers every request carries (its token), and
+    its process when we know it."""
 
     name: str
     host: str
@@ -200,6 +238,7 @@ class Target:
     pid: int | None = None
     proc: subprocess.Popen | None = None
     storage: Path | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
     def path(self, key: str) -> str:
         return self.prefix + self.template.format(key=key)
@@ -216,7 +255,7 @@ class TargetReport:
 # --- machine ------------------------------------------------------------------------------------
 
 
-def versions_line() -> str:
+def versions_line(node_cli: Path | None) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     from polykit_client import zstd
@@ -227,7 +266,15 @@ def versions_line() -> str:
             parts.append(f"{dist} {version(dist)}")
         except PackageNotFoundError:
             parts.append(f"{dist} missing")
-    return "software: " + ", ".join(parts) + f", zstd backend {zstd.backend_name()}"
+    text = "software: " + ", ".join(parts) + f", zstd backend {zstd.backend_name()}"
+    if node_cli is not None:
+        try:
+            package = json.loads((node_cli.parent.parent / "package.json").read_text())["version"]
+            node = subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, ValueError, KeyError, subprocess.SubprocessError):
+            package = node = "unknown"
+        text += f", {NODE_PACKAGE[0]} {package} on node {node}"
+    return text
 
 
 def filesystem_line(path: Path) -> str:
@@ -461,10 +508,11 @@ def build_corpus(out_dir: Path, seconds: float, big_bytes: int, processes: int, 
 
 
 class BareApp:
-    """The least a cache can do over waitress: no verification, no fsync, no bookkeeping.
+    """The least a cache can do over waitress: check the token, and no verification, no fsync, no bookkeeping.
 
     PUT reads the body into a temporary file and answers 201; GET and HEAD answer from an
     in-memory index of the pre-generated artifacts and stream the file with wsgi.file_wrapper.
+    It serves polykit's path and turbo's (whatever the team).
     """
 
     def __init__(self, serve_dir: Path, spool_dir: Path) -> None:
@@ -472,7 +520,8 @@ class BareApp:
         self.spool_dir = spool_dir
         self.local = threading.local()
         self.index: dict[str, list] = json.loads((serve_dir / "index.json").read_text())
-        self.pattern = re.compile(r"/v1/artifacts/([0-9a-f]{64})")
+        self.pattern = re.compile(r"/v[18]/artifacts/([0-9a-f]{64})")
+        self.authorization = AUTH["Authorization"].encode()
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -482,6 +531,8 @@ class BareApp:
         match = self.pattern.fullmatch(path)
         if match is None:
             return self.answer(start_response, "404 Not Found", b'{"error":"not_found"}\n')
+        if not hmac.compare_digest(environ.get("HTTP_AUTHORIZATION", "").encode(), self.authorization):
+            return self.answer(start_response, "401 Unauthorized", b'{"error":"unauthorized"}\n')
         key = match.group(1)
         if method == "PUT":
             self.discard(environ)
@@ -578,24 +629,25 @@ def _child_setup(cpu: int | None) -> Callable[[], None]:
     return setup
 
 
-def start_server(name: str, cmd: list[str], port: int, workdir: Path, cpu: int | None, storage: Path | None) -> Target:
-    """Start a server process, wait until it answers /healthz, and describe it as a target."""
+def start_server(name: str, cmd: list[str], port: int, workdir: Path, cpu: int | None, storage: Path | None,
+                 template: str, env: dict[str, str] | None = None, health: str = "/healthz") -> Target:
+    """Start a server process, wait until it answers ``health`` with 200, and describe it as a target."""
     spool = workdir / f"spool-{name}"
     spool.mkdir()
-    env = dict(os.environ, TMPDIR=str(spool), PYTHONUNBUFFERED="1")
+    env = dict(env or os.environ, TMPDIR=str(spool), PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     log = open(workdir / f"{name}.log", "wb")
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             env=env, preexec_fn=_child_setup(cpu), cwd=workdir)
     log.close()
-    target = Target(name, LOCALHOST, port, "", DEFAULT_TEMPLATE, proc.pid, proc, storage)
+    target = Target(name, LOCALHOST, port, "", template, proc.pid, proc, storage, dict(AUTH))
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             break
         conn = http.client.HTTPConnection(LOCALHOST, port, timeout=1)
         try:
-            conn.request("GET", "/healthz")
+            conn.request("GET", health, headers=target.headers)
             if conn.getresponse().status == 200:
                 return target
         except (OSError, http.client.HTTPException):
@@ -607,7 +659,12 @@ def start_server(name: str, cmd: list[str], port: int, workdir: Path, cpu: int |
     raise RuntimeError(f"the {name} server did not start on port {port}:\n{tail}")
 
 
-def start_ours(workdir: Path, cpu: int | None, threads: int, log_level: str, big_bytes: int,
+def ours_env() -> dict[str, str]:
+    """Our server's environment: the benchmark's token, read-write."""
+    return dict(os.environ, POLYKIT_CACHE_TOKENS=f"read-write {TOKEN}")
+
+
+def start_ours(workdir: Path, cpu: int | None, threads: int, log_level: str, big_bytes: int, template: str,
                workers: int = 1, name: str = "ours") -> Target:
     storage = workdir / f"storage-{name}"
     port = free_port()
@@ -616,7 +673,16 @@ def start_ours(workdir: Path, cpu: int | None, threads: int, log_level: str, big
            "--workers", str(workers)]
     if big_bytes > 1 << 30:
         cmd += ["--max-artifact-size", str(big_bytes)]
-    return start_server(name, cmd, port, workdir, cpu, storage)
+    return start_server(name, cmd, port, workdir, cpu, storage, template, ours_env())
+
+
+def start_node(workdir: Path, cpu: int | None, cli: Path, big_bytes: int, template: str) -> Target:
+    """turborepo-remote-cache on its local storage, with a body limit that lets the big artifact in."""
+    storage = workdir / "storage-node"
+    port = free_port()
+    env = node_server_env(port, storage, TOKEN, max(NODE_BODY_LIMIT, big_bytes + MIB))
+    return start_server("node", ["node", str(cli)], port, workdir, cpu, storage, template, env,
+                        health="/v8/artifacts/status")
 
 
 # Helper processes (the moto server) stopped by cleanup().
@@ -641,7 +707,7 @@ def serve_moto(argv: Sequence[str]) -> int:
     return 0
 
 
-def start_s3(workdir: Path, cpu: int | None, threads: int, log_level: str, big_bytes: int) -> Target:
+def start_s3(workdir: Path, cpu: int | None, threads: int, log_level: str, big_bytes: int, template: str) -> Target:
     """A moto server with one bucket, and our server on it (its tier in the work folder)."""
     import importlib.util
 
@@ -671,8 +737,7 @@ def start_s3(workdir: Path, cpu: int | None, threads: int, log_level: str, big_b
             time.sleep(0.2)
         finally:
             client.close()
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    env = dict(ours_env(), AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
     storage = workdir / "tier-s3"
     port = free_port()
     cmd = [sys.executable, "-m", "polykit_cache", "serve", "--bind", LOCALHOST, "--port", str(port),
@@ -680,14 +745,14 @@ def start_s3(workdir: Path, cpu: int | None, threads: int, log_level: str, big_b
            "--storage", f"s3://{S3_BUCKET}/cache", "--s3-endpoint", url]
     if big_bytes > 1 << 30:
         cmd += ["--max-artifact-size", str(big_bytes)]
-    return start_server("s3", cmd, port, workdir, cpu, storage)
+    return start_server("s3", cmd, port, workdir, cpu, storage, template, env)
 
 
-def start_bare(workdir: Path, serve_dir: Path, cpu: int | None, threads: int) -> Target:
+def start_bare(workdir: Path, serve_dir: Path, cpu: int | None, threads: int, template: str) -> Target:
     port = free_port()
     cmd = [sys.executable, str(Path(__file__).resolve()), "_bare", "--port", str(port), "--threads", str(threads),
            "--serve-dir", str(serve_dir), "--spool-dir", str(workdir / "spool-bare")]
-    return start_server("bare", cmd, port, workdir, cpu, None)
+    return start_server("bare", cmd, port, workdir, cpu, None, template)
 
 
 def stop_server(target: Target) -> None:
@@ -697,13 +762,17 @@ def stop_server(target: Target) -> None:
 def start_kind(kind: str, args: argparse.Namespace, workdir: Path, artifacts: Path, cpu: int | None,
                big_bytes: int) -> Target:
     """Start one of the servers chosen_servers() names."""
+    template = API_TEMPLATES[args.api]
     if kind == "ours":
-        return start_ours(workdir, cpu, args.threads, args.server_log_level, big_bytes, args.workers)
+        return start_ours(workdir, cpu, args.threads, args.server_log_level, big_bytes, template, args.workers)
     if kind.startswith("ours-w"):
-        return start_ours(workdir, cpu, args.threads, args.server_log_level, big_bytes, int(kind[len("ours-w"):]), kind)
+        return start_ours(workdir, cpu, args.threads, args.server_log_level, big_bytes, template,
+                          int(kind[len("ours-w"):]), kind)
     if kind == "s3":
-        return start_s3(workdir, cpu, args.threads, args.server_log_level, big_bytes)
-    return start_bare(workdir, artifacts, cpu, args.threads)
+        return start_s3(workdir, cpu, args.threads, args.server_log_level, big_bytes, template)
+    if kind == "node":
+        return start_node(workdir, cpu, args.node_cli, big_bytes, template)
+    return start_bare(workdir, artifacts, cpu, args.threads, template)
 
 
 def discard_state(workdir: Path, target: Target) -> None:
@@ -755,18 +824,22 @@ def new_connection(target: Target, timeout: float) -> http.client.HTTPConnection
     return conn
 
 
-def do_put(conn: http.client.HTTPConnection, path: str, item: Item, body: bytes | FileSlice) -> int:
-    """Upload one artifact; small bodies go from memory, large ones stream from their file."""
-    headers = {"Content-Length": str(item.size), "Content-Type": "application/zstd"}
+def do_put(conn: http.client.HTTPConnection, path: str, item: Item, body: bytes | FileSlice, auth: dict[str, str]) -> int:
+    """Upload one artifact; small bodies go from memory, large ones stream from their file.
+
+    The Content-Type is turbo's (the Node server refuses any other with 415; ours ignores it).
+    """
+    headers = {"Content-Length": str(item.size), "Content-Type": "application/octet-stream", **auth}
     conn.request("PUT", path, body=body, headers=headers)
     resp = conn.getresponse()
     resp.read()
     return resp.status
 
 
-def do_get(conn: http.client.HTTPConnection, path: str, item: Item, buf: bytearray, out: WorkerOutcome) -> int:
+def do_get(conn: http.client.HTTPConnection, path: str, item: Item, buf: bytearray, out: WorkerOutcome,
+           auth: dict[str, str]) -> int:
     """Download one artifact and check its SHA-256 against X-Artifact-Hash and the upload."""
-    conn.request("GET", path)
+    conn.request("GET", path, headers=auth)
     resp = conn.getresponse()
     if resp.status != 200:
         resp.read()
@@ -791,17 +864,21 @@ def do_get(conn: http.client.HTTPConnection, path: str, item: Item, buf: bytearr
     return resp.status
 
 
-def do_head(conn: http.client.HTTPConnection, path: str, item: Item, out: WorkerOutcome) -> int:
-    """HEAD must announce the artifact's size and hash without a body."""
-    conn.request("HEAD", path)
+def do_head(conn: http.client.HTTPConnection, path: str, item: Item, out: WorkerOutcome, auth: dict[str, str]) -> int:
+    """HEAD announces the artifact's size and hash without a body; each that is announced is checked.
+
+    (The Node server announces neither: its HEAD answers only whether the artifact is there.)
+    """
+    conn.request("HEAD", path, headers=auth)
     resp = conn.getresponse()
     resp.read()
     if resp.status == 200:
         out.checked += 1
         header = resp.getheader("X-Artifact-Hash")
+        length = resp.getheader("Content-Length")
         if header is None:
             out.no_header += 1
-        if resp.getheader("Content-Length") != str(item.size) or (header is not None and header.strip() != item.sha256):
+        if (length is not None and length != str(item.size)) or (header is not None and header.strip() != item.sha256):
             out.bad += 1
     return resp.status
 
@@ -842,11 +919,11 @@ def run_worker(target: Target, phase: Phase, worker: int, barrier, queue) -> Non
             try:
                 if phase.method == "PUT":
                     body = preload[index] or FileSlice(files[item.path], item.offset, item.size)
-                    status = do_put(conn, path, item, body)
+                    status = do_put(conn, path, item, body, target.headers)
                 elif phase.method == "GET":
-                    status = do_get(conn, path, item, buf, out)
+                    status = do_get(conn, path, item, buf, out, target.headers)
                 else:
-                    status = do_head(conn, path, item, out)
+                    status = do_head(conn, path, item, out, target.headers)
             except (OSError, http.client.HTTPException) as exc:
                 out.errors[type(exc).__name__] += 1
                 conn.close()
@@ -988,7 +1065,7 @@ def check_ours(target: Target, puts_ok: int) -> list[str]:
     notes: list[str] = []
     try:
         conn = http.client.HTTPConnection(target.host, target.port, timeout=10)
-        conn.request("GET", "/v1/stats")
+        conn.request("GET", "/v1/stats", headers=target.headers)
         stats = json.loads(conn.getresponse().read())
         conn.close()
         if stats.get("uploads") != puts_ok or stats.get("artifacts") != puts_ok:
@@ -1065,12 +1142,11 @@ def server_ms_per_request(result: PhaseResult) -> float | None:
 def report(reports: list[TargetReport], sweep: bool = False) -> tuple[str, bool]:
     """The results table, the CPU table and the checks; returns (text, every check passed).
 
-    Two servers get the ratio of the first to the second (ours/bare); a ``--workers`` sweep
-    gets each later server's ratio to the first (one worker).
+    The first server gets its ratio to each later one (ours/node, ours/bare); a ``--workers``
+    sweep gets each later server's ratio to the first (one worker).
     """
     labels = list(reports[0].results)
-    pairs = ([(reports[0], reports[1])] if len(reports) == 2 and not sweep
-             else [(r, reports[0]) for r in reports[1:]] if sweep else [])
+    pairs = [(r, reports[0]) for r in reports[1:]] if sweep else [(reports[0], r) for r in reports[1:]]
     headers = ["measurement", "unit", *(r.name for r in reports)] + [f"{a.name}/{b.name}" for a, b in pairs]
     rows = []
     for label in labels:
@@ -1122,7 +1198,7 @@ def report(reports: list[TargetReport], sweep: bool = False) -> tuple[str, bool]
         line = (f"checks, {r.name}: {requests} successful requests, {refused} non-2xx answers, {errors} connection"
                 f" errors; {checked} downloads/HEADs checked, {bad} mismatches")
         if no_header:
-            line += f", {no_header} answers without X-Artifact-Hash (checked against the upload)"
+            line += f", {no_header} answers without X-Artifact-Hash (downloads checked against the upload)"
         out.append(line)
         for x in r.results.values():
             if x.failures:
@@ -1134,13 +1210,75 @@ def report(reports: list[TargetReport], sweep: bool = False) -> tuple[str, bool]
     return "\n".join(out), passed
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def verdict(value: float | None, target: float, at_most: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return "met" if (value < target if at_most else value >= target) else "not met"
+
+
+def target_table(reports: list[TargetReport], big_label: str, sweep: bool) -> str:
+    """The targets of the server's performance, each beside the ratio it is measured by.
+
+    Side by side: each line's ratio ours/node and ours/bare, the target (against the Node server
+    or the bare app) and whether it is met; beside them the same ratios per second of the
+    server's CPU time, which other work on the machine disturbs far less than the rates (a
+    server that waits for its disk, as our fsyncs do, looks better by them than by its rate).
+    A ``--workers`` sweep: each worker count's ratio to one worker. Peak RSS is held to an
+    absolute bound (per worker process). Empty when the run has nothing to compare.
+    """
+    by_name = {r.name: r for r in reports}
+    if sweep:
+        one = reports[0]
+        rows = []
+        for label, least in SWEEP_TARGETS:
+            for r in reports[1:]:
+                value = ratio(r.results[label].value, one.results[label].value)
+                rows.append([f"{label}: {r.name}/{one.name}", fmt_ratio(value), f">= {least:g}", verdict(value, least)])
+        for r in reports:
+            rows.append([f"peak RSS per worker: {r.name}", fmt(r.peak_rss_mib, "MiB") + " MiB",
+                         f"< {MAX_RSS_MIB:g} MiB", verdict(r.peak_rss_mib, MAX_RSS_MIB, at_most=True)])
+        return "Targets (unpinned):\n" + render_table(["line", "ratio", "target", "verdict"], rows)
+    ours = by_name.get("ours")
+    if ours is None or not ({"node", "bare"} & by_name.keys()):
+        return ""
+    others = [by_name.get("node"), by_name.get("bare")]
+    rows = []
+    for label, against, least in SIDE_BY_SIDE_TARGETS:
+        label = label.format(big=big_label)
+        rates = [ratio(ours.results[label].value, o.results[label].value) if o else None for o in others]
+        per_cpu = [ratio(per_cpu_second(ours.results[label]), per_cpu_second(o.results[label])) if o else None
+                   for o in others]
+        rows.append([label, *map(fmt_ratio, rates), f">= {least:g} x {against}",
+                     verdict(rates[0 if against == "node" else 1], least), *map(fmt_ratio, per_cpu)])
+    rss = [ratio(ours.peak_rss_mib, o.peak_rss_mib) if o else None for o in others]
+    rows.append([f"peak RSS (ours {fmt(ours.peak_rss_mib, 'MiB')} MiB)", *map(fmt_ratio, rss), f"< {MAX_RSS_MIB:g} MiB",
+                 verdict(ours.peak_rss_mib, MAX_RSS_MIB, at_most=True), "", ""])
+    headers = ["line", "ours/node", "ours/bare", "target", "verdict", "per CPU s: ours/node", "ours/bare"]
+    return "Targets:\n" + render_table(headers, rows)
+
+
+def per_cpu_second(result: PhaseResult) -> float | None:
+    """A rate per second of the server's CPU time (requests or MiB per CPU-second)."""
+    if result.value is None or not result.server_cpu:
+        return None
+    return result.value / (result.server_cpu / 100)
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench_server.py",
-        description="Benchmark the cache server (and a bare waitress baseline) over loopback.",
+        description="Benchmark the cache server (beside a bare waitress baseline and the Node server) over loopback.",
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--url", help="measure an already running server at this loopback base URL instead")
@@ -1148,6 +1286,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     which.add_argument("--no-baseline", action="store_true", help="measure only our server")
     which.add_argument("--s3", action="store_true",
                        help="measure our server on the S3 store (a local moto bucket), then on the disk store")
+    parser.add_argument("--node-dir", metavar="DIR",
+                        help="where 'npm install --prefix DIR turborepo-remote-cache@2' put the Node server, measured "
+                             "beside ours and bare (default: the checkout's .ci/tools when it is there)")
+    parser.add_argument("--api", choices=sorted(API_TEMPLATES), default="turbo",
+                        help="the path of the servers started: turbo's /v8/artifacts/{hash}?teamId=bench, which all "
+                             "serve (default), or polykit's /v1/artifacts/{key}, where ours verifies every archive "
+                             "(not the Node server)")
     parser.add_argument("--path-template", default=DEFAULT_TEMPLATE,
                         help=f"artifact path under --url, with {{key}} (default: {DEFAULT_TEMPLATE})")
     parser.add_argument("--pid", type=int, help="with --url: the server's process id, for its CPU use and peak RSS")
@@ -1183,6 +1328,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.no_pin = True  # one core cannot show what several workers do
     if args.pid is not None and not args.url:
         parser.error("--pid only goes with --url")
+    args.node_cli = None
+    side_by_side = not (args.url or args.bare or args.no_baseline or args.s3 or args.workers_sweep)
+    if args.node_dir and not side_by_side:
+        parser.error("--node-dir goes with the side-by-side run (not with --url, --bare, --no-baseline, --s3 "
+                     "or --workers-sweep)")
+    if args.node_dir and args.api != "turbo":
+        parser.error("the Node server speaks turbo's API only: --node-dir goes with --api turbo")
+    if side_by_side and args.api == "turbo":
+        args.node_cli = find_node_tool(args.node_dir, *NODE_PACKAGE)
+        if args.node_dir and args.node_cli is None:
+            parser.error(f"no {NODE_PACKAGE[0]} under {args.node_dir}: "
+                         f"npm install --prefix {args.node_dir} {NODE_PACKAGE[0]}@2")
+        if args.node_cli is not None and shutil.which("node") is None:
+            parser.error(f"{NODE_PACKAGE[0]} is installed but node is not on PATH")
     return args
 
 
@@ -1198,7 +1357,7 @@ def chosen_servers(args: argparse.Namespace) -> list[str]:
         return ["ours"]
     if args.s3:
         return ["s3", "ours"]
-    return ["ours", "bare"]
+    return ["ours", "node", "bare"] if args.node_cli is not None else ["ours", "bare"]
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -1239,8 +1398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         external = external_target(args.url, args.path_template, args.pid) if args.url else None
         workdir = Path(tempfile.mkdtemp(prefix="polykit-bench-", dir=args.tmp_dir))
+        load_at_start = load_average()
         print(machine_line())
-        print(versions_line())
+        print(versions_line(args.node_cli))
         progress("packing artifacts")
         started = time.monotonic()
         artifacts = workdir / "artifacts"
@@ -1268,8 +1428,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(describe_setup(args, corpus, server_cpu, load_cpu, external))
         if external is None:
             print(filesystem_line(workdir))
+        print(f"load: 1-minute load average {load_at_start} at the start, {load_average()} at the end")
         print()
         print(text)
+        verdicts = target_table(reports, big_label, args.workers_sweep)
+        if verdicts:
+            print()
+            print(verdicts)
         return 0 if passed else 1
     except KeyboardInterrupt:
         print("interrupted; stopping the servers and removing temporary files", file=sys.stderr)
@@ -1303,6 +1468,7 @@ def describe_setup(
         f"artifacts: 4 KiB random payload = {small} bytes packed, 1 MiB = {mid} bytes, "
         f"big = {corpus.big.size} bytes; MiB/s counts artifact bytes (1 MiB = 1048576 bytes)",
         "load: Python http.client, one process per persistent HTTP/1.1 connection; every PUT has a fresh key;",
+        *([f"      every server at {API_TEMPLATES[args.api]} with a bearer token it checks;"] if external is None else []),
         "      every GET body is hashed and checked against X-Artifact-Hash and the uploaded artifact",
     ]
     if external is not None:

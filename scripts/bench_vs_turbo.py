@@ -35,8 +35,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _bench import find_node_tool, load_average, node_server_env
 from bench_client import (BenchError, Run, client_env, console_script, dry_run_keys, expect, interrupts_as_keyboard,
-                          load_average, progress, run_process, settle, start_server, stop_server)
+                          progress, run_process, settle, start_server, stop_server)
 
 SCRIPTS = Path(__file__).resolve().parent
 SHAPES = {"50x200": (50, 200), "500x20": (500, 20), "10x5000": (10, 5000)}
@@ -48,16 +49,6 @@ TOKEN = "bench-token"
 NO_AUTO_GC = dict(os.environ, GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="gc.auto", GIT_CONFIG_VALUE_0="0")
 TASK_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TERM", "SHELL", "TMPDIR", "USER")
 SERVER_READY_TIMEOUT = 30.0
-
-
-def find_node_tool(explicit: str | None, package: str, relative: str) -> Path | None:
-    """A tool from ``--turbo-dir`` (an ``npm install --prefix`` folder), the checkout's ``.ci/tools``, or PATH."""
-    for prefix in ([Path(explicit)] if explicit else []) + [SCRIPTS.parent / ".ci" / "tools"]:
-        candidate = prefix / "node_modules" / package / relative
-        if candidate.is_file():
-            return candidate
-    found = shutil.which(package) if package == "turbo" else None
-    return Path(found) if found else None
 
 
 def free_port() -> int:
@@ -75,8 +66,7 @@ class TurboServer:
 def start_turbo_server(cli: Path, storage: Path, log: Path) -> TurboServer:
     """turborepo-remote-cache on a free loopback port, storing under ``storage``."""
     port = free_port()
-    env = dict(os.environ, PORT=str(port), HOST="127.0.0.1", STORAGE_PROVIDER="local", STORAGE_PATH=str(storage),
-               STORAGE_PATH_USE_TMP_FOLDER="false", TURBO_TOKEN=TOKEN, LOG_LEVEL="warn")
+    env = node_server_env(port, storage, TOKEN)
     with open(log, "wb") as out:
         proc = subprocess.Popen(["node", str(cli)], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 env=env, cwd=storage.parent)
