@@ -1,20 +1,26 @@
 """Artifacts on local disk: a sharded layout, crash-safe publication, and the running totals.
 
-Layout: ``<root>/<k[0:2]>/<k[2:4]>/<key>.zst`` with ``<key>.json`` (size, sha256, created)
-beside it; temporary files only under ``<root>/tmp/``. An artifact exists when its ``.zst``
-exists: it is linked into place with ``os.link``, which is atomic and never replaces an existing
-name, so the first writer wins and a reader never sees a partial file.
+Layout: ``<root>/<k[0:2]>/<k[2:4]>/<key>.zst``, whose metadata (size, sha256, created) is an
+extended attribute of the file, or ``<key>.json`` beside it where the filesystem refuses one
+(and in folders of earlier versions: both are read; see :mod:`polykit_cache.entryfile`);
+temporary files only under ``<root>/tmp/``. An artifact exists when its ``.zst`` exists: it is
+linked into place with ``os.link``, which is atomic and never replaces an existing name, so the
+first writer wins and a reader never sees a partial file.
+
+An upload is answered only once durable: its bytes and metadata are synced before its name
+appears, and its name is synced before the commit returns; both syncs are shared by
+concurrent uploads (:mod:`polykit_cache.durability`).
 
 Other tools' blobs are named by paths (``kv/ccache/ab/cdef``) that clients choose; they are
-stored under the SHA-256 of that name, ``<root>/objects/<protocol>/<h[0:2]>/<h>``, with
-``<h>.json`` beside it holding the name and the protocol's metadata. So no client name becomes a
+stored under the SHA-256 of that name, ``<root>/objects/<protocol>/<h[0:2]>/<h>``, with the
+name and the protocol's metadata as its attribute (or in ``<h>.json`` beside it). So no client name becomes a
 folder: names cannot clash with each other's folders, and the folders on disk are bounded
 (256 per protocol) whatever the names. Blobs of the former layout (``blobs/<name>``,
 ``blob-meta/<name>.json``) are moved into this one when a server starts.
 
 ``--max-storage`` bounds what entries cost on disk, not only their bytes: each counts its size
-rounded up to whole blocks, plus the blocks of its metadata file and of the folders it may have
-needed (:func:`disk_cost`). Folders left empty by an eviction are removed.
+rounded up to whole blocks, plus a block for its metadata (an attribute outside the inode, or
+a file) and the blocks of the folders it may have needed (:func:`disk_cost`). Folders left empty by an eviction are removed.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import os
 import shutil
 import tempfile
 import stat as stat_module
+from typing import Callable
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,14 +42,12 @@ from typing import BinaryIO
 
 from polykit_client.artifact import hash_file, is_cache_key
 
+from .durability import GroupSync, filesystem_sync
+from .entryfile import REFUSED, UNSUPPORTED, EntryStaged, has_meta, read_meta, set_meta
 from .lru import MemoryIndex, SharedIndex
 from .store import REPLACEABLE, RESERVED_META, Staged, Stat, Store, StorageFull, Usage, check_space, is_disk_full
 
 log = logging.getLogger("polykit_cache.storage")
-
-
-class AlreadyStored(Exception):
-    """Another upload of the key was published first (first write wins)."""
 
 
 class StorageBusy(Exception):
@@ -65,7 +70,7 @@ OBJECTS = "objects"
 LEGACY_BLOBS, LEGACY_BLOB_META = "blobs", "blob-meta"
 
 # What an entry costs beyond its bytes: sizes are counted in filesystem blocks, and each entry
-# also has a metadata file and may have made up to two folders (4 KiB each on ext4, xfs, btrfs).
+# also has its metadata (a block at most) and may have made up to two folders (4 KiB each on ext4, xfs, btrfs).
 BLOCK = 4096
 ENTRY_OVERHEAD = 3 * BLOCK
 
@@ -160,11 +165,18 @@ INFO_CACHE_SIZE = 16384
 class Storage(Store):
     """One storage folder, the disk store. Thread-safe; one instance per server process."""
 
-    def __init__(self, root: Path | str, max_storage: int | None = None) -> None:
+    def __init__(self, root: Path | str, max_storage: int | None = None, *,
+                 setxattr: Callable[[int | str, str, bytes], None] | None = os.setxattr,
+                 sync: Callable[[], None] | None = None) -> None:
+        """``setxattr`` sets an entry's metadata attribute (None: always a file beside it);
+        ``sync`` makes the filesystem's writes durable (default: syncfs of ``root``)."""
         self.root = Path(root).absolute()
         self.tmp_dir = self.root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp_fd = os.open(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.max_storage = max_storage
+        self._setxattr = setxattr
+        self._sync = GroupSync(sync or filesystem_sync(str(self.root)))
         self._lock = threading.Lock()
         # Held while entries appear on disk or leave it (publication, eviction), so a check for an
         # entry, its metadata and its folders never see a half-done change; taken before _lock.
@@ -262,7 +274,7 @@ class Storage(Store):
                 except (OSError, ValueError):
                     pass
                 final = self._data_path(blob_id(name))
-                self._write_json(final + ".json", {**meta, "name": name})
+                self._put_meta(path, final + ".json", {**meta, "name": name})
                 self._retry_in_folder(final, lambda: os.replace(path, final))
                 moved += 1
         shutil.rmtree(top, ignore_errors=True)
@@ -288,20 +300,19 @@ class Storage(Store):
         """Count what is stored and when each artifact was last used, from file sizes and mtimes
         (no artifact is read), repair metadata a crash left missing, and evict beyond the bound.
 
-        ``cleanup`` (only under the lock) also removes metadata whose entry is gone: a blob's is
-        written before the blob itself, so beside a live server it may belong to an upload.
+        ``cleanup`` (only under the lock) also removes metadata files whose entry is gone: a
+        blob's is written before the blob itself, so beside a live server it may belong to an upload.
         """
         count = total = cost = 0
         uses: dict[str, list[int]] = {}
         for key, path in self._scan():
-            meta = self._meta_path(key)
             try:
                 st = path.stat()
             except FileNotFoundError:
                 continue
             size = st.st_size
             uses[key] = [st.st_mtime_ns, size, st.st_mtime_ns]
-            if not meta.exists():
+            if not has_meta(str(path), str(self._meta_path(key))):
                 # The artifact was verified and synced before it was linked; only its
                 # metadata was lost, so recompute it rather than throw the artifact away.
                 sha, size = hash_file(path)
@@ -365,12 +376,11 @@ class Storage(Store):
             return info
         path = self._zst(key)
         try:
-            with open(path[:-4] + ".json", "rb") as fh:
-                meta = json.load(fh)
+            meta = read_meta(path, path[:-4] + ".json")
+            if meta is None:
+                return None
             info = ArtifactInfo(key, int(meta["size"]), str(meta["sha256"]), float(meta["created"]), path,
                                 {k: v for k, v in meta.items() if k not in RESERVED_META})
-        except FileNotFoundError:
-            return None
         except (OSError, ValueError, KeyError, TypeError):
             info = self._repair_meta(key, path)
             if info is None:
@@ -408,40 +418,54 @@ class Storage(Store):
 
     # --- writes ------------------------------------------------------------------------------
 
-    def new_temp(self) -> tuple[BinaryIO, Path]:
-        """An open temporary file in ``tmp/``, on the same filesystem as the final names."""
-        try:
-            fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-", suffix=".part")
-        except OSError as exc:
-            if is_disk_full(exc):  # no space, or no inode left
-                raise StorageFull(str(exc)) from None
-            raise
-        return os.fdopen(fd, "w+b"), Path(name)
+    def _publish(self, key: str, final: str, sidecar: str, staged: EntryStaged, meta: dict, replace: bool) -> bool:
+        """Publish a staged upload at ``final``; False when the name exists and ``replace`` is off
+        (first write wins). Consumes ``staged`` either way.
 
-    def publish(self, key: str, temp: Path, size: int, sha256: str, meta: dict | None = None) -> ArtifactInfo:
-        """Link a verified, synced temporary file into place; raise AlreadyStored if the key exists."""
-        final = self.artifact_path(key)
+        In this order, for crash safety: the metadata onto the file; a sync, so the bytes and
+        the metadata are durable before the name appears (a power loss never leaves a name on a
+        torn file); the name, under the layout lock (a metadata file, where one is needed, first:
+        a visible entry always has the metadata of its own upload); a second sync, so the name
+        is durable before the upload is answered. Both syncs are shared with concurrent uploads.
+        """
         try:
+            in_attr = self._set_attr(staged.fh.fileno(), meta)
+            self._sync.wait()
             with self._layout_lock:
+                if not in_attr:
+                    if not replace and os.path.exists(final):
+                        return False
+                    self._write_json(sidecar, meta)
                 try:
-                    self._retry_in_folder(str(final), lambda: os.link(temp, final))
+                    self._retry_in_folder(final, lambda: staged.replace(final) if replace else staged.link(final))
                 except FileExistsError:
-                    raise AlreadyStored(key) from None
-                created = time.time()
-                self._write_meta(key, size, sha256, created, meta)
-            # The directory is not synced: after a power loss the link may be gone, which is
-            # only a cache miss; the file itself was synced before it was linked.
+                    return False
+            self._sync.wait()
         except OSError as exc:
             if is_disk_full(exc):
-                if final.exists() and not self._meta_path(key).exists():
-                    final.unlink(missing_ok=True)
                 raise StorageFull(str(exc)) from None
             raise
         finally:
-            temp.unlink(missing_ok=True)
-        self._index.add(key, size, time.time_ns())
+            staged.discard()
+        self._index.add(key, staged.size, time.time_ns())
         self.evict()
-        return ArtifactInfo(key, size, sha256, created, str(final), dict(meta or {}))
+        return True
+
+    def _set_attr(self, target: int | str, meta: dict) -> bool:
+        """Put metadata in a file's attribute; False when the filesystem refuses it (then it
+        goes in a file beside the entry). A filesystem without user attributes is not asked again."""
+        if self._setxattr is None:
+            return False
+        try:
+            set_meta(target, meta, self._setxattr)
+        except OSError as exc:
+            if exc.errno in UNSUPPORTED:
+                self._setxattr = None
+                log.info("%s refuses extended attributes: metadata goes in .json files beside the entries", self.root)
+            if exc.errno in REFUSED:
+                return False
+            raise
+        return True
 
     @staticmethod
     def _retry_in_folder(path: str, operation) -> None:
@@ -516,7 +540,14 @@ class Storage(Store):
             folder = os.path.dirname(folder)
 
     def _write_meta(self, key: str, size: int, sha256: str, created: float, meta: dict | None = None) -> None:
-        self._write_json(self._meta_path(key), {**(meta or {}), "size": size, "sha256": sha256, "created": created})
+        """Rewrite the metadata of a published artifact (a repair)."""
+        self._put_meta(self._zst(key), str(self._meta_path(key)),
+                       {**(meta or {}), "size": size, "sha256": sha256, "created": created})
+
+    def _put_meta(self, path: str, sidecar: str, meta: dict) -> None:
+        """Set a file's metadata: its attribute, else the file beside it."""
+        if not self._set_attr(path, meta):
+            self._write_json(sidecar, meta)
 
     def _write_json(self, path: Path | str, value: object) -> None:
         """Replace a small JSON file atomically; the temporary lives in tmp/, swept at start-up."""
@@ -537,36 +568,6 @@ class Storage(Store):
     def blob_meta(self, name: str) -> dict:
         """What a protocol stored beside a blob (for example turbo's duration and tag), or {}."""
         return {k: v for k, v in self._blob_json(name).items() if k not in RESERVED_META}
-
-    def publish_blob(self, name: str, temp: Path, size: int, replace: bool = False, meta: dict | None = None) -> bool:
-        """Publish a received blob; False when it existed already and ``replace`` is off (first write wins).
-
-        The metadata (the name, and the protocol's own) is written before the blob is linked,
-        under a lock, so a visible blob always has the metadata of its own upload.
-        """
-        key = blob_id(name)
-        final = self._data_path(key)
-        try:
-            with self._layout_lock:
-                if not replace and os.path.exists(final):
-                    return False
-                self._write_json(final + ".json", {**(meta or {}), "name": name})
-                if replace:
-                    self._retry_in_folder(final, lambda: os.replace(temp, final))
-                else:
-                    try:
-                        self._retry_in_folder(final, lambda: os.link(temp, final))
-                    except FileExistsError:  # never under the lock; kept for a second process
-                        return False
-        except OSError as exc:
-            if is_disk_full(exc):
-                raise StorageFull(str(exc)) from None
-            raise
-        finally:
-            temp.unlink(missing_ok=True)
-        self._index.add(key, size, time.time_ns())
-        self.evict()
-        return True
 
     @property
     def cost(self) -> int:
@@ -624,14 +625,15 @@ class Storage(Store):
                     float(created) if isinstance(created, (int, float)) else mtime,
                     {k: v for k, v in meta.items() if k not in RESERVED_META}, path)
 
-    def _blob_json(self, blob: str) -> dict:
-        """Everything kept beside a blob (its name, sha256, created and the protocol's fields), or {}."""
+    def _blob_json(self, blob: str, fd: int | None = None) -> dict:
+        """Everything kept with a blob (its name, sha256, created and the protocol's fields), or {};
+        ``fd``: the blob's open file, whose own attribute is read."""
+        path = self._data_path(blob_id(blob))
         try:
-            with open(self._data_path(blob_id(blob)) + ".json", "rb") as fh:
-                meta = json.load(fh)
+            meta = read_meta(path if fd is None else fd, path + ".json")
         except (OSError, ValueError):
             return {}
-        return meta if isinstance(meta, dict) and meta.get("name") == blob else {}
+        return meta if meta is not None and meta.get("name") == blob else {}
 
     def open(self, space: str, name: str, use: bool = True) -> tuple[Stat, BinaryIO] | None:
         check_space(space)
@@ -654,13 +656,12 @@ class Storage(Store):
         st = os.fstat(fh.fileno())
         if use:
             self.touch(blob)
-        # The metadata is read after the blob was opened: it is written before the blob is
-        # published, so a blob that is visible always has its metadata.
-        return self._blob_stat(space, name, st.st_size, st.st_mtime, self._blob_json(blob), path), fh
+        # The metadata is read after the blob was opened (the attribute of that very file): it
+        # is written before the blob is published, so a blob that is visible always has it.
+        return self._blob_stat(space, name, st.st_size, st.st_mtime, self._blob_json(blob, fh.fileno()), path), fh
 
     def stage(self) -> Staged:
-        fh, path = self.new_temp()
-        return Staged(fh, path)
+        return EntryStaged(str(self.tmp_dir), self._tmp_fd)
 
     def commit(self, space: str, name: str, staged: Staged, meta=None) -> bool:
         check_space(space)
@@ -668,16 +669,17 @@ class Storage(Store):
         if RESERVED_META & set(extra):
             staged.discard()
             raise ValueError(f"metadata may not use {sorted(RESERVED_META & set(extra))}")
-        staged.fh.close()
+        if not isinstance(staged, EntryStaged):
+            staged.discard()
+            raise TypeError("commit takes an upload staged by this store")
+        extra.update(size=staged.size, sha256=staged.sha256, created=time.time())
         if self._is_artifact(space, name):
-            try:
-                self.publish(name, staged.path, staged.size, staged.sha256, extra)
-            except AlreadyStored:
-                return False
-            return True
-        extra.update(sha256=staged.sha256, created=time.time())
-        return self.publish_blob(disk_name(space, name), staged.path, staged.size,
-                                 replace=space in REPLACEABLE, meta=extra)
+            final = self._zst(name)
+            return self._publish(name, final, final[:-4] + ".json", staged, extra, replace=False)
+        blob = disk_name(space, name)
+        key = blob_id(blob)
+        final = self._data_path(key)
+        return self._publish(key, final, final + ".json", staged, {**extra, "name": blob}, replace=space in REPLACEABLE)
 
     def _files_of(self, space: str, name: str) -> tuple[str, str, str]:
         """(index key, data file, metadata file) of an object."""
@@ -736,11 +738,10 @@ class Storage(Store):
         for key, st in self._scan_blobs():
             path = self._data_path(key)
             try:
-                with open(path + ".json", "rb") as fh:
-                    meta = json.load(fh)
+                meta = read_meta(path, path + ".json")
             except (OSError, ValueError):
                 continue
-            named = space_name(meta.get("name", "")) if isinstance(meta, dict) and isinstance(meta.get("name"), str) else None
+            named = space_name(meta.get("name", "")) if meta is not None and isinstance(meta.get("name"), str) else None
             if named is None or named[0] != space or not named[1].startswith(prefix):
                 continue
             yield self._blob_stat(space, named[1], st.st_size, st.st_mtime, meta, path)
