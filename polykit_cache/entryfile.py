@@ -49,8 +49,8 @@ _CAN_LINK_UNNAMED = os.path.isdir(_PROC_FD)
 class EntryStaged(Staged):
     """An upload's temporary file in the storage's ``tmp/`` folder, unnamed where possible.
 
-    ``finish()`` only flushes: the store makes the bytes durable in its commit, with one sync
-    shared by concurrent uploads (:mod:`polykit_cache.durability`).
+    ``finish()`` only flushes: the store syncs the file in its commit, once its metadata
+    attribute is set (one sync for both).
     """
 
     def __init__(self, tmp_dir: str, tmp_fd: int) -> None:

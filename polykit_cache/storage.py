@@ -7,9 +7,12 @@ temporary files only under ``<root>/tmp/``. An artifact exists when its ``.zst``
 linked into place with ``os.link``, which is atomic and never replaces an existing name, so the
 first writer wins and a reader never sees a partial file.
 
-An upload is answered only once durable: its bytes and metadata are synced before its name
-appears, and its name is synced before the commit returns; both syncs are shared by
-concurrent uploads (:mod:`polykit_cache.durability`).
+An upload is answered only once durable: its file (bytes and metadata attribute) is synced
+before its name appears, so a power loss never leaves a name on a torn file, and its folder is
+synced after, so the name itself survives. Each upload's thread syncs its own: concurrent
+syncs on one filesystem already share a journal commit (ext4's jbd2, xfs's log), and measured
+at 4 concurrent 4 KiB uploads, one thread syncing for all (``syncfs`` or one ``fsync`` after
+another) served 40-70% fewer uploads per second than each thread syncing its own.
 
 Other tools' blobs are named by paths (``kv/ccache/ab/cdef``) that clients choose; they are
 stored under the SHA-256 of that name, ``<root>/objects/<protocol>/<h[0:2]>/<h>``, with the
@@ -42,7 +45,6 @@ from typing import BinaryIO
 
 from polykit_client.artifact import hash_file, is_cache_key
 
-from .durability import GroupSync, filesystem_sync
 from .entryfile import REFUSED, UNSUPPORTED, EntryStaged, has_meta, read_meta, set_meta
 from .lru import MemoryIndex, SharedIndex
 from .store import REPLACEABLE, RESERVED_META, Staged, Stat, Store, StorageFull, Usage, check_space, is_disk_full
@@ -167,16 +169,16 @@ class Storage(Store):
 
     def __init__(self, root: Path | str, max_storage: int | None = None, *,
                  setxattr: Callable[[int | str, str, bytes], None] | None = os.setxattr,
-                 sync: Callable[[], None] | None = None) -> None:
+                 fsync: Callable[[int], None] = os.fsync) -> None:
         """``setxattr`` sets an entry's metadata attribute (None: always a file beside it);
-        ``sync`` makes the filesystem's writes durable (default: syncfs of ``root``)."""
+        ``fsync`` makes a file or folder durable."""
         self.root = Path(root).absolute()
         self.tmp_dir = self.root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._tmp_fd = os.open(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.max_storage = max_storage
         self._setxattr = setxattr
-        self._sync = GroupSync(sync or filesystem_sync(str(self.root)))
+        self._fsync = fsync
         self._lock = threading.Lock()
         # Held while entries appear on disk or leave it (publication, eviction), so a check for an
         # entry, its metadata and its folders never see a half-done change; taken before _lock.
@@ -422,15 +424,16 @@ class Storage(Store):
         """Publish a staged upload at ``final``; False when the name exists and ``replace`` is off
         (first write wins). Consumes ``staged`` either way.
 
-        In this order, for crash safety: the metadata onto the file; a sync, so the bytes and
-        the metadata are durable before the name appears (a power loss never leaves a name on a
-        torn file); the name, under the layout lock (a metadata file, where one is needed, first:
-        a visible entry always has the metadata of its own upload); a second sync, so the name
-        is durable before the upload is answered. Both syncs are shared with concurrent uploads.
+        In this order, for crash safety: the metadata onto the file; ``fsync`` of the file, so the
+        bytes and the metadata are durable before the name appears (``fsync``, not
+        ``fdatasync``: the attribute is the inode's, which fdatasync need not write); the name,
+        under the layout lock (a metadata file, where one is needed, first: a visible entry
+        always has the metadata of its own upload); ``fsync`` of its folder, so the name is
+        durable before the upload is answered.
         """
         try:
             in_attr = self._set_attr(staged.fh.fileno(), meta)
-            self._sync.wait()
+            self._fsync(staged.fh.fileno())
             with self._layout_lock:
                 if not in_attr:
                     if not replace and os.path.exists(final):
@@ -440,7 +443,7 @@ class Storage(Store):
                     self._retry_in_folder(final, lambda: staged.replace(final) if replace else staged.link(final))
                 except FileExistsError:
                     return False
-            self._sync.wait()
+            self._sync_folder(os.path.dirname(final))
         except OSError as exc:
             if is_disk_full(exc):
                 raise StorageFull(str(exc)) from None
@@ -466,6 +469,17 @@ class Storage(Store):
                 return False
             raise
         return True
+
+    def _sync_folder(self, folder: str) -> None:
+        """Make the names in ``folder`` durable (a folder an eviction removed meanwhile holds none of ours)."""
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            self._fsync(fd)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _retry_in_folder(path: str, operation) -> None:
@@ -550,11 +564,14 @@ class Storage(Store):
             self._write_json(sidecar, meta)
 
     def _write_json(self, path: Path | str, value: object) -> None:
-        """Replace a small JSON file atomically; the temporary lives in tmp/, swept at start-up."""
+        """Replace a small JSON file atomically, its content synced before its name (the folder
+        is synced with the entry's); the temporary lives in tmp/, swept at start-up."""
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="meta-", suffix=".part")
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(value, fh)
+                fh.flush()
+                self._fsync(fh.fileno())
             self._retry_in_folder(str(path), lambda: os.replace(name, path))
         except BaseException:
             Path(name).unlink(missing_ok=True)
