@@ -44,6 +44,19 @@ UNSUPPORTED = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP})
 # Unnamed files are linked through their /proc entry: linkat(AT_EMPTY_PATH) would need a privilege.
 _PROC_FD = "/proc/self/fd"
 _CAN_LINK_UNNAMED = os.path.isdir(_PROC_FD)
+# A folder fd that makes os.link call linkat(2) (see _link_unnamed): one per process, inherited
+# by forked workers.
+_ANCHOR_FD = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _link_unnamed(fd: int, final: str) -> None:
+    """Link an open unnamed file to ``final`` (FileExistsError when taken).
+
+    os.link calls linkat(2), which follows the /proc link with AT_SYMLINK_FOLLOW, only when a
+    folder fd is given (link(2) would link the /proc entry itself); the paths are absolute, so
+    which folder does not matter.
+    """
+    os.link(f"{_PROC_FD}/{fd}", final, src_dir_fd=_ANCHOR_FD, follow_symlinks=True)
 
 
 class EntryStaged(Staged):
@@ -53,12 +66,13 @@ class EntryStaged(Staged):
     attribute is set (one sync for both).
     """
 
-    def __init__(self, tmp_dir: str, tmp_fd: int) -> None:
-        self._tmp_dir, self._tmp_fd = tmp_dir, tmp_fd
+    def __init__(self, tmp_dir: str, unnamed: bool = True) -> None:
+        """``unnamed``: try an unnamed file first (False: a named one, as where the filesystem has none)."""
+        self._tmp_dir = tmp_dir
         path = None
         try:
             try:
-                if not _CAN_LINK_UNNAMED:
+                if not (unnamed and _CAN_LINK_UNNAMED):
                     raise OSError(errno.EOPNOTSUPP, "no /proc to link an unnamed file through")
                 fd = os.open(tmp_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
             except OSError as exc:
@@ -85,10 +99,7 @@ class EntryStaged(Staged):
         if self.path is not None:
             os.link(self.path, final)
         else:
-            # A dir fd makes os.link call linkat(2), which follows the /proc link with
-            # AT_SYMLINK_FOLLOW (link(2) would link the /proc entry itself); the source path is
-            # absolute, so the fd is not otherwise used.
-            os.link(f"{_PROC_FD}/{self.fh.fileno()}", final, src_dir_fd=self._tmp_fd, follow_symlinks=True)
+            _link_unnamed(self.fh.fileno(), final)
 
     def replace(self, final: str) -> None:
         """Put the file at ``final``, replacing what is there: rename(2) is atomic but needs a
@@ -97,7 +108,7 @@ class EntryStaged(Staged):
             while True:
                 name = os.path.join(self._tmp_dir, f"upload-{secrets.token_hex(8)}.part")
                 try:
-                    os.link(f"{_PROC_FD}/{self.fh.fileno()}", name, src_dir_fd=self._tmp_fd, follow_symlinks=True)
+                    _link_unnamed(self.fh.fileno(), name)
                     break
                 except FileExistsError:
                     continue

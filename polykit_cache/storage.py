@@ -169,16 +169,17 @@ class Storage(Store):
 
     def __init__(self, root: Path | str, max_storage: int | None = None, *,
                  setxattr: Callable[[int | str, str, bytes], None] | None = os.setxattr,
-                 fsync: Callable[[int], None] = os.fsync) -> None:
+                 fsync: Callable[[int], None] = os.fsync, unnamed_temps: bool = True) -> None:
         """``setxattr`` sets an entry's metadata attribute (None: always a file beside it);
-        ``fsync`` makes a file or folder durable."""
+        ``fsync`` makes a file or folder durable; ``unnamed_temps`` off makes uploads in progress
+        named files in ``tmp/``, as on a filesystem without ``O_TMPFILE``."""
         self.root = Path(root).absolute()
         self.tmp_dir = self.root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self._tmp_fd = os.open(self.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.max_storage = max_storage
         self._setxattr = setxattr
         self._fsync = fsync
+        self._unnamed_temps = unnamed_temps
         self._lock = threading.Lock()
         # Held while entries appear on disk or leave it (publication, eviction), so a check for an
         # entry, its metadata and its folders never see a half-done change; taken before _lock.
@@ -678,7 +679,7 @@ class Storage(Store):
         return self._blob_stat(space, name, st.st_size, st.st_mtime, self._blob_json(blob, fh.fileno()), path), fh
 
     def stage(self) -> Staged:
-        return EntryStaged(str(self.tmp_dir), self._tmp_fd)
+        return EntryStaged(str(self.tmp_dir), self._unnamed_temps)
 
     def commit(self, space: str, name: str, staged: Staged, meta=None) -> bool:
         check_space(space)

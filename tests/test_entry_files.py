@@ -16,7 +16,7 @@ from polykit_cache.storage import blob_id
 from support import KEY, call, key_for, new_app, pack_tree, sha
 
 ART = f"/v1/artifacts/{KEY}"
-LAYOUTS = {"attribute": {}, "file beside": {"setxattr": None}}
+LAYOUTS = {"attribute": {}, "file beside": {"setxattr": None, "unnamed_temps": False}}
 
 
 def files_under(root) -> list[str]:
@@ -41,6 +41,7 @@ def test_an_upload_is_synced_before_its_name_appears_and_its_name_before_the_ans
     files = 1 if layout == "attribute" else 2
     assert syncs == [("file", False)] * files + [("folder", True)]
     assert call(app, "GET", ART).body == blob
+    assert not any((store / "tmp").iterdir())  # a named temporary is removed once linked
 
 
 def test_a_failed_sync_refuses_the_upload_and_leaves_nothing(tmp_path):

@@ -50,8 +50,8 @@ def factory(request, tmp_path):
     """A function that makes a new store instance on one shared backing."""
     if request.param == "disk":
         return disk_factory(tmp_path)
-    if request.param == "disk-no-xattr":
-        return disk_factory(tmp_path, setxattr=refuse_xattrs)
+    if request.param == "disk-no-xattr":  # nor unnamed temporary files: the layout of earlier versions
+        return disk_factory(tmp_path, setxattr=refuse_xattrs, unnamed_temps=False)
     if request.param == "memory":
         return memory_factory(tmp_path)
     return s3_store_factory(request, tmp_path)
