@@ -16,14 +16,15 @@ another) served 40-70% fewer uploads per second than each thread syncing its own
 
 Other tools' blobs are named by paths (``kv/ccache/ab/cdef``) that clients choose; they are
 stored under the SHA-256 of that name, ``<root>/objects/<protocol>/<h[0:2]>/<h>``, with the
-name and the protocol's metadata as its attribute (or in ``<h>.json`` beside it). So no client name becomes a
-folder: names cannot clash with each other's folders, and the folders on disk are bounded
+name and the protocol's metadata as its attribute (or in ``<h>.json`` beside it). So no client
+name becomes a folder: names cannot clash with each other's folders, and the folders on disk are bounded
 (256 per protocol) whatever the names. Blobs of the former layout (``blobs/<name>``,
 ``blob-meta/<name>.json``) are moved into this one when a server starts.
 
 ``--max-storage`` bounds what entries cost on disk, not only their bytes: each counts its size
 rounded up to whole blocks, plus a block for its metadata (an attribute outside the inode, or
-a file) and the blocks of the folders it may have needed (:func:`disk_cost`). Folders left empty by an eviction are removed.
+a file) and the blocks of the folders it may have needed (:func:`disk_cost`). Folders left
+empty by an eviction are removed.
 """
 
 from __future__ import annotations
@@ -36,12 +37,11 @@ import os
 import shutil
 import tempfile
 import stat as stat_module
-from typing import Callable
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from polykit_client.artifact import hash_file, is_cache_key
 
@@ -72,7 +72,8 @@ OBJECTS = "objects"
 LEGACY_BLOBS, LEGACY_BLOB_META = "blobs", "blob-meta"
 
 # What an entry costs beyond its bytes: sizes are counted in filesystem blocks, and each entry
-# also has its metadata (a block at most) and may have made up to two folders (4 KiB each on ext4, xfs, btrfs).
+# also has its metadata (a block at most) and may have made up to two folders (4 KiB each on
+# ext4, xfs, btrfs).
 BLOCK = 4096
 ENTRY_OVERHEAD = 3 * BLOCK
 
@@ -432,14 +433,18 @@ class Storage(Store):
         always has the metadata of its own upload); ``fsync`` of its folder, so the name is
         durable before the upload is answered.
         """
+        sidecar_temp = None
         try:
             in_attr = self._set_attr(staged.fh.fileno(), meta)
+            if not in_attr:  # written and synced outside the lock, which other workers wait for
+                sidecar_temp = self._json_temp(meta)
             self._fsync(staged.fh.fileno())
             with self._layout_lock:
-                if not in_attr:
+                if sidecar_temp is not None:
                     if not replace and os.path.exists(final):
                         return False
-                    self._write_json(sidecar, meta)
+                    self._retry_in_folder(sidecar, lambda: os.replace(sidecar_temp, sidecar))
+                    sidecar_temp = None
                 try:
                     self._retry_in_folder(final, lambda: staged.replace(final) if replace else staged.link(final))
                 except FileExistsError:
@@ -451,6 +456,8 @@ class Storage(Store):
             raise
         finally:
             staged.discard()
+            if sidecar_temp is not None:  # not installed: the name existed, or a failure
+                Path(sidecar_temp).unlink(missing_ok=True)
         self._index.add(key, staged.size, time.time_ns())
         self.evict()
         return True
@@ -565,18 +572,27 @@ class Storage(Store):
             self._write_json(sidecar, meta)
 
     def _write_json(self, path: Path | str, value: object) -> None:
-        """Replace a small JSON file atomically, its content synced before its name (the folder
-        is synced with the entry's); the temporary lives in tmp/, swept at start-up."""
+        """Replace a small JSON file atomically (see :meth:`_json_temp`)."""
+        name = self._json_temp(value)
+        try:
+            self._retry_in_folder(str(path), lambda: os.replace(name, path))
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+
+    def _json_temp(self, value: object) -> str:
+        """A JSON file in tmp/ (swept at start-up), synced, to be renamed to its name: its
+        content is durable before its name appears (the folder is synced with the entry's)."""
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="meta-", suffix=".part")
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(value, fh)
                 fh.flush()
                 self._fsync(fh.fileno())
-            self._retry_in_folder(str(path), lambda: os.replace(name, path))
         except BaseException:
             Path(name).unlink(missing_ok=True)
             raise
+        return name
 
     # --- other protocols' blobs -------------------------------------------------------------
     # Opaque blobs live under objects/<protocol>/..., apart from artifacts, so a blob is never
