@@ -43,7 +43,10 @@ UNSUPPORTED = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP})
 
 # Unnamed files are linked through their /proc entry: linkat(AT_EMPTY_PATH) would need a privilege.
 _PROC_FD = "/proc/self/fd"
-_CAN_LINK_UNNAMED = os.path.isdir(_PROC_FD)
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)  # Linux only, as are the attribute calls below
+_CAN_LINK_UNNAMED = bool(_O_TMPFILE) and os.path.isdir(_PROC_FD)
+SETXATTR = getattr(os, "setxattr", None)
+_GETXATTR = getattr(os, "getxattr", None)
 # A folder fd that makes os.link call linkat(2) (see _link_unnamed): one per process, inherited
 # by forked workers.
 _ANCHOR_FD = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -74,7 +77,7 @@ class EntryStaged(Staged):
             try:
                 if not (unnamed and _CAN_LINK_UNNAMED):
                     raise OSError(errno.EOPNOTSUPP, "no /proc to link an unnamed file through")
-                fd = os.open(tmp_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+                fd = os.open(tmp_dir, _O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
             except OSError as exc:
                 if is_disk_full(exc) or exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                     raise
@@ -127,7 +130,7 @@ def read_meta(target: int | str, sidecar: str) -> dict | None:
     """An entry's metadata: its attribute, else the ``.json`` beside it; None when the entry or
     both are missing. ValueError when what is there is not a JSON object (torn, or tampered with)."""
     try:
-        raw = os.getxattr(target, META_ATTR)
+        raw = _GETXATTR(target, META_ATTR) if _GETXATTR else None
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return None  # the entry itself is gone
@@ -147,7 +150,9 @@ def read_meta(target: int | str, sidecar: str) -> dict | None:
 def has_meta(path: str, sidecar: str) -> bool:
     """Whether an entry's file has its metadata (the attribute, or the file beside it)."""
     try:
-        os.getxattr(path, META_ATTR)
-        return True
+        if _GETXATTR:
+            _GETXATTR(path, META_ATTR)
+            return True
     except OSError:
-        return os.path.exists(sidecar)
+        pass
+    return os.path.exists(sidecar)

@@ -45,7 +45,7 @@ from typing import BinaryIO, Callable
 
 from polykit_client.artifact import hash_file, is_cache_key
 
-from .entryfile import REFUSED, UNSUPPORTED, EntryStaged, has_meta, read_meta, set_meta
+from .entryfile import REFUSED, SETXATTR, UNSUPPORTED, EntryStaged, has_meta, read_meta, set_meta
 from .lru import MemoryIndex, SharedIndex
 from .store import REPLACEABLE, RESERVED_META, Staged, Stat, Store, StorageFull, Usage, check_space, is_disk_full
 
@@ -169,7 +169,7 @@ class Storage(Store):
     """One storage folder, the disk store. Thread-safe; one instance per server process."""
 
     def __init__(self, root: Path | str, max_storage: int | None = None, *,
-                 setxattr: Callable[[int | str, str, bytes], None] | None = os.setxattr,
+                 setxattr: Callable[[int | str, str, bytes], None] | None = SETXATTR,
                  fsync: Callable[[int], None] = os.fsync, unnamed_temps: bool = True) -> None:
         """``setxattr`` sets an entry's metadata attribute (None: always a file beside it);
         ``fsync`` makes a file or folder durable; ``unnamed_temps`` off makes uploads in progress
