@@ -96,13 +96,15 @@ _FADVISE = getattr(os, "posix_fadvise", None)
 class Staged:
     """A writable temporary for one upload that knows its size and SHA-256.
 
-    ``path`` is its file, where there is one; ``finish()`` makes the bytes durable before a
-    commit; ``discard()`` removes it (a commit consumes it). Disk full becomes StorageFull.
+    ``path`` is its file, where it has a name; ``on_disk`` says it is a file (named or not);
+    ``finish()`` makes the bytes durable before a commit (a store that syncs in its commit
+    overrides it); ``discard()`` removes it (a commit consumes it). Disk full becomes StorageFull.
     """
 
-    def __init__(self, fh: BinaryIO, path: Path | None = None) -> None:
+    def __init__(self, fh: BinaryIO, path: Path | None = None, on_disk: bool | None = None) -> None:
         self.fh = fh
         self.path = path
+        self.on_disk = path is not None if on_disk is None else on_disk
         self.size = 0
         self._digest = hashlib.sha256()
         self._flushed = 0
@@ -120,7 +122,7 @@ class Staged:
             raise
         self._digest.update(data)
         self.size += len(data)
-        if self.path is not None and self.size - self._flushed >= WRITEBACK_STEP:
+        if self.on_disk and self.size - self._flushed >= WRITEBACK_STEP:
             self._start_writeback()
 
     def _start_writeback(self) -> None:
@@ -136,7 +138,7 @@ class Staged:
         """Flush and, for a file, sync: a committed object must survive a power loss."""
         try:
             self.fh.flush()
-            if self.path is not None:
+            if self.on_disk:
                 os.fdatasync(self.fh.fileno())
         except OSError as exc:
             if is_disk_full(exc):

@@ -3,7 +3,8 @@
 The body is read in bounded chunks; the same bytes feed the SHA-256 of the body, the
 upload staged in the store and the artifact verifier (zstd -> tar -> manifest), so memory does
 not grow with the artifact and nothing is read twice. Only a body that verified completely is
-made durable and handed back for a commit; on any failure the staged upload is discarded.
+handed back for a commit (``finish()`` flushes it; the disk store syncs it in the commit, before
+it is visible); on any failure the staged upload is discarded.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class _Tee:
 
 
 def receive(store: Store, body: BinaryIO, length: int, key: str, limits: Limits) -> tuple[Staged, dict]:
-    """Stage an artifact body, verified and durable, for a commit, with its manifest; or raise and
+    """Stage an artifact body, verified and finished, for a commit, with its manifest; or raise and
     leave nothing behind.
 
     Raises ArtifactError (422), IncompleteBody (400) or StorageFull (507).

@@ -120,8 +120,16 @@ def _text(field: bytes) -> str:
 
 
 def _check_block(block: bytes) -> None:
+    _check_magic(block)
+    _check_sum(block)
+
+
+def _check_magic(block: bytes) -> None:
     if block[257:265] != b"ustar\x0000":
         raise TarFormatError("bad_tar", "not a POSIX ustar header")
+
+
+def _check_sum(block: bytes) -> None:
     stored = _octal(block[148:156], "chksum")
     if stored != sum(block[:148]) + 8 * 0x20 + sum(block[156:]):
         raise TarFormatError("bad_tar", "a tar header checksum does not match")
@@ -204,10 +212,13 @@ class TarReader:
         block = self._read_exact(BLOCK)
         if block == _ZERO_BLOCK:
             return None
-        _check_block(block)
+        # The checksum of a header that is not a PAX one is checked only when the header is not
+        # the expected one (below): the expected header's checksum is right by construction.
+        _check_magic(block)
         raw = block
         records: dict[str, str] = {}
         if block[156:157] == tarfile.XHDTYPE:
+            _check_sum(block)
             size = _octal(block[124:136], "size")
             if size > MAX_PAX_HEADER:
                 raise TarFormatError("header_too_large", f"a PAX header of {size} bytes is over {MAX_PAX_HEADER}")
@@ -234,6 +245,7 @@ class TarReader:
         except (ValueError, UnicodeEncodeError):
             expected = b""
         if raw != expected:
+            _check_sum(block)  # a corrupt header is a bad tar rather than a foreign one
             raise TarFormatError("bad_header", f"the header of member {name!r} carries fields the packer does not write")
         self._left = member.size
         self._padding = -member.size % BLOCK

@@ -8,6 +8,7 @@ section 3.1) and raises :class:`ZstdError` when the input ends anywhere but betw
 
 from __future__ import annotations
 
+import threading
 from typing import BinaryIO
 
 try:  # pragma: no cover - depends on the interpreter
@@ -135,21 +136,41 @@ class _Tap:
         return True
 
 
+# Decompression contexts kept for reuse, one per thread and window: making one costs more than
+# decompressing a small artifact. A context serves one reader at a time (a reader resets it),
+# so a reader takes it and gives it back when done; a second reader meanwhile makes its own.
+_idle = threading.local()
+
+
+def _take_dctx(window_log: int):
+    dctx = getattr(_idle, "dctx", None)
+    if dctx is not None and dctx[0] == window_log:
+        _idle.dctx = None
+        return dctx[1]
+    return _zstandard.ZstdDecompressor(max_window_size=1 << window_log)
+
+
 class DecompressingReader:
     """A read-only file of the decompressed bytes; raises ZstdError on a corrupt or cut stream."""
 
     def __init__(self, raw: BinaryIO, max_window_log: int = MAX_WINDOW_LOG) -> None:
         self._tracker = FrameTracker()
         tap = _Tap(raw, self._tracker)
+        self._dctx = None
         if _std is not None:  # pragma: no cover - Python 3.14+
             options = {_std.DecompressionParameter.window_log_max: max_window_log}
             self._reader = _std.ZstdFile(tap, "rb", options=options)
         else:
-            dctx = _zstandard.ZstdDecompressor(max_window_size=1 << max_window_log)
-            self._reader = dctx.stream_reader(
+            self._window_log, self._dctx = max_window_log, _take_dctx(max_window_log)
+            self._reader = self._dctx.stream_reader(
                 tap, read_size=READ_SIZE, read_across_frames=True, closefd=False
             )
         self._eof = False
+
+    def _release(self) -> None:
+        """Give the context back for the thread's next reader (only once this one needs it no more)."""
+        if self._dctx is not None:
+            _idle.dctx, self._dctx = (self._window_log, self._dctx), None
 
     def read(self, size: int = -1) -> bytes:
         if self._eof:
@@ -162,6 +183,8 @@ class DecompressingReader:
             raise
         if not data and size != 0:
             self._eof = True
+            self._reader.close()
+            self._release()
             if not self._tracker.complete():
                 raise ZstdError("zstd stream is truncated (it ends inside a frame)")
         return data
@@ -171,6 +194,7 @@ class DecompressingReader:
 
     def close(self) -> None:
         self._reader.close()
+        self._release()
 
 
 class CompressingWriter:

@@ -209,9 +209,10 @@ def call(app, method: str, path: str, body: bytes | None = None, headers: dict |
     return Reply(captured["status"], captured["headers"], data)
 
 
-def new_app(storage_dir: Path, **settings):
+def new_app(storage_dir: Path, storage_options: dict | None = None, **settings):
+    """The WSGI app on a recovered disk store; ``storage_options``: more arguments of :class:`Storage`."""
     config = Config(storage_dir=storage_dir, **settings)
-    storage = Storage(storage_dir, config.max_storage)
+    storage = Storage(storage_dir, config.max_storage, **(storage_options or {}))
     storage.recover()
     return make_app(config, storage, access=Access(config.token_file, {}, config.allow_anonymous_read))
 

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 
 import pytest
 
+from polykit_cache.entryfile import META_ATTR
+
 from support import (
     KEY, OTHER_KEY, TAR_END, ExplodingInput, call, craft, header, key_for, manifest, new_app, pack_tree, pax_header, sha, tar_member, zst,
 )
@@ -185,26 +187,35 @@ def test_stats_and_metrics_follow_the_traffic(app, tmp_path):
     assert any(line.startswith('polykit_cache_request_duration_seconds_bucket{le="+Inf"}') for line in lines)
 
 
-def test_torn_metadata_is_rebuilt_from_the_artifact(app, tmp_path):
+@pytest.mark.parametrize("layout", ["attribute", "file beside"])
+def test_torn_metadata_is_rebuilt_from_the_artifact(tmp_path, layout):
+    from polykit_cache.entryfile import read_meta
     from support import new_app
 
+    options = {} if layout == "attribute" else {"setxattr": None}
+    app = new_app(tmp_path / "store", options)
     blob = pack_tree(tmp_path, {"a": b"x"})
     call(app, "PUT", ART, blob)
-    meta = app.storage.artifact_path(KEY).with_suffix(".json")
-    meta.write_bytes(b"")  # what a power loss can leave of a file written without fsync
-    fresh = new_app(app.storage.root)
+    path = app.storage.artifact_path(KEY)
+    # What a power loss can leave of metadata written without a sync.
+    if layout == "attribute":
+        os.setxattr(path, META_ATTR, b"")
+    else:
+        path.with_suffix(".json").write_bytes(b"")
+    fresh = new_app(app.storage.root, options)
     reply = call(fresh, "HEAD", ART)
     assert reply.status == 200 and reply.headers["x-artifact-hash"] == sha(blob)
-    assert __import__("json").loads(meta.read_text())["sha256"] == sha(blob)
+    assert read_meta(str(path), str(path.with_suffix(".json")))["sha256"] == sha(blob)
 
 
-def test_storage_layout_and_metadata_file(app, tmp_path):
+def test_storage_layout_one_file_per_artifact_with_its_metadata_attribute(app, tmp_path):
     key = key_for("layout")
     blob = pack_tree(tmp_path, {"a": b"x"}, key=key)
     assert call(app, "PUT", f"/v1/artifacts/{key}", blob).status == 201
     path = app.storage.root / key[:2] / key[2:4] / f"{key}.zst"
     assert path.read_bytes() == blob
-    meta = __import__("json").loads(path.with_suffix(".json").read_text())
+    assert os.listdir(path.parent) == [path.name]  # no metadata file beside it
+    meta = __import__("json").loads(os.getxattr(path, META_ATTR))
     assert meta["size"] == len(blob) and meta["sha256"] == sha(blob) and meta["created"] > 0
 
 
@@ -213,8 +224,10 @@ def test_an_unexpected_error_is_a_json_500_and_the_app_keeps_serving(app, tmp_pa
     call(app, "PUT", ART, blob)
     # Put a folder where the artifact file should be: opening it fails, the error is rendered.
     path = app.storage.artifact_path(KEY)
+    meta = os.getxattr(path, META_ATTR)
     path.unlink()
     path.mkdir()
+    os.setxattr(path, META_ATTR, meta)  # the metadata is still found
     reply = call(app, "GET", ART)
     assert_error(reply, 500, "internal_error")
     assert "Traceback" not in reply.body.decode()

@@ -729,3 +729,46 @@ def test_the_header_layout_is_pinned_so_artifacts_verify_across_python_versions(
                ("outputs/l", tarfile.SYMTYPE, 0o777, 0, "../" + "x" * 120), ("outputs/big", tarfile.REGTYPE, 0o644, 9 << 30)]
     digest = hashlib.sha256(b"".join(header(*m) for m in members)).hexdigest()
     assert digest.startswith("77d9ec8e5dcb5982")
+
+
+@pytest.mark.parametrize("name, kind, mode, size, target", [
+    ("polykit-artifact.json", tarfile.REGTYPE, 0o644, 1234, ""),
+    ("n" * 100, tarfile.REGTYPE, 0o644, 0, ""),  # the longest name of a plain ustar header
+    ("n" * 101, tarfile.REGTYPE, 0o644, 0, ""),  # a PAX path
+    ("d" * 99, tarfile.DIRTYPE, 0o755, 0, ""),  # 100 with its "/"
+    ("d" * 100, tarfile.DIRTYPE, 0o755, 0, ""),  # 101 with its "/": a PAX path
+    ("dir/", tarfile.DIRTYPE, 0o755, 0, ""),
+    ("café.txt", tarfile.REGTYPE, 0o644, 5, ""),  # non-ASCII: a PAX path
+    ("link", tarfile.SYMTYPE, 0o777, 0, "t" * 100),
+    ("link", tarfile.SYMTYPE, 0o777, 0, "t" * 101),  # a PAX linkpath
+    ("link", tarfile.SYMTYPE, 0o777, 0, "naïve"),
+    ("big", tarfile.REGTYPE, 0o755, 8 ** 11 - 1, ""),
+    ("huge", tarfile.REGTYPE, 0o755, 8 ** 11, ""),  # a PAX size
+    ("modes", tarfile.REGTYPE, 0o107777, 7, ""),
+])
+def test_the_headers_the_packer_and_the_verifier_expect_are_what_tarfile_writes(name, kind, mode, size, target):
+    """tarstream builds plain ustar headers itself (faster than tarfile); they must be tarfile's bytes."""
+    from polykit_client import tarstream
+
+    expected = tarstream.member_info(name, kind, mode & 0o7777, size, target).tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
+    assert tarstream.header(name, kind, mode & 0o7777, size, target) == expected
+
+
+def test_decompression_contexts_are_reused_but_never_shared_by_two_open_readers():
+    import io
+
+    from polykit_client.zstd import DecompressingReader, ZstdError
+
+    data = [zst(bytes([i]) * 10_000) for i in range(3)]
+    first = DecompressingReader(io.BytesIO(data[0]))
+    second = DecompressingReader(io.BytesIO(data[1]))  # while the first is open: a context of its own
+    assert first.read(5000) == b"\0" * 5000
+    assert second.read() == b"\1" * 10_000 and second.read() == b""
+    assert first.read() == b"\0" * 5000 and first.read() == b""
+    third = DecompressingReader(io.BytesIO(data[2]))  # reuses a released context
+    assert third.read() == b"\2" * 10_000
+    cut = DecompressingReader(io.BytesIO(data[0][:-3]))
+    with pytest.raises(ZstdError):
+        while cut.read(1000):  # a cut stream is still refused
+            pass
+    assert DecompressingReader(io.BytesIO(data[1])).read() == b"\1" * 10_000

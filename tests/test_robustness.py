@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from polykit_cache.entryfile import read_meta
+
 from support import ROOT, ServerProcess, key_for, pack_tree, request, sha
 
 SOAK_SECONDS = float(os.environ.get("POLYKIT_SOAK_SECONDS", "20"))
@@ -93,12 +95,12 @@ def assert_verified(store: Path, context: str = "") -> None:
 
 def stored_on_disk(store: Path) -> dict[str, int]:
     """{key: size of its .zst} of what the storage folder holds, after checking that every artifact
-    has its metadata beside it with the same size (nothing partial) and no metadata is orphaned."""
+    has its metadata with the same size (nothing partial) and no metadata file is orphaned."""
     found = {}
     for zst in store.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*.zst"):
-        meta = zst.with_suffix(".json")
-        assert meta.exists(), f"{zst.name} has no metadata"
-        recorded = json.loads(meta.read_text())["size"]
+        meta = read_meta(str(zst), str(zst.with_suffix(".json")))
+        assert meta is not None, f"{zst.name} has no metadata"
+        recorded = meta["size"]
         assert recorded == zst.stat().st_size, f"{zst.name}: {zst.stat().st_size} bytes on disk, {recorded} recorded"
         found[zst.stem] = recorded
     orphans = [m.name for m in store.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*.json") if not m.with_suffix(".zst").exists()]

@@ -135,6 +135,19 @@ def test_a_300_mib_artifact_round_trips_with_flat_server_memory(tmp_path, big_ar
         server.stop()
 
 
+def _open_files_in(pid: int, folder: Path) -> list[str]:
+    """The files of ``folder`` a process has open, named or not (``/proc/<pid>/fd``)."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{folder}/"):
+            found.append(target)
+    return found
+
+
 def test_sigkill_during_an_upload_leaves_nothing_and_the_key_can_be_uploaded_again(tmp_path, big_artifact):
     key, blob = big_artifact
     store = tmp_path / "store"
@@ -142,9 +155,10 @@ def test_sigkill_during_an_upload_leaves_nothing_and_the_key_can_be_uploaded_aga
     server = ServerProcess(store, tmp_path / "server.log")
     uploader = threading.Thread(target=lambda: _ignore_errors(stream_upload, server.port, path, blob), daemon=True)
     uploader.start()
-    # waitress spools the body first; kill once the application is writing its temporary file.
+    # waitress spools the body first; kill once the application is writing its temporary file
+    # (an unnamed file in tmp/, seen among the server's open files).
     deadline = time.monotonic() + 60
-    while not list((store / "tmp").glob("upload-*")):
+    while not _open_files_in(server.proc.pid, store / "tmp"):
         assert time.monotonic() < deadline, "the upload never reached the application"
         time.sleep(0.005)
     os.kill(server.proc.pid, signal.SIGKILL)

@@ -1,9 +1,10 @@
 """Storage recovery after crashes, and the offline ``verify`` command."""
 
-import json
+import os
 import subprocess
 import sys
 
+from polykit_cache.entryfile import META_ATTR, read_meta
 from polykit_cache.storage import Storage
 from support import KEY, OTHER_KEY, call, key_for, new_app, pack_tree, sha
 
@@ -15,7 +16,7 @@ def test_recover_removes_temporaries_and_repairs_half_published_artifacts(tmp_pa
     assert call(app, "PUT", f"/v1/artifacts/{KEY}", blob).status == 201
     (store / "tmp" / "upload-stale.part").write_bytes(b"half an upload")
     path = app.storage.artifact_path(KEY)
-    path.with_suffix(".json").unlink()  # a crash between the link and the metadata write
+    os.removexattr(path, META_ATTR)  # metadata lost (an entry of an earlier version linked without it)
     orphan = app.storage.artifact_path(OTHER_KEY).with_suffix(".json")
     orphan.parent.mkdir(parents=True)
     orphan.write_text("{}")  # metadata without its artifact
@@ -23,7 +24,7 @@ def test_recover_removes_temporaries_and_repairs_half_published_artifacts(tmp_pa
     storage = Storage(store)
     storage.recover()
     assert not any((store / "tmp").iterdir())
-    assert json.loads(path.with_suffix(".json").read_text())["sha256"] == sha(blob)
+    assert read_meta(str(path), str(path.with_suffix(".json")))["sha256"] == sha(blob)
     assert not orphan.exists()
     assert storage.totals() == (1, len(blob), 0)
 
@@ -56,11 +57,12 @@ def test_verify_rebuilds_lost_metadata_instead_of_quarantining(tmp_path):
     app = new_app(store)
     blob = pack_tree(tmp_path, {"a": b"x"})
     call(app, "PUT", f"/v1/artifacts/{KEY}", blob)
-    app.storage.artifact_path(KEY).with_suffix(".json").unlink()
+    path = app.storage.artifact_path(KEY)
+    os.removexattr(path, META_ATTR)
     out = subprocess.run([sys.executable, "-m", "polykit_cache", "verify", "--storage-dir", str(store)],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "1 good" in out.stdout
-    assert json.loads(app.storage.artifact_path(KEY).with_suffix(".json").read_text())["sha256"] == sha(blob)
+    assert read_meta(str(path), str(path.with_suffix(".json")))["sha256"] == sha(blob)
 
 
 def test_a_second_server_on_the_same_storage_is_refused(tmp_path):

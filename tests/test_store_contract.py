@@ -6,6 +6,7 @@ servers share one folder or one bucket.
 
 from __future__ import annotations
 
+import errno
 import threading
 
 import pytest
@@ -27,11 +28,16 @@ NAMES = {
 }
 
 
-def disk_factory(tmp_path, capacity=None):
+def disk_factory(tmp_path, capacity=None, **options):
     def make():
-        store = Storage(tmp_path / "store", capacity)
+        store = Storage(tmp_path / "store", capacity, **options)
         return store
     return make
+
+
+def refuse_xattrs(target, name, value):
+    """A filesystem without user extended attributes (some tmpfs, network filesystems)."""
+    raise OSError(errno.ENOTSUP, "Operation not supported")
 
 
 def memory_factory(tmp_path, capacity=None):
@@ -39,11 +45,13 @@ def memory_factory(tmp_path, capacity=None):
     return lambda: MemoryStore(backing)
 
 
-@pytest.fixture(params=["disk", "memory", "s3"])
+@pytest.fixture(params=["disk", "disk-no-xattr", "memory", "s3"])
 def factory(request, tmp_path):
     """A function that makes a new store instance on one shared backing."""
     if request.param == "disk":
         return disk_factory(tmp_path)
+    if request.param == "disk-no-xattr":  # nor unnamed temporary files: the layout of earlier versions
+        return disk_factory(tmp_path, setxattr=refuse_xattrs, unnamed_temps=False)
     if request.param == "memory":
         return memory_factory(tmp_path)
     return s3_store_factory(request, tmp_path)
