@@ -222,14 +222,14 @@ class GitIndex:
             folder = os.path.dirname(folder)
         # Inside: every folder holding a listed file, and the folders above them. An attributes
         # file git ignores still applies, so each folder is looked at, not only the listing.
-        folders = {path.rpartition("/")[0] for path in files}
+        folders = {path[:path.rfind("/") + 1] for path in files}  # "dir/sub/", "" for the root
         for name in list(folders):
             while name:
-                name = name.rpartition("/")[0]
+                name = name[:name.rfind("/", 0, -1) + 1]
                 if name in folders:
                     break
                 folders.add(name)
-        inside = [(f"{name}/" if name else "", Path(self.root, name, ATTRIBUTES_FILE)) for name in folders if name]
+        inside = [(name, Path(self.root, name, ATTRIBUTES_FILE)) for name in folders if name]
         sources = [("", path) for path in everywhere] + inside
         texts: list[tuple[str, str | None]] = []
         for scope, path in sources:
