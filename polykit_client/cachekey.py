@@ -2,10 +2,11 @@
 
 Components (all relative, so two checkouts in different folders or machines agree): the
 package's name and path, the task, its exact command, the environment variables its ``env``
-entries select (names, wildcards, exclusions: ``envpatterns``), the SHA-256 of every input
-file, the keys of the tasks it depends on, the language's toolchain version, the declared
-outputs, and a format version. ``components()`` is what
-``polykit build --dry-run --json`` prints, so a user can see why a key changed.
+entries select (names, wildcards, exclusions: ``envpatterns``), the git blob id of every input
+file (``blobid``; from git's index where ``gitindex`` finds git vouching for it), the keys of
+the tasks it depends on, the language's toolchain version, the declared outputs, and a format
+version. ``components()`` is what ``polykit build --dry-run --json`` prints, so a user can see
+why a key changed.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import re
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -169,12 +170,13 @@ class KeyMaker:
     SMALL_BATCH = 512
     HASH_THREADS = 4
 
-    def __init__(self, ws: Workspace, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, ws: Workspace, environ: Mapping[str, str] | None = None, git: GitIndex | None = None) -> None:
         self.ws = ws
         self.environ = os.environ if environ is None else environ
-        # Started before the stat cache loads: git lists the files (with the untracked ones when
-        # some task takes the default inputs) and gives the blob ids of unmodified tracked files.
-        self._git = GitIndex(ws.root, untracked=self._uses_default_inputs())
+        # Started before the stat cache loads (unless the command started it earlier): git lists
+        # the files (with the untracked ones when some task takes the default inputs) and gives
+        # the blob ids of unmodified tracked files.
+        self._git = git if git is not None else GitIndex(ws.root, untracked=self._uses_default_inputs())
         self._git_state: GitState | None = None
         self._git_done = False
         with phase("keys: stat cache loading"):
