@@ -15,6 +15,7 @@ from polykit_client import __version__, zstd
 from . import config as cfg
 from .app import make_app
 from .auth import Access, TokenError
+from .flusher import Flusher
 from .history import History
 from .metrics import Metrics
 from .s3store import S3Store, StoreMisconfigured
@@ -176,14 +177,20 @@ def serve_workers(config: cfg.Config, storage: Store, access: Access) -> int:
         worker_access = access
         worker_access.reload()
         # Each worker adds to the one history file through its own connection (flushes add up).
-        metrics = Metrics(storage.usage, History.open(config.storage_dir), config.max_storage,
-                          SharedState(shared.path))
+        state = SharedState(shared.path)
+        state.join(slot)
+        metrics = Metrics(storage.usage, History.open(config.storage_dir), config.max_storage, state)
         app = make_app(config, storage, metrics=metrics, access=worker_access)
         server = Server(app, config, sockets=sockets)
+        # Counts and uses go to the shared database in batches (see flusher.py), the last at exit.
+        flusher = Flusher([metrics.flush, disk.flush_uses])
+        flusher.start()
         log.info("worker %d (pid %d) serving", slot, os.getpid())
         try:
             server.run(on_hangup=worker_access.reload)
         finally:
+            flusher.stop()
+            state.leave()
             metrics.history.close()  # the worker's last seconds of figures
         return 0
 

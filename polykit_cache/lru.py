@@ -8,9 +8,9 @@ Two implementations of one interface:
   bound is one bound over every worker's uploads and the order counts every worker's reads.
 
 Both are rebuilt from the files at start-up (sizes and mtimes; see ``Storage.load_index``): the
-index is a cache of what the folder holds, never the only record of it. Each use is also
-written to the file's mtime now and then (:attr:`PERSIST_USE_NS`), so the order survives a
-restart without a write per read.
+index is a cache of what the folder holds, never the only record of it. The storage also
+writes a use to the file's mtime when the mtime is older than :data:`PERSIST_USE_NS`, so the
+order survives a restart without a write per read.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Callable, Iterable
 
 from .sharedstate import begin_write, connect
 
-# A use is written to the file's mtime at most this often.
+# A use is written to the file's mtime at most this often (see Storage.touch).
 PERSIST_USE_NS = 60 * 10**9
-# Entries whose last written use a worker remembers (then it forgets them all and starts again).
-RECENT_USES = 65536
+# Uses a worker gathers before it writes them without waiting for its timer (bounds its memory).
+MAX_PENDING_USES = 4096
 
 
 class MemoryIndex:
@@ -35,13 +35,13 @@ class MemoryIndex:
     def __init__(self, cost_of: Callable[[int], int]) -> None:
         self._cost_of = cost_of
         self._lock = threading.Lock()
-        # key -> [last use in ns, size, last use written to the file's mtime], least recently used first
+        # key -> [last use in ns, size], least recently used first
         self._uses: OrderedDict[str, list[int]] = OrderedDict()
         self.count = self.bytes = self.cost = self.evictions = 0
 
     def load(self, entries: Iterable[tuple[str, int, int]]) -> None:
         """Replace the index with (key, last use in ns, size) entries."""
-        ordered = OrderedDict((key, [used, size, used]) for key, used, size in sorted(entries, key=lambda e: e[1]))
+        ordered = OrderedDict((key, [used, size]) for key, used, size in sorted(entries, key=lambda e: e[1]))
         with self._lock:
             self._uses = ordered
             self.count = len(ordered)
@@ -59,7 +59,7 @@ class MemoryIndex:
             old = self._uses.pop(key, None)
             if old is not None:
                 self._drop(old[1])
-            self._uses[key] = [now, size, now]
+            self._uses[key] = [now, size]
             self.count += 1
             self.bytes += size
             self.cost += self._cost_of(size)
@@ -81,25 +81,23 @@ class MemoryIndex:
         with self._lock:
             return key in self._uses
 
-    def touch(self, key: str, now: int) -> bool:
-        """Record a use; True when it is time to write it to the file's mtime too."""
+    def touch(self, key: str, now: int) -> None:
+        """Record a use of an entry (nothing for a key not indexed)."""
         with self._lock:
             use = self._uses.get(key)
-            if use is None:
-                return False
-            use[0] = now
-            self._uses.move_to_end(key)
-            if now - use[2] > PERSIST_USE_NS:
-                use[2] = now
-                return True
-            return False
+            if use is not None:
+                use[0] = now
+                self._uses.move_to_end(key)
+
+    def flush(self) -> None:
+        """Nothing to write: every use is in the order at once."""
 
     def take_victims(self, limit: int) -> list[tuple[str, int]]:
         """Remove least recently used entries until the cost is within ``limit``; their (key, size)."""
         victims: list[tuple[str, int]] = []
         with self._lock:
             while self._uses and self.cost > limit:
-                key, (_, size, _) = self._uses.popitem(last=False)
+                key, (_, size) = self._uses.popitem(last=False)
                 self._drop(size)
                 victims.append((key, size))
             self.evictions += len(victims)
@@ -121,26 +119,32 @@ class MemoryIndex:
         return (min(times), max(times)) if times else None
 
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    key TEXT PRIMARY KEY, size INTEGER NOT NULL, cost INTEGER NOT NULL,
-    used INTEGER NOT NULL, persisted INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS entries_by_use ON entries (used);
-CREATE TABLE IF NOT EXISTS entry_totals (
-    id INTEGER PRIMARY KEY CHECK (id = 1), count INTEGER NOT NULL, bytes INTEGER NOT NULL,
-    cost INTEGER NOT NULL, evictions INTEGER NOT NULL, uses INTEGER NOT NULL);
-INSERT OR IGNORE INTO entry_totals VALUES (1, 0, 0, 0, 0, 0);
-"""
+# The tables of the index; dropped and made anew by every load (the index is rebuilt at each start).
+TABLES = (
+    "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, size INTEGER NOT NULL, cost INTEGER NOT NULL,"
+    " used INTEGER NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS entries_by_use ON entries (used)",
+    "CREATE TABLE IF NOT EXISTS entry_totals (id INTEGER PRIMARY KEY CHECK (id = 1), count INTEGER NOT NULL,"
+    " bytes INTEGER NOT NULL, cost INTEGER NOT NULL, evictions INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO entry_totals (id, count, bytes, cost, evictions) VALUES (1, 0, 0, 0, 0)",
+)
 
 
 class SharedIndex:
-    """The index in the shared database: every change is one transaction, seen by every worker.
+    """The index in the shared database, seen by every worker.
 
-    The running totals live in a row of their own, changed in the same transaction as the
-    entries, so reading them never sums the table. The row also numbers the writes that change
-    the order (``uses``): a use of the entry whose write was the last of them changes nothing,
-    so it is not written again (a popular entry read over and over takes the one write lock once). A write lasts microseconds; SQLite
-    serialises the workers' writes with its file locks (WAL mode, see :mod:`.sharedstate`).
+    Entries come and go in one transaction each, with the running totals in a row of their
+    own changed in the same transaction: the ``--max-storage`` bound is exact in bytes over
+    every worker's uploads, and reading the totals never sums the table.
+
+    Uses are gathered instead: a read must not wait for SQLite's write lock, so each worker
+    keeps the latest use of each key it served in memory and writes them all in one
+    transaction (:meth:`flush`), on its timer (:mod:`.flusher`, every
+    :data:`.sharedstate.FLUSH_SECONDS`), when it has gathered :data:`MAX_PENDING_USES`, and
+    before it chooses victims. So the order an eviction follows counts this worker's reads
+    exactly and another worker's up to its last tick: an entry read by another worker within
+    the last tenth of a second may be evicted as if it had not been, never an entry beyond
+    the bound. A use is written as the later of the two (``MAX``), so batches may land in any order.
     """
 
     def __init__(self, path: Path | str, cost_of: Callable[[int], int]) -> None:
@@ -148,9 +152,9 @@ class SharedIndex:
         self._cost_of = cost_of
         self._lock = threading.Lock()
         self._db = connect(self.path)
-        self._db.executescript(SCHEMA)
-        # key -> (the order number of this worker's last write of its use, its last use written to the file)
-        self._recent: dict[str, tuple[int, int]] = {}
+        self._write(lambda db: [db.execute(sql) for sql in TABLES])
+        self._pending: dict[str, int] = {}  # key -> latest use this worker has not written yet
+        self._pending_lock = threading.Lock()
 
     def _write(self, work: Callable[[sqlite3.Connection], object]) -> object:
         with self._lock:
@@ -164,15 +168,21 @@ class SharedIndex:
             return result
 
     def load(self, entries: Iterable[tuple[str, int, int]]) -> None:
-        rows = [(key, size, self._cost_of(size), used, used) for key, used, size in entries]
+        rows = [(key, size, self._cost_of(size), used) for key, used, size in entries]
 
         def work(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM entries")
-            db.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)", rows)
+            # Made anew, so a database left by another version of the server never matters.
+            db.execute("DROP TABLE IF EXISTS entries")
+            db.execute("DROP TABLE IF EXISTS entry_totals")
+            for sql in TABLES:
+                db.execute(sql)
+            db.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?)", rows)
             db.execute("UPDATE entry_totals SET count = (SELECT COUNT(*) FROM entries),"
                        " bytes = (SELECT COALESCE(SUM(size), 0) FROM entries),"
                        " cost = (SELECT COALESCE(SUM(cost), 0) FROM entries), evictions = 0")
 
+        with self._pending_lock:
+            self._pending.clear()
         self._write(work)
 
     def add(self, key: str, size: int, now: int) -> None:
@@ -180,9 +190,8 @@ class SharedIndex:
 
         def work(db: sqlite3.Connection) -> None:
             _delete(db, key)
-            db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?)", (key, size, cost, now, now))
-            db.execute("UPDATE entry_totals SET count = count + 1, bytes = bytes + ?, cost = cost + ?,"
-                       " uses = uses + 1", (size, cost))
+            db.execute("INSERT INTO entries VALUES (?, ?, ?, ?)", (key, size, cost, now))
+            db.execute("UPDATE entry_totals SET count = count + 1, bytes = bytes + ?, cost = cost + ?", (size, cost))
 
         self._write(work)
 
@@ -193,28 +202,34 @@ class SharedIndex:
         with self._lock:
             return self._db.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone() is not None
 
-    def touch(self, key: str, now: int) -> bool:
-        with self._lock:
-            (uses,) = self._db.execute("SELECT uses FROM entry_totals").fetchone()  # a read: no lock taken
-            number, persisted = self._recent.get(key, (-1, 0))
-            if number == uses and now - persisted <= PERSIST_USE_NS:
-                return False  # it is the most recently used already
+    def touch(self, key: str, now: int) -> None:
+        """Gather a use; it is written with the next batch (nothing is written for a key not indexed)."""
+        with self._pending_lock:
+            if now > self._pending.get(key, -1):
+                self._pending[key] = now
+            full = len(self._pending) >= MAX_PENDING_USES
+        if full:
+            self.flush()
 
-        def work(db: sqlite3.Connection) -> bool:
-            row = db.execute("SELECT persisted FROM entries WHERE key = ?", (key,)).fetchone()
-            if row is None:
-                return False
-            persist = now - row[0] > PERSIST_USE_NS
-            persisted = now if persist else row[0]
-            db.execute("UPDATE entries SET used = ?, persisted = ? WHERE key = ?", (now, persisted, key))
-            db.execute("UPDATE entry_totals SET uses = uses + 1")
-            (number,) = db.execute("SELECT uses FROM entry_totals").fetchone()
-            if len(self._recent) >= RECENT_USES:
-                self._recent.clear()
-            self._recent[key] = (number, persisted)
-            return persist
+    def flush(self) -> None:
+        """Write the gathered uses, in one transaction; kept for the next try if that fails."""
+        with self._pending_lock:
+            if not self._pending:
+                return
+        self._write(self._apply_uses)
 
-        return bool(self._write(work))
+    def _apply_uses(self, db: sqlite3.Connection) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        try:
+            db.executemany("UPDATE entries SET used = MAX(used, ?) WHERE key = ?",
+                           [(used, key) for key, used in pending.items()])
+        except BaseException:
+            with self._pending_lock:
+                for key, used in pending.items():
+                    if used > self._pending.get(key, -1):
+                        self._pending[key] = used
+            raise
 
     def take_victims(self, limit: int) -> list[tuple[str, int]]:
         def work(db: sqlite3.Connection) -> list[tuple[str, int]]:
@@ -222,6 +237,7 @@ class SharedIndex:
             victims: list[tuple[str, int]] = []
             if cost <= limit:
                 return victims
+            self._apply_uses(db)  # this worker's own reads count before anything is chosen
             for key, size, entry_cost in db.execute("SELECT key, size, cost FROM entries ORDER BY used"):
                 if cost <= limit:
                     break

@@ -2,7 +2,8 @@
 
 Counters are plain numbers behind one lock: a request touches it a few times, far less than
 the cost of the request itself, and the figures stay consistent with each other. With several
-worker processes they are also added up in a shared database, once per request.
+worker processes each one's counts are added up in a shared database in batches, and a scrape
+waits for every worker's batch (see :mod:`.sharedstate`).
 
 Every label takes its values from a fixed set, never from the request: a made-up method is
 counted as ``OTHER``, a path no route owns as protocol ``none``, a status outside 100-599 as
@@ -11,6 +12,7 @@ counted as ``OTHER``, a path no route owns as protocol ``none``, a status outsid
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -20,7 +22,9 @@ from typing import Callable
 from polykit_client import __version__
 
 from .history import History
-from .sharedstate import SharedState
+from .sharedstate import SETTLE_SECONDS, SharedState
+
+log = logging.getLogger("polykit_cache.metrics")
 
 # Request duration buckets, in seconds: from a cached HEAD to a large upload.
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -48,9 +52,10 @@ class Metrics:
     """All counters of one server; ``stored`` reports (artifacts, bytes, evictions) from the storage.
 
     Every figure is a *series* (a tuple: its kind, then its labels) in one counter. With
-    ``shared`` (``--workers N``), what this worker counted during a request is added to the
-    shared database when the request is answered, and the figures shown are the totals of every
-    worker (:mod:`.sharedstate`); alone, the counter in memory is the whole truth.
+    ``shared`` (``--workers N``), what this worker counted is added to the shared database by
+    :meth:`flush` (on the worker's timer, see :mod:`.flusher`), and the figures shown are the
+    totals of every worker once each has written what it counted before the scrape began
+    (:mod:`.sharedstate`); alone, the counter in memory is the whole truth.
 
     Every event also goes to the ``history`` (time buckets kept across restarts), so the status
     page, ``/v1/stats`` and ``/metrics`` show one model. Each worker has its own connection to
@@ -67,6 +72,10 @@ class Metrics:
         self.started = shared.started() if shared is not None else time.time()
         self._counts: Counter[tuple] = Counter()  # alone: everything; shared: not yet added
         self._namespace_labels: set[str] = set()
+        # One batch at a time, from taking it to its commit: a batch recorded as taken later must
+        # never be committed before an earlier one (a scrape would count on it, see settle()).
+        self._flush_lock = threading.Lock()
+        self._flushed = time.monotonic()  # when the last batch written was taken
 
     def request(self, method: str, status: int, seconds: float, protocol: str | None = "polykit") -> None:
         """Count one answer; ``protocol`` None is a path no route owns. The last count of a request."""
@@ -80,7 +89,6 @@ class Metrics:
             self._counts[("requests", protocol, method, status)] += 1
             self._counts[("bucket", index)] += 1
             self._counts[("duration",)] += seconds
-        self.flush()
 
     def lookup(self, hit: bool, bytes_out: int = 0, protocol: str = "polykit", namespace: str = "") -> None:
         label = namespace_label(namespace)
@@ -127,22 +135,40 @@ class Metrics:
         return int(counts[("saved_ms",)])
 
     def flush(self) -> None:
-        """Add what this worker counted to the shared totals."""
+        """Add what this worker counted since its last batch to the shared totals, in one transaction.
+
+        With nothing counted, a batch is still written when a scrape waits for one (it tells
+        the scrape that nothing is missing). A batch that cannot be written is kept for the next.
+        """
         if self._shared is None:
             return
-        with self._lock:
-            deltas = {series: n for series, n in self._counts.items() if n}
-            self._counts.clear()
-        self._shared.add(deltas)
+        with self._flush_lock:
+            taken = time.monotonic()
+            with self._lock:
+                deltas = {series: n for series, n in self._counts.items() if n}
+                self._counts.clear()
+            if not deltas and not self._shared.wanted(self._flushed):
+                return
+            try:
+                self._shared.add(deltas, taken)
+            except BaseException:
+                with self._lock:
+                    self._counts.update(deltas)
+                raise
+            self._flushed = taken
 
     def _snapshot(self) -> tuple[Counter[tuple], tuple[int, int, int]]:
         """Every series, and the storage's (artifacts, bytes, evictions) (shared by the workers too)."""
-        stored = self._stored()
         if self._shared is None:
             with self._lock:
-                return Counter(self._counts), stored
+                return Counter(self._counts), self._stored()
+        began = time.monotonic()
         self.flush()
-        return Counter(self._shared.totals()), stored
+        missing = self._shared.settle(began)
+        if missing:
+            log.warning("answering a scrape without the latest counts of worker %s, which did not write them in %.0f s",
+                        ", ".join(map(str, missing)), SETTLE_SECONDS)
+        return Counter(self._shared.totals()), self._stored()
 
     @property
     def requests(self) -> Counter[tuple[str, str, int]]:

@@ -1,20 +1,32 @@
 """State that the worker processes of one server share: an SQLite database in WAL mode.
 
 With ``--workers N`` every worker answers requests on its own, yet ``/metrics`` and
-``/v1/stats`` must count every worker's requests whichever worker answers the scrape. So each
-worker adds its counts to one table here at the end of every request, in one short
-transaction, and a scrape sums the table. SQLite serialises writers across processes with its
-own file locks, and WAL mode (https://sqlite.org/wal.html) lets readers go on beside a writer.
+``/v1/stats`` must count every worker's requests whichever worker answers the scrape. A
+transaction per request would cost a worker more than a small request itself, so each worker
+sums its counts in memory and adds them to one table here in batches: every
+:data:`FLUSH_SECONDS` (see :mod:`.flusher`), and when it stops. SQLite serialises writers
+across processes with its own file locks, and WAL mode (https://sqlite.org/wal.html) lets
+readers go on beside a writer.
+
+A scrape still counts every request answered before it, whichever worker answered: the
+worker answering it adds its own counts, then asks the others (:meth:`SharedState.settle`) and
+waits until each live worker has written a batch taken after the scrape began. Each worker
+records in the ``workers`` table when it took its last batch (``time.monotonic()``, one clock
+for every process of the machine), and looks at the wanted time (``scrapes``) on its timer even when
+it has nothing to add. What a scrape may miss: the counts of a worker that does not write
+within :data:`SETTLE_SECONDS` (stopped or stuck), since its last batch; they show in the next
+scrape after it writes. A worker killed with SIGKILL loses what it counted since its last
+batch (at most :data:`FLUSH_SECONDS` of its requests).
 
 The figures are counters, not data: they need no durability, so commits do not sync
 (``synchronous=OFF``); a power loss forgets counts, never an artifact. The supervisor empties
 the table when the server starts, as a restarted single process starts its counters at zero.
-A worker that crashes loses nothing it counted: its counts were committed request by request.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -26,9 +38,19 @@ FILE_NAME = "server-state.sqlite3"
 # How long a worker waits for another's write transaction before giving up (they last microseconds).
 BUSY_TIMEOUT_MS = 30_000
 
+# How often a worker adds its counts (and its uses, see lru.py) to the database, in seconds.
+FLUSH_SECONDS = 0.1
+# How long a scrape waits for the other workers' batches before answering without a silent one's.
+SETTLE_SECONDS = 2.0
+# How often a waiting scrape looks again, in seconds.
+SETTLE_POLL = 0.002
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (series TEXT PRIMARY KEY, value REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS workers (slot INTEGER PRIMARY KEY, pid INTEGER NOT NULL, flushed REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS scrapes (id INTEGER PRIMARY KEY CHECK (id = 1), wanted REAL NOT NULL);
+INSERT OR IGNORE INTO scrapes VALUES (1, 0);
 """
 
 
@@ -82,6 +104,7 @@ class SharedState:
         self._lock = threading.Lock()
         self._db = connect(self.path)
         self._db.executescript(SCHEMA)
+        self.slot: int | None = None  # this process's worker slot, once it joined
 
     @classmethod
     def create(cls, folder: Path | str) -> "SharedState":
@@ -98,6 +121,8 @@ class SharedState:
         with state._lock:
             state._db.execute("BEGIN IMMEDIATE")
             state._db.execute("DELETE FROM counters")
+            state._db.execute("DELETE FROM workers")
+            state._db.execute("UPDATE scrapes SET wanted = 0")
             state._db.execute("INSERT OR REPLACE INTO settings VALUES ('started', ?)", (repr(time.time()),))
             state._db.execute("COMMIT")
         return state
@@ -112,9 +137,32 @@ class SharedState:
             row = self._db.execute("SELECT value FROM settings WHERE name = 'started'").fetchone()
         return float(row[0]) if row else time.time()
 
-    def add(self, deltas: Mapping[tuple, float]) -> None:
-        """Add counts to their series, all in one transaction."""
-        if not deltas:
+    def join(self, slot: int) -> None:
+        """Take part as worker ``slot`` (a restarted worker takes its predecessor's row): scrapes
+        wait for this process's batches from now on, and it has nothing unwritten yet."""
+        self.slot = slot
+        with self._lock:
+            begin_write(self._db)
+            self._db.execute("INSERT OR REPLACE INTO workers VALUES (?, ?, ?)", (slot, os.getpid(), time.monotonic()))
+            self._db.execute("COMMIT")
+
+    def leave(self) -> None:
+        """A worker stopping (after its last batch): scrapes no longer wait for it."""
+        if self.slot is None:
+            return
+        with self._lock:
+            begin_write(self._db)
+            self._db.execute("DELETE FROM workers WHERE slot = ? AND pid = ?", (self.slot, os.getpid()))
+            self._db.execute("COMMIT")
+        self.slot = None
+
+    def add(self, deltas: Mapping[tuple, float], taken: float | None = None) -> None:
+        """Add a batch of counts to their series, all in one transaction.
+
+        ``taken`` is when the batch was taken (``time.monotonic()``): every count made before
+        then is in it or in an earlier batch, which is what a scrape waits for (:meth:`settle`).
+        """
+        if not deltas and taken is None:
             return
         rows = [(json.dumps(series), value) for series, value in deltas.items()]
         with self._lock:
@@ -123,10 +171,36 @@ class SharedState:
                 self._db.executemany(
                     "INSERT INTO counters VALUES (?, ?) ON CONFLICT(series) DO UPDATE SET value = value + excluded.value",
                     rows)
+                if taken is not None and self.slot is not None:
+                    self._db.execute("UPDATE workers SET flushed = MAX(flushed, ?) WHERE slot = ? AND pid = ?",
+                                     (taken, self.slot, os.getpid()))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    def wanted(self, since: float) -> bool:
+        """Whether a scrape waits for a batch taken after ``since`` (this worker's last one)."""
+        with self._lock:
+            (wanted,) = self._db.execute("SELECT wanted FROM scrapes").fetchone()
+        return wanted > since
+
+    def settle(self, since: float, seconds: float = SETTLE_SECONDS) -> list[int]:
+        """Wait until every other live worker has written a batch taken after ``since``; returns
+        the slots of those that did not within ``seconds`` (their latest counts are missing)."""
+        with self._lock:
+            begin_write(self._db)
+            self._db.execute("UPDATE scrapes SET wanted = MAX(wanted, ?)", (since,))
+            self._db.execute("COMMIT")
+        deadline = time.monotonic() + seconds
+        while True:
+            with self._lock:
+                behind = self._db.execute("SELECT slot, pid FROM workers WHERE flushed < ? AND pid != ?",
+                                          (since, os.getpid())).fetchall()
+            behind = [slot for slot, pid in behind if _alive(pid)]
+            if not behind or time.monotonic() > deadline:
+                return behind
+            time.sleep(SETTLE_POLL)
 
     def totals(self) -> dict[tuple, float]:
         """Every series with its total over all workers."""
@@ -137,6 +211,17 @@ class SharedState:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a worker's process is still there (a killed one's batches will never come)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # the number was reused by another user's process: not a worker
+        return False
+    return True
 
 
 def _series(text: str) -> tuple:

@@ -35,7 +35,7 @@ from typing import BinaryIO
 
 from polykit_client.artifact import hash_file, is_cache_key
 
-from .lru import MemoryIndex, SharedIndex
+from .lru import PERSIST_USE_NS, MemoryIndex, SharedIndex
 from .store import REPLACEABLE, RESERVED_META, Staged, Stat, Store, StorageFull, Usage, check_space, is_disk_full
 
 log = logging.getLogger("polykit_cache.storage")
@@ -152,8 +152,8 @@ def space_name(blob: str) -> tuple[str, str] | None:
     return None
 
 
-# Metadata of this many artifacts is kept in memory: artifacts never change once published,
-# so a HEAD or GET of a popular key need not reread its JSON file.
+# Metadata of this many artifacts is kept in memory, so a HEAD or GET of a popular key need not
+# reread its JSON file (see Storage._info_of for when a copy is used).
 INFO_CACHE_SIZE = 16384
 
 
@@ -171,8 +171,8 @@ class Storage(Store):
         # With worker processes, it is also a lock on a file (see share()).
         self._layout_lock: threading.Lock | LayoutLock = threading.Lock()
         self._prefix = str(self.root) + "/"
-        self._info: dict[str, ArtifactInfo] = {}
-        self._info_cache = INFO_CACHE_SIZE  # entries of _info at most
+        # key -> (the artifact file's identity, its metadata); see lookup()
+        self._info: dict[str, tuple[tuple[int, int, int, int], ArtifactInfo]] = {}
         # Sizes, costs and the least-recently-used order of the entries (keyed by cache key or
         # blob id): in this process, or shared by the worker processes (see share()).
         self._index: MemoryIndex | SharedIndex = MemoryIndex(disk_cost)
@@ -224,10 +224,11 @@ class Storage(Store):
         """
         self._index = SharedIndex(path, disk_cost)
         self._layout_lock = LayoutLock(self.root / "layout.lock")
-        # No metadata is cached: another worker may evict a key and a third store it anew with
-        # other bytes, and this process would not know. Each lookup reads the small JSON file.
-        self._info_cache = 0
         self._info.clear()
+
+    def flush_uses(self) -> None:
+        """Write the uses this worker gathered to the shared index (see lru.SharedIndex)."""
+        self._index.flush()
 
     def publish_index(self, path: Path | str) -> None:
         """Write this process's index (loaded at start-up) to the shared database at ``path``."""
@@ -360,10 +361,33 @@ class Storage(Store):
 
     def lookup(self, key: str) -> ArtifactInfo | None:
         """The stored artifact's metadata, or None when the key is not (yet) published."""
-        info = self._info.get(key)
-        if info is not None:
-            return info
         path = self._zst(key)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return self._info_of(key, path, st)
+
+    def _info_of(self, key: str, path: str, st: os.stat_result) -> ArtifactInfo | None:
+        """The metadata of the artifact file ``path`` whose stat (taken first) is ``st``.
+
+        A copy kept in memory is used only for that very file: the same inode on the same
+        device, size and inode change time (``ctime``). An eviction (by any worker) and a new
+        upload of the key make a new file, linked from a new temporary, so the copy no longer
+        matches, whichever process changed the file; this costs one ``stat`` the read path needs
+        anyway, where asking the shared index would cost a query. (Only a new file of the same
+        size on a reused inode number, linked within one tick of the filesystem's clock of the
+        old one's last change, would match: its ``Content-Length`` is still right, and its
+        ``X-Artifact-Hash`` is what every client checks the body against.)
+
+        The stat comes first and the metadata second: an artifact's metadata is written after
+        its file is linked and removed after it, so what is read belongs to the file seen or to
+        a later one, and a size that disagrees with the file is a miss rather than a wrong answer.
+        """
+        identity = (st.st_ino, st.st_dev, st.st_size, st.st_ctime_ns)
+        cached = self._info.get(key)
+        if cached is not None and cached[0] == identity:
+            return cached[1]
         try:
             with open(path[:-4] + ".json", "rb") as fh:
                 meta = json.load(fh)
@@ -375,11 +399,12 @@ class Storage(Store):
             info = self._repair_meta(key, path)
             if info is None:
                 return None
-        if self._info_cache and self._index.contains(key):  # an eviction may have removed it meanwhile
-            with self._lock:
-                if len(self._info) >= self._info_cache:
-                    self._info.pop(next(iter(self._info)))
-                self._info[key] = info
+        if info.size != st.st_size:
+            return None
+        with self._lock:
+            if len(self._info) >= INFO_CACHE_SIZE:
+                self._info.pop(next(iter(self._info)))
+            self._info[key] = (identity, info)
         return info
 
     def repair_meta(self, key: str) -> ArtifactInfo | None:
@@ -463,11 +488,14 @@ class Storage(Store):
 
     # --- least recently used eviction ---------------------------------------------------------
 
-    def touch(self, name: str) -> None:
-        """Record a GET or HEAD of an artifact (by key) or blob (by name) as a use: in memory now, on disk now and then."""
+    def touch(self, name: str, mtime_ns: int) -> None:
+        """Record a GET or HEAD of an artifact (by key) or blob (by name) whose file has ``mtime_ns``
+        as a use: in the index now; on disk as the file's mtime when that is older than
+        ``PERSIST_USE_NS``, so the order survives a restart without a write per read."""
         key = self._key_of(name)
         now = time.time_ns()
-        if self._index.touch(key, now):
+        self._index.touch(key, now)
+        if now - mtime_ns > PERSIST_USE_NS:
             try:
                 os.utime(self._data_path(key), ns=(now, now))
             except OSError:
@@ -594,15 +622,13 @@ class Storage(Store):
     def stat(self, space: str, name: str, use: bool = False) -> Stat | None:
         check_space(space)
         if self._is_artifact(space, name):
-            info = self.lookup(name)
-            if info is None:
+            path = self._zst(name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                self._vanished(name)
                 return None
-            if not os.path.exists(info.path):  # removed behind our back (verify's quarantine, gc)
-                self.forget(name)
-                return None
-            if use:
-                self.touch(name)
-            return Stat(space, name, info.size, info.sha256, info.created, info.meta, info.path)
+            return self._artifact_stat(name, path, st, use)
         blob = disk_name(space, name)
         path = self._data_path(blob_id(blob))
         try:
@@ -613,8 +639,22 @@ class Storage(Store):
         if not stat_module.S_ISREG(st.st_mode):
             return None
         if use:
-            self.touch(blob)
+            self.touch(blob, st.st_mtime_ns)
         return self._blob_stat(space, name, st.st_size, st.st_mtime, self._blob_json(blob), path)
+
+    def _artifact_stat(self, key: str, path: str, st: os.stat_result, use: bool) -> Stat | None:
+        info = self._info_of(key, path, st)
+        if info is None:
+            return None
+        if use:
+            self.touch(key, st.st_mtime_ns)
+        return Stat("polykit", key, info.size, info.sha256, info.created, info.meta, path)
+
+    def _vanished(self, key: str) -> None:
+        """An artifact file not found: forget it if it was served or its metadata is left (removed
+        behind our back: verify's quarantine, gc); a key never stored costs no more than one check."""
+        if key in self._info or os.path.exists(self._zst(key)[:-4] + ".json"):
+            self.forget(key)
 
     @staticmethod
     def _blob_stat(space: str, name: str, size: int, mtime: float, meta: dict, path: str) -> Stat:
@@ -636,14 +676,18 @@ class Storage(Store):
     def open(self, space: str, name: str, use: bool = True) -> tuple[Stat, BinaryIO] | None:
         check_space(space)
         if self._is_artifact(space, name):
-            found = self.stat(space, name, use=use)
-            if found is None:
-                return None
+            path = self._zst(name)
             try:
-                return found, open(found.path, "rb")
-            except FileNotFoundError:  # removed since its metadata was read
-                self.forget(name)
+                fh = open(path, "rb")
+            except FileNotFoundError:
+                self._vanished(name)
                 return None
+            # The metadata of the very file opened (see _info_of).
+            found = self._artifact_stat(name, path, os.fstat(fh.fileno()), use)
+            if found is None:
+                fh.close()
+                return None
+            return found, fh
         blob = disk_name(space, name)
         path = self._data_path(blob_id(blob))
         try:
@@ -653,7 +697,7 @@ class Storage(Store):
             return None
         st = os.fstat(fh.fileno())
         if use:
-            self.touch(blob)
+            self.touch(blob, st.st_mtime_ns)
         # The metadata is read after the blob was opened: it is written before the blob is
         # published, so a blob that is visible always has its metadata.
         return self._blob_stat(space, name, st.st_size, st.st_mtime, self._blob_json(blob), path), fh

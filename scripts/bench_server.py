@@ -1024,6 +1024,8 @@ def fmt(value: float | None, unit: str) -> str:
         return "n/a"
     if unit == "req/s":
         return f"{value:,.0f}"
+    if unit == "ms":
+        return f"{value:.3f}"
     return f"{value:,.1f}"
 
 
@@ -1051,6 +1053,13 @@ def render_table(headers: list[str], rows: list[list[str]]) -> str:
 
     rule = "|" + "|".join(("-" * (w + 1) + ":" if i else ":" + "-" * (w + 1)) for i, w in enumerate(widths)) + "|"
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def server_ms_per_request(result: PhaseResult) -> float | None:
+    """The server's CPU time per answered request, in ms (None without the server's CPU figure)."""
+    if result.server_cpu is None or not result.ok:
+        return None
+    return result.server_cpu / 100 * result.elapsed / result.ok * 1000
 
 
 def report(reports: list[TargetReport], sweep: bool = False) -> tuple[str, bool]:
@@ -1094,6 +1103,12 @@ def report(reports: list[TargetReport], sweep: bool = False) -> tuple[str, bool]
         "CPU use during each measurement, % of one core ('other': the rest of the machine, kernel threads included):",
         render_table(cpu_headers, cpu_rows),
     ]
+    # What a request costs the server whatever else the machine does: the figure to compare
+    # when other work disturbs the rates.
+    per_request = [[label, *(fmt(server_ms_per_request(r.results[label]), "ms") for r in reports)]
+                   for label in labels if reports[0].results[label].unit == "req/s"]
+    out += ["", "Server CPU per request, ms (all its processes and threads):",
+            render_table(["measurement", *(r.name for r in reports)], per_request)]
 
     passed = True
     out.append("")

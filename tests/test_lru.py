@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-from polykit_cache.lru import PERSIST_USE_NS, MemoryIndex, SharedIndex
+from polykit_cache.lru import MAX_PENDING_USES, PERSIST_USE_NS, MemoryIndex, SharedIndex
 from support import KEY, OTHER_KEY, ROOT, sha
 
 
@@ -35,32 +37,62 @@ def test_totals_follow_adds_replacements_and_removals(index):
 
 def test_eviction_takes_the_least_recently_used_until_within_the_bound(index):
     index.load([("a", 1, 100), ("b", 2, 100), ("c", 3, 100)])
-    assert not index.touch("missing", 9)
+    index.touch("missing", 9)  # nothing to order
     index.touch("a", 10)  # now b is the oldest, then c
     assert index.take_victims(330) == []
     assert index.take_victims(219) == [("b", 100), ("c", 100)]
     assert index.totals() == (1, 100, 2) and index.total_cost() == 110
 
 
-def test_a_use_of_the_most_recently_used_entry_is_not_written_again(tmp_path):
+def test_a_workers_uses_are_written_in_one_batch_and_its_own_evictions_count_them(tmp_path):
     path = tmp_path / "state.sqlite3"
     one, other = SharedIndex(path, cost), SharedIndex(path, cost)
-    one.load([("a", 0, 1), ("b", 0, 1)])
+    one.load([("a", 0, 1), ("b", 0, 1), ("c", 0, 1)])
     one.touch("a", 10)
-    assert one.use_range() == (0, 10)
-    one.touch("a", 20)  # still the most recently used: nothing to change
-    assert one.use_range() == (0, 10)
-    other.touch("b", 30)  # another worker's use comes between
-    one.touch("a", 40)
-    assert one.use_range() == (30, 40)
-    assert one.take_victims(11) == [("b", 1)]  # the order is exact across workers
+    one.touch("a", 20)
+    assert other.use_range() == (0, 0)  # gathered, not yet written
+    one.flush()
+    assert other.use_range() == (0, 20)  # one write, the latest use
+    other.touch("b", 15)
+    one.touch("c", 30)
+    # The evicting worker's own uses count before it chooses: c stays; b's use was not written yet.
+    assert one.take_victims(2 * 11) == [("b", 1)]
+    other.flush()  # a late batch changes nothing it must not: b is gone, a use is never moved back
+    one.touch("a", 5)
+    one.flush()
+    assert one.use_range() == (20, 30) and one.totals() == (2, 2, 1)
 
 
-def test_a_use_is_written_to_the_file_now_and_then(index):
-    index.load([("a", 0, 1)])
-    assert not index.touch("a", PERSIST_USE_NS // 2)
-    assert index.touch("a", PERSIST_USE_NS + 1)
-    assert not index.touch("a", PERSIST_USE_NS + 2)
+def test_the_uses_a_worker_gathers_are_bounded(tmp_path):
+    path = tmp_path / "state.sqlite3"
+    one, other = SharedIndex(path, cost), SharedIndex(path, cost)
+    one.load([(f"k{n}", 0, 1) for n in range(MAX_PENDING_USES)])
+    for n in range(MAX_PENDING_USES - 1):
+        one.touch(f"k{n}", 1 + n)
+    assert other.use_range() == (0, 0)
+    one.touch(f"k{MAX_PENDING_USES - 1}", MAX_PENDING_USES)  # the last one the memory holds: all written
+    assert other.use_range() == (1, MAX_PENDING_USES)
+
+
+def test_a_use_is_written_to_the_files_mtime_when_that_is_older_than_a_minute(tmp_path):
+    from polykit_cache.storage import Storage
+
+    storage = Storage(tmp_path / "store")
+    storage.recover()
+    staged = storage.stage()
+    staged.write(b"x" * 10)
+    staged.finish()
+    assert storage.commit("polykit", KEY, staged)
+    path = storage.artifact_path(KEY)
+    recent = time.time_ns() - PERSIST_USE_NS // 2
+    os.utime(path, ns=(recent, recent))
+    assert storage.stat("polykit", KEY, use=True) is not None
+    assert path.stat().st_mtime_ns == recent  # used within the minute: no write
+    old = time.time_ns() - 2 * PERSIST_USE_NS
+    os.utime(path, ns=(old, old))
+    before = time.time_ns()
+    assert storage.open("polykit", KEY)[1].close() is None
+    assert path.stat().st_mtime_ns >= before  # the use survives a restart
 
 
 WORKER = """

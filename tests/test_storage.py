@@ -89,6 +89,7 @@ def test_an_artifact_quarantined_beside_a_live_server_can_be_uploaded_again(tmp_
                          capture_output=True, text=True)
     assert out.returncode == 1
     assert call(app, "HEAD", path).status == 404
+    assert app.storage.usage()[:2] == (0, 0)  # forgotten, though its files left together
     assert call(app, "PUT", path, blob).status == 201
     assert call(app, "GET", path).body == blob
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import threading
 import time
 
@@ -146,6 +147,10 @@ def test_a_killed_worker_is_replaced_and_the_others_keep_serving(tmp_path):
         for t in threads:
             t.start()
         wait_for(lambda: len(outcomes) >= 40, "requests are answered")
+        with lock:
+            answered = outcomes.count(200)
+        counted = stats(server.port)["hits"]  # under load: every GET answered before the scrape
+        assert counted >= answered
         os.kill(before[0], signal.SIGKILL)
         wait_for(lambda: len(worker_pids(server)) == 2 and worker_pids(server)[0] != before[0], "a new worker 0 starts")
         served = len(outcomes)
@@ -157,9 +162,37 @@ def test_a_killed_worker_is_replaced_and_the_others_keep_serving(tmp_path):
         failures = [o for o in outcomes if o != 200]
         assert len(failures) <= len(threads), failures
         assert worker_pids(server)[1] == before[1]  # the other worker was never disturbed
-        # What the killed worker had counted is kept: every answered GET is in the totals.
-        assert stats(server.port)["hits"] >= outcomes.count(200)
+        # The killed worker lost only what it counted since its last batch: what the scrape
+        # before the kill counted stays counted, and so does every GET the live workers answered
+        # after it (less one answer per client thread that may have left the killed worker
+        # just before it died); nothing is counted twice.
+        hits = stats(server.port)["hits"]
+        assert counted + outcomes[served:].count(200) - len(threads) <= hits <= outcomes.count(200)
         assert "worker 0 (pid %d) was killed by SIGKILL; starting another" % before[0] in server.log_path.read_text()
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_scrape_waits_for_every_workers_counts_and_only_so_long_for_a_stopped_one(tmp_path):
+    from polykit_cache.sharedstate import SETTLE_SECONDS
+
+    server = start(tmp_path, 2)
+    try:
+        for _ in range(20):  # new connections: both workers answer some
+            assert request(server.port, "HEAD", ART)[0] == 404
+        assert stats(server.port)["misses"] == 20  # each worker wrote what it counted before the scrape
+        victim = worker_pids(server)[0]
+        for _ in range(20):
+            assert request(server.port, "HEAD", ART)[0] == 404
+        os.kill(victim, signal.SIGSTOP)  # it cannot write what it counted since its last batch
+        try:
+            misses = stats(server.port)["misses"]  # answered by the other worker, after SETTLE_SECONDS
+            assert 20 <= misses <= 40
+            assert (f"without the latest counts of worker 0, which did not write them in {SETTLE_SECONDS:.0f} s"
+                    in server.log_path.read_text())
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        assert stats(server.port)["misses"] == 40  # nothing was lost, only late
     finally:
         assert server.stop() == 0
 
@@ -183,11 +216,20 @@ def test_one_max_storage_bound_and_one_use_order_over_every_worker(tmp_path, wor
     keys = list(blobs)
     bound = 10 * disk_cost(max(len(b) for b in blobs.values()))
     server = start(tmp_path, workers, "--max-storage", str(bound))
+
+    def last_use(key: str) -> int:
+        """The use of an entry the workers' shared index holds (each worker writes its uses every tick)."""
+        with sqlite3.connect(tmp_path / "store" / "server-state.sqlite3") as db:
+            return db.execute("SELECT used FROM entries WHERE key = ?", (key,)).fetchone()[0]
+
     try:
         for key in keys:
             assert request(server.port, "PUT", f"/v1/artifacts/{key}", blobs[key])[0] == 201
+            before = last_use(keys[0]) if workers > 1 else 0
             # The first key is read between uploads, over new connections (any worker): it stays.
             assert request(server.port, "HEAD", f"/v1/artifacts/{keys[0]}")[0] == 200
+            if workers > 1:  # another worker's eviction counts the read once its worker wrote it
+                wait_for(lambda: last_use(keys[0]) > before, "the read is written to the shared index")
         figures = stats(server.port)
         on_disk = sorted(p.stem for p in (tmp_path / "store").glob("??/??/*.zst"))
         assert figures["artifacts"] == len(on_disk) <= 10
