@@ -149,9 +149,9 @@ class GitIndex:
             return
         settings = {}
         for entry in config.decode("utf-8", "surrogateescape").split("\0"):
-            name, _, value = entry.partition("\n")
+            name, separator, value = entry.partition("\n")
             if name:
-                settings[name.lower()] = value
+                settings[name.lower()] = value if separator else "true"  # a bare "autocrlf" line is true
         self._setup = {"top": lines[0], "info": lines[1], "autocrlf": settings.get("core.autocrlf", "false"),
                        "global": settings.get("core.attributesfile")}
 

@@ -134,3 +134,16 @@ def test_attribute_lines_that_convert():
     macros = converting_macros(["[attr]lf text eol=lf\n[attr]mine lf\n[attr]plain -text\n"])
     assert macros == {"lf", "mine"}
     assert converting("*.x mine\n", macros) and not converting("*.x plain\n", macros)
+
+
+def test_core_autocrlf_set_in_any_form_leaves_every_file_to_be_read(pk):
+    ws = pk.workspace
+    assert GitIndex(ws, untracked=True).result().blobs
+    config = ws / ".git/config"
+    plain = config.read_text()
+    config.write_text(plain + "[core]\n\tautocrlf\n")  # a bare name is true
+    assert GitIndex(ws, untracked=True).result().blobs == {}
+    config.write_text(plain + "[core]\n\tautocrlf = input\n")
+    assert GitIndex(ws, untracked=True).result().blobs == {}
+    config.write_text(plain + "[core]\n\tautocrlf = false\n")
+    assert GitIndex(ws, untracked=True).result().blobs
