@@ -15,7 +15,6 @@ bypasses of CVE-2025-4517 and friends do not apply).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -29,7 +28,7 @@ from typing import BinaryIO, Iterable, Iterator, Protocol
 
 from . import nofollow, zstd
 from .nofollow import LinkInPath
-from .tarstream import ENCODING, Member, TarFormatError, TarReader, member_info
+from .tarstream import Member, TarFormatError, TarReader, TarWriter
 
 FORMAT = 1
 METADATA_NAME = "polykit-artifact.json"
@@ -394,15 +393,15 @@ def _read_metadata_member(tar: TarReader, limits: Limits) -> dict:
 
 def _verify_member(tar: TarReader, info: Member, members: dict, sink: Sink | None) -> None:
     name = info.name
-    if name.startswith(OUTPUTS_PREFIX):
-        check_relpath(name[len(OUTPUTS_PREFIX):], "member")
-    elif name.startswith(LOGS_PREFIX):
-        check_relpath(name[len(LOGS_PREFIX):], "member")
-    else:
-        check_relpath(name, "member")
-        raise ArtifactError("unlisted_member", f"member {name!r} is outside outputs/ and logs/")
     expected = members.pop(name, None)
-    if expected is None:
+    if expected is None:  # a listed name was checked with its manifest entry; say what is wrong with this one
+        if name.startswith(OUTPUTS_PREFIX):
+            check_relpath(name[len(OUTPUTS_PREFIX):], "member")
+        elif name.startswith(LOGS_PREFIX):
+            check_relpath(name[len(LOGS_PREFIX):], "member")
+        else:
+            check_relpath(name, "member")
+            raise ArtifactError("unlisted_member", f"member {name!r} is outside outputs/ and logs/")
         raise ArtifactError("unlisted_member", f"member {name!r} is not listed in the metadata (or repeated)")
     kind = expected[0]
     if kind == "dir":
@@ -446,46 +445,65 @@ class DirSink:
     """Writes verified members under fresh folders, never through a link, symlinks last.
 
     Every path is walked from its root one component at a time without following links
-    (see :mod:`nofollow`), and files are created with ``O_EXCL``: a name that an
-    insensitive filesystem merges with an earlier one fails instead of landing elsewhere.
+    (see :class:`nofollow.Folders`, which keeps the folders in use open and checks each one
+    is still in place when it lets it go), and files are created with ``O_EXCL``: a name that
+    an insensitive filesystem merges with an earlier one fails instead of landing elsewhere.
     Symlinks are only created once every file and folder is written, so no write can pass
-    through a link the artifact itself made.
+    through a link the artifact itself made. Use it as a context manager: its folders are
+    closed on the way out, whatever happened.
     """
 
     def __init__(self, outputs_dir: Path, logs_dir: Path | None) -> None:
-        self._roots = {OUTPUTS_PREFIX: outputs_dir, LOGS_PREFIX: logs_dir}
+        self._roots = {OUTPUTS_PREFIX: nofollow.Folders(outputs_dir, create=True),
+                       LOGS_PREFIX: nofollow.Folders(logs_dir, create=True) if logs_dir is not None else None}
         self._links: list[tuple[str, str]] = []
 
-    def _where(self, name: str) -> tuple[Path | None, str]:
+    def _where(self, name: str) -> tuple[nofollow.Folders | None, str]:
         prefix = OUTPUTS_PREFIX if name.startswith(OUTPUTS_PREFIX) else LOGS_PREFIX
         return self._roots[prefix], name[len(prefix):]
 
     def open_file(self, name: str, mode: int) -> BinaryIO:
-        root, rel = self._where(name)
-        if root is None:
+        folders, rel = self._where(name)
+        if folders is None:
             return open(os.devnull, "wb")
+        parent, last = folders.parent(rel)
         try:
-            return os.fdopen(nofollow.create_file(root, rel, mode), "wb")
+            return os.fdopen(nofollow.create_at(parent, last, mode), "wb")
         except FileExistsError:
             raise ArtifactError("path_conflict", f"member {name!r} names an entry that exists already") from None
 
     def make_dir(self, name: str) -> None:
-        root, rel = self._where(name)
-        if root is not None:
-            nofollow.make_dirs(root, rel)
+        folders, rel = self._where(name)
+        if folders is not None:
+            folders.folder(rel)
 
     def make_symlink(self, name: str, target: str) -> None:
         self._links.append((name, target))
 
     def finish(self) -> None:
         for name, target in self._links:
-            root, rel = self._where(name)
-            if root is None:
+            folders, rel = self._where(name)
+            if folders is None:
                 continue
+            parent, last = folders.parent(rel)
             try:
-                nofollow.make_symlink(root, rel, target)
+                os.symlink(target, last, dir_fd=parent)
             except FileExistsError:
                 raise ArtifactError("path_conflict", f"member {name!r} names an entry that exists already") from None
+        for folders in self._roots.values():
+            if folders is not None:
+                folders.close(check=True)
+
+    def close(self) -> None:
+        for folders in self._roots.values():
+            if folders is not None:
+                folders.close(check=False)
+
+    def __enter__(self) -> "DirSink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def extract(
@@ -506,7 +524,8 @@ def extract(
             folder.mkdir(parents=True, exist_ok=True)
             if any(folder.iterdir()):
                 raise FileExistsError(f"{folder} is not empty")
-    return verify_stream(raw, expected_key=expected_key, limits=limits, sink=DirSink(outputs_dir, logs_dir))
+    with DirSink(outputs_dir, logs_dir) as sink:
+        return verify_stream(raw, expected_key=expected_key, limits=limits, sink=sink)
 
 
 def place(staging: Path, dest: Path, meta: dict) -> None:
@@ -516,9 +535,23 @@ def place(staging: Path, dest: Path, meta: dict) -> None:
     a link (one the build left, or one swapped in meanwhile) stops the restore with
     :class:`nofollow.LinkInPath`, an ``OSError`` naming it. It is the package's state, not the
     artifact's fault, so it is not an :class:`ArtifactError`: a sound cache entry is kept.
+    Each folder is walked once on each side (see :class:`nofollow.Folders`).
     """
-    for rel in sorted(meta["files"]) + sorted(meta["symlinks"]):
-        nofollow.move(staging, dest, rel)
+    src = nofollow.Folders(staging, create=False)
+    try:
+        dst = nofollow.Folders(dest, create=True)
+        try:
+            for rel in sorted(meta["files"]) + sorted(meta["symlinks"]):
+                src_fd, name = src.parent(rel)
+                dst_fd, _ = dst.parent(rel)
+                if nofollow.move_at(src_fd, dst_fd, name):
+                    dst.forget(rel)
+            dst.close(check=True)
+        finally:
+            dst.close(check=False)
+        src.close(check=True)
+    finally:
+        src.close(check=False)
 
 
 def read_metadata(raw: BinaryIO, limits: Limits = Limits()) -> dict:
@@ -543,17 +576,38 @@ def hash_file(path: Path | str) -> tuple[str, int]:
         return digest.hexdigest(), fh.tell()
 
 
-def collect_outputs(root: Path, paths: Iterable[str]) -> tuple[dict, dict]:
-    """Describe the given relative paths (folders walked, symlinks kept) as manifest listings."""
+# Packing reads each output twice: once to hash it for the manifest, which comes first in the
+# archive, and once to write it. The bodies of small files are kept from the first read instead,
+# up to this many bytes in all, so an output of thousands of small files is read once (and is
+# then exactly what was hashed); larger files, and the rest, are read again and rehashed.
+KEEP_SMALL_FILE = 64 * 1024
+KEEP_BUDGET = 32 << 20
+
+
+def collect_outputs(root: Path, paths: Iterable[str], kept: dict[str, bytes] | None = None) -> tuple[dict, dict]:
+    """Describe the given relative paths (folders walked, symlinks kept) as manifest listings.
+
+    With ``kept``, the bodies of small files are put there too (see :data:`KEEP_BUDGET`).
+    """
     files: dict[str, dict] = {}
     links: dict[str, str] = {}
+    budget = KEEP_BUDGET if kept is not None else 0
 
     def visit(rel: str) -> None:
+        nonlocal budget
         full = root / rel
         st = os.lstat(full)
         if stat.S_ISLNK(st.st_mode):
             links[rel] = check_symlink(rel, os.readlink(full))
         elif stat.S_ISREG(st.st_mode):
+            if st.st_size <= min(KEEP_SMALL_FILE, budget):
+                body = _read_small(full)
+                if body is not None:
+                    kept[rel] = body
+                    budget -= len(body)
+                    files[rel] = {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body),
+                                  "mode": _file_mode(st.st_mode)}
+                    return
             sha, size = hash_file(full)
             files[rel] = {"sha256": sha, "size": size, "mode": _file_mode(st.st_mode)}
         elif stat.S_ISDIR(st.st_mode):
@@ -568,6 +622,15 @@ def collect_outputs(root: Path, paths: Iterable[str]) -> tuple[dict, dict]:
     for rel in sorted(set(paths)):
         visit(check_relpath(rel, "output"))
     return dict(sorted(files.items())), dict(sorted(links.items()))
+
+
+def _read_small(path: Path) -> bytes | None:
+    """The whole body of a small file, or None when it has grown past :data:`KEEP_SMALL_FILE`."""
+    with open(path, "rb", buffering=0) as fh:
+        body = fh.read(KEEP_SMALL_FILE + 1)
+        while len(body) <= KEEP_SMALL_FILE and (more := fh.read(KEEP_SMALL_FILE + 1 - len(body))):
+            body += more
+    return body if len(body) <= KEEP_SMALL_FILE else None
 
 
 class HashingReader:
@@ -612,10 +675,34 @@ def pack(
     would accept (names one filesystem merges, a manifest over the bounds) raise
     :class:`ArtifactError` before anything is written.
     """
+    prepared = prepare(root, outputs, metadata, log=log, cache_key=cache_key, limits=limits)
+    prepared.write(dest, level)
+    return prepared.meta
+
+
+def prepare(
+    root: Path,
+    outputs: Iterable[str],
+    metadata: dict,
+    *,
+    log: bytes | Path = b"",
+    cache_key: str,
+    limits: Limits = Limits(),
+) -> "Prepared":
+    """The first half of :func:`pack`: hash the outputs and check the manifest, write nothing.
+
+    The bytes of small outputs and of a short log are held from here on (see
+    :data:`KEEP_BUDGET`), so what :meth:`Prepared.write` writes later is what was hashed now;
+    larger files are hashed again as they are written.
+    """
     if not is_cache_key(cache_key):
         raise ArtifactError("bad_metadata", f"invalid cache key {cache_key!r}")
     root = Path(root)
-    files, links = collect_outputs(root, outputs)
+    kept: dict[str, bytes] = {}
+    files, links = collect_outputs(root, outputs, kept)
+    if isinstance(log, Path) and os.stat(log).st_size <= KEEP_SMALL_FILE:
+        body = _read_small(log)
+        log = body if body is not None else log
     meta = dict(metadata)
     meta.update(
         format=FORMAT,
@@ -629,28 +716,69 @@ def pack(
         raise ArtifactError("bad_metadata", f"the manifest would be over {limits.max_metadata_size} bytes")
     _check_json_shape(blob, limits)
     check_manifest(meta, cache_key, limits)
-    with zstd.CompressingWriter(dest, level) as writer:
-        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT, encoding=ENCODING, bufsize=CHUNK) as tar:
-            tar.addfile(member_info(METADATA_NAME, tarfile.REGTYPE, 0o644, len(blob)), io.BytesIO(blob))
+    return Prepared(root, meta, blob, kept, log)
+
+
+@dataclass
+class Prepared:
+    """Outputs hashed and a manifest checked by :func:`prepare`, ready to be written."""
+
+    root: Path
+    meta: dict
+    blob: bytes  # the manifest's JSON
+    kept: dict[str, bytes]
+    log: bytes | Path
+
+    def write(self, dest: BinaryIO, level: int = zstd.DEFAULT_LEVEL) -> None:
+        """The artifact, compressed into ``dest``; once only (the kept bodies are let go as written)."""
+        files, links, kept = self.meta["files"], self.meta["symlinks"], self.kept
+        with zstd.CompressingWriter(dest, level) as writer:
+            tar = TarWriter(writer)
+            _add_file(tar, METADATA_NAME, 0o644, self.blob)
             entries = [(p, "file") for p in files] + [(p, "link") for p in links]
             for rel, kind in sorted(entries):
                 name = OUTPUTS_PREFIX + rel
                 if kind == "link":
-                    tar.addfile(member_info(name, tarfile.SYMTYPE, LINK_MODE, target=links[rel]))
+                    tar.add(name, tarfile.SYMTYPE, LINK_MODE, target=links[rel])
                     continue
                 entry = files[rel]
                 if entry.get("type") == "dir":
-                    tar.addfile(member_info(name, tarfile.DIRTYPE, DIR_MODE))
-                    continue
-                with open(root / rel, "rb") as fh:
-                    reader = HashingReader(fh)
-                    tar.addfile(member_info(name, tarfile.REGTYPE, entry["mode"], entry["size"]), reader)
-                if reader.digest.hexdigest() != entry["sha256"]:
-                    raise ArtifactError("changed_while_packing", f"output {rel!r} changed while it was packed")
-            entry = meta["logs"][LOG_NAME]
-            with (open(log, "rb") if isinstance(log, Path) else io.BytesIO(log)) as fh:
-                reader = HashingReader(fh)
-                tar.addfile(member_info(LOGS_PREFIX + LOG_NAME, tarfile.REGTYPE, 0o644, entry["size"]), reader)
-            if reader.digest.hexdigest() != entry["sha256"]:
-                raise ArtifactError("changed_while_packing", "the log changed while it was packed")
-    return meta
+                    tar.add(name, tarfile.DIRTYPE, DIR_MODE)
+                elif rel in kept:
+                    _add_file(tar, name, entry["mode"], kept.pop(rel))
+                else:
+                    with open(self.root / rel, "rb", buffering=0) as fh:
+                        _copy_file(tar, name, entry, fh, f"output {rel!r}")
+            entry = self.meta["logs"][LOG_NAME]
+            if isinstance(self.log, Path):
+                with open(self.log, "rb", buffering=0) as fh:
+                    _copy_file(tar, LOGS_PREFIX + LOG_NAME, dict(entry, mode=0o644), fh, "the log")
+            else:
+                _add_file(tar, LOGS_PREFIX + LOG_NAME, 0o644, self.log)
+            tar.close()
+
+
+def _add_file(tar: TarWriter, name: str, mode: int, body: bytes) -> None:
+    """A file member whose bytes are in memory (the manifest, a small output read once, a short log)."""
+    tar.add(name, tarfile.REGTYPE, mode, len(body))
+    tar.data(body)
+    tar.end_data(len(body))
+
+
+def _copy_file(tar: TarWriter, name: str, entry: dict, fh: BinaryIO, what: str) -> None:
+    """A file member read from ``fh``: exactly the size the manifest says, hashed again on the way,
+    so a file changed since it was hashed fails the pack instead of contradicting its manifest."""
+    size = entry["size"]
+    tar.add(name, tarfile.REGTYPE, entry["mode"], size)
+    digest = hashlib.sha256()
+    left = size
+    while left:
+        chunk = fh.read(min(left, CHUNK))
+        if not chunk:
+            raise ArtifactError("changed_while_packing", f"{what} changed while it was packed")
+        digest.update(chunk)
+        tar.data(chunk)
+        left -= len(chunk)
+    tar.end_data(size)
+    if digest.hexdigest() != entry["sha256"]:
+        raise ArtifactError("changed_while_packing", f"{what} changed while it was packed")

@@ -230,6 +230,8 @@ def _build(ws, task: str, args, git=None) -> int:
             outcome = run_graph(order, deps, timings.wrap(runner.run), parallel, args.continue_on_error)
     finally:
         runner.finish_prefetch()
+        with phase("tasks: packing, waiting for the last"):
+            runner.finish_packing()
     with phase("records: saving"):
         runner.save_records()
         # What `polykit why` compares with: the key components of every task that built or restored.

@@ -149,6 +149,9 @@ class Summary:
 # Uploads in flight at once: like downloads they wait on the network, not on a core, so they
 # do not count against -j; a cold build's uploads overlap with its tasks and with each other.
 UPLOAD_THREADS = 4
+# Artifacts written at once beside the tasks (compressing is CPU work, so few). A task that
+# finds them all busy waits for one: each holds up to artifact.KEEP_BUDGET bytes of outputs.
+PACK_THREADS = 2
 
 
 
@@ -256,6 +259,8 @@ class TaskRunner:
         self.remote: RemoteCache | None = None
         self.uploader: Uploader | None = None
         self.prefetcher: Prefetcher | None = None
+        self._packing = None  # the packing threads (a ThreadPoolExecutor), made by the first miss
+        self._pack_slots = threading.BoundedSemaphore(PACK_THREADS)
 
     @functools.cached_property
     def limits(self):
@@ -408,14 +413,23 @@ class TaskRunner:
 
     def _write_record(self, node: Node, pkg: Package, task: Task, key: str, log: Path, duration_ms: int,
                       outputs: list[str] | None = None) -> None:
+        record = self._record(pkg, task, key, log, duration_ms, outputs)
+        if record is not None:
+            self._keep_record(node, record)
+
+    def _record(self, pkg: Package, task: Task, key: str, log: Path, duration_ms: int,
+                outputs: list[str] | None = None) -> dict | None:
+        """The record of a task's outputs as they are now, or None when it cannot be made."""
         try:
             if log.stat().st_size > RECORD_LOG_LIMIT:
-                return  # a long log stays in the artifact only; such a task is restored each time
+                return None  # a long log stays in the artifact only; such a task is restored each time
             outputs = expand_outputs(pkg.dir, task.outputs, strict=False) if outputs is None else outputs
-            record = {"key": key, "duration_ms": duration_ms, "files": {rel: _signature(pkg.dir / rel) for rel in outputs},
-                      "log": base64.b64encode(log.read_bytes()).decode()}
+            return {"key": key, "duration_ms": duration_ms, "files": {rel: _signature(pkg.dir / rel) for rel in outputs},
+                    "log": base64.b64encode(log.read_bytes()).decode()}
         except OSError:
-            return
+            return None
+
+    def _keep_record(self, node: Node, record: dict) -> None:
         records = self._records()
         with self._remote_lock:
             records[str(node)] = record
@@ -593,11 +607,12 @@ class TaskRunner:
                 self.summary.add(node, "failed")
                 return False
             self.summary.add(node, "miss")
-            if self.local is not None:
-                self._store(node, pkg, task, key, log, duration_ms)
+            if self.local is not None and self._store(node, pkg, task, key, log, duration_ms):
+                log = None  # the artifact's writer removes it once written
             return True
         finally:
-            log.unlink(missing_ok=True)
+            if log is not None:
+                log.unlink(missing_ok=True)
 
     def _capture_dir(self) -> str | None:
         if self.local is None:
@@ -608,7 +623,14 @@ class TaskRunner:
         except OSError:
             return None
 
-    def _store(self, node: Node, pkg: Package, task: Task, key: str, log: Path, duration_ms: int) -> None:
+    def _store(self, node: Node, pkg: Package, task: Task, key: str, log: Path, duration_ms: int) -> bool:
+        """Hash the task's outputs now, under its lock, and write the artifact beside the next tasks.
+
+        The scheduler moves on as soon as the outputs are hashed (see ``artifact.prepare``): the
+        compression, the local cache entry and the upload happen on a packing thread, which
+        writes exactly the bytes hashed here or, for a large file changed meanwhile, nothing.
+        Returns True when that thread took over ``log`` (it removes the file when done).
+        """
         from . import artifact
 
         if task.outputs is None:
@@ -619,28 +641,64 @@ class TaskRunner:
             meta["components"] = for_manifest(self.components[node])
         # Every declared output is cached, or the task is not cached at all: a hit must never
         # restore less than the build made.
+        self._pack_slots.acquire()  # bounds the prepared artifacts (and the bytes they hold) in memory
         try:
-            outputs = expand_outputs(pkg.dir, task.outputs)
-        except (OutputError, OSError) as exc:
-            self.console.warn(f"{node}: not cached: {exc}")
-            return
+            try:
+                outputs = expand_outputs(pkg.dir, task.outputs)
+                prepared = artifact.prepare(pkg.dir, outputs, meta, log=log, cache_key=key)
+            except (OutputError, artifact.ArtifactError, OSError) as exc:
+                self.console.warn(f"{node}: not cached: {_describe(exc, pkg.dir)}")
+                self._pack_slots.release()
+                return False
+            record = self._record(pkg, task, key, log, duration_ms, outputs)  # the outputs as the build left them
+            self._packer().submit(self._write_artifact, node, key, prepared, log, record)
+        except BaseException:
+            self._pack_slots.release()
+            raise
+        return True
+
+    def _packer(self):
+        with self._remote_lock:
+            if self._packing is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._packing = ThreadPoolExecutor(max_workers=PACK_THREADS, thread_name_prefix="polykit-pack")
+            return self._packing
+
+    def _write_artifact(self, node: Node, key: str, prepared, log: Path, record: dict | None) -> None:
+        """Compress a prepared artifact into the local cache, keep the task's record, queue the upload."""
+        from . import artifact
+
         try:
-            fh, temp = self.local.new_temp()
-        except OSError as exc:
-            self.console.warn(f"{node}: its outputs could not be cached ({exc})")
-            return
-        try:
-            with fh:
-                artifact.pack(fh, pkg.dir, outputs, meta, log=log, cache_key=key)
-            path = self.local.put(key, temp)
-        except (artifact.ArtifactError, OSError) as exc:
-            temp.unlink(missing_ok=True)
-            self.console.warn(f"{node}: not cached: {_describe(exc, pkg.dir)}")
-            return
-        self._write_record(node, pkg, task, key, log, duration_ms, outputs)
-        self._get_remote()
-        if self.uploader is not None:
-            self.uploader.submit(node, key, path)
+            with phase("tasks: packing (beside the tasks)", threads=True):
+                try:
+                    fh, temp = self.local.new_temp()
+                except OSError as exc:
+                    self.console.warn(f"{node}: its outputs could not be cached ({exc})")
+                    return
+                try:
+                    with fh:
+                        prepared.write(fh)
+                    path = self.local.put(key, temp)
+                except (artifact.ArtifactError, OSError) as exc:
+                    temp.unlink(missing_ok=True)
+                    self.console.warn(f"{node}: not cached: {_describe(exc, prepared.root)}")
+                    return
+            if record is not None:
+                self._keep_record(node, record)
+            self._get_remote()
+            if self.uploader is not None:
+                self.uploader.submit(node, key, path)
+        except Exception as exc:  # a cache only ever saves time: one warning, never a failed run
+            self.console.warn(f"{node}: not cached ({_flat(exc)})")
+        finally:
+            log.unlink(missing_ok=True)
+            self._pack_slots.release()
+
+    def finish_packing(self) -> None:
+        """Wait for the artifacts still being written; their uploads are queued once this returns."""
+        if self._packing is not None:
+            self._packing.shutdown(wait=True)
 
 
 def _describe(exc: Exception, pkg_dir: Path) -> str:

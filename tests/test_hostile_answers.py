@@ -342,6 +342,7 @@ def build_in_process(root, remote_factory):
     runner = TaskRunner(ws, keys, Console(False, out, err), local=LocalCache(ws.cache_dir, ws.cache_max_size),
                         remote_factory=remote_factory, summary=Summary())
     outcome = run_graph(order, deps, runner.run, 1, False)
+    runner.finish_packing()
     if runner.uploader is not None:
         runner.uploader.finish(30)
     return outcome, out.getvalue(), err.getvalue()
