@@ -14,6 +14,8 @@ pieces here hook in where a request's head is complete:
   connection reset; it also gives a request's head a deadline.
 - :class:`Listener` never stops accepting: at the connection limit it closes the connection that
   has been idle longest, so a flood of idle or half-sent connections cannot lock anyone out.
+  When the server stops it drains: idle connections close at once, busy ones after their
+  answer, which :class:`Task` sends with ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import socket
 import time
 from typing import Callable
 
+from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError, crack_first_line
 from waitress.server import TcpWSGIServer
@@ -164,7 +168,16 @@ class HeadParser(HTTPRequestParser):
         return len(data)
 
 
-class EarlyAnswerTask(WSGITask):
+class Task(WSGITask):
+    """waitress's task, closing the connection after its answer when the server is stopping."""
+
+    def build_response_header(self) -> bytes:
+        if self.channel.draining:
+            self.set_close_on_finish()  # "Connection: close" (RFC 9112 section 9.6): no next request
+        return super().build_response_header()
+
+
+class EarlyAnswerTask(Task):
     """Answers a request judged before its body (or broken) through the application, under REFUSED."""
 
     def get_environment(self) -> dict:
@@ -192,9 +205,12 @@ class EarlyAnswerTask(WSGITask):
 class Channel(HTTPChannel):
     """One client connection; see the module's docstring."""
 
+    task_class = Task
     error_task_class = EarlyAnswerTask
     linger_left: int | None = None
     linger_until = 0.0
+    # The server is stopping: close once no request is in progress (see Listener.drain).
+    draining = False
 
     def parser_class(self, adj) -> HeadParser:  # waitress calls self.parser_class(self.adj)
         return HeadParser(adj, self)
@@ -228,6 +244,9 @@ class Channel(HTTPChannel):
 
     def readable(self) -> bool:
         now = time.time()
+        if self.draining and self.request is None and self.linger_left is None and self.idle() and not self._input_waits():
+            self.will_close = True  # writable() now, and handle_write() closes
+            return False
         if self.linger_left is not None:
             if self.requests or self.total_outbufs_len:
                 return False  # the answer is still going out
@@ -241,6 +260,16 @@ class Channel(HTTPChannel):
             self.will_close = True
             return False
         return super().readable()
+
+    def _input_waits(self) -> bool:
+        """Bytes of a next request have arrived but are not read yet: the connection is not idle
+        (closing it with unread data would reset it, and the client would lose the answer)."""
+        try:
+            return bool(self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return False  # broken: closing it is right
 
     def idle(self) -> bool:
         """Neither running a request nor sending an answer: may be closed to make room."""
@@ -271,6 +300,17 @@ class Listener(TcpWSGIServer):
             self.next_channel_cleanup = now + self.adj.cleanup_interval
             self.maintenance(now)  # closes connections idle for channel_timeout
         return self.accepting
+
+    def drain(self) -> None:
+        """The server stops: accept no more, close each connection once it has no request in progress.
+
+        Runs in the I/O thread (asyncore's channels are not thread-safe): the server's loop calls
+        it, and each channel's ``readable()`` closes it at the next turn when it is idle, or
+        after the answer of the request it is serving (a half-received request may finish).
+        """
+        wasyncore.dispatcher.close(self)  # the listening socket only; the trigger stays for the workers
+        for channel in self.active_channels.values():
+            channel.draining = True
 
     def handle_accept(self) -> None:
         before = set(self.active_channels)

@@ -10,6 +10,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from typing import Callable
 
 from waitress import wasyncore
@@ -20,6 +21,10 @@ from .channel import Admit, Listener
 from .config import Config
 
 log = logging.getLogger("polykit_cache.server")
+
+# After SIGTERM, SIGINT or close(): how long requests in progress may take to finish and be sent
+# before their connections are closed. Under `docker stop`'s 10 s before SIGKILL.
+DRAIN_SECONDS = 8.0
 
 
 def waitress_settings(config: Config) -> dict:
@@ -50,16 +55,24 @@ def waitress_settings(config: Config) -> dict:
 
 
 class Server:
-    """A started waitress server; ``run()`` blocks until ``close()`` or SIGTERM/SIGINT."""
+    """A started waitress server; ``run()`` blocks until ``close()`` or SIGTERM/SIGINT, then drains.
+
+    Stopping (RFC 9112 section 9.6, "tear-down"): the listening sockets close, idle connections
+    (kept alive between requests) close at once, and a connection in the middle of a request
+    closes once its answer is sent (with ``Connection: close``). After ``DRAIN_SECONDS`` (or
+    ``drain_seconds``) what is left is closed, so a client that never finishes cannot hold the stop up.
+    """
 
     def __init__(self, app: Callable, config: Config, admit: Admit | None = None,
-                 sockets: list[socket.socket] | None = None) -> None:
+                 sockets: list[socket.socket] | None = None, drain_seconds: float = DRAIN_SECONDS) -> None:
         """``admit`` judges each request on its head alone (see :meth:`CacheApp.admit`); the app's own by default.
 
         ``sockets`` are listening sockets bound already (:func:`bind`), shared by worker processes.
+        ``drain_seconds`` bounds the drain when the server stops.
         """
         if admit is None:
             admit = getattr(app, "admit", None)
+        self.app = app
         self._adj = Adjustments(**waitress_settings(config))
         self._map: dict = {}
         self._dispatcher = ThreadedTaskDispatcher()
@@ -76,7 +89,12 @@ class Server:
                          bind_socket=False, sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()))
                 for sock in sockets
             ]
-        self._closed = threading.Event()
+        # Asked to stop (close() or a signal); read by the I/O thread at each turn of its loop.
+        self._drain_seconds = drain_seconds
+        self._stop_asked = False
+        # The listeners' triggers (the pipes that wake the I/O thread) are closed: none may be pulled.
+        self._finished = False
+        self._wake_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -88,35 +106,70 @@ class Server:
 
     def run(self, install_signals: bool = True, on_hangup: Callable[[], None] | None = None) -> None:
         if install_signals:
-            # waitress only stops on KeyboardInterrupt/SystemExit; turn SIGTERM into the same.
-            signal.signal(signal.SIGTERM, _raise_exit)
-            signal.signal(signal.SIGINT, _raise_exit)
+            signal.signal(signal.SIGTERM, self._on_stop_signal)
+            signal.signal(signal.SIGINT, self._on_stop_signal)
             if on_hangup is not None:
                 signal.signal(signal.SIGHUP, lambda signum, frame: on_hangup())
                 # A worker process starts with SIGHUP blocked (see supervisor.py): one sent
                 # meanwhile is delivered now.
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGHUP,))
         try:
-            wasyncore.loop(timeout=self._adj.asyncore_loop_timeout, map=self._map, use_poll=self._adj.asyncore_use_poll)
-        except (SystemExit, KeyboardInterrupt):
-            pass
+            self._serve()
         finally:
             if install_signals:
                 # One stop is enough: a second signal (Ctrl-C reaches a supervisor and its workers
-                # alike) must not cut the shutdown short while requests finish.
+                # alike) must not cut the drain short.
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
-            # Workers first (up to 5 s for running requests): they wake the I/O loop through the
-            # listeners' triggers, which close() closes.
+            # Connections left after the drain are closed first, so a request still running
+            # stops at its next write; then the workers (up to 5 s); then the triggers they pull.
+            self._close_connections()
             self._dispatcher.shutdown()
-            self.close()
+            with self._wake_lock:
+                self._finished = True
+                for listener in self._listeners:
+                    listener.close()
         log.info("stopped")
 
     def close(self) -> None:
-        if not self._closed.is_set():
-            self._closed.set()
-            for listener in self._listeners:
-                listener.close()
+        """Stop and drain (see the class); returns at once, ``run()`` returns when done. Any thread may call it."""
+        with self._wake_lock:
+            self._stop_asked = True
+            if not self._finished:
+                self._wake()
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        # Runs in the main thread, which is the I/O thread: no lock (it may hold it), only the
+        # flag and a byte into the trigger's pipe so the loop's poll() returns now.
+        self._stop_asked = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._listeners[0].pull_trigger()
+
+    def _serve(self) -> None:
+        """waitress's I/O loop, one poll at a time, with the drain once a stop is asked."""
+        deadline = None
+        while self._map:
+            if self._stop_asked and deadline is None:
+                log.info("stopping: no new connections; requests in progress have %.0f s to finish", self._drain_seconds)
+                deadline = time.monotonic() + self._drain_seconds
+                for listener in self._listeners:
+                    listener.drain()
+            if deadline is not None:
+                if not any(listener.active_channels for listener in self._listeners):
+                    return
+                if time.monotonic() >= deadline:
+                    log.warning("closing %d connections still busy after %.0f s",
+                                sum(len(listener.active_channels) for listener in self._listeners), self._drain_seconds)
+                    return
+            wasyncore.loop(timeout=self._adj.asyncore_loop_timeout, map=self._map,
+                           use_poll=self._adj.asyncore_use_poll, count=1)
+
+    def _close_connections(self) -> None:
+        for listener in self._listeners:
+            for channel in list(listener.active_channels.values()):
+                channel.shed()
 
 
 def bind(config: Config) -> list[socket.socket]:
@@ -146,7 +199,3 @@ def bind(config: Config) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
-
-
-def _raise_exit(signum: int, frame: object) -> None:
-    raise SystemExit(0)

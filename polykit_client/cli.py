@@ -193,6 +193,9 @@ def _why(ws, args, git=None) -> int:
     except ValueError as exc:  # the server could not answer
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        if remote is not None:
+            remote.close()
 
 
 def _build(ws, task: str, args, git=None) -> int:
@@ -244,6 +247,8 @@ def _build(ws, task: str, args, git=None) -> int:
     if uploader is not None:
         with phase("uploads: waiting for the last"):
             uploader.finish(UPLOAD_WAIT_SECONDS)
+    if remote is not None:
+        remote.close()  # the kept-alive connections: the server need not keep them until its idle timeout
     if local is not None and summary.misses:
         local.trim()
     moved = (remote.bytes_down + remote.bytes_up) if remote is not None else 0
@@ -275,10 +280,14 @@ def _build(ws, task: str, args, git=None) -> int:
 
 def _dry_run(order, keys, keymaker, as_json: bool) -> int:
     if as_json:
+        from .components import hashed_env
+
         # One task a line: json's C encoder serves only output without indentation, and with
         # every input file's digest listed, the pure-Python one took longer than hashing them.
+        # Environment values are shown as their SHA-256 only: a dry run's output lands in CI logs.
         tasks = (json.dumps({"task": str(n), "package": n.package, "name": n.task, "key": keys[n],
-                             "components": keymaker.parts[n]}) for n in order)
+                             "components": {**keymaker.parts[n], "env": hashed_env(keymaker.parts[n]["env"])}})
+                 for n in order)
         sys.stdout.write('{"tasks": [\n' + ",\n".join(tasks) + "\n]}\n")
     else:
         for node in order:

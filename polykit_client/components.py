@@ -1,7 +1,8 @@
 """A task's key components as they travel: in the artifact manifest, and in the workspace's record of its last build.
 
-The components are what ``polykit build --dry-run --json`` prints (:attr:`KeyMaker.parts`):
-package, task, command, environment, input files, dependency keys, toolchain and outputs. An
+The components are :attr:`KeyMaker.parts`: package, task, command, environment, input files,
+dependency keys, toolchain and outputs; ``polykit build --dry-run --json`` prints them with
+environment values hashed (:func:`hashed_env`). An
 artifact carries them so that ``polykit why --remote`` can say why another machine's build did
 not match, but never an environment value: each is replaced by its SHA-256, enough to tell that
 a value differs and not what it is. A package with very many inputs carries one digest of them
@@ -29,6 +30,15 @@ def env_digest(value: str | None) -> str | None:
     return None if value is None else hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def hashed_env(env: Mapping[str, str | None]) -> dict[str, str | None]:
+    """Environment names with their values' digests: what anything printed or uploaded shows.
+
+    A value selected by ``env`` may be a secret (``*_TOKEN``); as in Turborepo's dry run and
+    run summary, only its SHA-256 leaves the process, enough to tell two values apart.
+    """
+    return {name: env_digest(value) for name, value in env.items()}
+
+
 def inputs_digest(inputs: Mapping[str, str]) -> str:
     """One digest of every input file's path and digest, for components too big to list them."""
     blob = json.dumps(dict(sorted(inputs.items())), separators=(",", ":"), ensure_ascii=False)
@@ -40,7 +50,7 @@ def for_manifest(parts: dict) -> dict:
     from .artifact import MAX_COMPONENTS  # only packing needs it: a build of hits never imports tar and zstd
 
     out = {name: value for name, value in parts.items()}
-    out["env"] = {name: env_digest(value) for name, value in parts["env"].items()}
+    out["env"] = hashed_env(parts["env"])
     if len(json.dumps(out, sort_keys=True, separators=(",", ":"))) > MAX_COMPONENTS:
         inputs = out.pop("inputs")
         out["inputs_digest"] = inputs_digest(inputs)

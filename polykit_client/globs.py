@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from .globmatch import Matcher
+
 _MICROSYNTAX = re.compile(r"\$[A-Za-z_]+\$")
 DEFAULT_INPUTS = "$TURBO_DEFAULT$"
 _PROJECT_ROOT = "{projectRoot}"
@@ -53,33 +55,37 @@ def normalise(pattern: str) -> str:
     for part in body.split("/"):
         if "**" in part and part != "**":
             raise PatternError(f"pattern {pattern!r}: ** must be a whole path segment (like src/**/*.ts)")
-    translate(body, pattern)  # raises on unbalanced brackets and braces
+    tokens(body, pattern)  # raises on unbalanced brackets and braces
     return body
 
 
-def translate(pattern: str, original: str | None = None) -> str:
-    """The regular expression (without anchors) for one normalised pattern."""
+def tokens(pattern: str, original: str | None = None) -> list[tuple]:
+    """One normalised pattern as the tokens :class:`~polykit_client.globmatch.Matcher` reads.
+
+    ``("char", c)``, ``("one",)`` for ``?``, ``("class", regex)`` for ``[...]``, ``("star",)``
+    for ``*``, ``("folders",)`` for ``**/``, ``("any",)`` for a final ``**`` and
+    ``("either", [tokens, ...])`` for ``{a,b}``.
+    """
     original = original or pattern
-    out: list[str] = []
+    out: list[tuple] = []
     i, n = 0, len(pattern)
     while i < n:
         c = pattern[i]
         if pattern.startswith("**", i):
             i += 2
-            # "**/**/" means what one "**/" means; each repeat would nest another backtracking
-            # quantifier, and a dozen of them take minutes on one path.
-            if out and out[-1] == "(?:.*/)?":
+            # "**/**/" means what one "**/" means: one token, not two to share the folders.
+            if out and out[-1] == ("folders",):
                 out.pop()
             if pattern.startswith("/", i):
-                out.append("(?:.*/)?")
+                out.append(("folders",))
                 i += 1
             else:
-                out.append(".*")
+                out.append(("any",))
             continue
         if c == "*":
-            out.append("[^/]*")
+            out.append(("star",))
         elif c == "?":
-            out.append("[^/]")
+            out.append(("one",))
         elif c == "[":
             start = i + 2 if pattern.startswith("[!", i) or pattern.startswith("[^", i) else i + 1
             end = pattern.find("]", start + 1 if pattern.startswith("]", start) else start)
@@ -87,7 +93,7 @@ def translate(pattern: str, original: str | None = None) -> str:
                 raise PatternError(f"pattern {original!r}: '[' has no closing ']' within the name")
             body = pattern[start:end]
             negate = "^" if start == i + 2 else ""
-            out.append("[" + negate + body.replace("\\", "\\\\").replace("^", "\\^").replace("[", "\\[") + "]")
+            out.append(("class", "[" + negate + body.replace("\\", "\\\\").replace("^", "\\^").replace("[", "\\[") + "]"))
             i = end
         elif c == "{":
             end = pattern.find("}", i)
@@ -97,14 +103,14 @@ def translate(pattern: str, original: str | None = None) -> str:
             if len(options) < 2:
                 raise PatternError(f"pattern {original!r}: {pattern[i:end + 1]} is not a glob (braces list spellings,"
                                    " like {js,ts}); write the path relative to the package")
-            out.append("(?:" + "|".join(translate(o, original) for o in options) + ")")
+            out.append(("either", [tokens(o, original) for o in options]))
             i = end
         elif c == "}":
             raise PatternError(f"pattern {original!r}: '}}' without an opening '{{'")
         else:
-            out.append(re.escape(c))
+            out.append(("char", c))
         i += 1
-    return "".join(out)
+    return out
 
 
 def literal_prefix(pattern: str) -> str:
@@ -117,24 +123,15 @@ def literal_prefix(pattern: str) -> str:
     return "/".join(literal)
 
 
-def _compile(patterns: tuple[str, ...]):
-    if not patterns:
-        return None
-    return re.compile("|".join(f"(?:{translate(p)})" for p in patterns))
+def _compile(patterns: tuple[str, ...]) -> Matcher | None:
+    # Not Python's re: a translated glob backtracks (see globmatch), and patterns come from
+    # every package's configuration.
+    return Matcher(tokens(p) for p in patterns) if patterns else None
 
 
-def _matches(regex, path: str) -> bool:
+def _matches(matcher: Matcher | None, path: str) -> bool:
     """The path or one of the folders above it matches (a folder pattern covers its contents)."""
-    if regex is None:
-        return False
-    if regex.fullmatch(path):
-        return True
-    cut = path.rfind("/")
-    while cut > 0:
-        if regex.fullmatch(path, 0, cut):
-            return True
-        cut = path.rfind("/", 0, cut)
-    return False
+    return matcher is not None and matcher.matches(path, folders=True)
 
 
 class GlobSet:
@@ -159,6 +156,7 @@ class GlobSet:
         self._anywhere = "" in bases or not bases
         self._bases = frozenset(bases)
         self._under = tuple(base + "/" for base in bases)
+        self._prefixes: dict[str, Matcher] = {}
 
     def __bool__(self) -> bool:
         return self._include is not None
@@ -186,6 +184,13 @@ class GlobSet:
         """Matched by an exclusion."""
         return _matches(self._exclude, path)
 
+    def _prefix(self, prefix: str) -> Matcher:
+        """The matcher of a pattern's leading folders (few per pattern: one per depth)."""
+        found = self._prefixes.get(prefix)
+        if found is None:
+            found = self._prefixes[prefix] = Matcher([tokens(prefix)])
+        return found
+
     def may_match_under(self, folder: str) -> bool:
         """Whether some path strictly under ``folder`` could be matched (checked pattern by pattern)."""
         if self._include is None or _matches(self._exclude, folder):
@@ -200,6 +205,6 @@ class GlobSet:
                 if part == "**":
                     return True
                 prefix.append(part)
-            if len(parts) > depth and re.fullmatch(translate("/".join(prefix)), folder):
+            if len(parts) > depth and self._prefix("/".join(prefix)).matches(folder):
                 return True
         return False

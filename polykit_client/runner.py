@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -42,6 +43,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 RECORDS_FILE = ".polykit/outputs.json"
 RECORD_LOG_LIMIT = 64 * 1024
+# Pauses between attempts at a task's lock held by another run: doubling from the first to the last.
+LOCK_PAUSE_FIRST = 0.002
+LOCK_PAUSE_MAX = 0.05
 
 # Output is read and written in lines of at most this many bytes: a task printing binary data
 # without newlines cannot make a line grow without bound.
@@ -237,6 +241,34 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def held(fd: int, name: str):
+    """Hold ``name``'s byte of the lock file ``fd`` (POSIX record locks), waiting for another process's hold to end.
+
+    Record locks belong to a process, not to a thread. A blocking lock (F_SETLKW) would let the
+    kernel's deadlock detection (fcntl(2)) see this process holding one task's byte in one thread
+    while another thread waits for a byte that a second run holds while it waits for the first:
+    a cycle between the two processes, though each wait would end as soon as the holding thread
+    finishes its task. One of the runs would fail with EDEADLK. Non-blocking attempts (F_SETLK)
+    are never judged a deadlock, so a held byte is tried again after a short pause.
+    """
+    offset = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+    pause = LOCK_PAUSE_FIRST
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):  # what a byte held elsewhere gives
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, LOCK_PAUSE_MAX)
+    try:
+        yield
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+
+
 class TaskRunner:
     """Runs tasks of one invocation; ``run(node)`` is what the scheduler calls."""
 
@@ -327,12 +359,8 @@ class TaskRunner:
         if fd is None:
             yield  # a read-only checkout: no other run can write there either
             return
-        offset = int(hashlib.sha256(str(node).encode()).hexdigest()[:8], 16)
-        fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
-        try:
+        with held(fd, str(node)):
             yield
-        finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
 
     def _lock_fd(self) -> int | None:
         with self._remote_lock:

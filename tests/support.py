@@ -229,18 +229,26 @@ def free_port() -> int:
 
 
 @contextmanager
-def thread_server(storage_dir: Path, **settings):
-    """The real waitress server on a free loopback port, in this process."""
+def running_server(storage_dir: Path, drain_seconds: float | None = None, **settings):
+    """The real waitress server on a free loopback port, running in a thread of this process:
+    yields the Server and the thread serving it (which ends once the server has drained)."""
     config = Config(storage_dir=storage_dir, port=0, **settings)
-    app = new_app(storage_dir, **settings)
-    server = Server(app, config)
+    server = Server(new_app(storage_dir, **settings), config,
+                    **({} if drain_seconds is None else {"drain_seconds": drain_seconds}))
     thread = threading.Thread(target=server.run, kwargs={"install_signals": False}, daemon=True)
     thread.start()
     try:
-        yield server.port, app
+        yield server, thread
     finally:
         server.close()
-        thread.join(10)
+        thread.join(30)
+
+
+@contextmanager
+def thread_server(storage_dir: Path, **settings):
+    """The real waitress server on a free loopback port, in this process: yields its port and app."""
+    with running_server(storage_dir, **settings) as (server, _):
+        yield server.port, server.app
 
 
 class ServerProcess:

@@ -445,6 +445,73 @@ def test_concurrent_runs_in_one_workspace_never_damage_each_other(pk):
         assert outputs(pk.workspace) == expected
 
 
+HOLDER = """
+import os, sys
+from polykit_client.runner import held
+fd = os.open(sys.argv[1], os.O_RDWR)
+with held(fd, "web:build"):
+    print("holding web:build", flush=True)
+    sys.stdin.readline()
+    print("waiting for api-server:build", flush=True)
+    with held(fd, "api-server:build"):
+        print("got api-server:build", flush=True)
+"""
+
+
+def test_two_runs_each_waiting_for_a_task_the_other_holds_both_go_on(tmp_path):
+    # Record locks belong to processes: this process holds api-server:build in one thread and
+    # waits for web:build in another, while the other run holds web:build and waits for
+    # api-server:build. No thread waits for itself, so both must go on; with blocking locks the
+    # kernel saw a cycle and failed one of them with EDEADLK (seen as a failed task under load).
+    import subprocess
+    import sys
+    import time
+
+    from polykit_client.runner import held
+
+    lock = tmp_path / "tasks.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    other = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    release = threading.Event()
+    results: list = []
+
+    def hold_api() -> None:
+        with held(fd, "api-server:build"):
+            holding.set()
+            release.wait(60)
+
+    def want_web() -> None:
+        try:
+            with held(fd, "web:build"):
+                results.append("got web:build")
+        except OSError as exc:
+            results.append(exc)
+
+    try:
+        holding = threading.Event()
+        holder = threading.Thread(target=hold_api)
+        holder.start()
+        assert holding.wait(60)
+        assert other.stdout.readline() == "holding web:build\n"
+        waiter = threading.Thread(target=want_web)
+        waiter.start()  # waits: the other run holds web:build
+        other.stdin.write("\n")
+        other.stdin.flush()
+        assert other.stdout.readline() == "waiting for api-server:build\n"
+        time.sleep(0.3)  # lets both waits begin (the order does not matter to the outcome)
+        release.set()
+        holder.join(60)
+        out, err = other.communicate(timeout=60)
+        waiter.join(60)
+    finally:
+        release.set()
+        other.kill() if other.poll() is None else None
+        os.close(fd)
+    assert other.returncode == 0 and out == "got api-server:build\n", err
+    assert results == ["got web:build"]
+
+
 def test_a_long_log_without_newlines_is_captured_and_replayed(pk):
     import subprocess
     import sys

@@ -5,13 +5,16 @@ The server is a small HTTP/1.1 cache on 127.0.0.1 that counts the connections it
 misbehave on purpose; the artifacts are real tar+zstd files.
 """
 
+import gc
 import http.server
 import io
 import os
 from pathlib import Path
 
+import pytest
+
 from polykit_client.remote import RemoteCache
-from support import KEY, OTHER_KEY, pack_tree, serve_handler, sha
+from support import KEY, OTHER_KEY, pack_tree, serve_handler, sha, thread_server
 
 
 class CacheHandler(http.server.BaseHTTPRequestHandler):
@@ -181,3 +184,35 @@ def test_the_deadline_shuts_down_a_reused_connection(tmp_path):
         assert remote.fetch(OTHER_KEY, io.BytesIO()) is False  # on the kept connection, which stalls
         assert len(warnings) == 1 and "deadline of 1 s" in warnings[0]
     assert server.accepted == 1
+
+
+def _established_to(port: int) -> int:
+    """Connections of this machine to 127.0.0.1:``port`` that their client has not closed (Linux)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, state = fields[2], fields[3]
+        if remote.endswith(f":{port:04X}") and state == "01":  # 01: ESTABLISHED
+            count += 1
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's table of TCP sockets")
+def test_a_build_closes_its_kept_alive_connections_when_it_ends(tmp_path, monkeypatch, capsys):
+    from polykit_client import cli
+    from sample import make_tools, make_workspace
+
+    ws = make_workspace(tmp_path / "ws")
+    tools = make_tools(tmp_path / "tools")
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("POLYKIT_TEST_MARKER", str(tmp_path / "marker"))
+    with thread_server(tmp_path / "store") as (port, _):
+        collected = gc.isenabled()
+        gc.disable()  # the connections must be closed by the run, not by a collection of its objects
+        try:
+            assert cli.main(["build", "-C", str(ws), "--remote-cache-url", f"http://127.0.0.1:{port}"]) == 0
+            assert "remote" in capsys.readouterr().out
+            assert _established_to(port) == 0
+        finally:
+            if collected:
+                gc.enable()

@@ -18,6 +18,7 @@ from typing import Callable
 import pytest
 
 from polykit_client.cachekey import KeyMaker
+from polykit_client.components import env_digest
 from polykit_client.graph import plan, topological
 from polykit_client.workspace import load
 from sample import Polykit, make_tools
@@ -332,9 +333,12 @@ def test_dry_run_json_shows_the_matched_env_and_the_ignored_explicit_input(mws, 
                  CI_RUNNER="r1", CI_JOB_ID="9")
     tasks = {t["task"]: t for t in json.loads(out.stdout)["tasks"]}
     app = tasks["app:build"]["components"]
-    assert app["env"] == {"API_URL": None, "CI_RUNNER": "r1", "NEXT_PUBLIC_API": "https://staging", "NODE_ENV": None}
+    # Values are shown as their SHA-256 only (a dry run's output lands in CI logs).
+    assert app["env"] == {"API_URL": None, "CI_RUNNER": env_digest("r1"), "NEXT_PUBLIC_API": env_digest("https://staging"),
+                          "NODE_ENV": None}
+    assert "https://staging" not in out.stdout
     assert "local.env" in app["inputs"] and "src/x.test.ts" not in app["inputs"]
     assert "node_modules/lib/index.ts" not in app["inputs"]
-    assert tasks["base:build"]["components"]["env"] == {"CI_RUNNER": "r1", "NODE_ENV": None}
+    assert tasks["base:build"]["components"]["env"] == {"CI_RUNNER": env_digest("r1"), "NODE_ENV": None}
     again = pk.keys(NEXT_PUBLIC_API="https://production", CI_RUNNER="r1")
     assert again["app:build"] != tasks["app:build"]["key"] and again["base:build"] == tasks["base:build"]["key"]

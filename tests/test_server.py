@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from polykit_client import artifact
-from support import KEY, ServerProcess, key_for, pack_tree, race_uploads, request, sha, thread_server
+from support import KEY, ServerProcess, key_for, pack_tree, race_uploads, request, running_server, sha, thread_server
 
 ART = f"/v1/artifacts/{KEY}"
 
@@ -177,6 +177,95 @@ def test_sigterm_stops_the_server_cleanly(tmp_path):
     assert server.proc.wait(15) == 0
     server.log.close()
     assert "stopped" in (tmp_path / "server.log").read_text()
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    """Everything the server still sends, until it closes the connection (bounded generously)."""
+    sock.settimeout(60)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_closing_the_server_closes_an_idle_kept_alive_connection(tmp_path):
+    # A client keeps connections alive between requests; an idle one must not hold the stop up
+    # until the idle timeout (60 s by default).
+    with running_server(tmp_path / "store", idle_timeout=3600) as (server, thread):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("GET", "/healthz")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Connection") is None  # kept alive
+        resp.read()
+        server.close()
+        thread.join(60)
+        assert not thread.is_alive(), "the server still runs after its drain bound"
+        assert _read_to_eof(conn.sock) == b""  # closed by the server, nothing more sent
+        conn.close()
+
+
+def test_closing_the_server_lets_a_request_in_progress_finish(tmp_path):
+    blob = pack_tree(tmp_path, {"dist/app.js": os.urandom(50_000)})
+    with running_server(tmp_path / "store") as (server, thread):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+            sock.sendall(f"PUT {ART} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(blob)}\r\n\r\n".encode()
+                         + blob[:1000])
+            server.close()
+            with pytest.raises(OSError):  # no new connection is taken once it stops
+                for _ in range(100):  # the I/O thread closes the listening socket at its next turn
+                    socket.create_connection(("127.0.0.1", server.port), timeout=60).close()
+                    time.sleep(0.05)
+            sock.sendall(blob[1000:])
+            answer = _read_to_eof(sock)
+        thread.join(60)
+        assert not thread.is_alive()
+    assert answer.startswith(b"HTTP/1.1 201 ") and b"\r\nConnection: close\r\n" in answer
+
+
+def test_a_request_that_never_finishes_cannot_hold_the_stop_up(tmp_path):
+    with running_server(tmp_path / "store", drain_seconds=0.2) as (server, thread):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+            sock.sendall(f"PUT {ART} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nhalf".encode())
+            server.close()
+            thread.join(60)
+            assert not thread.is_alive(), "a half-sent upload held the server past its drain bound"
+            try:
+                answer = _read_to_eof(sock)
+            except ConnectionResetError:
+                answer = b""
+    assert answer == b""  # closed unanswered: nothing of the upload was stored
+    assert not list((tmp_path / "store").rglob("*.zst"))
+
+
+def test_sigterm_drains_a_request_in_progress_and_idle_connections(tmp_path):
+    blob = pack_tree(tmp_path, {"dist/app.js": os.urandom(50_000)})
+    server = ServerProcess(tmp_path / "store", tmp_path / "server.log")
+    try:
+        idle = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        idle.request("GET", "/healthz")
+        idle.getresponse().read()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+            sock.sendall(f"PUT {ART} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(blob)}\r\n\r\n".encode()
+                         + blob[:1000])
+            server.proc.send_signal(signal.SIGTERM)
+            for _ in range(600):  # until the server says it stops (bounded: 30 s)
+                if "stopping: no new connections" in server.log_path.read_text():
+                    break
+                time.sleep(0.05)
+            assert _read_to_eof(idle.sock) == b""  # the idle connection is closed at once
+            sock.sendall(blob[1000:])
+            answer = _read_to_eof(sock)
+        assert server.proc.wait(30) == 0
+    finally:
+        server.stop()
+    assert answer.startswith(b"HTTP/1.1 201 ") and b"\r\nConnection: close\r\n" in answer
+    assert request_status_after_restart(tmp_path) == 200
+
+
+def request_status_after_restart(tmp_path) -> int:
+    """The upload that finished during the drain is stored: a new server on the same folder serves it."""
+    with thread_server(tmp_path / "store") as (port, _):
+        return request(port, "GET", ART)[0]
 
 
 def test_start_up_logs_the_settings_and_an_access_line_per_request(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import zstandard
 
 from polykit_client.components import env_digest, for_manifest, inputs_digest
 from polykit_client.why import compare
@@ -12,6 +13,7 @@ from sample import Polykit, copy_workspace, make_tools, make_workspace
 from support import thread_server
 
 WEB_TOML = "packages/web/polykit.toml"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 @pytest.fixture
@@ -84,6 +86,30 @@ def test_values_are_shown_only_when_asked(built):
     assert "environment variable changed: NODE_ENV (unset -> 'production')" in shown
     data = json.loads(built.run("why", "web:build", "--json", NODE_ENV="production").stdout)
     assert "production" not in json.dumps(data)
+
+
+def test_a_selected_value_is_never_printed_nor_uploaded(built, tmp_path):
+    """A variable ``env`` selects may hold a secret: dry runs, why, --json, summaries and artifacts show its digest at most."""
+    secret = "tok-5ecret-0f-the-ci"
+    env = {"WEB_FLAVOUR": secret}
+    dry = json.loads(built.run("build", "web", "--dry-run", "--json", **env).stdout)
+    (web,) = [t for t in dry["tasks"] if t["task"] == "web:build"]
+    assert web["components"]["env"] == {"NODE_ENV": None, "WEB_FLAVOUR": env_digest(secret)}
+    shown = [built.run("build", "web", "--dry-run", **env)]
+    with thread_server(tmp_path / "store") as (port, app):
+        url = f"http://127.0.0.1:{port}"
+        shown.append(built.run("build", "web", "--json", "--summary", str(tmp_path / "summary.json"),
+                               "--remote-cache-url", url, **env))
+        shown += [built.run("why", "web:build", *args, **env) for args in ((), ("--json",))]
+        shown += [built.run("why", "--remote", "--remote-cache-url", url, "web:build", *args, NODE_ENV="x", **env)
+                  for args in ((), ("--json",))]
+        stored = [path.read_bytes() for path in (tmp_path / "store").rglob("*") if path.is_file()]
+    artifacts = [zstandard.ZstdDecompressor().stream_reader(blob).read() for blob in stored if blob[:4] == ZSTD_MAGIC]
+    assert shown[1].stdout and artifacts and all(b"polykit-artifact.json" in a for a in artifacts)
+    assert not any(secret.encode() in blob for blob in stored + artifacts)
+    for out in shown:
+        assert secret not in out.stdout + out.stderr, out.args
+    assert secret not in (tmp_path / "summary.json").read_text()
 
 
 def test_unchanged_tasks_and_tasks_never_built(built):
