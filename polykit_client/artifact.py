@@ -41,6 +41,7 @@ LINK_MODE = 0o777
 CHUNK = 1024 * 1024
 DEFAULT_MAX_ARTIFACT_SIZE = 1 << 30  # the server's default limit; the client's default download bound
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_INPUT_DIGEST = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 # The key components a manifest may carry (see components.py), as canonical JSON: the server keeps
 # them for every package's task, so they are bounded apart from the rest of the manifest.
 MAX_COMPONENTS = 512 * 1024
@@ -170,14 +171,16 @@ def _bad_components(what: str) -> ArtifactError:
 
 
 def _check_map(value: object, what: str, values: str) -> dict:
-    """A JSON object of strings to 64-hex digests ("digest"), or to digests and nulls ("digest-or-null")."""
+    """A JSON object of strings to 64-hex digests ("digest"), to digests and nulls ("digest-or-null"),
+    or to input digests ("input": a file's git blob id, 40 hex, or a folder's SHA-256, see cachekey.py)."""
     if not isinstance(value, dict):
         raise _bad_components(f"{what} must be an object")
+    pattern = _INPUT_DIGEST if values == "input" else _HEX64
     for name, digest in value.items():
         if not isinstance(name, str) or not name:
             raise _bad_components(f"{what} has an empty name")
-        if not (isinstance(digest, str) and _HEX64.fullmatch(digest) or digest is None and values == "digest-or-null"):
-            raise _bad_components(f"{what} {name!r} must be a SHA-256 in hex")
+        if not (isinstance(digest, str) and pattern.fullmatch(digest) or digest is None and values == "digest-or-null"):
+            raise _bad_components(f"{what} {name!r} must be a " + ("blob id or " if values == "input" else "") + "SHA-256 in hex")
     return value
 
 
@@ -204,7 +207,7 @@ def check_components(value: object) -> None:
     _check_map(value.get("env"), "env", "digest-or-null")
     _check_map(value.get("dependencies"), "dependencies", "digest")
     if "inputs" in value:
-        _check_map(value["inputs"], "inputs", "digest")
+        _check_map(value["inputs"], "inputs", "input")
     elif not (isinstance(value.get("inputs_digest"), str) and _HEX64.fullmatch(value["inputs_digest"])):
         raise _bad_components("needs inputs or an inputs_digest")
     toolchain = value.get("toolchain")

@@ -2,26 +2,31 @@
 
 Components (all relative, so two checkouts in different folders or machines agree): the
 package's name and path, the task, its exact command, the environment variables its ``env``
-entries select (names, wildcards, exclusions: ``envpatterns``), the SHA-256 of every input
-file, the keys of the tasks it depends on, the language's toolchain version, the declared
-outputs, and a format version. ``components()`` is what
-``polykit build --dry-run --json`` prints, so a user can see why a key changed.
+entries select (names, wildcards, exclusions: ``envpatterns``), the git blob id of every input
+file (``blobid``; from git's index where ``gitindex`` finds git vouching for it), the keys of
+the tasks it depends on, the language's toolchain version, the declared outputs, and a format
+version. ``components()`` is what ``polykit build --dry-run --json`` prints, so a user can see
+why a key changed.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 from . import envpatterns
+from .blobid import blob_id_large, blob_id_small
+from .gitindex import GitIndex, GitState
 from .timing import phase
 from .globs import DEFAULT_INPUTS, GlobSet
 from .graph import Node
@@ -33,8 +38,12 @@ VCS_DIRS = frozenset({".git", ".hg", ".svn", ".polykit"})
 # Dependency and build folders, often huge: a pattern's wildcards do not walk into them; a
 # pattern whose literal folders name one (``node_modules/lib/**``) does.
 DEPENDENCY_DIRS = SKIP_DIRS - VCS_DIRS
+# A path with a skipped folder in it.
+_SKIPPED = re.compile(r"(?:^|/)(?:%s)/" % "|".join(re.escape(d) for d in sorted(SKIP_DIRS)))
 
-KEY_FORMAT = "polykit-cache-key/1"
+# /2: an input file's digest is its git blob id (blobid.py), whether git's index gave it or the
+# file was read; /1 held each file's SHA-256.
+KEY_FORMAT = "polykit-cache-key/2"
 TOOLCHAINS = {
     "js": ("node", "--version"),
     "ts": ("node", "--version"),
@@ -49,8 +58,8 @@ RACY_SECONDS = 2.0
 
 
 class StatCache:
-    """A file's signature (size, mtime_ns, inode, ctime_ns) -> its SHA-256, kept between runs so
-    unchanged files are not read again.
+    """A file's signature (size, mtime_ns, inode, ctime_ns) -> its blob id, kept between runs so
+    unchanged files are not read again (files git vouches for are not in it: git's index is).
 
     Kept by folder: each folder's names, signatures and digests as three strings, split into a
     dictionary only when a file of that folder is looked up. Loading then parses three strings
@@ -58,7 +67,7 @@ class StatCache:
     tree take longer than the rest of a no-op build.
     """
 
-    VERSION = 3
+    VERSION = 4  # 4: blob ids (3 held SHA-256 digests, which must never be taken for blob ids)
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -71,6 +80,8 @@ class StatCache:
             if data.get("version") == self.VERSION:
                 self._stored = data.get("folders", {})
                 self.tools = data.get("tools", {})
+            else:
+                self._changed = True  # rewritten, so that an old one is not parsed again on every run
         except (OSError, ValueError, AttributeError):
             pass  # a missing or damaged cache only costs a rehash
 
@@ -127,88 +138,14 @@ class StatCache:
 
 
 def _tree_digest(folder: str) -> str:
-    """SHA-256 over the relative paths and contents of every file under a folder (its .git aside)."""
+    """SHA-256 over the relative paths and blob ids of every file under a folder (its .git aside)."""
     digest = hashlib.sha256()
     for rel in walk_files(Path(folder), Path(folder)):
         if rel == ".git" or rel.startswith(".git/"):
             continue
-        file_digest = _sha256_large(os.path.join(folder, rel)) or "unreadable"
+        file_digest = blob_id_large(os.path.join(folder, rel)) or "unreadable"
         digest.update(f"{rel}\0{file_digest}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
-
-
-def _sha256_small(path: str) -> str | None:
-    # os.open and os.read: the io module's buffered file object costs more than hashing 1 KiB.
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-    try:
-        digest = hashlib.sha256()
-        while chunk := os.read(fd, 1 << 20):
-            digest.update(chunk)
-        return digest.hexdigest()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _sha256_large(path: str) -> str | None:
-    from .artifact import hash_file  # tar and zstd are not needed to compute keys: imported on first use
-
-    try:
-        return hash_file(path)[0]
-    except OSError:
-        return None
-
-
-class GitListing:
-    """Tracked and untracked-but-not-ignored files of a git work tree, relative to ``root``.
-
-    ``git ls-files`` is started at once and read when needed, so that it runs while the stat
-    cache loads and the explicit inputs are walked instead of in front of them.
-    """
-
-    TIMEOUT = 60.0
-
-    def __init__(self, root: Path) -> None:
-        self._proc: subprocess.Popen | None = None
-        if shutil.which("git") is None:
-            return
-        try:
-            self._proc = subprocess.Popen(
-                ["git", "-c", "core.quotepath=off", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        except OSError:
-            self._proc = None
-
-    def result(self) -> list[str] | None:
-        """The listing, sorted; None outside a git work tree (or when git failed)."""
-        proc = self._proc
-        if proc is None:
-            return None
-        try:
-            out, _ = proc.communicate(timeout=self.TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            return None
-        if proc.returncode != 0:
-            return None
-        names = out.decode("utf-8", "surrogateescape").split("\0")
-        return sorted({n for n in names if n})
-
-    def close(self) -> None:
-        """A listing no task needed: do not leave the process behind."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.communicate()
-
-
-def list_files(root: Path) -> list[str] | None:
-    """Tracked and untracked-but-not-ignored files of a git work tree, relative to ``root``; None outside git."""
-    return GitListing(root).result()
 
 
 def walk_files(top: Path, root: Path) -> list[str]:
@@ -233,11 +170,15 @@ class KeyMaker:
     SMALL_BATCH = 512
     HASH_THREADS = 4
 
-    def __init__(self, ws: Workspace, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, ws: Workspace, environ: Mapping[str, str] | None = None, git: GitIndex | None = None) -> None:
         self.ws = ws
         self.environ = os.environ if environ is None else environ
-        # Started before the stat cache loads, when some task takes the default inputs.
-        self._git = GitListing(ws.root) if self._uses_default_inputs() else None
+        # Started before the stat cache loads (unless the command started it earlier): git lists
+        # the files (with the untracked ones when some task takes the default inputs) and gives
+        # the blob ids of unmodified tracked files.
+        self._git = git if git is not None else GitIndex(ws.root, untracked=self._uses_default_inputs())
+        self._git_state: GitState | None = None
+        self._git_done = False
         with phase("keys: stat cache loading"):
             self.stat_cache = StatCache(ws.root / STATE_FILE)
         self._started_ns = time.time_ns()
@@ -259,35 +200,49 @@ class KeyMaker:
                     return True
         return False
 
+    def _git_result(self) -> GitState | None:
+        """git's listing and blob ids, waited for once; None outside a git work tree."""
+        if not self._git_done:
+            with phase("keys: git listing (waiting for it)"):
+                self._git_state = self._git.result()
+            self._git_done = True
+        return self._git_state
+
     def _package_files(self) -> dict[str, list[str]]:
-        """Each package's files, relative to the package, without nested packages' files."""
-        with phase("keys: git listing (waiting for it)"):
-            listing = self._git.result() if self._git is not None else list_files(self.ws.root)
-        if listing is None:
-            listing = walk_files(self.ws.root, self.ws.root)
-        by_path = {p.path: p.name for p in self.ws.packages.values()}
-        files: dict[str, list[str]] = {p.name: [] for p in self.ws.packages.values()}
-        owner_of: dict[str, tuple[str, int] | None] = {}
+        """Each package's files, relative to the package, without nested packages' files nor
+        those under a skipped folder (``node_modules``, ``target``, ...).
 
-        def owner(folder: str) -> tuple[str, int] | None:
-            """The package owning a folder, and the length of its path prefix (memoised per folder)."""
-            if folder in owner_of:
-                return owner_of[folder]
-            if folder in by_path:
-                found = (by_path[folder], len(folder) + 1)
-            elif not folder:
-                found = (by_path["."], 0) if "." in by_path else None
-            elif folder.rsplit("/", 1)[-1] in SKIP_DIRS:
-                found = None
-            else:
-                found = owner(folder.rpartition("/")[0])
-            owner_of[folder] = found
-            return found
+        The listing is sorted, so a package's files are one run of it, found by bisection, less
+        the runs of the packages nested in it: slices, where asking for each of 50,000 files
+        which package owns it took most of the listing's time.
+        """
+        state = self._git_result()
+        listing = state.files if state is not None else walk_files(self.ws.root, self.ws.root)
+        prefixes = sorted(("" if p.path == "." else p.path + "/", p.name) for p in self.ws.packages.values())
+        starts = [prefix for prefix, _ in prefixes]
 
-        for rel in listing:
-            found = owner(rel.rpartition("/")[0])
-            if found is not None:
-                files[found[0]].append(rel[found[1]:])
+        def run(prefix: str, within: list[str]) -> tuple[int, int]:
+            """Where the entries starting with ``prefix`` are in a sorted list ("0" follows "/")."""
+            if not prefix:
+                return 0, len(within)
+            lo = bisect.bisect_left(within, prefix)
+            return lo, bisect.bisect_left(within, prefix[:-1] + "0", lo)
+
+        files: dict[str, list[str]] = {}
+        for index, (prefix, name) in enumerate(prefixes):
+            lo, hi = run(prefix, listing)
+            first, last = run(prefix, starts)
+            nested = sorted(run(other, listing) for other in starts[max(first, index + 1):last])
+            cut = len(prefix)
+            found: list[str] = []
+            for start, end in [*nested, (hi, hi)]:
+                if start > lo:
+                    found += [rel[cut:] for rel in listing[lo:start]] if cut else listing[lo:start]
+                lo = max(lo, end)
+            joined = "\0" + "\0".join(found)
+            if any(f"/{d}/" in joined or f"\0{d}/" in joined for d in SKIP_DIRS):
+                found = [rel for rel in found if not _SKIPPED.search(rel)]
+            files[name] = found
         return files
 
     def input_files(self, pkg: Package, task: Task) -> list[str]:
@@ -323,8 +278,16 @@ class KeyMaker:
         # An output folder reached through a symlink (dist -> .output/public) is written too.
         linked = linked_folders(pkg.dir, declared)
         under = tuple(path + "/" for path in linked)
+        # Only a path at or under an output pattern's literal folders can match it: a string
+        # test in the comprehension spares the other files a method call each.
+        bases = outputs.bases()
+        if "" in bases or not bases:
+            return [f for f in candidates
+                    if not outputs.matches(f) and not (linked and (f in linked or f.startswith(under)))]
+        exact, below = frozenset(bases), tuple(base + "/" for base in bases)
         return [f for f in candidates
-                if not outputs.matches(f) and not (linked and (f in linked or f.startswith(under)))]
+                if not ((f in exact or f.startswith(below)) and outputs.matches(f))
+                and not (linked and (f in linked or f.startswith(under)))]
 
     def _walk(self, pkg: Package, base: str) -> list[str]:
         """Every file under ``base`` (relative to the package; "" is all of it), as os.walk sees it.
@@ -362,14 +325,20 @@ class KeyMaker:
         self._walked[memo] = found
         return found
 
-    def hash_files(self, paths: Iterable[str]) -> dict[str, str]:
-        """SHA-256 of files given relative to the root; unchanged files come from the stat cache."""
+    def hash_files(self, paths: set[str]) -> dict[str, str]:
+        """Blob ids of files given relative to the root: from git's index for the tracked files
+        git vouches for, from the stat cache for unchanged others, else read.
+
+        The answer may hold more paths than asked for (all that git vouches for: a copy of its
+        table costs less than a look-up per file); a path asked for and missing is not a file.
+        """
         root = str(self.ws.root) + "/"
         cache = self.stat_cache
-        digests: dict[str, str] = {}
+        state = self._git_result()
+        digests: dict[str, str] = dict(state.blobs) if state is not None else {}
         large: list[tuple[str, str, int]] = []  # (path, signature, mtime_ns)
         small: list[tuple[str, str, int]] = []
-        for rel in paths:
+        for rel in paths.difference(digests) if digests else paths:
             try:
                 st = os.stat(root + rel)
             except OSError:
@@ -392,11 +361,11 @@ class KeyMaker:
 
             shares = [small[i::self.HASH_THREADS] for i in range(self.HASH_THREADS)]
             with ThreadPoolExecutor(max_workers=self.HASH_THREADS) as pool:
-                hashed = list(pool.map(lambda share: [_sha256_small(root + item[0]) for item in share], shares))
+                hashed = list(pool.map(lambda share: [blob_id_small(root + item[0]) for item in share], shares))
             small = [item for share in shares for item in share]
             results = [digest for part in hashed for digest in part]
         else:
-            results = [_sha256_small(root + item[0]) for item in small]
+            results = [blob_id_small(root + item[0]) for item in small]
         for (rel, sig, mtime_ns), digest in zip(small, results):
             if digest is not None:
                 digests[rel] = digest
@@ -405,7 +374,7 @@ class KeyMaker:
             from concurrent.futures import ThreadPoolExecutor  # only runs with large inputs import it
 
             with ThreadPoolExecutor(max_workers=min(8, len(large))) as pool:
-                results = pool.map(lambda item: _sha256_large(root + item[0]), large)
+                results = pool.map(lambda item: blob_id_large(root + item[0]), large)
                 for (rel, sig, mtime_ns), digest in zip(large, results):
                     if digest is not None:
                         digests[rel] = digest
@@ -453,7 +422,7 @@ class KeyMaker:
                 pkg = self.ws.packages[node.package]
                 base = "" if pkg.path == "." else pkg.path + "/"
                 inputs[node] = (base, self.input_files(pkg, pkg.tasks[node.task]))
-        needed = sorted({base + rel for base, rels in inputs.values() for rel in rels})
+        needed = {base + rel for base, rels in inputs.values() for rel in rels}
         with phase("keys: hashing, with the stat cache"):
             digests = self.hash_files(needed)
         with phase("keys: toolchain detection (waiting for it)"):
@@ -469,7 +438,7 @@ class KeyMaker:
                 "task": task.name,
                 "command": task.command,
                 "env": envpatterns.select(self.ws.remote.env_vars + task.env, self.environ),
-                "inputs": {rel: digests[base + rel] for rel in sorted(rels) if base + rel in digests},
+                "inputs": {rel: digest for rel in sorted(rels) if (digest := digests.get(base + rel)) is not None},
                 "dependencies": {str(dep): self.keys[dep] for dep in sorted(deps[node])},
                 "toolchain": self.toolchain(pkg.language),
                 "outputs": sorted(task.outputs) if task.outputs is not None else None,
@@ -480,8 +449,7 @@ class KeyMaker:
         # interpreter waits for it before it exits.
         self._saving = threading.Thread(target=self._save, name="polykit-stat-cache")
         self._saving.start()
-        if self._git is not None:
-            self._git.close()
+        self._git.close()
         return self.keys
 
     def _save(self) -> None:

@@ -85,22 +85,39 @@ def _main(argv: Sequence[str] | None) -> int:
     from .workspace import ConfigError, load
 
     try:
+        start = Path(args.cwd or os.getcwd())
+        git = _start_git(start) if args.command not in ("scan", "graph") else None
         with phase("workspace: configuration"):
-            ws = load(Path(args.cwd or os.getcwd()))
+            ws = load(start)
+        if git is not None and git.root != ws.root:
+            git.close()
+            git = None
         if args.command == "scan":
             return _scan(ws, args)
         if args.command == "graph":
             return _graph(ws, args)
         if args.command == "why":
-            return _why(ws, args)
+            return _why(ws, args, git)
         task = args.task if args.command == "run" else args.command
-        return _build(ws, task, args)
+        return _build(ws, task, args, git)
     except (ConfigError, GraphError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # e.g. piped into `head`
         sys.stderr.close()
         return EXIT_OK
+
+
+def _start_git(start: Path):
+    """``git ls-files`` for the keys, started before the workspace's configuration is read so the
+    two overlap (with the untracked files: which tasks take the default inputs is not known yet)."""
+    from .gitindex import GitIndex
+    from .workspace import ConfigError, find_root
+
+    try:
+        return GitIndex(find_root(start), untracked=True)
+    except ConfigError:
+        return None  # reported by the workspace's loading
 
 
 def _scan(ws, args) -> int:
@@ -154,7 +171,7 @@ def _remote(ws, args, console):
         return None
 
 
-def _why(ws, args) -> int:
+def _why(ws, args, git=None) -> int:
     from . import why
 
     remote = None
@@ -172,7 +189,7 @@ def _why(ws, args) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
     try:
-        return why.command(ws, args.tasks, as_json=args.json, show_values=args.show_values, remote=remote)
+        return why.command(ws, args.tasks, as_json=args.json, show_values=args.show_values, remote=remote, git=git)
     except ValueError as exc:  # the server could not answer
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -181,7 +198,7 @@ def _why(ws, args) -> int:
             remote.close()
 
 
-def _build(ws, task: str, args) -> int:
+def _build(ws, task: str, args, git=None) -> int:
     from .cachekey import KeyMaker
     from .graph import plan, run_graph
 
@@ -189,7 +206,7 @@ def _build(ws, task: str, args) -> int:
     with phase("graph: plan"):
         order, deps = plan(ws, task, args.packages)
     with phase("keys: all of them"):
-        keymaker = KeyMaker(ws)
+        keymaker = KeyMaker(ws, git=git)
         keys = keymaker.compute(order, deps)
     if args.dry_run:
         with phase("dry run: printing"):

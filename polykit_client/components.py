@@ -84,7 +84,9 @@ def save_records(root: Path, built: Mapping[str, dict]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"version": RECORD_VERSION, "tasks": records}, fh, sort_keys=True, separators=(",", ":"))
+            # dumps, not dump: json.dump streams through the pure-Python encoder, ten times slower
+            # on the components of a package of thousands of files.
+            fh.write(json.dumps({"version": RECORD_VERSION, "tasks": records}, sort_keys=True, separators=(",", ":")))
         os.replace(tmp, path)
     except OSError:
         try:

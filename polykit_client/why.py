@@ -237,8 +237,9 @@ def _closure(ws: Workspace, nodes: list[Node]) -> tuple[list[Node], dict[Node, l
 
 
 def command(ws: Workspace, names: list[str], *, as_json: bool, show_values: bool, remote=None,
-            out: TextIO = sys.stdout) -> int:
-    """``polykit why``; ``remote`` is a RemoteCache for ``--remote``. Returns the exit status (0)."""
+            out: TextIO = sys.stdout, git=None) -> int:
+    """``polykit why``; ``remote`` is a RemoteCache for ``--remote``, ``git`` a started GitIndex.
+    Returns the exit status (0)."""
     from .cachekey import KeyMaker
 
     records = {} if remote is not None else load_records(ws.root)
@@ -249,7 +250,7 @@ def command(ws: Workspace, names: list[str], *, as_json: bool, show_values: bool
               file=out)
         return 0
     order, deps = _closure(ws, nodes)
-    keymaker = KeyMaker(ws)
+    keymaker = KeyMaker(ws, git=git)
     keys = keymaker.compute(order, deps)
     fetched: dict[Node, dict | None] = {}
 

@@ -9,6 +9,7 @@ declaration matches must leave every key as it was.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -87,7 +88,10 @@ FILES = {
     "packages/docs/notes.local": "notes\n",
     "packages/tool/main.go": "package main\n",
     ".gitignore": "*.env\n*.local\nignored/\nnode_modules/\n",
+    "shared.txt": "shared\n",  # outside every package: an input only through base's symlink
+    "other.txt": "other\n",
 }
+LINKS = {"packages/base/shared": "../../shared.txt"}  # committed as a symlink (mode 120000)
 
 ALL = {"base:build", "app:build", "app:test", "docs:build", "tool:build"}
 BASE = {"base:build", "app:build", "app:test"}  # base:build and every task depending on it
@@ -104,11 +108,51 @@ def mws(tmp_path):
         (root / "packages" / name / "polykit.toml").write_text(text)
     for rel, text in FILES.items():
         write(root, rel, text)
-    git = lambda *a: subprocess.run(["git", *a], cwd=root, check=True, capture_output=True)
-    git("init", "-q")
-    git("add", "-A")
-    git("-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "init")
+    for rel, target in LINKS.items():
+        (root / rel).symlink_to(target)
+    git("init", "-q")(root, {})
+    git("add", "-A")(root, {})
+    commit(root, {})
     return root
+
+
+def git(*args: str) -> Callable[[Path, dict], None]:
+    return lambda root, env: subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+commit = git("-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "change")
+
+
+def steps(*changes: Callable[[Path, dict], None]) -> Callable[[Path, dict], None]:
+    def change(root: Path, env: dict) -> None:
+        for step in changes:
+            step(root, env)
+    return change
+
+
+LIB = "packages/base/src/lib.py"  # "x = 1\n", tracked
+
+
+def check_out_again(rel: str) -> Callable[[Path, dict], None]:
+    """Remove a tracked file and let git write it again (through the attributes and filters in force)."""
+    return steps(lambda root, env: (root / rel).unlink(), git("checkout", "--", rel))
+
+
+def racy_edit(root: Path, env: dict) -> None:
+    """Rewrite a tracked file (same size, same mtime) within the same second as the index write:
+    only git's racy-git rule (an entry as new as the index is compared by content) can see it."""
+    path = root / LIB
+    for _ in range(50):
+        os.utime(path)  # a new stat, so that ``git add`` writes the index
+        git("add", LIB)(root, env)
+        recorded = path.stat()
+        path.write_text("x = 9\n")
+        os.utime(path, ns=(recorded.st_atime_ns, recorded.st_mtime_ns))
+        index = (root / ".git/index").stat()
+        if int(index.st_mtime) == int(path.stat().st_ctime) == int(recorded.st_mtime):
+            return
+        path.write_text("x = 1\n")
+    pytest.skip("could not edit a file within the second of the index write")
 
 
 def write(root: Path, rel: str, text: str) -> None:
@@ -179,6 +223,25 @@ MATCHED = [
      {"tool:build"}),
     ("toolchain of a language", tool_version("node", "v22.1.0-longer"), APP),
     ("toolchain of a dependency's language", tool_version("python3", "Python 3.99.0-longer"), BASE),
+    # Input digests from git's index: each change below reaches the working copy while git's
+    # index may still name the old blob, or names a blob that is not the working copy.
+    ("git: tracked file modified, same size", put(LIB, "x = 2\n"), BASE),
+    ("git: change staged", steps(put(LIB, "x = 2\n"), git("add", LIB)), BASE),
+    ("git: change committed", steps(put(LIB, "x = 2\n"), git("add", LIB), commit), BASE),
+    ("git: tracked file deleted", lambda root, env: (root / LIB).unlink(), BASE),
+    ("git: assume-unchanged, then modified", steps(git("update-index", "--assume-unchanged", LIB), put(LIB, "x = 2\n")),
+     BASE),
+    ("git: skip-worktree, then modified", steps(git("update-index", "--skip-worktree", LIB), put(LIB, "x = 2\n")), BASE),
+    ("git: rewritten within the second of the index write", racy_edit, BASE),
+    ("git: core.autocrlf checks out CRLF", steps(git("config", "core.autocrlf", "true"), check_out_again(LIB)), BASE),
+    ("git: .gitattributes eol=crlf", steps(put(".gitattributes", "*.py eol=crlf\n"), check_out_again(LIB)), BASE),
+    ("git: .gitattributes filter through a macro",
+     steps(git("config", "filter.upper.smudge", "tr a-z A-Z"), git("config", "filter.upper.clean", "tr A-Z a-z"),
+           put(".gitattributes", "[attr]shout filter=upper\n*.py shout\n"), check_out_again(LIB)), BASE),
+    ("git: tracked symlink retargeted",
+     lambda root, env: ((root / "packages/base/shared").unlink(), (root / "packages/base/shared").symlink_to("../../other.txt")),
+     BASE),
+    ("git: the file behind a tracked symlink", put("shared.txt"), BASE),
 ]
 
 UNMATCHED = [

@@ -1,0 +1,249 @@
+"""What git knows about the work tree: the files it lists, and the blob id of each tracked file
+whose working copy is exactly the blob the index names, so that such files need not be read.
+
+One ``git ls-files -s -v -m`` gives both: every tracked entry with its mode, blob id and tag,
+the tracked files whose working copy differs from the index (``-m``: git compares the stat data
+it recorded with the file's, and reads the file when the entry is "racily clean", a change within
+the same timestamp as the index write), and, for the default inputs, the untracked files that
+are not ignored. A blob id is a content hash (SHA-1 of ``blob <size>\\0<content>``, see
+gitformat-index(5) and git-hash-object(1)), the same digest :mod:`blobid` computes by reading a
+file, so the key does not depend on where a digest came from.
+
+git's answer is taken only where it describes the bytes on disk:
+
+- only entries tagged ``H``: ``h`` (assume-unchanged) and ``S`` (skip-worktree) are claims git
+  does not check, ``M`` an unmerged path, ``C`` a file git found modified (or deleted, or added
+  with ``--intent-to-add``, whose index entry is the empty blob);
+- only regular files (mode 100644 or 100755): a symlink's blob is its target's name, while an
+  input is hashed through the link, and a submodule (160000) is a commit, not its files;
+- only SHA-1 repositories (40 hexadecimal digits), the digest :mod:`blobid` computes;
+- the stat check is git's own, made strict on the command line whatever the configuration says
+  (``core.checkStat=default``, ``core.trustctime=true``, no ``core.fsmonitor`` hook);
+- never for files that a checkout or ``git add`` may convert (end-of-line conversion, ``ident``,
+  ``filter``, ``working-tree-encoding``): there the blob is not the working copy. Any such
+  attribute in a ``.gitattributes`` leaves the files under its folder to be read; in
+  ``info/attributes``, the global or the system attributes file, or ``core.autocrlf``, all files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Attributes that make a checked-out file differ from its blob (gitattributes(5), "Effects").
+CONVERSIONS = frozenset({"text", "eol", "crlf", "filter", "ident", "working-tree-encoding"})
+ATTRIBUTES_FILE = ".gitattributes"
+STRICT = ("-c", "core.quotepath=off", "-c", "core.checkStat=default", "-c", "core.trustctime=true",
+          "-c", "core.fsmonitor=false")
+# Records: "? path" for an untracked file; "T MODE ID STAGE\tpath" for an index entry (the first
+# tab ends the fields; the path may hold tabs of its own). T is H for an entry git checks, h for
+# assume-unchanged, S or s for skip-worktree, M or m for an unmerged path, C or c for a modified one.
+_TRUSTED = ("H 100644 ", "H 100755 ")  # a regular file's entry git checks
+_ID = len(_TRUSTED[0])
+_PATH = _ID + 40 + 3  # stage 0 after a 40-digit SHA-1 (a SHA-256 repository's 64 digits do not fit)
+_MODIFIED = ("C ", "c ")  # also a tracked file's second record
+_UNMERGED = ("M ", "m ")
+_STAGE_0 = " 0\t"
+
+
+@dataclass
+class GitState:
+    """``files``: the listing (sorted, relative to the root); ``blobs``: path -> blob id of the
+    tracked files whose working copy git vouches for (see the module's rules)."""
+
+    files: list[str]
+    blobs: dict[str, str] = field(default_factory=dict)
+
+
+def _run(args: list[str], cwd: Path, timeout: float, found_nothing: int | None = None) -> bytes | None:
+    """The command's output; None when it failed (``found_nothing``: an exit status meaning an empty answer)."""
+    try:
+        out = subprocess.run(args, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode == found_nothing:
+        return b""
+    return out.stdout if out.returncode == 0 else None
+
+
+def converting(text: str, macros: set[str]) -> bool:
+    """Whether an attributes file sets any conversion attribute (or a macro that does).
+
+    Every word of every line counts, the pattern's too: a pattern that reads like an attribute
+    only costs reading some files. ``-attr`` (unset) and ``!attr`` (unspecified: the
+    configuration decides, and ``core.autocrlf`` is checked on its own) convert nothing.
+    """
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        for word in words:
+            if word[:1] in "-!":
+                continue
+            name = word.split("=", 1)[0]
+            if name.startswith("[attr]"):
+                continue
+            if name in CONVERSIONS or name in macros:
+                return True
+    return False
+
+
+def converting_macros(texts: list[str]) -> set[str]:
+    """Macros (``[attr]name ...``) whose definition sets a conversion attribute, directly or through another macro."""
+    definitions = []
+    for text in texts:
+        for line in text.splitlines():
+            words = line.split()
+            if words and words[0].startswith("[attr]"):
+                definitions.append((words[0][len("[attr]"):], " ".join(words[1:])))
+    found: set[str] = set()
+    while True:
+        more = {name for name, body in definitions if name not in found and converting(body, found)}
+        if not more:
+            return found
+        found |= more
+
+
+class GitIndex:
+    """Runs ``git ls-files`` (and, beside it, the look-ups that find the attributes files and
+    ``core.autocrlf``) from the moment it is made; :meth:`result` waits for them."""
+
+    TIMEOUT = 60.0
+
+    def __init__(self, root: Path, untracked: bool, environ=None) -> None:
+        self.root = root
+        self.environ = os.environ if environ is None else environ
+        self._proc: subprocess.Popen | None = None
+        self._setup: dict = {}
+        self._setup_thread: threading.Thread | None = None
+        git = shutil.which("git", path=self.environ.get("PATH"))
+        if git is None:
+            return
+        self._git = git
+        args = [git, *STRICT, "ls-files", "-z", "-v", "-s", "-m", "--cached"]
+        if untracked:
+            args += ["--others", "--exclude-standard"]
+        try:
+            self._proc = subprocess.Popen(args, cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL)
+        except OSError:
+            self._proc = None
+            return
+        self._setup_thread = threading.Thread(target=self._find_setup, name="polykit-git-setup", daemon=True)
+        self._setup_thread.start()
+
+    def _find_setup(self) -> None:
+        """The work tree's top, the attributes files outside the tree, and ``core.autocrlf``."""
+        paths = _run([self._git, "rev-parse", "--path-format=absolute", "--show-toplevel", "--git-path",
+                      "info/attributes"], self.root, self.TIMEOUT)
+        config = _run([self._git, "config", "-z", "--get-regexp", r"^core\.(autocrlf|attributesfile)$"],
+                      self.root, self.TIMEOUT, found_nothing=1)
+        if paths is None or config is None:
+            return  # no answer: no blob id is trusted
+        lines = paths.decode("utf-8", "surrogateescape").splitlines()
+        if len(lines) != 2:
+            return
+        settings = {}
+        for entry in config.decode("utf-8", "surrogateescape").split("\0"):
+            name, separator, value = entry.partition("\n")
+            if name:
+                settings[name.lower()] = value if separator else "true"  # a bare "autocrlf" line is true
+        self._setup = {"top": lines[0], "info": lines[1], "autocrlf": settings.get("core.autocrlf", "false"),
+                       "global": settings.get("core.attributesfile")}
+
+    def result(self) -> GitState | None:
+        """The listing and trusted blob ids; None outside a git work tree (or when git failed)."""
+        proc = self._proc
+        if proc is None:
+            return None
+        try:
+            out, _ = proc.communicate(timeout=self.TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return None
+        if proc.returncode != 0:
+            return None
+        records = out.decode("utf-8", "surrogateescape").split("\0")
+        records.pop()  # after the last NUL
+        # Comprehensions over fixed offsets, not a loop or a regular expression per record: a
+        # fresh clone's 50,000 entries parse in some 40 ms. The index lists paths in order, then
+        # come the untracked files in order: sorting a few runs costs next to nothing.
+        entries = {r[_PATH:]: r[_ID:_ID + 40] for r in records if r.startswith(_STAGE_0, _ID + 40) and r.startswith(_TRUSTED)}
+        rest = [r for r in records if not (r.startswith(_STAGE_0, _ID + 40) and r.startswith(_TRUSTED))]
+        modified = {r[r.find("\t") + 1:] for r in rest if r.startswith(_MODIFIED)}
+        files = list(entries)
+        files += [r[2:] if r.startswith("? ") else r[r.find("\t") + 1:] for r in rest if not r.startswith(_MODIFIED)]
+        files.sort()
+        if any(r.startswith(_UNMERGED) for r in rest):
+            files = sorted(set(files))  # an unmerged path has an entry per stage
+        if self._setup_thread is not None:
+            self._setup_thread.join(self.TIMEOUT)
+        scopes = self._converted_scopes(files)
+        if scopes is None or "" in scopes:
+            return GitState(files)
+        if modified or scopes:
+            prefixes = tuple(scopes)
+            entries = {path: oid for path, oid in entries.items()
+                       if path not in modified and not (prefixes and path.startswith(prefixes))}
+        return GitState(files, entries)
+
+    def _converted_scopes(self, files: list[str]) -> set[str] | None:
+        """Folders (relative to the root, with a trailing slash; "" for all) whose files a
+        conversion may make differ from their blobs; None when that cannot be told."""
+        setup = self._setup
+        if not setup:
+            return None
+        if setup["autocrlf"].strip().lower() not in ("false", "no", "off", "0", ""):
+            return {""}
+        everywhere = [Path(setup["info"])]
+        global_file = setup["global"]
+        if global_file is not None:
+            everywhere.append(Path(os.path.expanduser(global_file)))
+        else:
+            xdg = self.environ.get("XDG_CONFIG_HOME") or os.path.join(self.environ.get("HOME", "~"), ".config")
+            everywhere.append(Path(os.path.expanduser(xdg)) / "git" / "attributes")
+        if not self.environ.get("GIT_ATTR_NOSYSTEM"):
+            # $(prefix)/etc/gitattributes: /etc for a distribution's git, beside its prefix otherwise.
+            prefix = Path(os.path.realpath(self._git)).parent.parent
+            everywhere += [Path("/etc/gitattributes"), prefix / "etc" / "gitattributes"]
+        root = os.path.realpath(self.root)
+        top = os.path.realpath(setup["top"])
+        # Attributes files above the root (up to the work tree's top) apply to every file.
+        folder = root
+        while True:
+            everywhere.append(Path(folder) / ATTRIBUTES_FILE)
+            if folder == top or os.path.dirname(folder) == folder:
+                break
+            folder = os.path.dirname(folder)
+        # Inside: every folder holding a listed file, and the folders above them. An attributes
+        # file git ignores still applies, so each folder is looked at, not only the listing.
+        folders = {path[:path.rfind("/") + 1] for path in files}  # "dir/sub/", "" for the root
+        for name in list(folders):
+            while name:
+                name = name[:name.rfind("/", 0, -1) + 1]
+                if name in folders:
+                    break
+                folders.add(name)
+        inside = [(name, Path(self.root, name, ATTRIBUTES_FILE)) for name in folders if name]
+        sources = [("", path) for path in everywhere] + inside
+        texts: list[tuple[str, str | None]] = []
+        for scope, path in sources:
+            try:
+                texts.append((scope, path.read_text(encoding="utf-8", errors="surrogateescape")))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError:
+                texts.append((scope, None))  # unreadable: it may convert anything under its folder
+        macros = converting_macros([text for _, text in texts if text is not None])
+        return {scope for scope, text in texts if text is None or converting(text, macros)}
+
+    def close(self) -> None:
+        """A listing no task needed: do not leave the process behind."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.communicate()

@@ -1,0 +1,149 @@
+"""Input digests from git's index: the same keys as reading every file, and git trusted only where it vouches for the bytes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from polykit_client.blobid import blob_id_large, blob_id_of, blob_id_small
+from polykit_client.gitindex import GitIndex, converting, converting_macros
+from sample import Polykit, make_tools, make_workspace
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run([*GIT, *args], cwd=root, check=True, capture_output=True, text=True).stdout
+
+
+def committed(root: Path, *init: str) -> Path:
+    git(root, "init", "-q", *init)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "init")
+    return root
+
+
+@pytest.fixture
+def pk(tmp_path):
+    ws = committed(make_workspace(tmp_path / "ws"))
+    (ws / "packages/web/src/big.bin").write_bytes(bytes(range(256)) * 2048)  # read in chunks
+    git(ws, "add", "-A")
+    git(ws, "commit", "-qm", "big")
+    return Polykit(ws, make_tools(tmp_path / "tools", {"python3": "Python 3.12.0"}), tmp_path / "marker")  # the whole toolchain fake
+
+
+def test_blob_ids_are_gits(tmp_path):
+    for name, data in {"empty": b"", "small": b"x = 1\n", "large": b"\0\1" * 400_000}.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        expected = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True, check=True).stdout.strip()
+        assert blob_id_of(data) == blob_id_small(str(path)) == blob_id_large(str(path)) == expected
+
+
+def test_git_vouches_for_every_tracked_unmodified_file_and_nothing_else(pk):
+    ws = pk.workspace
+    (ws / "packages/web/src/app.ts").write_text("modified\n")
+    (ws / "packages/web/notes.md").write_text("untracked\n")
+    (ws / "packages/web/link").symlink_to("src/app.ts")
+    git(ws, "add", "packages/web/link")
+    state = GitIndex(ws, untracked=True).result()
+    tracked = git(ws, "ls-files", "-z").split("\0")[:-1]
+    assert state.files == sorted(tracked + ["packages/web/notes.md"])
+    assert set(state.blobs) == set(tracked) - {"packages/web/src/app.ts", "packages/web/link"}
+    for rel, oid in state.blobs.items():
+        assert oid == blob_id_small(str(ws / rel))
+    assert GitIndex(ws, untracked=False).result().files == sorted(tracked)
+
+
+def test_a_workspace_below_the_top_of_the_work_tree(tmp_path):
+    top = tmp_path / "repo"
+    ws = make_workspace(top / "ws")
+    (top / "elsewhere.txt").write_text("not in the workspace\n")
+    committed(top)
+    state = GitIndex(ws, untracked=True).result()
+    assert "polykit.toml" in state.files and "packages/web/src/app.ts" in state.blobs
+    assert not any("elsewhere" in rel for rel in state.files)
+    (top / ".gitattributes").write_text("*.ts text\n")  # above the workspace: applies to all of it
+    assert GitIndex(ws, untracked=True).result().blobs == {}
+
+
+def test_keys_from_git_equal_keys_from_reading_files(pk, tmp_path, monkeypatch):
+    """The same workspace gives the same keys with git's digests, without git, and without the repository."""
+    from_git = pk.keys()
+    state = json.loads((pk.workspace / ".polykit/state.json").read_text())
+    assert state["folders"] == {}, "a clean checkout's tracked files are not read"
+    pk.env["PATH"] = str(tmp_path / "tools") + ":/nonexistent"  # the fake toolchain, and no git
+    shutil.rmtree(pk.workspace / ".polykit")
+    assert pk.keys() == from_git
+    pk.env["PATH"] = str(tmp_path / "tools") + ":" + str(Path(shutil.which("git")).parent)
+    shutil.move(pk.workspace / ".git", tmp_path / "moved.git")
+    assert pk.keys() == from_git
+    shutil.move(tmp_path / "moved.git", pk.workspace / ".git")
+    assert pk.keys() == from_git
+
+
+def test_a_sha256_repository_is_read_and_keys_the_same(tmp_path):
+    keys = {}
+    for name, init in (("sha1", ()), ("sha256", ("--object-format=sha256",))):
+        ws = make_workspace(tmp_path / name)
+        try:
+            committed(ws, *init)
+        except subprocess.CalledProcessError:
+            pytest.skip("this git cannot make a SHA-256 repository")
+        state = GitIndex(ws, untracked=True).result()
+        assert bool(state.blobs) == (name == "sha1")  # a 64-digit id is never taken for a blob id
+        keys[name] = Polykit(ws, make_tools(tmp_path / "tools"), tmp_path / "marker").keys()
+    assert keys["sha1"] == keys["sha256"]
+
+
+def test_a_conversion_attribute_below_a_folder_leaves_only_that_folder_to_be_read(pk):
+    ws = pk.workspace
+    (ws / "packages/web/.gitattributes").write_text("*.ts text eol=crlf\n")
+    state = GitIndex(ws, untracked=True).result()
+    assert state.blobs and not any(rel.startswith("packages/web/") for rel in state.blobs)
+    assert "packages/api-server/src/main.rs" in state.blobs
+    (ws / ".gitattributes").write_text("*.png binary\n*.md -text\n*.rs linguist-generated\n")
+    assert "packages/api-server/src/main.rs" in GitIndex(ws, untracked=True).result().blobs
+    (ws / ".gitattributes").write_text("* text=auto\n")
+    assert GitIndex(ws, untracked=True).result().blobs == {}
+
+
+def test_an_ignored_attributes_file_and_info_attributes_count(pk):
+    ws = pk.workspace
+    (ws / ".gitignore").write_text(".gitattributes\n")
+    (ws / "packages/api-server/.gitattributes").write_text("*.rs ident\n")
+    state = GitIndex(ws, untracked=True).result()
+    assert "packages/api-server/.gitattributes" not in state.files
+    assert state.blobs and not any(rel.startswith("packages/api-server/") for rel in state.blobs)
+    (ws / ".git/info").mkdir(exist_ok=True)
+    (ws / ".git/info/attributes").write_text("*.json working-tree-encoding=UTF-16\n")
+    assert GitIndex(ws, untracked=True).result().blobs == {}
+
+
+def test_attribute_lines_that_convert():
+    assert converting("*.py text\n", set()) and converting("*.py eol=lf\n", set())
+    assert converting("x filter=lfs diff=lfs merge=lfs -text\n", set()) and converting("* ident", set())
+    assert converting("*.txt crlf\n", set()) and converting("*.c working-tree-encoding=UTF-16", set())
+    assert not converting("*.png binary\n# text\n*.md -text !eol -crlf\n*.rs linguist-vendored\n", set())
+    macros = converting_macros(["[attr]lf text eol=lf\n[attr]mine lf\n[attr]plain -text\n"])
+    assert macros == {"lf", "mine"}
+    assert converting("*.x mine\n", macros) and not converting("*.x plain\n", macros)
+
+
+def test_core_autocrlf_set_in_any_form_leaves_every_file_to_be_read(pk):
+    ws = pk.workspace
+    assert GitIndex(ws, untracked=True).result().blobs
+    config = ws / ".git/config"
+    plain = config.read_text()
+    config.write_text(plain + "[core]\n\tautocrlf\n")  # a bare name is true
+    assert GitIndex(ws, untracked=True).result().blobs == {}
+    config.write_text(plain + "[core]\n\tautocrlf = input\n")
+    assert GitIndex(ws, untracked=True).result().blobs == {}
+    config.write_text(plain + "[core]\n\tautocrlf = false\n")
+    assert GitIndex(ws, untracked=True).result().blobs
