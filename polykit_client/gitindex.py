@@ -190,7 +190,45 @@ class GitIndex:
             prefixes = tuple(scopes)
             entries = {path: oid for path, oid in entries.items()
                        if path not in modified and not (prefixes and path.startswith(prefixes))}
-        return GitState(files, entries)
+        return GitState(files, self._sized(entries))
+
+    def _sized(self, entries: dict[str, str]) -> dict[str, str]:
+        """The entries whose file on disk has the size of its blob.
+
+        git calls a file unmodified when its stat data matches what the index recorded as git
+        wrote it, under the conversions of that moment. A conversion in force then and not now
+        leaves other bytes than the blob's behind a clean entry: an ``eol`` attribute removed by
+        a later commit (a checkout does not rewrite a file whose blob did not change), a one-off
+        ``git -c core.autocrlf=true checkout``, or an attributes file a sparse checkout keeps
+        off the disk. Line-ending, ``ident`` and encoding conversions change a file's size, so a
+        size that differs from the blob's sends the file to be read. (A ``filter`` whose output
+        keeps the size, its attribute removed since the checkout, is not caught.) One
+        ``git cat-file --batch-check`` gives the blob sizes; no answer trusts no blob id.
+        """
+        if not entries:
+            return entries
+        ids = "".join(f"{oid}\n" for oid in set(entries.values()))
+        try:
+            out = subprocess.run([self._git, "cat-file", "--batch-check=%(objectname) %(objectsize)"],
+                                 cwd=self.root, input=ids.encode(), capture_output=True, timeout=self.TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired):
+            return {}
+        if out.returncode != 0:
+            return {}
+        sizes = {}
+        for line in out.stdout.decode("ascii", "replace").splitlines():
+            oid, _, size = line.partition(" ")
+            if size.isdigit():  # "<id> missing" for an object the repository lacks
+                sizes[oid] = int(size)
+        kept = {}
+        for path, oid in entries.items():
+            try:
+                size = os.lstat(os.path.join(self.root, path)).st_size
+            except OSError:
+                continue
+            if sizes.get(oid) == size:
+                kept[path] = oid
+        return kept
 
     def _converted_scopes(self, files: list[str]) -> set[str] | None:
         """Folders (relative to the root, with a trailing slash; "" for all) whose files a

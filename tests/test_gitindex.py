@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -147,3 +148,44 @@ def test_core_autocrlf_set_in_any_form_leaves_every_file_to_be_read(pk):
     assert GitIndex(ws, untracked=True).result().blobs == {}
     config.write_text(plain + "[core]\n\tautocrlf = false\n")
     assert GitIndex(ws, untracked=True).result().blobs
+
+
+def _crlf_behind_a_clean_entry(pk, how: str) -> Path:
+    """A tracked file whose disk bytes are CRLF while its blob is LF and git calls it unmodified."""
+    ws = pk.workspace
+    rel = "packages/web/src/app.ts"
+    config = ["-c", "core.autocrlf=true"] if how == "one-off autocrlf" else []
+    if how != "one-off autocrlf":
+        (ws / "packages/web/.gitattributes").write_text("*.ts text eol=crlf\n")
+        git(ws, "add", "-A")
+        git(ws, "commit", "-qm", "crlf")
+    if how == "sparse checkout":  # an attributes file the sparse checkout keeps off the disk
+        git(ws, "sparse-checkout", "set", "--no-cone", "/*", "!/packages/web/.gitattributes")
+    (ws / rel).unlink()
+    git(ws, *config, "checkout", "--", rel)
+    # The file's stat data recorded in an index written well after it (not racily clean), while
+    # the conversion is still in force.
+    past = (ws / rel).stat().st_mtime - 10
+    os.utime(ws / rel, (past, past))
+    git(ws, *config, "update-index", "-q", "--refresh")
+    if how == "attribute removed since":
+        git(ws, "rm", "-q", "packages/web/.gitattributes")
+        git(ws, "commit", "-qm", "no more crlf")
+    assert b"\r\n" in (ws / rel).read_bytes()
+    assert git(ws, "status", "--porcelain", "--untracked-files=no") == ""  # git calls it clean
+    return ws / rel
+
+
+@pytest.mark.parametrize("how", ["attribute removed since", "one-off autocrlf", "sparse checkout"])
+def test_a_file_converted_at_checkout_is_read_whatever_git_says(pk, how):
+    """git compares a file with the stat data it recorded under the conversions of the checkout:
+    other bytes than the blob's behind a clean entry must still change the key."""
+    lf_keys = pk.keys()
+    path = _crlf_behind_a_clean_entry(pk, how)
+    rel = str(path.relative_to(pk.workspace))
+    state = GitIndex(pk.workspace, untracked=True).result()
+    assert rel not in state.blobs
+    crlf_keys = pk.keys()
+    assert crlf_keys != lf_keys
+    path.write_bytes(path.read_bytes().replace(b"\r\n", b"\n"))
+    assert pk.keys() == lf_keys
