@@ -189,3 +189,16 @@ def test_a_file_converted_at_checkout_is_read_whatever_git_says(pk, how):
     assert crlf_keys != lf_keys
     path.write_bytes(path.read_bytes().replace(b"\r\n", b"\n"))
     assert pk.keys() == lf_keys
+
+
+def test_blob_sizes_are_kept_for_the_next_run_and_a_damaged_file_is_ignored(pk):
+    ws = pk.workspace
+    first = GitIndex(ws, untracked=True).result()
+    kept = (ws / ".polykit/blob-sizes").read_text().splitlines()
+    sizes = dict(line.split(" ") for line in kept)
+    assert set(sizes) == set(first.blobs.values())
+    for rel, oid in first.blobs.items():
+        assert int(sizes[oid]) == (ws / rel).stat().st_size
+    assert GitIndex(ws, untracked=True).result().blobs == first.blobs
+    (ws / ".polykit/blob-sizes").write_text("not a line\n" + "0" * 40 + " x\n" + kept[0][:10] + "\n")
+    assert GitIndex(ws, untracked=True).result().blobs == first.blobs
