@@ -24,6 +24,7 @@ to the bare app beside the target it has, and says whether it is met.
     python scripts/bench_server.py --workers-sweep # ours with 1, 2 and one worker per CPU, unpinned
     python scripts/bench_server.py --api polykit   # ours and bare on polykit's own verified path
     python scripts/bench_server.py --rounds 3      # each server 3 times, rotating who goes first
+    python scripts/bench_server.py --only "GET 4 KiB,HEAD 4 KiB"  # just the lines whose label holds a word
     python scripts/bench_server.py --no-baseline   # ours alone
     python scripts/bench_server.py --url http://127.0.0.1:8080 --path-template /cache/{key}
     python scripts/bench_server.py --s3             # the S3 store (a local moto server) beside the disk store
@@ -1017,11 +1018,15 @@ def summarise(phase: Phase, outcomes: list[WorkerOutcome], server: float | None,
 # --- the measurements ----------------------------------------------------------------------------
 
 
-def phases(corpus: Corpus, seconds: float, big_label: str) -> list[tuple[bool, Phase]]:
-    """Every measurement in order, each flagged as reported (True) or preparation (False)."""
+def phases(corpus: Corpus, seconds: float, big_label: str, only: Sequence[str] = ()) -> list[tuple[bool, Phase]]:
+    """Every measurement in order, each flagged as reported (True) or preparation (False).
+
+    ``only``: words of the labels to keep (``--only``, case-insensitive); the reads' seeding
+    uploads stay whenever a kept measurement reads.
+    """
     small, mid, big = corpus.small_read, corpus.mid_read, corpus.big
     short, long = 30.0, max(120.0, big.size / (5 * MIB))
-    return [
+    every = [
         (True, Phase("PUT 4 KiB, 1 connection", "req/s", "PUT", 1, corpus.put_c1, False, seconds, short)),
         (True, Phase("PUT 4 KiB, 8 connections", "req/s", "PUT", 8, corpus.put_c8, False, seconds, short)),
         (False, Phase("seed reads", "req/s", "PUT", 1, small + mid, False, 600.0, short)),
@@ -1034,16 +1039,33 @@ def phases(corpus: Corpus, seconds: float, big_label: str) -> list[tuple[bool, P
         (True, Phase(f"PUT one {big_label}", "MiB/s", "PUT", 1, [big], False, long, long, one_shot=True)),
         (True, Phase(f"GET one {big_label}", "MiB/s", "GET", 1, [big], False, long, long, one_shot=True)),
     ]
+    if not only:
+        return every
+    chosen = [(any(word.lower() in phase.label.lower() for word in only), phase) for reported, phase in every
+              if reported]
+    reads_small = any(keep and phase.cycle for keep, phase in chosen)
+    reads_big = any(keep and phase.method == "GET" and not phase.cycle for keep, phase in chosen)
+    kept: list[tuple[bool, Phase]] = []
+    for reported, phase in every:
+        if not reported:
+            if reads_small:
+                kept.append((False, phase))
+            continue
+        keep = any(word.lower() in phase.label.lower() for word in only)
+        if keep or (reads_big and phase.one_shot and phase.method == "PUT"):
+            kept.append((keep, phase))  # the big download needs the big upload first
+    return kept
 
 
 def measure(
-    target: Target, corpus: Corpus, seconds: float, big_label: str, progress: Callable[[str], None]
+    target: Target, corpus: Corpus, seconds: float, big_label: str, progress: Callable[[str], None],
+    only: Sequence[str] = (),
 ) -> TargetReport:
     """Run every phase against one server and collect its peak RSS and consistency notes."""
     results: dict[str, PhaseResult] = {}
     notes: list[str] = []
     puts_ok = 0
-    for reported, phase in phases(corpus, seconds, big_label):
+    for reported, phase in phases(corpus, seconds, big_label, only):
         progress(f"{target.name}: {phase.label}")
         result = run_phase(target, phase)
         if phase.method == "PUT":
@@ -1236,6 +1258,8 @@ def target_table(reports: list[TargetReport], big_label: str, sweep: bool) -> st
         rows = []
         for label, least in SWEEP_TARGETS:
             for r in reports[1:]:
+                if label not in one.results:
+                    continue  # left out by --only
                 value = ratio(r.results[label].value, one.results[label].value)
                 rows.append([f"{label}: {r.name}/{one.name}", fmt_ratio(value), f">= {least:g}", verdict(value, least)])
         for r in reports:
@@ -1249,6 +1273,8 @@ def target_table(reports: list[TargetReport], big_label: str, sweep: bool) -> st
     rows = []
     for label, against, least in SIDE_BY_SIDE_TARGETS:
         label = label.format(big=big_label)
+        if label not in ours.results:
+            continue  # left out by --only
         rates = [ratio(ours.results[label].value, o.results[label].value) if o else None for o in others]
         per_cpu = [ratio(per_cpu_second(ours.results[label]), per_cpu_second(o.results[label])) if o else None
                    for o in others]
@@ -1309,6 +1335,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--tmp-dir", type=Path, help="where the temporary folder goes (put it on the disk to measure)")
     parser.add_argument("--max-puts", type=int, metavar="N",
                         help="most uploads per 4 KiB upload measurement (default: enough for 8000-10000 per second)")
+    parser.add_argument("--only", type=lambda text: [w for w in text.split(",") if w.strip()], default=[],
+                        metavar="WORDS", help="comma-separated words: measure only the lines whose label holds one "
+                        "(e.g. 'GET 4 KiB,HEAD 4 KiB')")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 s per measurement, at most 3000 uploads each, a 16 MiB big artifact")
     args = parser.parse_args(list(argv))
@@ -1419,7 +1448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 target = external if kind == "target" else start_kind(kind, args, workdir, artifacts, server_cpu,
                                                                       big_bytes)
                 targets.append(target)
-                runs.append(measure(target, corpus, args.seconds, big_label, progress))
+                runs.append(measure(target, corpus, args.seconds, big_label, progress, args.only))
                 if target is not external:
                     stop_server(target)
                     discard_state(workdir, target)
