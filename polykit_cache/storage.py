@@ -47,6 +47,7 @@ from polykit_client.artifact import hash_file, is_cache_key
 
 from .entryfile import REFUSED, SETXATTR, UNSUPPORTED, EntryStaged, has_meta, read_meta, set_meta
 from .lru import PERSIST_USE_NS, MemoryIndex, SharedIndex
+from .metacache import IdentityCache
 from .store import REPLACEABLE, RESERVED_META, Staged, Stat, Store, StorageFull, Usage, check_space, is_disk_full
 
 log = logging.getLogger("polykit_cache.storage")
@@ -160,8 +161,8 @@ def space_name(blob: str) -> tuple[str, str] | None:
     return None
 
 
-# Metadata of this many artifacts is kept in memory, so a HEAD or GET of a popular key need not
-# reread its JSON file (see Storage._info_of for when a copy is used).
+# Metadata of this many entries (artifacts and blobs together) is kept in memory, so a HEAD or GET
+# of a popular entry need not reread it (see metacache for when a copy is used).
 INFO_CACHE_SIZE = 16384
 
 
@@ -187,8 +188,9 @@ class Storage(Store):
         # With worker processes, it is also a lock on a file (see share()).
         self._layout_lock: threading.Lock | LayoutLock = threading.Lock()
         self._prefix = str(self.root) + "/"
-        # key -> (the artifact file's identity, its metadata); see lookup()
-        self._info: dict[str, tuple[tuple[int, int, int, int], ArtifactInfo]] = {}
+        # Index key (a cache key, or a blob's id) -> its metadata (ArtifactInfo, or a blob's Stat),
+        # each used only for the file it was read from (see _info_of and _blob_stat_of).
+        self._info: IdentityCache[ArtifactInfo | Stat] = IdentityCache(INFO_CACHE_SIZE)
         # Sizes, costs and the least-recently-used order of the entries (keyed by cache key or
         # blob id): in this process, or shared by the worker processes (see share()).
         self._index: MemoryIndex | SharedIndex = MemoryIndex(disk_cost)
@@ -386,24 +388,19 @@ class Storage(Store):
     def _info_of(self, key: str, path: str, st: os.stat_result) -> ArtifactInfo | None:
         """The metadata of the artifact file ``path`` whose stat (taken first) is ``st``.
 
-        A copy kept in memory is used only for that very file: the same inode on the same
-        device, size and inode change time (``ctime``). An eviction (by any worker) and a new
-        upload of the key make a new file, linked from a new temporary, so the copy no longer
-        matches, whichever process changed the file; this costs one ``stat`` the read path needs
-        anyway, where asking the shared index would cost a query. (Only a new file of the same
-        size on a reused inode number, linked within one tick of the filesystem's clock of the
-        old one's last change, would match: its ``Content-Length`` is still right, and its
-        ``X-Artifact-Hash`` is what every client checks the body against.)
+        A copy kept in memory is used only for that very file (see :mod:`.metacache`): an
+        eviction (by any worker) and a new upload of the key make a new file, so the copy no
+        longer matches, whichever process changed the file; this costs one ``stat`` the read
+        path needs anyway, where asking the shared index would cost a query.
 
         The stat comes first and the metadata second: an artifact's metadata is its file's
         attribute (or, in a file beside it, written before the file is linked and removed after
         it), so what is read belongs to the file seen or to a later one, and a size that
         disagrees with the file is a miss rather than a wrong answer.
         """
-        identity = (st.st_ino, st.st_dev, st.st_size, st.st_ctime_ns)
-        cached = self._info.get(key)
-        if cached is not None and cached[0] == identity:
-            return cached[1]
+        cached = self._info.get(key, st)
+        if cached is not None:
+            return cached
         try:
             meta = read_meta(path, path[:-4] + ".json")
             if meta is None:  # the file is gone since its stat, or its metadata was lost
@@ -416,10 +413,7 @@ class Storage(Store):
                 return None
         if info.size != st.st_size:
             return None
-        with self._lock:
-            if len(self._info) >= INFO_CACHE_SIZE:
-                self._info.pop(next(iter(self._info)))
-            self._info[key] = (identity, info)
+        self._info.put(key, st, info)
         return info
 
     def repair_meta(self, key: str) -> ArtifactInfo | None:
@@ -539,7 +533,10 @@ class Storage(Store):
         """Record a GET or HEAD of an artifact (by key) or blob (by name) whose file has ``mtime_ns``
         as a use: in the index now; on disk as the file's mtime when that is older than
         ``PERSIST_USE_NS``, so the order survives a restart without a write per read."""
-        key = self._key_of(name)
+        self._use(self._key_of(name), mtime_ns)
+
+    def _use(self, key: str, mtime_ns: int) -> None:
+        """:meth:`touch` by index key."""
         now = time.time_ns()
         self._index.touch(key, now)
         if now - mtime_ns > PERSIST_USE_NS:
@@ -666,7 +663,8 @@ class Storage(Store):
                 return None
             return self._artifact_stat(name, path, st, use)
         blob = disk_name(space, name)
-        path = self._data_path(blob_id(blob))
+        key = blob_id(blob)
+        path = self._data_path(key)
         try:
             st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -674,9 +672,10 @@ class Storage(Store):
             return None
         if not stat_module.S_ISREG(st.st_mode):
             return None
+        found = self._blob_stat_of(space, name, blob, key, path, st, path)
         if use:
-            self.touch(blob, st.st_mtime_ns)
-        return self._blob_stat(space, name, st.st_size, st.st_mtime, self._blob_json(blob), path)
+            self._use(key, st.st_mtime_ns)
+        return found
 
     def _artifact_stat(self, key: str, path: str, st: os.stat_result, use: bool) -> Stat | None:
         info = self._info_of(key, path, st)
@@ -701,12 +700,25 @@ class Storage(Store):
                     float(created) if isinstance(created, (int, float)) else mtime,
                     {k: v for k, v in meta.items() if k not in RESERVED_META}, path)
 
-    def _blob_json(self, blob: str, fd: int | None = None) -> dict:
+    def _blob_stat_of(self, space: str, name: str, blob: str, key: str, path: str, st: os.stat_result,
+                      source: int | str) -> Stat:
+        """A blob's Stat for the file whose stat is ``st``: the copy kept for that very file (see
+        :mod:`.metacache`), else its metadata read from ``source`` (that file, open, or its path)."""
+        cached = self._info.get(key, st)
+        if cached is not None:
+            return cached
+        meta = self._blob_json(blob, source)
+        found = self._blob_stat(space, name, st.st_size, st.st_mtime, meta, path)
+        if meta:  # metadata that could not be read is tried again next time
+            self._info.put(key, st, found)
+        return found
+
+    def _blob_json(self, blob: str, source: int | str | None = None) -> dict:
         """Everything kept with a blob (its name, sha256, created and the protocol's fields), or {};
-        ``fd``: the blob's open file, whose own attribute is read."""
+        ``source``: the blob's open file (or its path), whose own attribute is read."""
         path = self._data_path(blob_id(blob))
         try:
-            meta = read_meta(path if fd is None else fd, path + ".json")
+            meta = read_meta(path if source is None else source, path + ".json")
         except (OSError, ValueError):
             return {}
         return meta if meta is not None and meta.get("name") == blob else {}
@@ -727,18 +739,20 @@ class Storage(Store):
                 return None
             return found, fh
         blob = disk_name(space, name)
-        path = self._data_path(blob_id(blob))
+        key = blob_id(blob)
+        path = self._data_path(key)
         try:
             fh = open(path, "rb")
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             self.forget(blob)
             return None
         st = os.fstat(fh.fileno())
-        if use:
-            self.touch(blob, st.st_mtime_ns)
         # The metadata is read after the blob was opened (the attribute of that very file): it
         # is written before the blob is published, so a blob that is visible always has it.
-        return self._blob_stat(space, name, st.st_size, st.st_mtime, self._blob_json(blob, fh.fileno()), path), fh
+        found = self._blob_stat_of(space, name, blob, key, path, st, fh.fileno())
+        if use:
+            self._use(key, st.st_mtime_ns)
+        return found, fh
 
     def stage(self) -> Staged:
         return EntryStaged(str(self.tmp_dir), self._unnamed_temps)

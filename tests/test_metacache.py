@@ -1,0 +1,108 @@
+"""Entry metadata kept in memory is used only for the very file it was read from.
+
+Two apps on one storage folder stand for two worker processes: what one changes, the other
+must never answer from its copy.
+"""
+
+import os
+
+import pytest
+
+from polykit_cache.metacache import IdentityCache
+from polykit_cache.storage import INFO_CACHE_SIZE
+from support import KEY, call, key_for, new_app, pack_tree
+
+
+def test_the_cache_is_bounded_and_drops_its_oldest_copies(tmp_path):
+    files = []
+    for i in range(5):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(b"x" * i)
+        files.append(os.stat(path))
+    cache = IdentityCache(3)
+    for i, st in enumerate(files):
+        cache.put(f"k{i}", st, i)
+    assert len(cache) == 3
+    assert [cache.get(f"k{i}", st) for i, st in enumerate(files)] == [None, None, 2, 3, 4]
+    cache.put("k2", files[2], 20)  # a key put again is not counted twice
+    assert len(cache) == 3 and cache.get("k2", files[2]) == 20
+
+
+def test_a_copy_is_never_returned_for_another_file(tmp_path):
+    path = tmp_path / "entry"
+    path.write_bytes(b"first")
+    cache = IdentityCache(10)
+    cache.put("k", os.stat(path), "first")
+    assert cache.get("k", os.stat(path)) == "first"
+    replacement = tmp_path / "new"
+    replacement.write_bytes(b"other")  # same size, another inode
+    os.replace(replacement, path)
+    assert cache.get("k", os.stat(path)) is None
+    cache.put("k", os.stat(path), "second")
+    cache.pop("k")
+    assert cache.get("k", os.stat(path)) is None and "k" not in cache
+
+
+def test_the_storage_keeps_a_bounded_number_of_copies(tmp_path):
+    app = new_app(tmp_path / "store")
+    assert app.storage._info._limit == INFO_CACHE_SIZE
+    app.storage._info = IdentityCache(3)
+    for i in range(5):
+        assert call(app, "PUT", f"/kv/gradle/k{i}", b"x" * i).status == 201
+    for _ in range(2):
+        for i in range(5):
+            reply = call(app, "GET", f"/kv/gradle/k{i}")
+            assert reply.status == 200 and reply.body == b"x" * i
+            assert len(app.storage._info) <= 3
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_turbo_entry_deleted_and_stored_again_by_another_worker_is_answered_anew(tmp_path, method):
+    first, second = new_app(tmp_path / "store"), new_app(tmp_path / "store")
+    path = "/v8/artifacts/abc123?team=t"
+    body = os.urandom(4096)
+    assert call(first, "PUT", path, body, headers={"x-artifact-duration": "7", "x-artifact-tag": "one"}).status == 202
+    for _ in range(2):  # the second answer comes from the copy
+        reply = call(first, method, path)
+        assert reply.status == 200 and reply.headers["x-artifact-duration"] == "7"
+        assert reply.headers["x-artifact-tag"] == "one"
+    # The deleted file is held open, so the new one cannot take its inode number: of the same
+    # size, only the file's identity tells the two entries apart.
+    with open(first.storage.stat("turbo", "t/abc123").path, "rb"):
+        assert second.storage.delete("turbo", "t/abc123")
+        assert call(first, method, path).status == 404
+        again = os.urandom(4096)
+        assert call(second, "PUT", path, again, headers={"x-artifact-duration": "9", "x-artifact-tag": "two"}).status == 202
+    reply = call(first, method, path)
+    assert reply.status == 200 and reply.headers["x-artifact-duration"] == "9" and reply.headers["x-artifact-tag"] == "two"
+    assert reply.headers["content-length"] == "4096"
+    if method == "GET":
+        assert reply.body == again
+
+
+def test_a_replaced_action_cache_entry_is_never_answered_from_the_copy(tmp_path):
+    first, second = new_app(tmp_path / "store"), new_app(tmp_path / "store")
+    path = f"/ac/{key_for('action')}"
+    assert call(first, "PUT", path, b"first result").status == 200
+    assert call(first, "GET", path).body == b"first result"
+    assert call(first, "HEAD", path).headers["content-length"] == "12"
+    assert call(second, "PUT", path, b"second result, longer").status == 200
+    assert call(first, "HEAD", path).headers["content-length"] == "21"
+    assert call(first, "GET", path).body == b"second result, longer"
+    assert call(second, "PUT", path, b"third result, longerr").status == 200  # the same size
+    assert call(first, "GET", path).body == b"third result, longerr"
+
+
+def test_a_namespaced_artifact_stored_again_after_eviction_has_its_new_metadata(tmp_path):
+    first, second = new_app(tmp_path / "store"), new_app(tmp_path / "store")
+    path = f"/team-a/v1/artifacts/{KEY}"
+    one = pack_tree(tmp_path / "one", {"a": b"one"})
+    assert call(first, "PUT", path, one).status == 201
+    assert call(first, "HEAD", path).headers["x-artifact-hash"] == call(first, "GET", path).headers["etag"].strip('"')
+    assert second.storage.delete("polykit", f"@team-a/{KEY}")
+    assert call(first, "GET", path).status == 404
+    two = pack_tree(tmp_path / "two", {"a": b"two, longer"})
+    assert call(second, "PUT", path, two).status == 201
+    got = call(first, "GET", path)
+    assert got.body == two and got.headers["content-length"] == str(len(two))
+    assert call(first, "HEAD", path).headers["x-artifact-hash"] == got.headers["x-artifact-hash"]
