@@ -32,7 +32,7 @@ from .verification import IncompleteBody, receive
 log = logging.getLogger("polykit_cache.app")
 access_log = logging.getLogger("polykit_cache.access")
 
-__all__ = ["ADMITTED_WRITE", "CacheApp", "HTTPError", "REFUSED", "Response", "SEND_CHUNK", "json_response", "make_app"]
+__all__ = ["ADMITTED", "ADMITTED_WRITE", "CacheApp", "HTTPError", "REFUSED", "Response", "SEND_CHUNK", "json_response", "make_app"]
 
 # The environ key under which the server layer hands the application an answer it decided before
 # reading the body (an admit() refusal, or an error waitress found itself): an HTTPError.
@@ -40,6 +40,11 @@ REFUSED = "polykit.refused"
 # Set by admit() on a request it lets through: True when it writes (so its credentials were
 # checked), which the server layer keeps over anonymous connections at the connection limit.
 ADMITTED_WRITE = "polykit.admitted_write"
+# Also set by admit() on a request it lets through: its (route, parameters). The server layer
+# hands the application the very environ it admitted when the request has no body (nothing
+# arrives after the head that admission could depend on), and the application then neither
+# routes nor admits it again. A request with a body gets a new environ and is admitted again.
+ADMITTED = "polykit.admitted"
 
 # Bounds on what the request line may make the server parse. Real clients' paths are well under
 # 300 characters (a Bazel instance, a 64-character hash); turbo passes one team parameter.
@@ -108,11 +113,12 @@ class CacheApp:
         """
         method = environ.get("REQUEST_METHOD", "GET").upper()
         try:
-            route, _ = self._route(environ.get("PATH_INFO", ""))
-            self._admission(route, method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))
+            found = self._route(environ.get("PATH_INFO", ""))
+            self._admission(found[0], method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))
         except HTTPError as exc:
             return exc
-        environ[ADMITTED_WRITE] = route.is_write(method)
+        environ[ADMITTED_WRITE] = found[0].is_write(method)
+        environ[ADMITTED] = found
         return None
 
     def _route(self, path: str) -> tuple[Route, dict]:
@@ -196,10 +202,12 @@ class CacheApp:
             if refused is not None:  # decided by the server layer before the body (see admit())
                 route = self.router.owner(path) if len(path) <= MAX_PATH else None
                 raise refused
-            route, params = self._route(path)
+            admitted = environ.get(ADMITTED)  # admitted by the server layer from this very environ
+            route, params = admitted if admitted is not None else self._route(path)
             environ["polykit.protocol"] = route.protocol
             environ["polykit.namespace"] = params["namespace"]
-            self._admission(route, method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))
+            if admitted is None:
+                self._admission(route, method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))
             response = route.handlers[method](environ, params)
         except StorageUnavailable as exc:
             # The store (a bucket) cannot be reached: clients build instead (spec: any 5xx is a miss).

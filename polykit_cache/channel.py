@@ -87,6 +87,9 @@ class HeadParser(HTTPRequestParser):
     linger: int | None = 0
     # An admitted write (its token checked): its body is an upload, kept at the connection limit.
     upload = False
+    # The environ admitted at the head of a request without a body, which its task reuses (see
+    # Channel.admit_head); None otherwise.
+    head_environ: dict | None = None
 
     def __init__(self, adj, channel: "Channel") -> None:
         super().__init__(adj)
@@ -171,6 +174,11 @@ class HeadParser(HTTPRequestParser):
 class Task(WSGITask):
     """waitress's task, closing the connection after its answer when the server is stopping."""
 
+    def get_environment(self) -> dict:
+        if self.environ is None and self.request.head_environ is not None:
+            self.environ = self.request.head_environ  # built and admitted at the head: no body came since
+        return super().get_environment()
+
     def build_response_header(self) -> bytes:
         if self.channel.draining:
             self.set_close_on_finish()  # "Connection: close" (RFC 9112 section 9.6): no next request
@@ -227,6 +235,10 @@ class Channel(HTTPChannel):
                 environ["HTTP_TRANSFER_ENCODING"] = "chunked"
             refusal = admit(environ)
             request.upload = refusal is None and environ.get(ADMITTED_WRITE) is True
+            if refusal is None and not request.chunked and not request.content_length:
+                # No body follows: the request is complete, and the environ its answer needs is
+                # this one (its body stream empty), admitted already.
+                request.head_environ = environ
             return refusal
         except Exception:  # a fault here must not take down the I/O thread, which serves everyone
             log.exception("judging the head of %s %s failed", request.command, request.path)
@@ -243,6 +255,11 @@ class Channel(HTTPChannel):
         return super().received(data)
 
     def readable(self) -> bool:
+        # asyncore asks every connection at each turn of the loop, several times per request:
+        # the common case (no drain, no lingering, no head under way) costs no clock reading.
+        request = self.request
+        if not self.draining and self.linger_left is None and (request is None or request.headers_finished):
+            return super().readable()
         now = time.time()
         if self.draining and self.request is None and self.linger_left is None and self.idle() and not self._input_waits():
             self.will_close = True  # writable() now, and handle_write() closes

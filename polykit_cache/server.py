@@ -25,6 +25,8 @@ log = logging.getLogger("polykit_cache.server")
 # After SIGTERM, SIGINT or close(): how long requests in progress may take to finish and be sent
 # before their connections are closed. Under `docker stop`'s 10 s before SIGKILL.
 DRAIN_SECONDS = 8.0
+# waitress's warning that requests wait for a worker thread is logged at most this often.
+QUEUE_LOG_SECONDS = 10.0
 
 
 def waitress_settings(config: Config) -> dict:
@@ -54,6 +56,36 @@ def waitress_settings(config: Config) -> dict:
     }
 
 
+class QueueDepthLog:
+    """waitress's "Task queue depth is N" warning, at most once every ``seconds``, with the most
+    requests that waited at once and how many waited since the last line.
+
+    waitress warns each time a request has to wait for a worker thread: under a steady load that
+    is a line per request, written by the I/O thread while it holds the dispatcher's lock, and
+    it buries every other message. It stands in for the dispatcher's ``queue_logger``.
+    """
+
+    def __init__(self, logger: logging.Logger, seconds: float = QUEUE_LOG_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._logger = logger
+        self._seconds = seconds
+        self._clock = clock
+        self._next = float("-inf")
+        self._deepest = self._waited = 0
+
+    def warning(self, message: str, depth: int) -> None:
+        """waitress's call (under the dispatcher's lock, so one thread at a time)."""
+        self._waited += 1
+        self._deepest = max(self._deepest, depth)
+        now = self._clock()
+        if now < self._next:
+            return
+        self._logger.warning("Task queue depth is %d (%d requests waited for a worker thread since the last such line)",
+                             self._deepest, self._waited)
+        self._next = now + self._seconds
+        self._deepest = self._waited = 0
+
+
 class Server:
     """A started waitress server; ``run()`` blocks until ``close()`` or SIGTERM/SIGINT, then drains.
 
@@ -76,6 +108,7 @@ class Server:
         self._adj = Adjustments(**waitress_settings(config))
         self._map: dict = {}
         self._dispatcher = ThreadedTaskDispatcher()
+        self._dispatcher.queue_logger = QueueDepthLog(logging.getLogger("waitress.queue"))
         self._dispatcher.set_thread_count(self._adj.threads)
         # One listener per address the bind name resolves to (as waitress's create_server does).
         if sockets is None:

@@ -12,10 +12,14 @@ import socket
 import tempfile
 import threading
 
+from contextlib import contextmanager
+
 from polykit_cache import channel
-from polykit_cache.app import HTTPError
+from polykit_cache.app import HTTPError, make_app
+from polykit_cache.auth import Access
 from polykit_cache.config import Config
 from polykit_cache.server import Server
+from polykit_cache.storage import Storage
 from support import KEY, ServerProcess, new_app, pack_tree, request, thread_server
 
 TOKEN = "writer-token-0123456789"
@@ -28,6 +32,19 @@ def token_settings(tmp_path) -> dict:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"read-write {TOKEN}\n")
     return {"token_file": tokens}
+
+
+@contextmanager
+def running(app, config: Config):
+    """The real server around ``app`` on a free loopback port, in a thread: yields the port."""
+    server = Server(app, config)
+    thread = threading.Thread(target=server.run, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+    try:
+        yield server.port
+    finally:
+        server.close()
+        thread.join(10)
 
 
 def connect(port: int) -> socket.socket:
@@ -324,3 +341,45 @@ def test_a_chunked_upload_is_admitted_and_stored(tmp_path):
             first, _, answer = read_answer(sock)
         assert first.startswith(b"HTTP/1.1 201"), answer
         assert app.storage.lookup(KEY) is not None
+
+
+def test_a_request_without_a_body_is_admitted_once_and_an_upload_again_after_its_body(tmp_path):
+    """A GET or HEAD is complete at its head: the environ admitted there is the one answered, so
+    its token is checked once. An upload's token is checked again once its body has come, so a
+    token revoked meanwhile stores nothing."""
+    checks = []
+
+    class CountingAccess(Access):
+        def check(self, header, write):
+            checks.append(write)
+            return super().check(header, write)
+
+    store = tmp_path / "store"
+    settings = token_settings(tmp_path)
+    config = Config(storage_dir=store, port=0, **settings)
+    storage = Storage(store)
+    storage.recover()
+    app = make_app(config, storage, access=CountingAccess(settings["token_file"], {}, False))
+    blob = pack_tree(tmp_path, {"a": b"x" * 100})
+    with running(app, config) as port:
+        assert request(port, "PUT", ART, blob, AUTH)[0] == 201
+        assert checks == [True, True]
+        checks.clear()
+        for method in ("GET", "HEAD"):
+            status, headers, _ = request(port, method, ART, headers=AUTH)
+            assert status == 200 and headers["content-length"] == str(len(blob))
+        assert checks == [False, False]
+        assert request(port, "GET", ART)[0] == 401  # without the token: refused at the head
+
+        other = f"/v1/artifacts/{'cd' * 32}"
+        sock = connect(port)
+        with sock:
+            sock.sendall(f"PUT {other} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                         f"Content-Length: {len(blob)}\r\nExpect: 100-continue\r\n\r\n".encode())
+            assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")  # the head was admitted
+            settings["token_file"].write_text("read-write another-token-0123\n")
+            app.access.reload()
+            sock.sendall(blob)
+            first, _, body = read_answer(sock)
+        assert first.startswith(b"HTTP/1.1 401") and json.loads(body)["error"] == "unauthorized"
+        assert request(port, "HEAD", other, headers={"Authorization": "Bearer another-token-0123"})[0] == 404

@@ -3,6 +3,7 @@
 import hashlib
 import http.client
 import json
+import logging
 import os
 import signal
 import socket
@@ -322,3 +323,25 @@ def test_access_log_off(tmp_path):
     finally:
         server.stop()
     assert "/healthz" not in (tmp_path / "server.log").read_text()
+
+
+def test_waitress_queue_warnings_are_one_line_per_interval(caplog):
+    """A request waiting for a worker thread is no longer a warning line each: one line per
+    interval says how deep the queue got and how many waited."""
+    from polykit_cache.server import QueueDepthLog
+
+    now = [100.0]
+    logger = logging.getLogger("waitress.queue")
+    queue_log = QueueDepthLog(logger, seconds=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="waitress.queue"):
+        for depth in (1, 3, 2):
+            queue_log.warning("Task queue depth is %d", depth)
+        now[0] += 5
+        queue_log.warning("Task queue depth is %d", 4)
+        now[0] += 5
+        queue_log.warning("Task queue depth is %d", 1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "waitress.queue"]
+    assert lines == [
+        "Task queue depth is 1 (1 requests waited for a worker thread since the last such line)",
+        "Task queue depth is 4 (4 requests waited for a worker thread since the last such line)",
+    ]
