@@ -13,7 +13,6 @@ import logging
 import time
 from typing import Callable, Iterable
 from urllib.parse import parse_qsl
-from wsgiref.util import FileWrapper
 
 from polykit_client.artifact import ArtifactError, Limits, is_cache_key, read_metadata
 
@@ -22,7 +21,7 @@ from .auth import Access
 from .blobs import check_segments
 from .config import Config
 from .history import History
-from .http import SEND_CHUNK, HTTPError, Response, json_response, reason, render_json_error
+from .http import SEND_CHUNK, HTTPError, Response, file_body, json_response, reason, render_json_error
 from .metrics import Metrics
 from .outcomes import parse_length, read_body, refuse
 from .routes import Route, Router
@@ -320,9 +319,7 @@ class CacheApp:
         self._lookup_hit(environ, info.size)
         namespace = environ.get("polykit.namespace", "")
         self.metrics.saved(self.metrics.history.served(key, lambda: self._manifest(name), namespace))
-        # The server's file wrapper lets waitress's I/O thread send the file, freeing this worker.
-        wrapper = environ.get("wsgi.file_wrapper", FileWrapper)
-        return Response(200, self._artifact_headers(info), wrapper(fh, SEND_CHUNK), info.size)
+        return Response(200, self._artifact_headers(info), file_body(environ, fh, info.size), info.size)
 
     def put_artifact(self, environ: dict, params: dict) -> Response:
         key = self._key(params)

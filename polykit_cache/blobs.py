@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import re
 from typing import Callable, Iterable, Mapping
-from wsgiref.util import FileWrapper
 
-from .http import SEND_CHUNK, Response, json_response
+from .http import Response, file_body, json_response
 from .outcomes import refuse
 from .store import REPLACEABLE, StorageFull
 from .verification import IncompleteBody, receive_blob
@@ -43,7 +42,7 @@ def check_segments(parts: list[str], what: str, leading_dot: bool = False) -> No
 
 def get_blob(app, environ: dict, space: str, name: str, head: bool,
              headers_for: Callable[[Mapping[str, object]], Iterable[tuple[str, str]]] | None = None) -> Response:
-    """Answer GET or HEAD of a blob from the store (a file is sent by waitress's I/O thread)."""
+    """Answer GET or HEAD of a blob from the store (see :func:`http.file_body` for how a file is sent)."""
     protocol = environ.get("polykit.protocol", "polykit")
     namespace = environ.get("polykit.namespace", "")
     fh = None
@@ -61,8 +60,7 @@ def get_blob(app, environ: dict, space: str, name: str, head: bool,
         app.metrics.lookup(True, protocol=protocol, namespace=namespace)
         return Response(200, headers, [], 0)
     app.metrics.lookup(True, found.size, protocol=protocol, namespace=namespace)
-    wrapper = environ.get("wsgi.file_wrapper", FileWrapper)
-    return Response(200, headers, wrapper(fh, SEND_CHUNK), found.size)
+    return Response(200, headers, file_body(environ, fh, found.size), found.size)
 
 
 def put_blob(app, environ: dict, space: str, name: str, *, expected_sha256: str | None = None,

@@ -345,3 +345,22 @@ def test_waitress_queue_warnings_are_one_line_per_interval(caplog):
         "Task queue depth is 1 (1 requests waited for a worker thread since the last such line)",
         "Task queue depth is 4 (4 requests waited for a worker thread since the last such line)",
     ]
+
+
+def test_small_entries_are_read_at_once_and_larger_ones_streamed_whole(tmp_path):
+    """Either side of READ_AT_ONCE, over a real socket: the same bytes, lengths and headers."""
+    from polykit_cache.http import READ_AT_ONCE
+
+    with thread_server(tmp_path / "store") as (port, _):
+        for size in (0, 1, READ_AT_ONCE, READ_AT_ONCE + 1, 3 * READ_AT_ONCE + 7):
+            body = os.urandom(size)
+            path = f"/v8/artifacts/size{size}?team=t"
+            assert request(port, "PUT", path, body)[0] == 202
+            status, headers, got = request(port, "GET", path)
+            assert status == 200 and got == body and headers["content-length"] == str(size)
+        files = {"a": os.urandom(READ_AT_ONCE // 2), "b": os.urandom(READ_AT_ONCE)}  # stored compressed: around the bound
+        for key, data in ((KEY, {"a": files["a"]}), (key_for("both"), files)):
+            blob = pack_tree(tmp_path, data, key=key)
+            assert request(port, "PUT", f"/v1/artifacts/{key}", blob)[0] == 201
+            status, headers, got = request(port, "GET", f"/v1/artifacts/{key}")
+            assert status == 200 and got == blob and headers["x-artifact-hash"] == sha(blob)
