@@ -79,6 +79,8 @@ class CacheApp:
         # upload can make a worker hold, whatever the body's size.
         self.limits = Limits(max_unpacked_size=config.unpacked_limit, max_metadata_size=8 << 20, max_members=200_000)
         self.router = Router([])
+        # The access log's timestamps for the current second: (second, common format, ISO 8601).
+        self._stamps: tuple[int, str, str] = (-1, "", "")
 
     def polykit_routes(self) -> list[Route]:
         """The polykit protocol itself (``/v1``) and the service endpoints."""
@@ -227,7 +229,10 @@ class CacheApp:
         elapsed = time.perf_counter() - started
         self.metrics.request(method, status, elapsed, route.protocol if route else None)
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info("%s", self._access_line(environ, method, status, response.length, elapsed))
+            line = self._access_line(environ, method, status, response.length, elapsed)
+            # The record is made here: Logger.info() would first walk the stack for the file and
+            # line of the call, which no access line shows. Filters and handlers apply as usual.
+            access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, line, None, None))
         if method == "HEAD":
             close = getattr(response.body, "close", None)
             if close is not None:
@@ -239,16 +244,22 @@ class CacheApp:
         """One access log line; the Authorization header is never part of it."""
         host = environ.get("REMOTE_ADDR") or "-"
         path = environ.get("PATH_INFO", "")
+        second = int(time.time())
+        stamps = self._stamps
+        if stamps[0] != second:  # formatted once a second, not once a request
+            local = time.localtime(second)
+            stamps = self._stamps = (second, time.strftime("%d/%b/%Y:%H:%M:%S %z", local),
+                                     time.strftime("%Y-%m-%dT%H:%M:%S%z", local))
         if self.config.access_log_format == "json":
             return json.dumps({
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "remote": host, "method": method, "path": path,
+                "time": stamps[2], "remote": host, "method": method, "path": path,
                 "status": status, "bytes": length, "duration_ms": round(elapsed * 1000, 3),
                 "user_agent": environ.get("HTTP_USER_AGENT", ""),
             })
         protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
         path = json.dumps(path)[1:-1]  # a decoded path may hold quotes or newlines: never forge a line
         # NCSA common log format, with the duration in seconds appended.
-        return f'{host} - - [{time.strftime("%d/%b/%Y:%H:%M:%S %z")}] "{method} {path} {protocol}" {status} {length} {elapsed:.4f}'
+        return f'{host} - - [{stamps[1]}] "{method} {path} {protocol}" {status} {length} {elapsed:.4f}'
 
     # --- artifacts ---------------------------------------------------------------------------
 
@@ -318,7 +329,7 @@ class CacheApp:
         info, fh = opened
         self._lookup_hit(environ, info.size)
         namespace = environ.get("polykit.namespace", "")
-        self.metrics.saved(self.metrics.history.served(key, lambda: self._manifest(name), namespace))
+        self.metrics.saved(self.metrics.history.served(key, lambda: self._manifest(name), namespace, info.created))
         return Response(200, self._artifact_headers(info), file_body(environ, fh, info.size), info.size)
 
     def put_artifact(self, environ: dict, params: dict) -> Response:

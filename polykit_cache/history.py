@@ -42,6 +42,7 @@ KEEP_MINUTES = DAY  # minute buckets cover the last day
 KEEP_HOURS = 30 * DAY  # hour buckets the last thirty days
 MAX_TASKS = 1000  # packages' tasks with totals, and with the components of their newest artifact
 MAX_ARTIFACTS = 100_000  # artifacts whose package, task and duration are known without opening them
+SERVED_CACHE = 16384  # of those, the ones kept in memory by each worker (see History.served)
 MAX_NAME = 200  # a package or task name longer than this is not indexed
 TOP = 10  # tasks listed as saving most and as missing most
 COUNTERS = ("hits", "misses", "uploads", "rejected", "bytes_in", "bytes_out", "saved_ms")
@@ -93,6 +94,8 @@ class History:
         self._db.executescript(_SCHEMA)
         self._pending: dict[tuple[int, str], list[int]] = {}
         self._pending_tasks: dict[tuple[str, str, str], list[int]] = {}
+        # (namespace, key) -> (the upload's version, (package, task, duration)); see served().
+        self._served: dict[tuple[str, str], tuple[object, tuple]] = {}
         self._flushed = clock()
         self._warned = float("-inf")
 
@@ -138,6 +141,7 @@ class History:
             blob = None  # the manifest check refuses this already; never store more than the bound
         created = meta.get("created_at") if isinstance(meta.get("created_at"), int) else None
         with self._lock:
+            self._served.pop((namespace, key), None)
             self._task((namespace, package, task), misses=1)
             try:
                 with self._db:  # one transaction: both rows or neither
@@ -149,19 +153,47 @@ class History:
             except sqlite3.Error as exc:
                 self._failed("index an artifact", exc)
 
-    def served(self, key: str, read_meta: Callable[[], dict | None], namespace: str = "") -> int:
+    def served(self, key: str, read_meta: Callable[[], dict | None], namespace: str = "",
+               version: object = None) -> int:
         """A polykit artifact was downloaded: the build time it saved, in ms (0 when unknown).
 
         ``read_meta`` reads the artifact's manifest; it is called only for an artifact stored
         before this index knew it (or pushed out of it), and what it finds is kept.
+        ``version`` tells one upload of the key from another (its creation time): given, the
+        artifact's package, task and duration are kept in memory for that upload, so a popular
+        artifact is not looked up in the database on every download (at most SERVED_CACHE of
+        them; an upload stored again since, by any worker, has another version and is read anew).
         """
+        name = (namespace, key)
+        cached = self._served.get(name) if version is not None else None
+        if cached is not None and cached[0] == version:
+            row = cached[1]
+        else:
+            row = self._served_row(key, read_meta, namespace)
+            if row is None:
+                return 0
+            if version is not None:
+                with self._lock:
+                    self._served.pop(name, None)
+                    if len(self._served) >= SERVED_CACHE:
+                        self._served.pop(next(iter(self._served)))
+                    self._served[name] = (version, row)
+        package, task, duration = row
+        if package is not None and task is not None:
+            with self._lock:
+                self._task((namespace, package, task), hits=1, saved_ms=duration)
+        return duration
+
+    def _served_row(self, key: str, read_meta: Callable[[], dict | None], namespace: str) -> tuple | None:
+        """(package, task, duration) of an artifact from the index, else from its manifest (then
+        indexed); None when the index cannot be read."""
         try:
             with self._lock:
                 row = self._db.execute("SELECT package, task, duration_ms FROM artifacts WHERE namespace = ? AND key = ?",
                                        (namespace, key)).fetchone()
         except sqlite3.Error as exc:
             self._failed("be read", exc)
-            return 0
+            return None
         if row is None:
             meta = read_meta() or {}
             package, task = meta.get("package"), meta.get("task")
@@ -171,11 +203,7 @@ class History:
                     self._db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)", (namespace, key, *row))
                 except sqlite3.Error as exc:
                     self._failed("index an artifact", exc)
-        package, task, duration = row
-        if package is not None and task is not None:
-            with self._lock:
-                self._task((namespace, package, task), hits=1, saved_ms=duration)
-        return duration
+        return tuple(row)
 
     def _task(self, name: tuple[str, str, str], hits: int = 0, misses: int = 0, saved_ms: int = 0) -> None:
         """Add to the pending totals of one (namespace, package, task)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 from typing import Mapping
 from urllib.parse import parse_qsl
 
@@ -36,14 +37,26 @@ _TAG = re.compile(r"[A-Za-z0-9+/=_.-]{1,1024}")
 MAX_HASHES = 1000
 BODY_LIMIT = 1 << 20
 MAX_QUERY_FIELDS = 16
+# Query strings whose team is kept parsed (see _team_of).
+TEAM_CACHE = 256
 # The request headers turbo sends with an artifact (its preflight asks about them).
 PREFLIGHT_HEADERS = "Authorization, Content-Type, Content-Length, User-Agent, x-artifact-duration, x-artifact-tag, x-artifact-client-ci, x-artifact-client-interactive"
 
 
 def _team(environ: dict) -> str:
-    """The team of a request, parsed once per request (the query string's length is bounded)."""
+    """The team of a request (the query string's length is bounded by admission)."""
+    return _team_of(environ.get("QUERY_STRING", ""))
+
+
+@lru_cache(maxsize=TEAM_CACHE)
+def _team_of(query: str) -> str:
+    """The team a query string names, or the refusal (raised, so never kept in the cache).
+
+    A client sends the same query with every request, so the team is parsed once per query
+    string and kept (at most TEAM_CACHE of them, each under the query string's bound).
+    """
     try:
-        fields = dict(parse_qsl(environ.get("QUERY_STRING", ""), max_num_fields=MAX_QUERY_FIELDS))
+        fields = dict(parse_qsl(query, max_num_fields=MAX_QUERY_FIELDS))
     except ValueError:
         raise refuse("bad_request", f"The query string may hold at most {MAX_QUERY_FIELDS} parameters.") from None
     team = fields.get("slug") or fields.get("teamId") or fields.get("team") or "_"

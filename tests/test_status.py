@@ -272,3 +272,22 @@ def test_namespaces_keep_their_own_tasks_and_newest_artifacts(tmp_path):
     assert stats["history"]["top_saving"][0]["namespace"] == "team-a"
     assert "web:build (/team-a)" in call(app, "GET", "/").body.decode()
     assert call(app, "GET", "/team-a/").status == 404  # one status page, at /
+
+
+def test_what_a_download_saved_is_kept_per_upload_and_read_anew_for_another(tmp_path):
+    """Two workers share the history file; one keeps an artifact's row in memory for the upload
+    it read it for, and a new upload of the key (another version) is read anew."""
+    first, second = History(tmp_path / "h.sqlite3"), History(tmp_path / "h.sqlite3")
+    second.stored(KEY, {"package": "web", "task": "build", "duration_ms": 2000})
+    assert first.served(KEY, lambda: pytest.fail("indexed"), version=1.0) == 2000
+    db = sqlite3.connect(tmp_path / "h.sqlite3")
+    db.execute("DELETE FROM artifacts")  # what the first worker answers now comes from its memory
+    db.commit()
+    assert [first.served(KEY, lambda: pytest.fail("kept"), version=1.0) for _ in range(2)] == [2000, 2000]
+    second.stored(KEY, {"package": "web", "task": "build", "duration_ms": 3000})  # uploaded again
+    assert first.served(KEY, lambda: pytest.fail("indexed"), version=2.0) == 3000
+    first.stored(KEY, {"package": "web", "task": "test", "duration_ms": 500})  # by this worker: forgotten
+    assert first.served(KEY, lambda: pytest.fail("indexed"), version=2.0) == 500
+    first.flush()
+    tasks = dict(((r[0], r[1]), r[2:]) for r in db.execute("SELECT package, task, hits, saved_ms FROM tasks"))
+    assert tasks[("web", "build")] == (4, 9000) and tasks[("web", "test")] == (1, 500)
