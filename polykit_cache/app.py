@@ -58,15 +58,6 @@ MAX_QUERY_KEYS = 1000
 QUERY_BODY_LIMIT = 128 * 1024
 
 
-def _environ_lookup(environ: dict) -> Callable[[str], str | None]:
-    def get(name: str) -> str | None:
-        norm = name.upper().replace("-", "_")
-        if norm in ("CONTENT_LENGTH", "CONTENT_TYPE"):
-            return environ.get(norm) or None
-        return environ.get("HTTP_" + norm)
-    return get
-
-
 class CacheApp:
     """The WSGI application of one server; build it with :func:`make_app`."""
 
@@ -115,7 +106,7 @@ class CacheApp:
         method = environ.get("REQUEST_METHOD", "GET").upper()
         try:
             found = self._route(environ.get("PATH_INFO", ""))
-            self._admission(found[0], method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))
+            self._admission(found[0], method, environ)
         except HTTPError as exc:
             return exc
         environ[ADMITTED_WRITE] = found[0].is_write(method)
@@ -135,8 +126,9 @@ class CacheApp:
             check_segments(namespace.split("/"), "A namespace (the path before the protocol)")
         return found
 
-    def _admission(self, route: Route, method: str, query: str, header: Callable[[str], str | None]) -> None:
+    def _admission(self, route: Route, method: str, environ: dict) -> None:
         """Refuse from the method, query and headers alone: 414, 405, 401/403, or the body's declared length."""
+        query = environ.get("QUERY_STRING", "")
         if len(query) > MAX_QUERY:
             raise refuse("uri_too_long", f"The query string is {len(query)} characters long; the limit is {MAX_QUERY}.")
         if method not in route.handlers:
@@ -146,9 +138,9 @@ class CacheApp:
         # A CORS preflight never carries credentials (Fetch standard, "CORS-preflight request"),
         # and it reads nothing: OPTIONS is open wherever a route serves it.
         if not route.public and method != "OPTIONS":
-            self._authorize(route, header("Authorization"), write)
-        chunked = header("Transfer-Encoding") is not None
-        raw = header("Content-Length")
+            self._authorize(route, environ.get("HTTP_AUTHORIZATION"), write)
+        chunked = environ.get("HTTP_TRANSFER_ENCODING") is not None
+        raw = environ.get("CONTENT_LENGTH") or None
         if write and method not in route.bodiless:
             if not (chunked and raw is None):  # a chunked body's length is known only once read
                 self._check_upload_length(raw)
@@ -208,7 +200,7 @@ class CacheApp:
             environ["polykit.protocol"] = route.protocol
             environ["polykit.namespace"] = params["namespace"]
             if admitted is None:
-                self._admission(route, method, environ.get("QUERY_STRING", ""), _environ_lookup(environ))
+                self._admission(route, method, environ)
             response = route.handlers[method](environ, params)
         except StorageUnavailable as exc:
             # The store (a bucket) cannot be reached: clients build instead (spec: any 5xx is a miss).

@@ -138,8 +138,7 @@ class Access:
         if not given:
             return None
         found = None
-        with self._lock:
-            entries = self._entries
+        entries = self._entries  # replaced whole by reload(), never changed in place: no lock to read it
         for role, known in entries:  # every entry is compared: the time does not tell which matched
             if hmac.compare_digest(given, known) and found is None:
                 found = role

@@ -46,6 +46,7 @@ SERVED_CACHE = 16384  # of those, the ones kept in memory by each worker (see Hi
 MAX_NAME = 200  # a package or task name longer than this is not indexed
 TOP = 10  # tasks listed as saving most and as missing most
 COUNTERS = ("hits", "misses", "uploads", "rejected", "bytes_in", "bytes_out", "saved_ms")
+_COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS minutes (t INTEGER, protocol TEXT, {", ".join(f"{c} INTEGER DEFAULT 0" for c in COUNTERS)},
@@ -125,7 +126,7 @@ class History:
         with self._lock:
             row = self._pending.setdefault((bucket, protocol), [0] * len(COUNTERS))
             for name, value in counters.items():
-                row[COUNTERS.index(name)] += value
+                row[_COUNTER_INDEX[name]] += value
             due = now - self._flushed >= FLUSH_SECONDS
         if due:
             self.flush()

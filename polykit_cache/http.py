@@ -20,12 +20,12 @@ SEND_CHUNK = 256 * 1024
 READ_AT_ONCE = 64 * 1024
 
 
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
 def reason(status: int) -> str:
     """The reason phrase of a status code (RFC 9110 15), from the standard library's table."""
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
+    return _REASONS.get(status, "Unknown")
 
 
 def file_body(environ: dict, fh: BinaryIO, size: int) -> Iterable[bytes]:
