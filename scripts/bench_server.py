@@ -9,7 +9,10 @@ turborepo-remote-cache 2 (``npm install --prefix DIR turborepo-remote-cache@2``,
 ``--node-dir DIR``; the checkout's ``.ci/tools`` is looked in too), on its local storage. The
 ratio ours/bare is what the verification, the fsyncs and the bookkeeping cost; ours/node is
 where we stand against the server most turbo users run (it neither verifies nor fsyncs, and
-buffers every upload whole in memory); the absolute figures only describe this machine.
+buffers every upload whole in memory); the absolute figures only describe this machine. With
+``--bare-durable`` a fourth column, ``durable``, is the bare app making each upload as durable
+as ours does (a new file synced, linked, its folder synced) and nothing else: ours/durable is
+what our own work costs beyond the syncs, durable/node what the syncs cost on this disk.
 
 Every server gets the same artifacts at the same path, turbo's ``/v8/artifacts/{hash}?teamId=bench``
 with a bearer token that each of them checks (``--api polykit`` measures ours and bare on
@@ -21,6 +24,7 @@ to the bare app beside the target it has, and says whether it is met.
     python scripts/bench_server.py --node-dir DIR --rounds 2  # with the Node server in DIR, 2 rotated rounds
     python scripts/bench_server.py --quick         # smoke run for CI (small sizes, 1 s each)
     python scripts/bench_server.py --bare          # the baseline alone
+    python scripts/bench_server.py --bare-durable  # also the baseline that syncs each upload as ours must
     python scripts/bench_server.py --workers-sweep # ours with 1, 2 and one worker per CPU, unpinned
     python scripts/bench_server.py --api polykit   # ours and bare on polykit's own verified path
     python scripts/bench_server.py --rounds 3      # each server 3 times, rotating who goes first
@@ -514,11 +518,18 @@ class BareApp:
     PUT reads the body into a temporary file and answers 201; GET and HEAD answer from an
     in-memory index of the pre-generated artifacts and stream the file with wsgi.file_wrapper.
     It serves polykit's path and turbo's (whatever the team).
+
+    With ``durable_dir`` (``--bare-durable``), PUT instead makes each upload durable the way our
+    disk store must, and does nothing else: the body into a new unnamed file (``O_TMPFILE``),
+    ``fsync``, ``linkat`` to ``<durable_dir>/<key[0:2]>/<key>`` (256 folders, as our blob
+    layout), ``fsync`` of that folder, then 201. Its figures are the floor the syncs set on this
+    disk: what ours loses to it is our own work; what it loses to the Node server is the disk's.
     """
 
-    def __init__(self, serve_dir: Path, spool_dir: Path) -> None:
+    def __init__(self, serve_dir: Path, spool_dir: Path, durable_dir: Path | None = None) -> None:
         self.serve_dir = serve_dir
         self.spool_dir = spool_dir
+        self.durable_dir = durable_dir
         self.local = threading.local()
         self.index: dict[str, list] = json.loads((serve_dir / "index.json").read_text())
         self.pattern = re.compile(r"/v[18]/artifacts/([0-9a-f]{64})")
@@ -536,7 +547,10 @@ class BareApp:
             return self.answer(start_response, "401 Unauthorized", b'{"error":"unauthorized"}\n')
         key = match.group(1)
         if method == "PUT":
-            self.discard(environ)
+            if self.durable_dir is not None:
+                self.store_durably(environ, key)
+            else:
+                self.discard(environ)
             return self.answer(start_response, "201 Created", b'{"key":"%s"}\n' % key.encode())
         entry = self.index.get(key)
         if entry is None or method not in ("GET", "HEAD"):
@@ -572,6 +586,44 @@ class BareApp:
             out.write(data)
             left -= len(data)
 
+    def store_durably(self, environ: dict, key: str) -> None:
+        """The body as a new file, synced before its name appears, its folder synced after."""
+        folder = self.durable_dir / key[:2]
+        fd = os.open(self.spool_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+        try:
+            left = int(environ.get("CONTENT_LENGTH") or 0)
+            body = environ["wsgi.input"]
+            while left > 0:
+                data = body.read(min(left, BLOCK))
+                if not data:
+                    break
+                os.write(fd, data)
+                left -= len(data)
+            os.fsync(fd)
+            try:
+                try:
+                    os.link(f"/proc/self/fd/{fd}", folder / key, src_dir_fd=self.anchor, follow_symlinks=True)
+                except FileNotFoundError:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    os.link(f"/proc/self/fd/{fd}", folder / key, src_dir_fd=self.anchor, follow_symlinks=True)
+            except FileExistsError:
+                pass  # first write wins
+        finally:
+            os.close(fd)
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @property
+    def anchor(self) -> int:
+        """A folder fd, so that os.link calls linkat(2) and follows the /proc link."""
+        fd = getattr(self.local, "anchor", None)
+        if fd is None:
+            fd = self.local.anchor = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return fd
+
     @staticmethod
     def answer(start_response: Callable, status: str, body: bytes) -> list[bytes]:
         start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
@@ -590,9 +642,10 @@ def serve_bare(argv: Sequence[str]) -> int:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--serve-dir", type=Path, required=True)
     parser.add_argument("--spool-dir", type=Path, required=True)
+    parser.add_argument("--durable-dir", type=Path)
     args = parser.parse_args(list(argv))
     config = Config(bind=LOCALHOST, port=args.port, threads=args.threads, max_artifact_size=1 << 40)
-    server = create_server(BareApp(args.serve_dir, args.spool_dir), **waitress_settings(config))
+    server = create_server(BareApp(args.serve_dir, args.spool_dir, args.durable_dir), **waitress_settings(config))
     signal.signal(signal.SIGTERM, _raise_exit)
     signal.signal(signal.SIGINT, _raise_exit)
     try:
@@ -749,11 +802,18 @@ def start_s3(workdir: Path, cpu: int | None, threads: int, log_level: str, big_b
     return start_server("s3", cmd, port, workdir, cpu, storage, template, env)
 
 
-def start_bare(workdir: Path, serve_dir: Path, cpu: int | None, threads: int, template: str) -> Target:
+def start_bare(workdir: Path, serve_dir: Path, cpu: int | None, threads: int, template: str,
+               name: str = "bare") -> Target:
+    """The bare baseline; named ``durable``, it stores every upload durably (see BareApp)."""
     port = free_port()
     cmd = [sys.executable, str(Path(__file__).resolve()), "_bare", "--port", str(port), "--threads", str(threads),
-           "--serve-dir", str(serve_dir), "--spool-dir", str(workdir / "spool-bare")]
-    return start_server("bare", cmd, port, workdir, cpu, None, template)
+           "--serve-dir", str(serve_dir), "--spool-dir", str(workdir / f"spool-{name}")]
+    storage = None
+    if name == "durable":
+        storage = workdir / "storage-durable"
+        storage.mkdir()
+        cmd += ["--durable-dir", str(storage)]
+    return start_server(name, cmd, port, workdir, cpu, storage, template)
 
 
 def stop_server(target: Target) -> None:
@@ -773,7 +833,7 @@ def start_kind(kind: str, args: argparse.Namespace, workdir: Path, artifacts: Pa
         return start_s3(workdir, cpu, args.threads, args.server_log_level, big_bytes, template)
     if kind == "node":
         return start_node(workdir, cpu, args.node_cli, big_bytes, template)
-    return start_bare(workdir, artifacts, cpu, args.threads, template)
+    return start_bare(workdir, artifacts, cpu, args.threads, template, kind)
 
 
 def discard_state(workdir: Path, target: Target) -> None:
@@ -1310,6 +1370,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     which.add_argument("--url", help="measure an already running server at this loopback base URL instead")
     which.add_argument("--bare", action="store_true", help="measure only the bare waitress baseline")
     which.add_argument("--no-baseline", action="store_true", help="measure only our server")
+    parser.add_argument("--bare-durable", action="store_true",
+                        help="also measure the bare baseline storing every upload durably as ours must (new file, "
+                             "fsync, link, fsync of its folder) and nothing else: the floor the syncs set")
     which.add_argument("--s3", action="store_true",
                        help="measure our server on the S3 store (a local moto bucket), then on the disk store")
     parser.add_argument("--node-dir", metavar="DIR",
@@ -1359,6 +1422,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--pid only goes with --url")
     args.node_cli = None
     side_by_side = not (args.url or args.bare or args.no_baseline or args.s3 or args.workers_sweep)
+    if args.bare_durable and not side_by_side:
+        parser.error("--bare-durable goes with the side-by-side run")
     if args.node_dir and not side_by_side:
         parser.error("--node-dir goes with the side-by-side run (not with --url, --bare, --no-baseline, --s3 "
                      "or --workers-sweep)")
@@ -1386,7 +1451,8 @@ def chosen_servers(args: argparse.Namespace) -> list[str]:
         return ["ours"]
     if args.s3:
         return ["s3", "ours"]
-    return ["ours", "node", "bare"] if args.node_cli is not None else ["ours", "bare"]
+    kinds = ["ours", "node", "bare"] if args.node_cli is not None else ["ours", "bare"]
+    return kinds[:-1] + ["durable"] + kinds[-1:] if args.bare_durable else kinds
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -79,3 +79,14 @@ def test_the_bare_baseline_checks_the_token_on_both_paths(tmp_path):
         assert call(app, "PUT", path, b"x" * 10, headers=bench_server.AUTH).status == 201
         got = call(app, "GET", path, headers=bench_server.AUTH, extra={"wsgi.file_wrapper": FileWrapper})
         assert (got.status, got.body) == (200, b"hello")
+
+
+def test_the_durable_baseline_stores_each_upload_under_its_key(tmp_path):
+    key = "cd" * 32
+    (tmp_path / "index.json").write_text(json.dumps({}))
+    durable = tmp_path / "durable"
+    durable.mkdir()
+    app = bench_server.BareApp(tmp_path, tmp_path, durable)
+    assert call(app, "PUT", f"/v8/artifacts/{key}", b"payload", headers=bench_server.AUTH).status == 201
+    assert (durable / key[:2] / key).read_bytes() == b"payload"
+    assert call(app, "PUT", f"/v8/artifacts/{key}", b"x", headers={"Authorization": "Bearer wrong"}).status == 401
