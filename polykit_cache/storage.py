@@ -495,6 +495,8 @@ class Storage(Store):
     def forget(self, name: str) -> None:
         """Drop an artifact (by key) or blob (by name) that vanished from disk from the in-memory state."""
         key = self._key_of(name)
+        if key not in self._info and not self._index.contains(key):
+            return  # never stored (an upload's check that its name is free): no write to the index
         with self._lock:
             if os.path.exists(self._data_path(key)):
                 return  # uploaded again since it was found missing

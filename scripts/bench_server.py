@@ -25,7 +25,9 @@ to the bare app beside the target it has, and says whether it is met.
     python scripts/bench_server.py --quick         # smoke run for CI (small sizes, 1 s each)
     python scripts/bench_server.py --bare          # the baseline alone
     python scripts/bench_server.py --bare-durable  # also the baseline that syncs each upload as ours must
+    python scripts/bench_server.py --compare-with ../old-checkout  # also ours as an earlier version has it
     python scripts/bench_server.py --workers-sweep # ours with 1, 2 and one worker per CPU, unpinned
+    python scripts/bench_server.py --threads-sweep 4,8,16  # ours with each number of threads
     python scripts/bench_server.py --api polykit   # ours and bare on polykit's own verified path
     python scripts/bench_server.py --rounds 3      # each server 3 times, rotating who goes first
     python scripts/bench_server.py --only "GET 4 KiB,HEAD 4 KiB"  # just the lines whose label holds a word
@@ -684,12 +686,15 @@ def _child_setup(cpu: int | None) -> Callable[[], None]:
 
 
 def start_server(name: str, cmd: list[str], port: int, workdir: Path, cpu: int | None, storage: Path | None,
-                 template: str, env: dict[str, str] | None = None, health: str = "/healthz") -> Target:
-    """Start a server process, wait until it answers ``health`` with 200, and describe it as a target."""
+                 template: str, env: dict[str, str] | None = None, health: str = "/healthz", code: Path = ROOT) -> Target:
+    """Start a server process, wait until it answers ``health`` with 200, and describe it as a target.
+
+    ``code``: the checkout whose modules it runs (this one, or another version's for ``--compare-with``).
+    """
     spool = workdir / f"spool-{name}"
     spool.mkdir()
     env = dict(env or os.environ, TMPDIR=str(spool), PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH", "")]))
     log = open(workdir / f"{name}.log", "wb")
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             env=env, preexec_fn=_child_setup(cpu), cwd=workdir)
@@ -719,7 +724,7 @@ def ours_env() -> dict[str, str]:
 
 
 def start_ours(workdir: Path, cpu: int | None, threads: int, log_level: str, big_bytes: int, template: str,
-               workers: int = 1, name: str = "ours") -> Target:
+               workers: int = 1, name: str = "ours", code: Path = ROOT) -> Target:
     storage = workdir / f"storage-{name}"
     port = free_port()
     cmd = [sys.executable, "-m", "polykit_cache", "serve", "--bind", LOCALHOST, "--port", str(port),
@@ -727,7 +732,7 @@ def start_ours(workdir: Path, cpu: int | None, threads: int, log_level: str, big
            "--workers", str(workers)]
     if big_bytes > 1 << 30:
         cmd += ["--max-artifact-size", str(big_bytes)]
-    return start_server(name, cmd, port, workdir, cpu, storage, template, ours_env())
+    return start_server(name, cmd, port, workdir, cpu, storage, template, ours_env(), code=code)
 
 
 def start_node(workdir: Path, cpu: int | None, cli: Path, big_bytes: int, template: str) -> Target:
@@ -826,6 +831,12 @@ def start_kind(kind: str, args: argparse.Namespace, workdir: Path, artifacts: Pa
     template = API_TEMPLATES[args.api]
     if kind == "ours":
         return start_ours(workdir, cpu, args.threads, args.server_log_level, big_bytes, template, args.workers)
+    if kind == "before":
+        return start_ours(workdir, cpu, args.threads, args.server_log_level, big_bytes, template, args.workers,
+                          kind, args.compare_with)
+    if kind.startswith("ours-t"):
+        return start_ours(workdir, cpu, int(kind[len("ours-t"):]), args.server_log_level, big_bytes, template,
+                          args.workers, kind)
     if kind.startswith("ours-w"):
         return start_ours(workdir, cpu, args.threads, args.server_log_level, big_bytes, template,
                           int(kind[len("ours-w"):]), kind)
@@ -1361,6 +1372,13 @@ def fmt_ratio(value: float | None) -> str:
 # --- main ---------------------------------------------------------------------------------------
 
 
+def parse_count(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 64:
+        raise ValueError(text)
+    return value
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench_server.py",
@@ -1375,6 +1393,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              "fsync, link, fsync of its folder) and nothing else: the floor the syncs set")
     which.add_argument("--s3", action="store_true",
                        help="measure our server on the S3 store (a local moto bucket), then on the disk store")
+    parser.add_argument("--compare-with", type=Path, metavar="CHECKOUT",
+                        help="also measure our server as another checkout of the project has it (an earlier "
+                             "version: git worktree add or git archive), as the column 'before', in the same rounds")
     parser.add_argument("--node-dir", metavar="DIR",
                         help="where 'npm install --prefix DIR turborepo-remote-cache@2' put the Node server, measured "
                              "beside ours and bare (default: the checkout's .ci/tools when it is there)")
@@ -1391,6 +1412,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="our server's worker processes (default: 1)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every server this many times, rotating which goes first; report medians")
+    parser.add_argument("--threads-sweep", type=lambda text: [parse_count(n) for n in text.split(",")], default=[],
+                        metavar="N,N,...", help="our server alone with each of these --threads (pinned, in the same "
+                        "rounds), and each one's ratio to the first")
     parser.add_argument("--workers-sweep", action="store_true",
                         help="our server alone with 1, 2 and one worker per CPU, unpinned, and each one's ratio to 1")
     parser.add_argument("--server-log-level", default="warning", help="log level of our server (default: warning)")
@@ -1421,9 +1445,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.pid is not None and not args.url:
         parser.error("--pid only goes with --url")
     args.node_cli = None
-    side_by_side = not (args.url or args.bare or args.no_baseline or args.s3 or args.workers_sweep)
-    if args.bare_durable and not side_by_side:
-        parser.error("--bare-durable goes with the side-by-side run")
+    if args.threads_sweep and (args.url or args.bare or args.workers_sweep):
+        parser.error("--threads-sweep measures our server alone")
+    side_by_side = not (args.url or args.bare or args.no_baseline or args.s3 or args.workers_sweep
+                        or args.threads_sweep)
+    if (args.bare_durable or args.compare_with) and not side_by_side:
+        parser.error("--bare-durable and --compare-with go with the side-by-side run")
+    if args.compare_with and not (args.compare_with / "polykit_cache" / "__main__.py").is_file():
+        parser.error(f"--compare-with: {args.compare_with} is not a checkout of this project")
     if args.node_dir and not side_by_side:
         parser.error("--node-dir goes with the side-by-side run (not with --url, --bare, --no-baseline, --s3 "
                      "or --workers-sweep)")
@@ -1447,12 +1476,18 @@ def chosen_servers(args: argparse.Namespace) -> list[str]:
         return ["bare"]
     if args.workers_sweep:
         return [f"ours-w{n}" for n in sorted({1, 2, usable_cpus()})]
+    if args.threads_sweep:
+        return [f"ours-t{n}" for n in args.threads_sweep]
     if args.no_baseline:
         return ["ours"]
     if args.s3:
         return ["s3", "ours"]
     kinds = ["ours", "node", "bare"] if args.node_cli is not None else ["ours", "bare"]
-    return kinds[:-1] + ["durable"] + kinds[-1:] if args.bare_durable else kinds
+    if args.bare_durable:
+        kinds.insert(-1, "durable")
+    if args.compare_with:
+        kinds.insert(1, "before")
+    return kinds
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -1519,7 +1554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     stop_server(target)
                     discard_state(workdir, target)
         reports = [median_report([r for r in runs if r.name == kind]) for kind in kinds]
-        text, passed = report(reports, sweep=args.workers_sweep)
+        text, passed = report(reports, sweep=args.workers_sweep or bool(args.threads_sweep))
         print(describe_setup(args, corpus, server_cpu, load_cpu, external))
         if external is None:
             print(filesystem_line(workdir))
