@@ -90,3 +90,12 @@ def test_the_durable_baseline_stores_each_upload_under_its_key(tmp_path):
     assert call(app, "PUT", f"/v8/artifacts/{key}", b"payload", headers=bench_server.AUTH).status == 201
     assert (durable / key[:2] / key).read_bytes() == b"payload"
     assert call(app, "PUT", f"/v8/artifacts/{key}", b"x", headers={"Authorization": "Bearer wrong"}).status == 401
+
+
+def test_the_floor_and_an_earlier_version_are_measured_beside_ours(tmp_path):
+    args = bench_server.parse_args(["--bare-durable", "--compare-with", str(ROOT)])
+    args.node_cli = None  # whether a Node server is installed here does not matter
+    assert bench_server.chosen_servers(args) == ["ours", "before", "durable", "bare"]
+    args.node_cli = "cli.js"
+    assert bench_server.chosen_servers(args) == ["ours", "before", "node", "durable", "bare"]
+    assert bench_server.chosen_servers(bench_server.parse_args(["--threads-sweep", "4,8"])) == ["ours-t4", "ours-t8"]
