@@ -14,7 +14,6 @@ import threading
 import pytest
 
 from polykit_cache.entryfile import META_ATTR, EntryStaged, read_meta
-from polykit_cache.storage import Storage
 from polykit_cache.storage import blob_id
 from support import KEY, call, key_for, new_app, pack_tree, sha
 
