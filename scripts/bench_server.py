@@ -1591,7 +1591,9 @@ def describe_setup(
         pinning = "no CPU pinning" + (" (--no-pin)" if args.no_pin else " (fewer than 2 CPUs)")
     lines = [
         f"setup: {pinning}; {args.seconds:g} s per rate measurement"
-        + (f"; server threads {args.threads}" if external is None else "")
+        + (f"; server threads {args.threads}" if external is None and not args.threads_sweep else "")
+        + (f"; server threads {', '.join(map(str, args.threads_sweep))} (one server each)" if args.threads_sweep else "")
+        + (f"; 'before' is our server from {args.compare_with}" if args.compare_with else "")
         + (f"; our server's workers {args.workers}" if external is None and args.workers > 1 else "")
         + (f"; {args.rounds} rounds, rotating which server goes first: medians" if args.rounds > 1 else "")
         + (f"; our server's log level {args.server_log_level}" if external is None and not args.bare else ""),
