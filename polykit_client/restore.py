@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import artifact, nofollow
-from .artifact import LOGS_PREFIX, OUTPUTS_PREFIX, ArtifactError, Limits
+from .artifact import LOGS_PREFIX, OUTPUTS_PREFIX, Limits
 
 # The unpacked bytes (files and log, as the manifest declares them) of an artifact verified into
 # memory; a larger one goes through a staging folder. With the download threads of prefetch.py
@@ -84,13 +84,14 @@ class Held(Staged):
         self.files, self.links, self._log = {}, {}, b""
 
 
-def stage(path: Path, key: str, limits: Limits, tmp: Path) -> Staged:
-    """Verify the artifact file ``path`` completely; its members wait in memory or in a staging folder under ``tmp``.
+def stage(path: Path, key: str, limits: Limits, tmp: Path, hold: int = HOLD_UNPACKED) -> Staged:
+    """Verify the artifact file ``path`` completely; its members wait in memory (at most ``hold``
+    bytes) or in a staging folder under ``tmp``.
 
-    Raises :class:`ArtifactError` (nothing is kept) when the artifact fails verification.
+    Raises :class:`artifact.ArtifactError` (nothing is kept) when the artifact fails verification.
     """
     staging = tmp / f"restore-{key[:16]}-{os.getpid()}-{threading.get_ident()}"
-    sink = _Choosing(staging)
+    sink = _Choosing(staging, hold)
     try:
         with open(path, "rb") as fh, sink:
             meta = artifact.verify_stream(fh, expected_key=key, limits=limits, sink=sink)
@@ -118,11 +119,11 @@ class _Body:
 
 
 class _Choosing:
-    """The sink of :func:`stage`: memory when the checked manifest declares at most
-    :data:`HOLD_UNPACKED` bytes, else a :class:`artifact.DirSink` in a fresh staging folder."""
+    """The sink of :func:`stage`: memory when the checked manifest declares at most ``hold``
+    bytes, else a :class:`artifact.DirSink` in a fresh staging folder."""
 
-    def __init__(self, staging: Path) -> None:
-        self._staging = staging
+    def __init__(self, staging: Path, hold: int) -> None:
+        self._staging, self._hold = staging, hold
         self.dir: artifact.DirSink | None = None
         self.files: dict[str, tuple[int, bytes] | None] = {}
         self.links: dict[str, str] = {}
@@ -131,7 +132,7 @@ class _Choosing:
     def begin(self, meta: dict) -> None:
         declared = sum(entry.get("size", 0) for entry in meta["files"].values())
         declared += sum(entry["size"] for entry in meta["logs"].values())
-        if declared <= HOLD_UNPACKED:
+        if declared <= self._hold:
             return
         if self._staging.exists():
             shutil.rmtree(self._staging)
