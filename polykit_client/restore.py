@@ -93,7 +93,7 @@ def stage(path: Path, key: str, limits: Limits, tmp: Path, hold: int = HOLD_UNPA
     staging = tmp / f"restore-{key[:16]}-{os.getpid()}-{threading.get_ident()}"
     sink = _Choosing(staging, hold)
     try:
-        with open(path, "rb") as fh, sink:
+        with open(path, "rb", buffering=0) as fh, sink:  # the decompressor reads in large blocks of its own
             meta = artifact.verify_stream(fh, expected_key=key, limits=limits, sink=sink)
     except BaseException:
         if sink.dir is not None:

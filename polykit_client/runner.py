@@ -594,7 +594,10 @@ class TaskRunner:
             staged.place(pkg.dir)
             if keep is not None:
                 keep(key, path)  # a verified download joins the local cache
-            self._write_record(node, pkg, task, key, staged.log, int(meta.get("duration_ms", 0)))
+            # The record lists what the artifact placed: after the old outputs went, that is what the
+            # output patterns match (were it not, the next run would only restore again, never miss a change).
+            self._write_record(node, pkg, task, key, staged.log, int(meta.get("duration_ms", 0)),
+                               sorted([*meta["files"], *meta["symlinks"]]))
             self._report_hit(node, status, meta, staged.log)
         finally:
             staged.release()
