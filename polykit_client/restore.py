@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import artifact, nofollow
-from .artifact import LOGS_PREFIX, OUTPUTS_PREFIX, Limits
+from .artifact import LOGS_PREFIX, OUTPUTS_PREFIX, ArtifactError, Limits
 
 # The unpacked bytes (files and log, as the manifest declares them) of an artifact verified into
 # memory; a larger one goes through a staging folder. With the download threads of prefetch.py
@@ -176,6 +176,10 @@ def write_tree(dest: Path, files: dict[str, tuple[int, bytes] | None], links: di
 
     What is in the way is replaced, as a rename would replace it: a file or link at a file's
     path is unlinked, a folder there removed with its content (a folder that is wanted stays).
+    But an entry the folder lists under another spelling is not: on a filesystem that takes two
+    names for one (beyond the case and normalisation the manifest check compares) it may be
+    another of this artifact's entries, which would be lost silently, where a staging folder's
+    ``O_EXCL`` refuses the artifact. The restore stops with ``path_conflict`` instead.
     No component is followed through a link (see :class:`nofollow.Folders`, which also checks,
     as it lets each folder go, that it is still the folder written to).
     """
@@ -204,11 +208,14 @@ def write_tree(dest: Path, files: dict[str, tuple[int, bytes] | None], links: di
 
 
 def _replacing(folders: nofollow.Folders, rel: str, parent: int, name: str, make):
-    """``make()`` a new entry; when something is at its name already, remove that and make it again."""
+    """``make()`` a new entry; when something is at its name already, remove that and make it again
+    (only when the folder lists it under this very name: see :func:`write_tree`)."""
     try:
         return make()
     except FileExistsError:
         pass
+    if name not in os.listdir(parent):
+        raise ArtifactError("path_conflict", f"{rel!r} names an entry of the package spelled otherwise") from None
     if stat.S_ISDIR(os.lstat(name, dir_fd=parent).st_mode):
         folders.forget(rel)
         shutil.rmtree(name, dir_fd=parent)
