@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("why", help="say what changed in tasks' cache keys since their last build")
     p.add_argument("tasks", nargs="*", metavar="PACKAGE:TASK", help="tasks to explain (default: every task built here)")
     _common(p)
-    p.add_argument("--show-values", action="store_true", help="print environment variables' values, not only names")
+    p.add_argument("--show-values", action="store_true", help="print the SHA-256 of environment variables' values, not only their names")
     p.add_argument("--remote", action="store_true",
                    help="compare with the newest artifact the remote cache holds for each task (from another machine, CI)")
     p.add_argument("--remote-cache-url", default=None, metavar="URL", help="remote cache server [env: POLYKIT_REMOTE_CACHE_URL]")
