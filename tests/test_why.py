@@ -7,7 +7,7 @@ import json
 import pytest
 import zstandard
 
-from polykit_client.components import env_digest, for_manifest, inputs_digest
+from polykit_client.components import RECORD_FILE, env_digest, for_manifest, inputs_digest, load_records, recorded_keys
 from polykit_client.why import compare
 from sample import Polykit, copy_workspace, make_tools, make_workspace
 from support import thread_server
@@ -188,3 +188,26 @@ def test_a_manifest_hashes_values_and_may_carry_only_a_digest_of_many_inputs():
     assert compare(big, many, hashed_env=True) == []
     changed = dict(many, inputs={**many["inputs"], "src/000001.ts": "cd" * 32})
     assert [d.kind for d in compare(big, changed, hashed_env=True)] == ["inputs-changed"]
+
+
+def test_a_build_of_hits_leaves_the_record_as_it_is(built):
+    """The record's first line holds every task's key: when none changed, nothing is rewritten."""
+    path = built.workspace / RECORD_FILE
+    before = path.stat()
+    built.run("build")
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    (built.workspace / "packages/web/src/app.ts").write_text("changed\n")
+    built.run("build")
+    assert path.stat().st_ino != before.st_ino
+    assert recorded_keys(built.workspace) == {name: entry["key"] for name, entry in load_records(built.workspace).items()}
+    assert why_lines(built)[0].startswith("web:build  unchanged")
+
+
+def test_a_record_of_one_document_is_still_read(built):
+    """The record's earlier form, one JSON document, still answers ``why`` and is rewritten by the next change."""
+    records = load_records(built.workspace)
+    (built.workspace / RECORD_FILE).write_text(json.dumps({"version": 1, "tasks": records}))
+    assert load_records(built.workspace) == records and recorded_keys(built.workspace) == {}
+    assert why_lines(built)[0].startswith("web:build  unchanged")
+    built.run("build")
+    assert recorded_keys(built.workspace) == {name: entry["key"] for name, entry in records.items()}
