@@ -311,12 +311,15 @@ class GitIndex:
                 if name in folders:
                     break
                 folders.add(name)
-        inside = [(name, Path(self.root, name, ATTRIBUTES_FILE)) for name in folders if name]
-        sources = [("", path) for path in everywhere] + inside
+        # Plain strings and open(): a Path per folder cost more than the failed open itself.
+        base = os.path.join(self.root, "")
+        inside = [(name, f"{base}{name}{ATTRIBUTES_FILE}") for name in folders if name]
+        sources = [("", str(path)) for path in everywhere] + inside
         texts: list[tuple[str, str | None]] = []
         for scope, path in sources:
             try:
-                texts.append((scope, path.read_text(encoding="utf-8", errors="surrogateescape")))
+                with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+                    texts.append((scope, fh.read()))
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError:
