@@ -136,6 +136,18 @@ def converting_macros(texts: list[str]) -> set[str]:
         found |= more
 
 
+def _kept_sizes(kept: dict, ids: set[str]) -> dict[str, int]:
+    """The sizes ``KEPT_FILE`` holds for these blob ids ("<id> <size>" lines)."""
+    known: dict[str, int] = {}
+    text = kept.get("sizes")
+    if isinstance(text, str):
+        for line in text.splitlines():
+            oid, _, size = line.partition(" ")
+            if oid in ids and size.isdigit():
+                known[oid] = int(size)
+    return known
+
+
 class GitIndex:
     """Runs ``git ls-files`` (and, beside it, the look-ups that find the attributes files and
     ``core.autocrlf``) from the moment it is made; :meth:`result` waits for them."""
@@ -256,15 +268,21 @@ class GitIndex:
             # the one ls-files gave is not trusted.
             verdict = self._index_verdict(path, self._setup["prefix"], reread=True)
         if verdict is None:
-            sizes = self._blob_sizes(set(entries.values()), self._load_kept())
+            ids = set(entries.values())
+            known = _kept_sizes(self._load_kept(), ids)
+            sizes = self._blob_sizes(ids, known)
             if sizes is None:
                 return {}
+            if len(known) < len(ids):  # some were asked of git: keep them for the next run
+                self._keep({"version": KEPT_VERSION, "index": "", "doubtful": {},
+                            "sizes": "".join(f"{oid} {size}\n" for oid, size in sizes.items())})
             doubtful = {path: sizes.get(oid) for path, oid in entries.items()}
             kept = {}
         else:
             ids = verdict.ids
-            kept = {rel: oid for rel, oid in entries.items()
-                    if rel not in verdict.doubtful and (ids is None or ids.get(rel) == oid)}
+            if ids is not None:  # an entry whose blob id is not the one ls-files gave is not trusted
+                entries = {rel: oid for rel, oid in entries.items() if ids.get(rel) == oid}
+            kept = {rel: oid for rel, oid in entries.items() if rel not in verdict.doubtful}
             doubtful = {rel: verdict.doubtful[rel] for rel in entries if rel in verdict.doubtful}
         for rel, size in doubtful.items():
             try:
@@ -352,7 +370,8 @@ class GitIndex:
         if prefix:
             cut = len(prefix)
             entries = {rel[cut:]: entry for rel, entry in entries.items() if rel.startswith(prefix)}
-        sizes = self._blob_sizes({oid for oid, _ in entries.values()}, kept)
+        ids = {oid for oid, _ in entries.values()}
+        sizes = self._blob_sizes(ids, _kept_sizes(kept, ids))
         if sizes is None:
             return None
         doubtful = {rel: sizes.get(oid) for rel, (oid, size) in entries.items() if not size or sizes.get(oid) != size}
@@ -385,19 +404,13 @@ class GitIndex:
         except OSError:
             pass
 
-    def _blob_sizes(self, ids: set[str], kept: dict) -> dict[str, int] | None:
-        """The size of each blob: from what ``KEPT_FILE`` holds (a blob's size never changes:
-        its id is the hash of its size and bytes), then from ``git cat-file --batch-check`` for
-        the ids it lacks, which costs some 15 us a blob in a pack and more for loose objects (a
-        file each, opened and inflated): many are shared between two processes. None when git
-        gives no answer."""
-        known: dict[str, int] = {}
-        text = kept.get("sizes")
-        if isinstance(text, str):
-            for line in text.splitlines():
-                oid, _, size = line.partition(" ")
-                if oid in ids and size.isdigit():
-                    known[oid] = int(size)
+    def _blob_sizes(self, ids: set[str], known: dict[str, int]) -> dict[str, int] | None:
+        """The size of each blob: ``known`` (what ``KEPT_FILE`` holds: a blob's size never
+        changes, its id is the hash of its size and bytes), then ``git cat-file --batch-check``
+        for the ids it lacks, which costs some 15 us a blob in a pack and more for loose objects
+        (a file each, opened and inflated): many are shared between two processes. None when
+        git gives no answer."""
+        known = dict(known)
         missing = [oid for oid in ids if oid not in known]
         if not missing:
             return known

@@ -270,3 +270,13 @@ def test_an_index_replaced_while_git_lists_is_read_again(pk):
     index._setup_thread.join()
     git(ws, "read-tree", "HEAD")  # a new file: every entry of size 0
     assert index.result().blobs == expected
+
+
+def test_a_split_index_has_its_files_sized_on_disk_and_blob_sizes_kept(pk):
+    ws = pk.workspace
+    expected = GitIndex(ws, untracked=True).result().blobs
+    git(ws, "update-index", "--split-index")
+    (ws / KEPT_FILE).unlink()
+    assert GitIndex(ws, untracked=True).result().blobs == expected
+    sizes = json.loads((ws / KEPT_FILE).read_text())["sizes"]
+    assert {line.split(" ")[0] for line in sizes.splitlines()} == set(expected.values())
