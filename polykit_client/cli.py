@@ -235,11 +235,18 @@ def _build(ws, task: str, args, git=None) -> int:
         runner.finish_prefetch()
         with phase("tasks: packing, waiting for the last"):
             runner.finish_packing()
-    with phase("records: saving"):
-        runner.save_records()
-        # What `polykit why` compares with: the key components of every task that built or restored.
-        save_records(ws.root, {str(n): {"key": keys[n], "components": keymaker.parts[n]} for n in order
-                               if summary.statuses.get(n) in ("hit (local)", "hit (remote)", "miss")})
+    def save() -> None:
+        with phase("records: saving (beside the last uploads)"):
+            runner.save_records()
+            # What `polykit why` compares with: the key components of every task that built or restored.
+            save_records(ws.root, {str(n): {"key": keys[n], "components": keymaker.parts[n]} for n in order
+                                   if summary.statuses.get(n) in ("hit (local)", "hit (remote)", "miss")})
+
+    # Written while the last uploads go (a cold build's records of 50,000 inputs are megabytes).
+    import threading
+
+    saving = threading.Thread(target=save, name="polykit-records")
+    saving.start()
     remote, uploader = runner.remote, runner.uploader
     for node in order:
         if outcome[node] == "skipped":
@@ -247,6 +254,7 @@ def _build(ws, task: str, args, git=None) -> int:
     if uploader is not None:
         with phase("uploads: waiting for the last"):
             uploader.finish(UPLOAD_WAIT_SECONDS)
+    saving.join()
     if remote is not None:
         remote.close()  # the kept-alive connections: the server need not keep them until its idle timeout
     if local is not None and summary.misses:
