@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -400,6 +399,8 @@ class GitIndex:
         path = os.path.join(self.root, KEPT_FILE)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            import tempfile  # only a run that reads the index whole writes this file
+
             fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".git-index-")
             with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as fh:
                 fh.write(json.dumps(data, separators=(",", ":"), ensure_ascii=False))

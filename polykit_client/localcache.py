@@ -7,7 +7,6 @@ local artifact can be uploaded as it is.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,6 +37,8 @@ class LocalCache:
 
     def new_temp(self) -> tuple[BinaryIO, Path]:
         self.tmp.mkdir(parents=True, exist_ok=True)
+        import tempfile  # a build of hits in place never makes one
+
         fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         return os.fdopen(fd, "w+b"), Path(name)
 
