@@ -176,6 +176,16 @@ class Store:
         """A new temporary for an upload; StorageFull when there is no room for one."""
         raise NotImplementedError
 
+    def spool(self) -> Staged | None:
+        """A staged upload the server writes an admitted upload's body into as it arrives, or None.
+
+        The body is then written once, into the store's own file, and hashed on the way; the
+        handler verifies it in place and commits it (see :func:`verification.receive`). None (the
+        default, as for a store without local files) leaves the body to the server's own spool,
+        from which the handler stages a copy. StorageFull when there is no room for one.
+        """
+        return None
+
     def commit(self, space: str, name: str, staged: Staged, meta: Mapping[str, object] | None = None) -> bool:
         """Publish a finished staged upload: True when stored, False when the name existed already
         (first write wins; never raised). Replaces only in :data:`REPLACEABLE` spaces. The staged
