@@ -296,8 +296,15 @@ def describe(config: Config) -> str:
 
 
 def setup_logging(level: str, access_log_format: str = "common") -> None:
-    """Server messages with time and level; access lines as they are, so tools can parse them."""
+    """Server messages with time and level; access lines as they are, so tools can parse them.
+
+    waitress warns "Task queue depth is N" whenever a request waits for a worker thread, which
+    under any load is nearly every request: a log line each, written by the thread that should
+    be serving. Requests waiting is normal (connections are bounded, see ``--max-connections``),
+    so that warning shows at ``--log-level debug`` only.
+    """
     logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("waitress.queue").setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
     access = logging.getLogger("polykit_cache.access")
     access.propagate = False
     access.handlers[:] = []

@@ -29,7 +29,7 @@ SPACES = ("polykit", "turbo", "nx", "kv", "bazel-ac", "bazel-cas")
 # Spaces whose objects a commit replaces; every other space keeps its first write.
 REPLACEABLE = frozenset({"bazel-ac"})
 # Metadata keys a store keeps itself; a protocol's own fields (turbo's duration, tag) never use them.
-RESERVED_META = frozenset({"name", "space", "size", "sha256", "created"})
+RESERVED_META = frozenset({"name", "space", "size", "sha256", "created", "inode"})
 
 
 class StorageFull(Exception):

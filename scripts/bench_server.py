@@ -9,7 +9,10 @@ turborepo-remote-cache 2 (``npm install --prefix DIR turborepo-remote-cache@2``,
 ``--node-dir DIR``; the checkout's ``.ci/tools`` is looked in too), on its local storage. The
 ratio ours/bare is what the verification, the fsyncs and the bookkeeping cost; ours/node is
 where we stand against the server most turbo users run (it neither verifies nor fsyncs, and
-buffers every upload whole in memory); the absolute figures only describe this machine.
+buffers every upload whole in memory); the absolute figures only describe this machine. With
+``--bare-durable`` a fourth column, ``durable``, is the bare app making each upload as durable
+as ours does (a new file synced, linked, its folder synced) and nothing else: ours/durable is
+what our own work costs beyond the syncs, durable/node what the syncs cost on this disk.
 
 Every server gets the same artifacts at the same path, turbo's ``/v8/artifacts/{hash}?teamId=bench``
 with a bearer token that each of them checks (``--api polykit`` measures ours and bare on
@@ -21,7 +24,10 @@ to the bare app beside the target it has, and says whether it is met.
     python scripts/bench_server.py --node-dir DIR --rounds 2  # with the Node server in DIR, 2 rotated rounds
     python scripts/bench_server.py --quick         # smoke run for CI (small sizes, 1 s each)
     python scripts/bench_server.py --bare          # the baseline alone
+    python scripts/bench_server.py --bare-durable  # also the baseline that syncs each upload as ours must
+    python scripts/bench_server.py --compare-with ../old-checkout  # also ours as an earlier version has it
     python scripts/bench_server.py --workers-sweep # ours with 1, 2 and one worker per CPU, unpinned
+    python scripts/bench_server.py --threads-sweep 4,8,16  # ours with each number of threads
     python scripts/bench_server.py --api polykit   # ours and bare on polykit's own verified path
     python scripts/bench_server.py --rounds 3      # each server 3 times, rotating who goes first
     python scripts/bench_server.py --only "GET 4 KiB,HEAD 4 KiB"  # just the lines whose label holds a word
@@ -514,11 +520,18 @@ class BareApp:
     PUT reads the body into a temporary file and answers 201; GET and HEAD answer from an
     in-memory index of the pre-generated artifacts and stream the file with wsgi.file_wrapper.
     It serves polykit's path and turbo's (whatever the team).
+
+    With ``durable_dir`` (``--bare-durable``), PUT instead makes each upload durable the way our
+    disk store must, and does nothing else: the body into a new unnamed file (``O_TMPFILE``),
+    ``fsync``, ``linkat`` to ``<durable_dir>/<key[0:2]>/<key>`` (256 folders, as our blob
+    layout), ``fsync`` of that folder, then 201. Its figures are the floor the syncs set on this
+    disk: what ours loses to it is our own work; what it loses to the Node server is the disk's.
     """
 
-    def __init__(self, serve_dir: Path, spool_dir: Path) -> None:
+    def __init__(self, serve_dir: Path, spool_dir: Path, durable_dir: Path | None = None) -> None:
         self.serve_dir = serve_dir
         self.spool_dir = spool_dir
+        self.durable_dir = durable_dir
         self.local = threading.local()
         self.index: dict[str, list] = json.loads((serve_dir / "index.json").read_text())
         self.pattern = re.compile(r"/v[18]/artifacts/([0-9a-f]{64})")
@@ -536,7 +549,10 @@ class BareApp:
             return self.answer(start_response, "401 Unauthorized", b'{"error":"unauthorized"}\n')
         key = match.group(1)
         if method == "PUT":
-            self.discard(environ)
+            if self.durable_dir is not None:
+                self.store_durably(environ, key)
+            else:
+                self.discard(environ)
             return self.answer(start_response, "201 Created", b'{"key":"%s"}\n' % key.encode())
         entry = self.index.get(key)
         if entry is None or method not in ("GET", "HEAD"):
@@ -572,6 +588,44 @@ class BareApp:
             out.write(data)
             left -= len(data)
 
+    def store_durably(self, environ: dict, key: str) -> None:
+        """The body as a new file, synced before its name appears, its folder synced after."""
+        folder = self.durable_dir / key[:2]
+        fd = os.open(self.spool_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+        try:
+            left = int(environ.get("CONTENT_LENGTH") or 0)
+            body = environ["wsgi.input"]
+            while left > 0:
+                data = body.read(min(left, BLOCK))
+                if not data:
+                    break
+                os.write(fd, data)
+                left -= len(data)
+            os.fsync(fd)
+            try:
+                try:
+                    os.link(f"/proc/self/fd/{fd}", folder / key, src_dir_fd=self.anchor, follow_symlinks=True)
+                except FileNotFoundError:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    os.link(f"/proc/self/fd/{fd}", folder / key, src_dir_fd=self.anchor, follow_symlinks=True)
+            except FileExistsError:
+                pass  # first write wins
+        finally:
+            os.close(fd)
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @property
+    def anchor(self) -> int:
+        """A folder fd, so that os.link calls linkat(2) and follows the /proc link."""
+        fd = getattr(self.local, "anchor", None)
+        if fd is None:
+            fd = self.local.anchor = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return fd
+
     @staticmethod
     def answer(start_response: Callable, status: str, body: bytes) -> list[bytes]:
         start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
@@ -590,9 +644,10 @@ def serve_bare(argv: Sequence[str]) -> int:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--serve-dir", type=Path, required=True)
     parser.add_argument("--spool-dir", type=Path, required=True)
+    parser.add_argument("--durable-dir", type=Path)
     args = parser.parse_args(list(argv))
     config = Config(bind=LOCALHOST, port=args.port, threads=args.threads, max_artifact_size=1 << 40)
-    server = create_server(BareApp(args.serve_dir, args.spool_dir), **waitress_settings(config))
+    server = create_server(BareApp(args.serve_dir, args.spool_dir, args.durable_dir), **waitress_settings(config))
     signal.signal(signal.SIGTERM, _raise_exit)
     signal.signal(signal.SIGINT, _raise_exit)
     try:
@@ -631,12 +686,15 @@ def _child_setup(cpu: int | None) -> Callable[[], None]:
 
 
 def start_server(name: str, cmd: list[str], port: int, workdir: Path, cpu: int | None, storage: Path | None,
-                 template: str, env: dict[str, str] | None = None, health: str = "/healthz") -> Target:
-    """Start a server process, wait until it answers ``health`` with 200, and describe it as a target."""
+                 template: str, env: dict[str, str] | None = None, health: str = "/healthz", code: Path = ROOT) -> Target:
+    """Start a server process, wait until it answers ``health`` with 200, and describe it as a target.
+
+    ``code``: the checkout whose modules it runs (this one, or another version's for ``--compare-with``).
+    """
     spool = workdir / f"spool-{name}"
     spool.mkdir()
     env = dict(env or os.environ, TMPDIR=str(spool), PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH", "")]))
     log = open(workdir / f"{name}.log", "wb")
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             env=env, preexec_fn=_child_setup(cpu), cwd=workdir)
@@ -666,7 +724,7 @@ def ours_env() -> dict[str, str]:
 
 
 def start_ours(workdir: Path, cpu: int | None, threads: int, log_level: str, big_bytes: int, template: str,
-               workers: int = 1, name: str = "ours") -> Target:
+               workers: int = 1, name: str = "ours", code: Path = ROOT) -> Target:
     storage = workdir / f"storage-{name}"
     port = free_port()
     cmd = [sys.executable, "-m", "polykit_cache", "serve", "--bind", LOCALHOST, "--port", str(port),
@@ -674,7 +732,7 @@ def start_ours(workdir: Path, cpu: int | None, threads: int, log_level: str, big
            "--workers", str(workers)]
     if big_bytes > 1 << 30:
         cmd += ["--max-artifact-size", str(big_bytes)]
-    return start_server(name, cmd, port, workdir, cpu, storage, template, ours_env())
+    return start_server(name, cmd, port, workdir, cpu, storage, template, ours_env(), code=code)
 
 
 def start_node(workdir: Path, cpu: int | None, cli: Path, big_bytes: int, template: str) -> Target:
@@ -749,11 +807,18 @@ def start_s3(workdir: Path, cpu: int | None, threads: int, log_level: str, big_b
     return start_server("s3", cmd, port, workdir, cpu, storage, template, env)
 
 
-def start_bare(workdir: Path, serve_dir: Path, cpu: int | None, threads: int, template: str) -> Target:
+def start_bare(workdir: Path, serve_dir: Path, cpu: int | None, threads: int, template: str,
+               name: str = "bare") -> Target:
+    """The bare baseline; named ``durable``, it stores every upload durably (see BareApp)."""
     port = free_port()
     cmd = [sys.executable, str(Path(__file__).resolve()), "_bare", "--port", str(port), "--threads", str(threads),
-           "--serve-dir", str(serve_dir), "--spool-dir", str(workdir / "spool-bare")]
-    return start_server("bare", cmd, port, workdir, cpu, None, template)
+           "--serve-dir", str(serve_dir), "--spool-dir", str(workdir / f"spool-{name}")]
+    storage = None
+    if name == "durable":
+        storage = workdir / "storage-durable"
+        storage.mkdir()
+        cmd += ["--durable-dir", str(storage)]
+    return start_server(name, cmd, port, workdir, cpu, storage, template)
 
 
 def stop_server(target: Target) -> None:
@@ -766,6 +831,12 @@ def start_kind(kind: str, args: argparse.Namespace, workdir: Path, artifacts: Pa
     template = API_TEMPLATES[args.api]
     if kind == "ours":
         return start_ours(workdir, cpu, args.threads, args.server_log_level, big_bytes, template, args.workers)
+    if kind == "before":
+        return start_ours(workdir, cpu, args.threads, args.server_log_level, big_bytes, template, args.workers,
+                          kind, args.compare_with)
+    if kind.startswith("ours-t"):
+        return start_ours(workdir, cpu, int(kind[len("ours-t"):]), args.server_log_level, big_bytes, template,
+                          args.workers, kind)
     if kind.startswith("ours-w"):
         return start_ours(workdir, cpu, args.threads, args.server_log_level, big_bytes, template,
                           int(kind[len("ours-w"):]), kind)
@@ -773,7 +844,7 @@ def start_kind(kind: str, args: argparse.Namespace, workdir: Path, artifacts: Pa
         return start_s3(workdir, cpu, args.threads, args.server_log_level, big_bytes, template)
     if kind == "node":
         return start_node(workdir, cpu, args.node_cli, big_bytes, template)
-    return start_bare(workdir, artifacts, cpu, args.threads, template)
+    return start_bare(workdir, artifacts, cpu, args.threads, template, kind)
 
 
 def discard_state(workdir: Path, target: Target) -> None:
@@ -1301,6 +1372,13 @@ def fmt_ratio(value: float | None) -> str:
 # --- main ---------------------------------------------------------------------------------------
 
 
+def parse_count(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 64:
+        raise ValueError(text)
+    return value
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench_server.py",
@@ -1310,8 +1388,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     which.add_argument("--url", help="measure an already running server at this loopback base URL instead")
     which.add_argument("--bare", action="store_true", help="measure only the bare waitress baseline")
     which.add_argument("--no-baseline", action="store_true", help="measure only our server")
+    parser.add_argument("--bare-durable", action="store_true",
+                        help="also measure the bare baseline storing every upload durably as ours must (new file, "
+                             "fsync, link, fsync of its folder) and nothing else: the floor the syncs set")
     which.add_argument("--s3", action="store_true",
                        help="measure our server on the S3 store (a local moto bucket), then on the disk store")
+    parser.add_argument("--compare-with", type=Path, metavar="CHECKOUT",
+                        help="also measure our server as another checkout of the project has it (an earlier "
+                             "version: git worktree add or git archive), as the column 'before', in the same rounds")
     parser.add_argument("--node-dir", metavar="DIR",
                         help="where 'npm install --prefix DIR turborepo-remote-cache@2' put the Node server, measured "
                              "beside ours and bare (default: the checkout's .ci/tools when it is there)")
@@ -1328,6 +1412,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="our server's worker processes (default: 1)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every server this many times, rotating which goes first; report medians")
+    parser.add_argument("--threads-sweep", type=lambda text: [parse_count(n) for n in text.split(",")], default=[],
+                        metavar="N,N,...", help="our server alone with each of these --threads (pinned, in the same "
+                        "rounds), and each one's ratio to the first")
     parser.add_argument("--workers-sweep", action="store_true",
                         help="our server alone with 1, 2 and one worker per CPU, unpinned, and each one's ratio to 1")
     parser.add_argument("--server-log-level", default="warning", help="log level of our server (default: warning)")
@@ -1358,7 +1445,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.pid is not None and not args.url:
         parser.error("--pid only goes with --url")
     args.node_cli = None
-    side_by_side = not (args.url or args.bare or args.no_baseline or args.s3 or args.workers_sweep)
+    if args.threads_sweep and (args.url or args.bare or args.workers_sweep):
+        parser.error("--threads-sweep measures our server alone")
+    side_by_side = not (args.url or args.bare or args.no_baseline or args.s3 or args.workers_sweep
+                        or args.threads_sweep)
+    if (args.bare_durable or args.compare_with) and not side_by_side:
+        parser.error("--bare-durable and --compare-with go with the side-by-side run")
+    if args.compare_with and not (args.compare_with / "polykit_cache" / "__main__.py").is_file():
+        parser.error(f"--compare-with: {args.compare_with} is not a checkout of this project")
     if args.node_dir and not side_by_side:
         parser.error("--node-dir goes with the side-by-side run (not with --url, --bare, --no-baseline, --s3 "
                      "or --workers-sweep)")
@@ -1382,11 +1476,18 @@ def chosen_servers(args: argparse.Namespace) -> list[str]:
         return ["bare"]
     if args.workers_sweep:
         return [f"ours-w{n}" for n in sorted({1, 2, usable_cpus()})]
+    if args.threads_sweep:
+        return [f"ours-t{n}" for n in args.threads_sweep]
     if args.no_baseline:
         return ["ours"]
     if args.s3:
         return ["s3", "ours"]
-    return ["ours", "node", "bare"] if args.node_cli is not None else ["ours", "bare"]
+    kinds = ["ours", "node", "bare"] if args.node_cli is not None else ["ours", "bare"]
+    if args.bare_durable:
+        kinds.insert(-1, "durable")
+    if args.compare_with:
+        kinds.insert(1, "before")
+    return kinds
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -1453,7 +1554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     stop_server(target)
                     discard_state(workdir, target)
         reports = [median_report([r for r in runs if r.name == kind]) for kind in kinds]
-        text, passed = report(reports, sweep=args.workers_sweep)
+        text, passed = report(reports, sweep=args.workers_sweep or bool(args.threads_sweep))
         print(describe_setup(args, corpus, server_cpu, load_cpu, external))
         if external is None:
             print(filesystem_line(workdir))
@@ -1490,7 +1591,9 @@ def describe_setup(
         pinning = "no CPU pinning" + (" (--no-pin)" if args.no_pin else " (fewer than 2 CPUs)")
     lines = [
         f"setup: {pinning}; {args.seconds:g} s per rate measurement"
-        + (f"; server threads {args.threads}" if external is None else "")
+        + (f"; server threads {args.threads}" if external is None and not args.threads_sweep else "")
+        + (f"; server threads {', '.join(map(str, args.threads_sweep))} (one server each)" if args.threads_sweep else "")
+        + (f"; 'before' is our server from {args.compare_with}" if args.compare_with else "")
         + (f"; our server's workers {args.workers}" if external is None and args.workers > 1 else "")
         + (f"; {args.rounds} rounds, rotating which server goes first: medians" if args.rounds > 1 else "")
         + (f"; our server's log level {args.server_log_level}" if external is None and not args.bare else ""),

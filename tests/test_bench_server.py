@@ -79,3 +79,40 @@ def test_the_bare_baseline_checks_the_token_on_both_paths(tmp_path):
         assert call(app, "PUT", path, b"x" * 10, headers=bench_server.AUTH).status == 201
         got = call(app, "GET", path, headers=bench_server.AUTH, extra={"wsgi.file_wrapper": FileWrapper})
         assert (got.status, got.body) == (200, b"hello")
+
+
+def test_the_durable_baseline_stores_each_upload_under_its_key(tmp_path):
+    key = "cd" * 32
+    (tmp_path / "index.json").write_text(json.dumps({}))
+    durable = tmp_path / "durable"
+    durable.mkdir()
+    app = bench_server.BareApp(tmp_path, tmp_path, durable)
+    assert call(app, "PUT", f"/v8/artifacts/{key}", b"payload", headers=bench_server.AUTH).status == 201
+    assert (durable / key[:2] / key).read_bytes() == b"payload"
+    assert call(app, "PUT", f"/v8/artifacts/{key}", b"x", headers={"Authorization": "Bearer wrong"}).status == 401
+
+
+def test_the_floor_and_an_earlier_version_are_measured_beside_ours(tmp_path):
+    args = bench_server.parse_args(["--bare-durable", "--compare-with", str(ROOT)])
+    args.node_cli = None  # whether a Node server is installed here does not matter
+    assert bench_server.chosen_servers(args) == ["ours", "before", "durable", "bare"]
+    args.node_cli = "cli.js"
+    assert bench_server.chosen_servers(args) == ["ours", "before", "node", "durable", "bare"]
+    assert bench_server.chosen_servers(bench_server.parse_args(["--threads-sweep", "4,8"])) == ["ours-t4", "ours-t8"]
+
+
+def test_only_keeps_the_named_lines_and_what_they_need():
+    item = bench_server.Item("k", "pool", 1, "sha")
+    corpus = bench_server.Corpus([item], [item], [item], [item], [item], item)
+
+    def labels(only):
+        return [(reported, phase.label) for reported, phase in bench_server.phases(corpus, 1.0, "512 MiB", only)]
+
+    assert len(labels([])) == 11
+    # Reads of small artifacts need the seeding uploads first; they are run, not reported.
+    assert labels(["head 4 kib"]) == [(False, "seed reads"), (True, "HEAD 4 KiB, 1 connection"),
+                                      (True, "HEAD 4 KiB, 8 connections")]
+    # Uploads need nothing before them.
+    assert labels(["PUT 4 KiB"]) == [(True, "PUT 4 KiB, 1 connection"), (True, "PUT 4 KiB, 8 connections")]
+    # The big download reads what the big upload stored: the upload runs, unreported.
+    assert labels(["GET one"]) == [(False, "PUT one 512 MiB"), (True, "GET one 512 MiB")]

@@ -105,3 +105,22 @@ def test_connection_bounds_reach_waitress():
     assert (settings["connection_limit"], settings["channel_timeout"], settings["cleanup_interval"]) == (50, 3, 3)
     with pytest.raises(ValueError):
         parse(["--max-connections", "0"], {})
+
+
+def test_waitress_warns_of_queued_requests_only_at_debug_level():
+    """Requests waiting for a worker thread are normal under load: no log line per request."""
+    import logging
+
+    queue, access = logging.getLogger("waitress.queue"), logging.getLogger("polykit_cache.access")
+    before = queue.level, access.level, access.propagate, list(access.handlers)
+    try:
+        config.setup_logging("INFO")
+        assert not queue.isEnabledFor(logging.WARNING)
+        assert queue.isEnabledFor(logging.ERROR)
+        config.setup_logging("DEBUG")
+        assert queue.isEnabledFor(logging.WARNING)
+    finally:
+        queue.setLevel(before[0])
+        access.setLevel(before[1])
+        access.propagate = before[2]
+        access.handlers[:] = before[3]

@@ -7,12 +7,14 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import stat
+import threading
 
 import pytest
 
-from polykit_cache.entryfile import META_ATTR, read_meta
-from polykit_cache.storage import blob_id
+from polykit_cache.entryfile import META_ATTR, EntryStaged, read_meta
+from polykit_cache.storage import Storage, blob_id
 from support import KEY, call, key_for, new_app, pack_tree, sha
 
 ART = f"/v1/artifacts/{KEY}"
@@ -145,3 +147,102 @@ def test_the_attribute_is_the_metadata_of_the_file_it_is_on(tmp_path):
     assert call(app, "PUT", ART, blob).status == 201
     meta = json.loads(os.getxattr(app.storage.artifact_path(KEY), META_ATTR))
     assert meta == {"size": len(blob), "sha256": sha(blob), "created": meta["created"]}
+
+
+class WatchedLock:
+    """A store's layout lock, telling ``waiting`` whenever a thread asks for it once ``armed`` is set."""
+
+    def __init__(self, inner, armed: threading.Event, waiting: threading.Event) -> None:
+        self._inner = inner
+        self._armed, self._waiting = armed, waiting
+
+    def __enter__(self) -> None:
+        if self._armed.is_set():
+            self._waiting.set()
+        self._inner.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._inner.__exit__(*exc)
+
+
+def stored(store: Storage, space: str, name: str, data: bytes) -> bool:
+    staged = store.stage()
+    staged.write(data)
+    staged.finish()
+    return store.commit(space, name, staged)
+
+
+@pytest.mark.parametrize("read", ["open", "stat"])
+@pytest.mark.parametrize("mode", ["threads", "workers"])
+def test_a_reader_never_pairs_a_replaced_blob_with_the_metadata_of_another(tmp_path, monkeypatch, read, mode):
+    """Without attributes, a replace in Bazel's action cache renames the new metadata file in,
+    then the new blob. A reader in between gets one whole version, not the old blob with the
+    new blob's size and SHA-256: in another thread, or in another worker process's store (its
+    layout lock is a lock on a file, held by the writer's store meanwhile)."""
+    root = tmp_path / "store"
+    writer_store = Storage(root, setxattr=None)
+    writer_store.recover()
+    reader_store = writer_store
+    if mode == "workers":
+        writer_store.publish_index(tmp_path / "state.sqlite3")
+        reader_store = Storage(root, setxattr=None)
+        for store in (writer_store, reader_store):
+            store.share(tmp_path / "state.sqlite3")
+    digest = "1" * 64
+    old, new = b"first result", b"second result"  # the same size: only the pairing tells them apart
+    assert stored(writer_store, "bazel-ac", digest, old)
+
+    between, progress, go = threading.Event(), threading.Event(), threading.Event()
+    monkeypatch.setattr(reader_store, "_layout_lock", WatchedLock(reader_store._layout_lock, between, progress))
+    real_replace = EntryStaged.replace
+
+    def paused_replace(self, final):  # the writer holds the layout lock here
+        between.set()
+        go.wait()
+        real_replace(self, final)
+
+    monkeypatch.setattr(EntryStaged, "replace", paused_replace)
+    answers = []
+    writer = threading.Thread(target=lambda: answers.append(stored(writer_store, "bazel-ac", digest, new)))
+    writer.start()
+    between.wait()
+    seen = {}
+
+    def reader():
+        try:
+            if read == "open":
+                found, fh = reader_store.open("bazel-ac", digest)
+            else:
+                found = reader_store.stat("bazel-ac", digest)
+                fh = open(found.path, "rb")
+            with fh:
+                seen["pair"] = (found.sha256, found.size, hashlib.sha256(fh.read()).hexdigest())
+        finally:
+            progress.set()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    progress.wait()  # the reader is done, or waits for the layout lock the writer holds
+    go.set()
+    thread.join()
+    writer.join()
+    assert answers == [True]
+    claimed, size, actual = seen["pair"]
+    assert claimed == actual == sha(new) and size == len(new)
+
+
+def test_metadata_beside_entries_of_a_copied_folder_is_taken_and_renamed_to_the_new_files(tmp_path):
+    """A copy (backup, move to a new disk) gives every file a new inode number: the metadata
+    files still belong to their entries, and are rewritten to name the new files."""
+    app = new_app(tmp_path / "store", {"setxattr": None})
+    blob = pack_tree(tmp_path, {"a": b"x"})
+    assert call(app, "PUT", ART, blob).status == 201
+    assert call(app, "PUT", "/kv/ccache/ab/c", b"blob").status == 201
+    shutil.copytree(tmp_path / "store", tmp_path / "copy", ignore=shutil.ignore_patterns("lock", "layout.lock"))
+    copy = new_app(tmp_path / "copy", {"setxattr": None})
+    assert call(copy, "GET", ART).headers["x-artifact-hash"] == sha(blob)
+    got = call(copy, "GET", "/kv/ccache/ab/c")
+    assert got.body == b"blob"
+    entry = copy.storage.artifact_path(KEY)
+    assert json.loads(entry.with_suffix(".json").read_text())["inode"] == entry.stat().st_ino
+    assert copy.storage.stat("kv", "ccache/ab/c").sha256 == sha(b"blob")
