@@ -289,6 +289,7 @@ def check_manifest(meta: object, expected_key: str | None, limits: Limits) -> di
 class Sink(Protocol):
     """Where verified members go; extraction writes them to disk, verification drops them."""
 
+    def begin(self, meta: dict) -> None: ...
     def open_file(self, name: str, mode: int) -> BinaryIO: ...
     def make_dir(self, name: str) -> None: ...
     def make_symlink(self, name: str, target: str) -> None: ...
@@ -342,6 +343,8 @@ def verify_stream(
     with _reading(raw, limits) as tar:
         meta = _read_metadata_member(tar, limits)
         members = check_manifest(meta, expected_key, limits)
+        if sink is not None:
+            sink.begin(meta)  # the manifest is checked: its sizes are bounded and true of every member that follows
         while (info := tar.next()) is not None:
             _verify_member(tar, info, members, sink)
         if members:
@@ -461,6 +464,9 @@ class DirSink:
     def _where(self, name: str) -> tuple[nofollow.Folders | None, str]:
         prefix = OUTPUTS_PREFIX if name.startswith(OUTPUTS_PREFIX) else LOGS_PREFIX
         return self._roots[prefix], name[len(prefix):]
+
+    def begin(self, meta: dict) -> None:
+        pass
 
     def open_file(self, name: str, mode: int) -> BinaryIO:
         folders, rel = self._where(name)

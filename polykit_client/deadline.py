@@ -7,14 +7,24 @@ even begun. So every transfer also gets a deadline. When it passes, the watchdog
 transfer's sockets down (shutdown(2) makes a ``recv`` or ``send`` blocked in another thread
 return at once); the blocked call then fails like a dropped connection, and the transfer, seeing
 ``expired``, reports the deadline instead. A watchdog costs one thread, which exists only while
-some transfer is in flight.
+transfers are in flight or were until :data:`LINGER` seconds ago.
+
+The thread is woken only when it has to be: by a deadline sooner than the one it waits for, not
+by every transfer that starts or ends. A run's downloads are many and short, and each wake-up
+would be a hand-over of the interpreter lock between threads for nothing (a deadline that ended
+meanwhile is simply found gone when the thread next looks).
 """
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
+
+# How long an idle watchdog thread waits for the next transfer before it ends: a run's transfers
+# follow one another closely, and a thread started for each one costs more than a small download.
+LINGER = 2.0
 
 
 class Deadline:
@@ -68,6 +78,7 @@ class Watchdog:
         self.lock = threading.Condition()
         self._active: set[Deadline] = set()
         self._thread: threading.Thread | None = None
+        self._wakes_at = math.inf  # when the thread's current wait ends
 
     def start(self, seconds: float) -> Deadline:
         """A new deadline ``seconds`` from now, watched until it is closed."""
@@ -77,23 +88,31 @@ class Watchdog:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="polykit-deadlines", daemon=True)
                 self._thread.start()
-            self.lock.notify()
+                self._wakes_at = deadline.expires  # its first look is at this one, whenever it comes
+            elif deadline.expires < self._wakes_at:
+                self.lock.notify()
         return deadline
 
     def forget(self, deadline: Deadline) -> None:
         with self.lock:
-            self._active.discard(deadline)
-            self.lock.notify()
+            self._active.discard(deadline)  # no wake-up: the thread finds it gone when it next looks
 
     def _loop(self) -> None:
+        idle = False
         with self.lock:
-            while self._active:
+            while True:
                 now = time.monotonic()
                 for deadline in [d for d in self._active if d.expires <= now]:
                     deadline._expire()
                     self._active.discard(deadline)
                 if self._active:
-                    # A wait beyond TIMEOUT_MAX (some 292 years) raises OverflowError, which would
-                    # end this thread and leave every later deadline unwatched.
-                    self.lock.wait(min(min(d.expires for d in self._active) - now, threading.TIMEOUT_MAX))
-            self._thread = None  # idle: the next transfer starts a new thread
+                    idle, self._wakes_at = False, min(d.expires for d in self._active)
+                elif idle:
+                    break  # nothing in flight for LINGER seconds: the next transfer starts a new thread
+                else:
+                    idle, self._wakes_at = True, now + LINGER
+                # A wait beyond TIMEOUT_MAX (some 292 years) raises OverflowError, which would
+                # end this thread and leave every later deadline unwatched.
+                self.lock.wait(min(self._wakes_at - now, threading.TIMEOUT_MAX))
+            self._thread = None
+            self._wakes_at = math.inf

@@ -36,16 +36,27 @@ class LocalCache:
         """Whether the artifact is present (without counting as a use)."""
         return os.path.exists(self.path(key))
 
+    # Folders are made when a file cannot be made without them, not asked for before every file:
+    # a fresh clone's hundreds of downloads would each pay a failing mkdir and its exception.
+
     def new_temp(self) -> tuple[BinaryIO, Path]:
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        try:
+            fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        except FileNotFoundError:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         return os.fdopen(fd, "w+b"), Path(name)
 
     def put(self, key: str, temp: Path) -> Path:
         """Move a complete, verified temporary file into place (replacing is harmless: same key, same content)."""
         final = self.path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(temp, final)
+        try:
+            os.replace(temp, final)
+        except FileNotFoundError:
+            if not os.path.exists(temp):
+                raise
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, final)
         return final
 
     def discard(self, key: str) -> None:

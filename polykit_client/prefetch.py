@@ -3,8 +3,9 @@
 A task's key depends on the keys of its dependencies, not on their outputs, so every key of a
 run is known before the first task starts. The server is asked about all of them in one request
 (``POST /v1/artifacts``); each hit is downloaded, its body checked against its SHA-256 and the
-artifact verified member by member into a private staging folder, on a pool of threads, while
-the tasks run. Cache I/O is not CPU work, so this pool does not count against ``-j``.
+artifact verified member by member (into memory, or into a private staging folder when it is
+large: see ``restore.py``), on a pool of threads, while the tasks run. Cache I/O is not CPU
+work, so this pool does not count against ``-j``.
 
 Nothing reaches the package from here: the task, in its turn and under its lock, checks what
 the artifact places against its declared outputs and moves it in (``runner.py``). A task whose
@@ -13,10 +14,8 @@ dependency failed is skipped as before, and what was fetched for it is thrown aw
 
 from __future__ import annotations
 
-import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -25,24 +24,12 @@ from .timing import phase
 if TYPE_CHECKING:  # pragma: no cover
     from .localcache import LocalCache
     from .remote import Progress, RemoteCache
+    from .restore import Staged
 
 # Downloads in flight at once. They wait on the network and on the disk, and hashing releases
 # the GIL, so a few more than the cores keep a loopback or LAN link busy; memory stays bounded
 # (each streams in 256 KiB blocks), and the disk holds no more than the run downloads anyway.
 DOWNLOAD_THREADS = 8
-
-
-@dataclass
-class Staged:
-    """A downloaded artifact, verified into ``staging``; ``path`` is the artifact file itself."""
-
-    path: Path
-    staging: Path
-    meta: dict
-
-    def discard(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.path.unlink(missing_ok=True)
 
 
 # What the prefetcher knows of a key.
@@ -54,13 +41,13 @@ class Prefetcher:
 
     ``make_remote()`` gives the backend (or None), on the query's own thread, so that making it
     (importing the HTTP client) does not delay the first task.
-    ``stage(key, path)`` verifies a downloaded artifact into a staging folder and returns its
+    ``stage(key, path)`` verifies a downloaded artifact and returns its
     ``Staged``; it raises ``ArtifactError`` for an artifact that fails verification, which the
     task reports in its turn. ``progress(key)`` gives a download's progress display, or None.
     """
 
     def __init__(self, make_remote: "Callable[[], RemoteCache | None]", local: "LocalCache",
-                 stage: Callable[[str, Path], Staged], progress: Callable[[str], "Progress | None"] = lambda key: None,
+                 stage: "Callable[[str, Path], Staged]", progress: Callable[[str], "Progress | None"] = lambda key: None,
                  threads: int = DOWNLOAD_THREADS) -> None:
         self._make_remote = make_remote
         self.remote: RemoteCache | None = None
@@ -97,14 +84,14 @@ class Prefetcher:
                         self._futures[key] = self._pool.submit(self._fetch, key)
                 self._asked.set()
 
-    def _fetch(self, key: str) -> Staged | None:
+    def _fetch(self, key: str) -> "Staged | None":
         """Download and verify one artifact; None when the download failed (the backend warned)."""
         fh, temp = self.local.new_temp()
         try:
             with fh, phase("remote: downloads", threads=True):
                 ok = self.remote.fetch(key, fh, self._progress(key))
             if ok:
-                with phase("remote: verifying into staging", threads=True):
+                with phase("remote: verifying", threads=True):
                     return self._stage(key, temp)
         except BaseException:
             temp.unlink(missing_ok=True)

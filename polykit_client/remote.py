@@ -649,7 +649,7 @@ class RemoteCache:
         Transfer-Encoding beside a Content-Length is refused too (RFC 9112 section 6.3: it may
         be an attempt at response splitting and ought to be handled as an error).
         """
-        if answer.headers.defects or any(_CONTROL.search(value) for value in answer.headers.values()):
+        if answer.headers.defects or any(_CONTROL.search(value) for _, value in answer.headers.raw_items()):
             # RFC 9110 section 5.5: no control characters in a field; RFC 9112 section 5.2:
             # no line folding; every line of the block a field (http.client records the rest).
             raise _Failure("the answer's header block is malformed", transient=False)

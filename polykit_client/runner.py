@@ -30,15 +30,16 @@ from .components import for_manifest
 from .graph import Node
 from .localcache import LocalCache
 from .outputs import OutputError, check_restorable, expand_outputs
-from .prefetch import ABSENT, UNKNOWN, Prefetcher, Staged
+from .prefetch import ABSENT, UNKNOWN, Prefetcher
 from .timing import phase
 from .workspace import Package, Task, Workspace
 
 if TYPE_CHECKING:  # pragma: no cover
     from .remote import RemoteCache
+    from .restore import Staged
 
 
-# ``artifact`` (tar, zstd) is imported inside the methods that pack or restore: a build whose
+# ``artifact`` and ``restore`` (tar, zstd) are imported inside the methods that pack or restore: a build whose
 # outputs are all in place never opens an artifact, and that import is a sizeable share of its time.
 
 RECORDS_FILE = ".polykit/outputs.json"
@@ -439,21 +440,24 @@ class TaskRunner:
             if records.pop(str(node), None) is not None:
                 self._records_changed = True
 
-    def _write_record(self, node: Node, pkg: Package, task: Task, key: str, log: Path, duration_ms: int,
+    def _write_record(self, node: Node, pkg: Package, task: Task, key: str, log: bytes | Path, duration_ms: int,
                       outputs: list[str] | None = None) -> None:
         record = self._record(pkg, task, key, log, duration_ms, outputs)
         if record is not None:
             self._keep_record(node, record)
 
-    def _record(self, pkg: Package, task: Task, key: str, log: Path, duration_ms: int,
+    def _record(self, pkg: Package, task: Task, key: str, log: bytes | Path, duration_ms: int,
                 outputs: list[str] | None = None) -> dict | None:
-        """The record of a task's outputs as they are now, or None when it cannot be made."""
+        """The record of a task's outputs as they are now, or None when it cannot be made.
+
+        ``log`` is the task's output, as a file or (from an artifact verified into memory) as bytes."""
         try:
-            if log.stat().st_size > RECORD_LOG_LIMIT:
+            if (len(log) if isinstance(log, bytes) else log.stat().st_size) > RECORD_LOG_LIMIT:
                 return None  # a long log stays in the artifact only; such a task is restored each time
             outputs = expand_outputs(pkg.dir, task.outputs, strict=False) if outputs is None else outputs
+            body = log if isinstance(log, bytes) else log.read_bytes()
             return {"key": key, "duration_ms": duration_ms, "files": {rel: _signature(pkg.dir / rel) for rel in outputs},
-                    "log": base64.b64encode(log.read_bytes()).decode()}
+                    "log": base64.b64encode(body).decode()}
         except OSError:
             return None
 
@@ -557,53 +561,46 @@ class TaskRunner:
             self.console.warn(f"{node}: could not restore the remote artifact ({exc}); building locally")
         return False
 
-    def _stage(self, key: str, path: Path) -> Staged:
-        """Verify an artifact completely into a fresh staging folder (nothing of the package is touched)."""
-        from . import artifact
+    def _stage(self, key: str, path: Path) -> "Staged":
+        """Verify an artifact completely, into memory or a staging folder (nothing of the package is touched)."""
+        from . import restore
 
-        staging = Path(os.path.join(self.local.tmp, f"restore-{key[:16]}-{os.getpid()}-{threading.get_ident()}"))
-        if staging.exists():
-            shutil.rmtree(staging)
-        try:
-            with open(path, "rb") as fh:
-                meta = artifact.extract(fh, staging / "outputs", logs_dir=staging / "logs", expected_key=key,
-                                        limits=self.limits)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return Staged(path, staging, meta)
+        return restore.stage(path, key, self.limits, self.local.tmp)
 
-    def _report_hit(self, node: Node, status: str, meta: dict, log: Path) -> None:
+    def _report_hit(self, node: Node, status: str, meta: dict, log: bytes | Path) -> None:
         # Counted as soon as its status line is out: a hit stays a hit if replaying its log fails.
         saved_ms = int(meta.get("duration_ms", 0))
         self.console.line(f"{node}  {status}")
         self.summary.add(node, status, saved_ms)
-        self.console.log_file(node, log)
+        if isinstance(log, bytes):
+            self.console.log(node, log)
+        else:
+            self.console.log_file(node, log)
 
     def _restore(self, node: Node, status: str, pkg: Package, task: Task, key: str, path: Path,
-                 keep: Callable[[str, Path], object] | None = None, staged: Staged | None = None) -> None:
-        """Verify the artifact into a staging folder (unless ``staged`` already is), then swap
-        its outputs into the package.
+                 keep: Callable[[str, Path], object] | None = None, staged: "Staged | None" = None) -> None:
+        """Verify the artifact (unless ``staged`` already is), then swap its outputs into the package.
 
         An artifact may only place what the task declares as outputs, and never through a
         symlink: a poisoned cache entry must not overwrite sources or write outside the package.
         """
-        from . import artifact
-
         staged = staged or self._stage(key, path)
-        staging, meta = staged.staging, staged.meta
+        meta = staged.meta
         try:
             check_restorable(meta["files"], meta["symlinks"], task.outputs, pkg.dir)
             self._forget_record(node)
             for stale in expand_outputs(pkg.dir, task.outputs, strict=False):
                 _remove(pkg.dir / stale)
-            artifact.place(staging / "outputs", pkg.dir, meta)
+            staged.place(pkg.dir)
             if keep is not None:
                 keep(key, path)  # a verified download joins the local cache
-            self._write_record(node, pkg, task, key, staging / "logs" / artifact.LOG_NAME, int(meta.get("duration_ms", 0)))
-            self._report_hit(node, status, meta, staging / "logs" / artifact.LOG_NAME)
+            # The record lists what the artifact placed: after the old outputs went, that is what the
+            # output patterns match (were it not, the next run would only restore again, never miss a change).
+            self._write_record(node, pkg, task, key, staged.log, int(meta.get("duration_ms", 0)),
+                               sorted([*meta["files"], *meta["symlinks"]]))
+            self._report_hit(node, status, meta, staged.log)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            staged.release()
 
     def _execute(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
         self.console.line(f"{node}  miss")

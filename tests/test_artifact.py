@@ -682,6 +682,45 @@ def test_on_an_insensitive_mount_a_restore_round_trips(insensitive_dir, tmp_path
     assert os.readlink(pkg / "DIST" / "latest") == "app.js"
 
 
+@pytest.mark.parametrize("hold", [1 << 20, 0])  # verified into memory, or into a staging folder
+def test_on_an_insensitive_mount_a_restore_from_memory_or_staging_round_trips(insensitive_dir, tmp_path, hold):
+    from polykit_client import restore
+
+    src = tmp_path / "src"
+    make_tree(src)
+    (tmp_path / "artifact.zst").write_bytes(pack(src))
+    (insensitive_dir / "tmp").mkdir()
+    staged = restore.stage(tmp_path / "artifact.zst", KEY, Limits(), insensitive_dir / "tmp", hold=hold)
+    pkg = insensitive_dir / "pkg"
+    pkg.mkdir()
+    staged.place(pkg)
+    staged.release()
+    assert (pkg / "dist" / "sub" / "data.bin").read_bytes() == (src / "dist" / "sub" / "data.bin").read_bytes()
+    assert os.readlink(pkg / "DIST" / "latest") == "app.js"
+
+
+def test_on_an_insensitive_mount_a_restore_from_memory_replaces_no_entry_spelled_otherwise(insensitive_dir):
+    # The manifest check refuses such names first; were a filesystem to merge names it does not
+    # compare, the second entry must not silently replace the first (or the folder holding it).
+    from polykit_client import restore
+
+    for files, refusal in (({"dist/A": (0o644, b"1"), "dist/a": (0o644, b"2")}, ArtifactError),
+                           ({"dist/X": (0o644, b"1"), "dist/x/f": (0o644, b"2")}, LinkInPath)):
+        pkg = insensitive_dir / f"pkg-{len(os.listdir(insensitive_dir))}"
+        pkg.mkdir()
+        with pytest.raises(refusal):
+            restore.write_tree(pkg, files, {})
+        assert os.listdir(pkg / "dist") == [sorted(files)[0][5:]] and (pkg / sorted(files)[0]).read_bytes() == b"1"
+    pkg = insensitive_dir / "pkg-old"
+    (pkg / "dist").mkdir(parents=True)
+    (pkg / "dist" / "Old").write_text("left by an earlier build")
+    restore.write_tree(pkg, {"dist/Old": (0o644, b"new")}, {})  # the same spelling is replaced
+    assert (pkg / "dist" / "Old").read_bytes() == b"new"
+    with pytest.raises(ArtifactError) as err:
+        restore.write_tree(pkg, {"dist/old": (0o644, b"newer")}, {})
+    assert err.value.reason == "path_conflict" and (pkg / "dist" / "Old").read_bytes() == b"new"
+
+
 def test_pack_refuses_outputs_no_verifier_would_accept(tmp_path):
     src = tmp_path / "src"
     (src / "dist").mkdir(parents=True)

@@ -272,6 +272,28 @@ def test_a_deadline_beyond_what_a_wait_can_take_leaves_the_watchdog_running():
     assert near.expired and not far.expired and errors == []
 
 
+def test_one_watchdog_thread_serves_transfers_that_follow_one_another():
+    # A run's downloads are many and short: a thread started (and ended) for each would cost more
+    # than the transfer. The thread stays while transfers come, and is woken for none of them.
+    watchdog = Watchdog()
+    first = watchdog.start(30)
+    thread = watchdog._thread
+    first.close()
+    wakes = []
+    notify = watchdog.lock.notify
+    watchdog.lock.notify = lambda *args: (wakes.append(args), notify(*args))
+    for _ in range(50):
+        watchdog.start(30).close()
+        assert watchdog._thread is thread and thread.is_alive()
+    assert wakes == []
+    near = watchdog.start(0.01)  # sooner than anything the thread waits for: it is woken for this one
+    for _ in range(400):  # bounded: until the watchdog expires it
+        if near.expired:
+            break
+        time.sleep(0.05)
+    assert near.expired and len(wakes) == 1
+
+
 def test_the_default_deadline_scales_with_the_size_of_the_body():
     remote = RemoteCache("http://127.0.0.1:1", timeout=2, environ={})
     assert remote.deadline_for(0) == 6

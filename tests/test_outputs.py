@@ -177,3 +177,22 @@ def test_a_poisoned_link_in_an_artifact_cannot_overwrite_sources(tmp_path):
         status, err = build(pk, port)
     assert status == "miss" and "existing folder 'src'" in err
     assert (pk.workspace / "packages/site/src/main.ts").read_text() == "source\n"
+
+
+@pytest.mark.parametrize("command, outputs", [
+    ("mkdir -p dist/sub dist/empty && echo a > dist/a && echo b > dist/sub/b && ln -s a dist/link", ["dist/**"]),
+    ("mkdir -p .next/cache && echo page > .next/page.js && echo s > .next/cache/s", [".next/**", "!.next/cache/**"]),
+    (SYMLINKED, ["dist/**"]),
+])
+def test_a_remote_hit_leaves_its_outputs_in_place_for_the_next_build(tmp_path, command, outputs):
+    # The record of a restore lists what the artifact placed; it must be what the output patterns
+    # find on disk, or the next build would restore everything again instead of replaying the log.
+    a = checkout(tmp_path / "a", tmp_path, task(command, outputs))
+    b = checkout(tmp_path / "b", tmp_path, task(command, outputs))
+    with thread_server(tmp_path / "store") as (port, _):
+        assert build(a, port)[0] == "miss"
+        assert build(b, port)[0] == "hit (remote)"
+    site = b.workspace / "packages/site"
+    before = {p: (os.lstat(p).st_ino, os.lstat(p).st_ctime_ns) for p in site.rglob("*")}
+    assert build(b) == ("hit (local)", "")
+    assert {p: (os.lstat(p).st_ino, os.lstat(p).st_ctime_ns) for p in site.rglob("*")} == before  # nothing restored again

@@ -109,7 +109,7 @@ def test_what_no_task_takes_is_thrown_away(tmp_path):
         staged = []
 
         def stage(key: str, path: Path):
-            from polykit_client.prefetch import Staged
+            from polykit_client.restore import Staged
 
             folder = local.tmp / f"staged-{key[:8]}"
             folder.mkdir()

@@ -1,0 +1,105 @@
+"""Restoring a verified artifact: small ones from memory, large ones through a staging folder,
+both placing exactly what was packed and never through a link."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from polykit_client import restore
+from polykit_client.artifact import ArtifactError, Limits
+from polykit_client.nofollow import LinkInPath
+from support import KEY
+from test_artifact import make_tree, pack
+
+WAYS = {"memory": restore.HOLD_UNPACKED, "staging folder": 0}
+
+
+def entries(root: Path) -> dict:
+    """Every entry under ``root``: file bytes and mode as an artifact carries it, link targets, folders."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                found[rel] = ("link", os.readlink(path))
+            elif path.is_dir():
+                found[rel] = ("dir",)
+            else:
+                found[rel] = ("file", path.read_bytes(), 0o755 if path.stat().st_mode & 0o111 else 0o644)
+    return found
+
+
+def staged_from(tmp_path: Path, src: Path, hold: int, blob: bytes | None = None) -> restore.Staged:
+    path = tmp_path / "artifact.zst"
+    path.write_bytes(pack(src) if blob is None else blob)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return restore.stage(path, KEY, Limits(), tmp_path / "tmp", hold=hold)
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_a_restore_places_exactly_what_was_packed(tmp_path, way):
+    src = tmp_path / "src"
+    make_tree(src)
+    staged = staged_from(tmp_path, src, WAYS[way])
+    assert isinstance(staged, restore.Held) == (way == "memory")
+    assert (os.listdir(tmp_path / "tmp") == []) == (way == "memory")  # memory: no staging folder at all
+    dest = tmp_path / "pkg"
+    dest.mkdir()
+    staged.place(dest)
+    log = staged.log if isinstance(staged.log, bytes) else staged.log.read_bytes()
+    staged.release()
+    assert entries(dest) == entries(src) and log == b"log line\n"
+    assert {(dest / "dist" / name).stat().st_mode & 0o777 for name in ("app.js", "run.sh")} == {0o644, 0o755}
+    assert os.listdir(tmp_path / "tmp") == [] and (tmp_path / "artifact.zst").exists()  # the file is the caller's
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_a_restore_replaces_what_is_in_the_way(tmp_path, way):
+    src = tmp_path / "src"
+    make_tree(src)
+    dest = tmp_path / "pkg"
+    (dest / "dist" / "app.js").mkdir(parents=True)  # a folder where the artifact has a file
+    (dest / "dist" / "app.js" / "old").write_text("old")
+    (dest / "dist" / "latest").write_text("a file where the artifact has a link")
+    (dest / "dist" / "run.sh").write_text("older")
+    staged_from(tmp_path, src, WAYS[way]).place(dest)
+    assert entries(dest) == entries(src)
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_a_folder_of_the_package_that_is_a_link_stops_the_restore(tmp_path, way):
+    src = tmp_path / "src"
+    make_tree(src)
+    outside, dest = tmp_path / "outside", tmp_path / "pkg"
+    outside.mkdir()
+    dest.mkdir()
+    os.symlink(outside, dest / "dist")
+    staged = staged_from(tmp_path, src, WAYS[way])
+    with pytest.raises(LinkInPath):
+        staged.place(dest)
+    assert os.listdir(outside) == []
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_an_artifact_that_fails_verification_leaves_nothing(tmp_path, way):
+    src = tmp_path / "src"
+    make_tree(src)
+    blob = pack(src)
+    bad = blob[:-40] + bytes(40)  # damaged near its end: after the members a staging folder received
+    with pytest.raises(ArtifactError):
+        staged_from(tmp_path, src, WAYS[way], bad)
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_only_an_artifact_within_the_bound_is_held_in_memory(tmp_path):
+    src = tmp_path / "src"
+    (src / "dist").mkdir(parents=True)
+    (src / "dist" / "big").write_bytes(b"x" * 5000)
+    log_size = len(b"log line\n")
+    assert isinstance(staged_from(tmp_path, src, 5000 + log_size), restore.Held)
+    over = staged_from(tmp_path, src, 5000 + log_size - 1)
+    assert not isinstance(over, restore.Held) and (over.staging / "outputs" / "dist" / "big").stat().st_size == 5000
+    over.discard()
+    assert os.listdir(tmp_path / "tmp") == [] and not (tmp_path / "artifact.zst").exists()
