@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("why", help="say what changed in tasks' cache keys since their last build")
     p.add_argument("tasks", nargs="*", metavar="PACKAGE:TASK", help="tasks to explain (default: every task built here)")
     _common(p)
-    p.add_argument("--show-values", action="store_true", help="print environment variables' values, not only names")
+    p.add_argument("--show-values", action="store_true", help="print the SHA-256 of environment variables' values, not only their names")
     p.add_argument("--remote", action="store_true",
                    help="compare with the newest artifact the remote cache holds for each task (from another machine, CI)")
     p.add_argument("--remote-cache-url", default=None, metavar="URL", help="remote cache server [env: POLYKIT_REMOTE_CACHE_URL]")
@@ -235,11 +235,18 @@ def _build(ws, task: str, args, git=None) -> int:
         runner.finish_prefetch()
         with phase("tasks: packing, waiting for the last"):
             runner.finish_packing()
-    with phase("records: saving"):
-        runner.save_records()
-        # What `polykit why` compares with: the key components of every task that built or restored.
-        save_records(ws.root, {str(n): {"key": keys[n], "components": keymaker.parts[n]} for n in order
-                               if summary.statuses.get(n) in ("hit (local)", "hit (remote)", "miss")})
+    def save() -> None:
+        with phase("records: saving (beside the last uploads)"):
+            runner.save_records()
+            # What `polykit why` compares with: the key components of every task that built or restored.
+            save_records(ws.root, {str(n): {"key": keys[n], "components": keymaker.parts[n]} for n in order
+                                   if summary.statuses.get(n) in ("hit (local)", "hit (remote)", "miss")})
+
+    # Written while the last uploads go (a cold build's records of 50,000 inputs are megabytes).
+    import threading
+
+    saving = threading.Thread(target=save, name="polykit-records")
+    saving.start()
     remote, uploader = runner.remote, runner.uploader
     for node in order:
         if outcome[node] == "skipped":
@@ -247,6 +254,7 @@ def _build(ws, task: str, args, git=None) -> int:
     if uploader is not None:
         with phase("uploads: waiting for the last"):
             uploader.finish(UPLOAD_WAIT_SECONDS)
+    saving.join()
     if remote is not None:
         remote.close()  # the kept-alive connections: the server need not keep them until its idle timeout
     if local is not None and summary.misses:

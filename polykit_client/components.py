@@ -22,7 +22,7 @@ from typing import Mapping
 
 
 RECORD_FILE = ".polykit/keys.json"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: a first line of keys alone; 1, one JSON document, is still read
 
 
 def env_digest(value: str | None) -> str | None:
@@ -60,21 +60,41 @@ def for_manifest(parts: dict) -> dict:
 def load_records(root: Path) -> dict[str, dict]:
     """The components of each task's last build in this workspace, by ``package:task``."""
     try:
-        data = json.loads((root / RECORD_FILE).read_text(encoding="utf-8"))
+        with open(root / RECORD_FILE, encoding="utf-8") as fh:
+            head = json.loads(fh.readline())
+            data = head if isinstance(head, dict) and head.get("version") == 1 else json.loads(fh.readline())
     except (OSError, ValueError):
         return {}
-    if not isinstance(data, dict) or data.get("version") != RECORD_VERSION or not isinstance(data.get("tasks"), dict):
+    if not isinstance(head, dict) or head.get("version") not in (1, RECORD_VERSION) or not isinstance(data, dict) \
+            or not isinstance(data.get("tasks"), dict):
         return {}
     return {name: entry for name, entry in data["tasks"].items() if isinstance(entry, dict)}
+
+
+def recorded_keys(root: Path) -> dict[str, str]:
+    """The key of each task's last build: the record's first line only, not its components."""
+    try:
+        with open(root / RECORD_FILE, encoding="utf-8") as fh:
+            head = json.loads(fh.readline())
+    except (OSError, ValueError):
+        return {}
+    keys = head.get("keys") if isinstance(head, dict) and head.get("version") == RECORD_VERSION else None
+    return keys if isinstance(keys, dict) else {}
 
 
 def save_records(root: Path, built: Mapping[str, dict]) -> None:
     """Record the components of the tasks just built or restored; other tasks keep their record.
 
+    Two lines: each task's key, then each task's key and components. A key is the hash of its
+    components, so when every task kept its key (a build of hits) the file is left as it is,
+    which costs reading its first line rather than parsing and writing megabytes of components.
     Written to a temporary file and renamed, mode 0600 (environment values are in it); a
     record that cannot be written only leaves ``polykit why`` less to compare with.
     """
     if not built:
+        return
+    keys = recorded_keys(root)
+    if all(keys.get(name) == entry["key"] for name, entry in built.items()):
         return
     records = load_records(root)
     records.update(built)
@@ -85,8 +105,10 @@ def save_records(root: Path, built: Mapping[str, dict]) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             # dumps, not dump: json.dump streams through the pure-Python encoder, ten times slower
-            # on the components of a package of thousands of files.
-            fh.write(json.dumps({"version": RECORD_VERSION, "tasks": records}, sort_keys=True, separators=(",", ":")))
+            # on the components of a package of thousands of files. Compact JSON has no newline.
+            head = {"version": RECORD_VERSION, "keys": {name: entry.get("key") for name, entry in records.items()}}
+            fh.write(json.dumps(head, sort_keys=True, separators=(",", ":")) + "\n")
+            fh.write(json.dumps({"tasks": records}, sort_keys=True, separators=(",", ":")) + "\n")
         os.replace(tmp, path)
     except OSError:
         try:

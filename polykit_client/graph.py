@@ -128,7 +128,9 @@ def run_graph(
     Returns each node's outcome: "ok", "failed", or "skipped" (a dependency failed, or an
     earlier failure stopped the run without ``continue_on_error``).
     """
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait  # only builds need it
+    import heapq
+    import queue
+    from concurrent.futures import ThreadPoolExecutor  # only builds need it
 
     waiting = {node: set(deps[node]) for node in order}
     dependents: dict[Node, list[Node]] = {node: [] for node in order}
@@ -137,6 +139,13 @@ def run_graph(
             dependents[dep].append(node)
     outcome: dict[Node, str] = {}
     stop = threading.Event()
+    # Nodes whose dependencies are all done, by their place in ``order`` (the first ready one
+    # starts first), and the finished ones as their threads report them: each step costs a heap
+    # operation, not a pass over every node (500 tasks made that pass a quarter of a build of hits).
+    position = {node: index for index, node in enumerate(order)}
+    ready = [position[node] for node in order if not waiting[node]]
+    heapq.heapify(ready)
+    finished: queue.SimpleQueue = queue.SimpleQueue()
 
     def skip_downstream(node: Node) -> None:
         for child in dependents[node]:
@@ -145,29 +154,33 @@ def run_graph(
                 skip_downstream(child)
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        running: dict = {}
+        running = 0
 
         def launch() -> None:
-            for node in order:
-                if stop.is_set() or len(running) >= parallel:
-                    return
-                if node not in outcome and not waiting[node] and node not in running.values():
-                    running[pool.submit(work, node)] = node
+            nonlocal running
+            while ready and running < parallel and not stop.is_set():
+                node = order[heapq.heappop(ready)]
+                if node in outcome:
+                    continue  # skipped after a failure
+                future = pool.submit(work, node)
+                future.add_done_callback(lambda done, node=node: finished.put((node, done)))
+                running += 1
 
         launch()
         while running:
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for future in finished:
-                node = running.pop(future)
-                ok = bool(future.result())  # work() reports failure by returning False
-                outcome[node] = "ok" if ok else "failed"
-                if ok:
-                    for child in dependents[node]:
-                        waiting[child].discard(node)
-                else:
-                    skip_downstream(node)
-                    if not continue_on_error:
-                        stop.set()
+            node, future = finished.get()
+            running -= 1
+            ok = bool(future.result())  # work() reports failure by returning False
+            outcome[node] = "ok" if ok else "failed"
+            if ok:
+                for child in dependents[node]:
+                    waiting[child].discard(node)
+                    if not waiting[child]:
+                        heapq.heappush(ready, position[child])
+            else:
+                skip_downstream(node)
+                if not continue_on_error:
+                    stop.set()
             launch()
     for node in order:
         outcome.setdefault(node, "skipped")

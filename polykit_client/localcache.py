@@ -7,7 +7,6 @@ local artifact can be uploaded as it is.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,6 +39,8 @@ class LocalCache:
     # a fresh clone's hundreds of downloads would each pay a failing mkdir and its exception.
 
     def new_temp(self) -> tuple[BinaryIO, Path]:
+        import tempfile  # a build of hits in place never makes one
+
         try:
             fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         except FileNotFoundError:

@@ -12,6 +12,7 @@ cached at all, never cached as less than the build made.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import posixpath
 import stat
@@ -124,13 +125,17 @@ def linked_folders(pkg_dir: Path, patterns: Iterable[str]) -> list[str]:
     ``dist`` and the folder ``.output/public``: both are outputs, not default inputs. Only the literal folders of
     each pattern are looked at (a few ``lstat`` calls), so keys stay cheap to compute.
     """
+    literal = [list(itertools.takewhile(lambda part: not any(c in part for c in "*?[{"), pattern.split("/")))
+               for pattern in globs_of(tuple(p for p in patterns if not p.startswith("!"))).patterns]
+    # Most packages have no link there: a look at each literal folder says so, without the
+    # lstat of every folder above the package that resolving its path costs.
+    if not any(os.path.islink(os.path.join(pkg_dir, *parts[:i + 1])) for parts in literal for i in range(len(parts))):
+        return []
     root = os.path.realpath(pkg_dir)
     found = []
-    for pattern in globs_of(tuple(p for p in patterns if not p.startswith("!"))).patterns:
+    for parts in literal:
         current = root
-        for part in pattern.split("/"):
-            if any(c in part for c in "*?[{"):
-                break
+        for part in parts:
             current = os.path.join(current, part)
             if os.path.islink(current):
                 found.append(os.path.relpath(current, root).replace(os.sep, "/"))

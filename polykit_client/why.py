@@ -60,12 +60,21 @@ class Difference:
         return where + text
 
 
-def _shown(value: object) -> str:
+def _digest(value: object) -> str | None:
+    """An environment value as ``--show-values`` shows it: its SHA-256, as the dry run and an
+    artifact's manifest carry it (a value may be a secret: only its digest leaves the process);
+    None for an unset variable. A manifest's value is already a digest (``{"sha256": ...}``)."""
     if value is None:
-        return "unset"
-    if isinstance(value, dict) and "sha256" in value:
-        return "a value hashed " + str(value["sha256"])[:12]
-    return repr(value)
+        return None
+    if isinstance(value, dict):
+        found = value.get("sha256")
+        return found if isinstance(found, str) else None
+    return env_digest(str(value))
+
+
+def _shown(value: object) -> str:
+    digest = _digest(value)
+    return "unset" if digest is None else f"sha256:{digest}"
 
 
 def compare(old: dict, new: dict, hashed_env: bool = False) -> list[Difference]:
@@ -146,9 +155,11 @@ class Explanation:
         diffs = []
         for d in self.differences:
             entry = {k: v for k, v in asdict(d).items() if v is not None}
-            if d.kind.startswith("env-") and not show_values:
+            if d.kind.startswith("env-"):
                 entry.pop("old", None)
                 entry.pop("new", None)
+                if show_values:
+                    entry.update(old=_digest(d.old), new=_digest(d.new))
             entry["line"] = d.line(show_values)
             diffs.append(entry)
         return {"task": self.task, "status": self.status, "key": self.key, "recorded_key": self.recorded_key,

@@ -295,17 +295,6 @@ def parse_package(root: Path, config_file: Path) -> Package:
     return Package(name, rel, config_file.parent, language, internal, tasks, config_file)
 
 
-def _scan(top: Path, root_file: Path) -> list[Path]:
-    found = []
-    for folder, dirs, files in os.walk(top):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
-        if ROOT_FILE in files:
-            candidate = Path(folder) / ROOT_FILE
-            if candidate != root_file:
-                found.append(candidate)
-    return found
-
-
 def load(start: Path | str, environ: Mapping[str, str] | None = None) -> Workspace:
     """Find and read the workspace containing ``start``, with every package in it."""
     environ = os.environ if environ is None else environ
@@ -319,11 +308,14 @@ def load(start: Path | str, environ: Mapping[str, str] | None = None) -> Workspa
                           _line_of(text, "packages_dir"))
     if not top.is_dir():
         top = root
+    from .configcache import ConfigCache  # it reads packages with parse_package
+
+    kept = ConfigCache(root)
     packages: dict[str, Package] = {}
     # The root's own polykit.toml may also describe a package (a single-package workspace).
-    found = ([root_file] if "name" in data or "tasks" in data else []) + _scan(top, root_file)
+    found = ([root_file] if "name" in data or "tasks" in data else []) + kept.find(top, root_file)
     for config_file in found:
-        pkg = parse_package(root, config_file)
+        pkg = kept.package(root, config_file)
         if pkg.name in packages:
             raise ConfigError(config_file, f"package name {pkg.name!r} is already used by {packages[pkg.name].config_file}")
         packages[pkg.name] = pkg
@@ -333,5 +325,6 @@ def load(start: Path | str, environ: Mapping[str, str] | None = None) -> Workspa
                 data_text = pkg.config_file.read_text(encoding="utf-8")
                 raise ConfigError(pkg.config_file, f"unknown internal dependency {dep!r} (packages: {', '.join(sorted(packages))})",
                                   _line_of(data_text, "internal"))
+    kept.save()
     return Workspace(root, settings["packages_dir"], root / settings["cache_dir"], settings["cache_max_size"],
                      settings["default_parallel"], remote, dict(sorted(packages.items())))

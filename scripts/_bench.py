@@ -1,15 +1,20 @@
 """What the benchmarks share: the machine line every report starts with, the load average,
-finding an npm-installed tool, and stopping a server."""
+finding an npm-installed tool, stopping a server, and the ``main`` that runs a benchmark in a
+temporary folder and cleans up whatever happens."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
 import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
+from typing import Callable, Iterator
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -79,3 +84,49 @@ def stop_process(proc: subprocess.Popen | None, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+class BenchError(Exception):
+    """A run did not do what the scenario requires; its figures would be meaningless."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM takes the same clean-up path as Ctrl-C."""
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_as_keyboard() -> Iterator[None]:
+    """SIGTERM cleans up like Ctrl-C does: the servers are stopped and the folders removed."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_in_workdir(prefix: str, tmp_dir: str | None, measure: Callable[[Path], int],
+                   stop: Callable[[], None] = lambda: None) -> int:
+    """A benchmark's ``main``: ``measure(workdir)`` in a fresh temporary folder.
+
+    Returns what ``measure`` returns, 1 after a :class:`BenchError` (printed), 130 on Ctrl-C or
+    SIGTERM. Whatever happens, ``stop`` (the servers it started) runs, then the folder is
+    removed, with Ctrl-C ignored meanwhile so that a second one cannot leave them behind.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_dir))
+    try:
+        with interrupts_as_keyboard():
+            return measure(workdir)
+    except KeyboardInterrupt:
+        print("interrupted; stopping the servers and removing temporary files", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            stop()
+            shutil.rmtree(workdir, ignore_errors=True)
+        finally:
+            signal.signal(signal.SIGINT, previous)

@@ -42,7 +42,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,9 +50,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
-from _bench import load_average, machine_line, stop_process  # scripts/ is on sys.path when a script runs
+# scripts/ is on sys.path when a script runs
+from _bench import BenchError, load_average, machine_line, run_in_workdir, stop_process
 
 LOCALHOST = "127.0.0.1"
 SERVER_READY_TIMEOUT = 30.0
@@ -82,10 +82,6 @@ TARGETS = {
     "local": Target(0.20, "0.15-0.20 s"),
     "dry": Target(0.17, "0.12-0.17 s"),
 }
-
-
-class BenchError(Exception):
-    """A run did not do what the scenario requires; its figures would be meaningless."""
 
 
 # --- the machine and the tools ------------------------------------------------------------------
@@ -731,21 +727,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: object) -> None:
-    """SIGTERM takes the same clean-up path as Ctrl-C."""
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def interrupts_as_keyboard() -> Iterator[None]:
-    """SIGTERM cleans up like Ctrl-C does: the server is stopped and the folders removed."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_bench(args: argparse.Namespace, workdir: Path, holder: list[Server]) -> int:
     """Generate, start the server, measure, and print the report."""
     shape = Shape(args.packages, args.files, args.file_size, args.chain,
@@ -797,28 +778,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         import bench_vs_turbo
 
         return bench_vs_turbo.run(args)
-    workdir = Path(tempfile.mkdtemp(prefix="polykit-bench-client-", dir=args.tmp_dir))
     servers: list[Server] = []
     started = time.monotonic()
-    try:
-        with interrupts_as_keyboard():
-            status = run_bench(args, workdir, servers)
+
+    def measure(workdir: Path) -> int:
+        status = run_bench(args, workdir, servers)
         progress(f"done in {time.monotonic() - started:.1f} s")
         return status
-    except KeyboardInterrupt:
-        print("interrupted; stopping the server and removing temporary files", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            for server in servers:
-                stop_server(server.proc)
-            shutil.rmtree(workdir, ignore_errors=True)
-        finally:
-            signal.signal(signal.SIGINT, previous)
+
+    def stop() -> None:
+        for server in servers:
+            stop_server(server.proc)
+
+    return run_in_workdir("polykit-bench-client-", args.tmp_dir, measure, stop)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _bench import find_node_tool, load_average, node_server_env
-from bench_client import (BenchError, Run, client_env, console_script, dry_run_keys, expect, interrupts_as_keyboard,
+from _bench import BenchError, find_node_tool, load_average, node_server_env, run_in_workdir
+from bench_client import (Run, client_env, console_script, dry_run_keys, expect,
                           progress, run_process, settle, start_server, stop_server)
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -227,20 +227,7 @@ def render(results: dict[str, dict[str, Pair]]) -> str:
 def run(args) -> int:
     """The ``--vs-turbo`` mode of bench_client.py: 0 when every run did what it should, 1 when one
     did not (its figures would be meaningless), 130 on Ctrl-C; temporary folders are removed."""
-    import tempfile
-
-    workdir = Path(tempfile.mkdtemp(prefix="polykit-bench-vs-turbo-", dir=args.tmp_dir))
-    try:
-        with interrupts_as_keyboard():
-            return _measure(args, workdir)
-    except KeyboardInterrupt:
-        print("interrupted; stopping the servers and removing temporary files", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return run_in_workdir("polykit-bench-vs-turbo-", args.tmp_dir, lambda workdir: _measure(args, workdir))
 
 
 def _measure(args, workdir: Path) -> int:

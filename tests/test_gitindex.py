@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from polykit_client.blobid import blob_id_large, blob_id_of, blob_id_small
-from polykit_client.gitindex import GitIndex, converting, converting_macros
+from polykit_client import indexfile
+from polykit_client.gitindex import KEPT_FILE, GitIndex, converting, converting_macros
 from sample import Polykit, make_tools, make_workspace
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
@@ -194,11 +195,88 @@ def test_a_file_converted_at_checkout_is_read_whatever_git_says(pk, how):
 def test_blob_sizes_are_kept_for_the_next_run_and_a_damaged_file_is_ignored(pk):
     ws = pk.workspace
     first = GitIndex(ws, untracked=True).result()
-    kept = (ws / ".polykit/blob-sizes").read_text().splitlines()
-    sizes = dict(line.split(" ") for line in kept)
+    kept = json.loads((ws / KEPT_FILE).read_text())
+    sizes = dict(line.split(" ") for line in kept["sizes"].splitlines())
     assert set(sizes) == set(first.blobs.values())
     for rel, oid in first.blobs.items():
         assert int(sizes[oid]) == (ws / rel).stat().st_size
+    assert kept["index"] == (ws / ".git/index").read_bytes()[-20:].hex() and kept["doubtful"] == {}
     assert GitIndex(ws, untracked=True).result().blobs == first.blobs
-    (ws / ".polykit/blob-sizes").write_text("not a line\n" + "0" * 40 + " x\n" + kept[0][:10] + "\n")
+    for damaged in ("not json", json.dumps({**kept, "version": 0}), json.dumps({**kept, "doubtful": [], "sizes": 3}),
+                    json.dumps({**kept, "index": "0" * 40, "sizes": "not a line\n" + "0" * 40 + " x\n"})):
+        (ws / KEPT_FILE).write_text(damaged)
+        assert GitIndex(ws, untracked=True).result().blobs == first.blobs
+
+
+def test_the_index_files_verdict_is_kept_by_its_checksum(pk):
+    """While the index file stays the same only its checksum is read: what was found of its
+    entries' sizes is taken from the kept file; a new index is read again."""
+    ws = pk.workspace
+    rel = "packages/web/src/app.ts"
+    first = GitIndex(ws, untracked=True).result()
+    assert rel in first.blobs
+    kept = json.loads((ws / KEPT_FILE).read_text())
+    (ws / KEPT_FILE).write_text(json.dumps({**kept, "doubtful": {rel: 1}}))  # as if its size were not its blob's
+    assert rel not in GitIndex(ws, untracked=True).result().blobs
+    git(ws, "update-index", "--index-version", "4")  # the same entries in a new file
     assert GitIndex(ws, untracked=True).result().blobs == first.blobs
+    assert json.loads((ws / KEPT_FILE).read_text())["doubtful"] == {}
+
+
+def test_entries_git_has_not_sized_are_checked_on_disk(pk):
+    """An entry written by read-tree records size 0 (so do racily clean ones git smudges): git
+    compares those by content, so their size is taken from the file."""
+    ws = pk.workspace
+    first = GitIndex(ws, untracked=True).result()
+    git(ws, "read-tree", "HEAD")
+    assert all(size == 0 for _, size in indexfile.parse((ws / ".git/index").read_bytes()).values())
+    assert GitIndex(ws, untracked=True).result().blobs == first.blobs
+    assert set(json.loads((ws / KEPT_FILE).read_text())["doubtful"]) >= set(first.blobs)
+
+
+@pytest.mark.parametrize("version", ["2", "3", "4", "split"])
+def test_the_index_file_as_git_writes_it(pk, version):
+    """Every version git writes gives git's blob ids and the files' sizes; a split index is not read."""
+    ws = pk.workspace
+    (ws / "packages/web/src/new.ts").write_text("intent to add\n")
+    if version != "2":
+        git(ws, "add", "--intent-to-add", "packages/web/src/new.ts")  # an extended flag: version 3 at least
+    if version == "split":
+        git(ws, "update-index", "--split-index")
+    else:
+        git(ws, "update-index", "--index-version", version)
+    data = (ws / ".git/index").read_bytes()
+    if version == "split":
+        assert indexfile.parse(data) is None
+    else:
+        assert data[4:8] == int(version).to_bytes(4, "big")
+        entries = indexfile.parse(data)
+        listed = dict(line.split(" ", 1)[1].split(" 0\t")[::-1] for line in git(ws, "ls-files", "-s").splitlines())
+        assert {rel: oid for rel, (oid, _) in entries.items()} == listed
+        for rel, (_, size) in entries.items():
+            assert size == (0 if rel.endswith("new.ts") else (ws / rel).stat().st_size)  # intent-to-add: not sized
+        assert indexfile.parse(data[:-30] + data[-20:]) is None  # cut short
+        assert indexfile.parse(b"DIRX" + data[4:]) is None
+    state = GitIndex(ws, untracked=True).result()
+    assert state.blobs and "packages/web/src/new.ts" not in state.blobs
+    for rel, oid in state.blobs.items():
+        assert oid == blob_id_small(str(ws / rel))
+
+
+def test_an_index_replaced_while_git_lists_is_read_again(pk):
+    ws = pk.workspace
+    expected = GitIndex(ws, untracked=True).result().blobs
+    index = GitIndex(ws, untracked=True)
+    index._setup_thread.join()
+    git(ws, "read-tree", "HEAD")  # a new file: every entry of size 0
+    assert index.result().blobs == expected
+
+
+def test_a_split_index_has_its_files_sized_on_disk_and_blob_sizes_kept(pk):
+    ws = pk.workspace
+    expected = GitIndex(ws, untracked=True).result().blobs
+    git(ws, "update-index", "--split-index")
+    (ws / KEPT_FILE).unlink()
+    assert GitIndex(ws, untracked=True).result().blobs == expected
+    sizes = json.loads((ws / KEPT_FILE).read_text())["sizes"]
+    assert {line.split(" ")[0] for line in sizes.splitlines()} == set(expected.values())

@@ -7,7 +7,7 @@ import json
 import pytest
 import zstandard
 
-from polykit_client.components import env_digest, for_manifest, inputs_digest
+from polykit_client.components import RECORD_FILE, env_digest, for_manifest, inputs_digest, load_records, recorded_keys
 from polykit_client.why import compare
 from sample import Polykit, copy_workspace, make_tools, make_workspace
 from support import thread_server
@@ -83,9 +83,12 @@ def test_values_are_shown_only_when_asked(built):
     lines = why_lines(built, NODE_ENV="production")
     assert "production" not in "\n".join(lines)
     shown = why_lines(built, "--show-values", NODE_ENV="production")
-    assert "environment variable changed: NODE_ENV (unset -> 'production')" in shown
-    data = json.loads(built.run("why", "web:build", "--json", NODE_ENV="production").stdout)
-    assert "production" not in json.dumps(data)
+    assert f"environment variable changed: NODE_ENV (unset -> sha256:{env_digest('production')})" in shown
+    for args in ((), ("--show-values",)):
+        data = json.loads(built.run("why", "web:build", "--json", *args, NODE_ENV="production").stdout)
+        assert "production" not in json.dumps(data)
+    (diff,) = data["tasks"][0]["differences"]
+    assert (diff["old"], diff["new"]) == (None, env_digest("production"))
 
 
 def test_a_selected_value_is_never_printed_nor_uploaded(built, tmp_path):
@@ -100,9 +103,10 @@ def test_a_selected_value_is_never_printed_nor_uploaded(built, tmp_path):
         url = f"http://127.0.0.1:{port}"
         shown.append(built.run("build", "web", "--json", "--summary", str(tmp_path / "summary.json"),
                                "--remote-cache-url", url, **env))
-        shown += [built.run("why", "web:build", *args, **env) for args in ((), ("--json",))]
+        views = ((), ("--json",), ("--show-values",), ("--json", "--show-values"))
+        shown += [built.run("why", "web:build", *args, WEB_FLAVOUR=secret[::-1]) for args in views]
         shown += [built.run("why", "--remote", "--remote-cache-url", url, "web:build", *args, NODE_ENV="x", **env)
-                  for args in ((), ("--json",))]
+                  for args in views]
         stored = [path.read_bytes() for path in (tmp_path / "store").rglob("*") if path.is_file()]
     artifacts = [zstandard.ZstdDecompressor().stream_reader(blob).read() for blob in stored if blob[:4] == ZSTD_MAGIC]
     assert shown[1].stdout and artifacts and all(b"polykit-artifact.json" in a for a in artifacts)
@@ -140,7 +144,7 @@ def test_why_remote_compares_with_the_newest_artifact_on_the_server(tmp_path):
         lines = [line.strip() for line in out.stdout.splitlines()]
         assert lines[0].startswith("web:build  changed since the newest artifact on the server")
         # The server holds only the digest of CI's value: it is said to differ, never shown.
-        assert any(line.startswith("environment variable changed: NODE_ENV (a value hashed ") for line in lines), lines
+        assert f"environment variable changed: NODE_ENV (sha256:{env_digest('production')} -> unset)" in lines, lines
         assert "dependency shared-utils:build changed" in lines
         assert "upstream shared-utils:build: file changed: src/utils.py" in lines
         same = pk.run("why", "--remote", "web:build", cwd=ws, NODE_ENV="production", POLYKIT_REMOTE_CACHE_URL=url)
@@ -184,3 +188,26 @@ def test_a_manifest_hashes_values_and_may_carry_only_a_digest_of_many_inputs():
     assert compare(big, many, hashed_env=True) == []
     changed = dict(many, inputs={**many["inputs"], "src/000001.ts": "cd" * 32})
     assert [d.kind for d in compare(big, changed, hashed_env=True)] == ["inputs-changed"]
+
+
+def test_a_build_of_hits_leaves_the_record_as_it_is(built):
+    """The record's first line holds every task's key: when none changed, nothing is rewritten."""
+    path = built.workspace / RECORD_FILE
+    before = path.stat()
+    built.run("build")
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    (built.workspace / "packages/web/src/app.ts").write_text("changed\n")
+    built.run("build")
+    assert path.stat().st_ino != before.st_ino
+    assert recorded_keys(built.workspace) == {name: entry["key"] for name, entry in load_records(built.workspace).items()}
+    assert why_lines(built)[0].startswith("web:build  unchanged")
+
+
+def test_a_record_of_one_document_is_still_read(built):
+    """The record's earlier form, one JSON document, still answers ``why`` and is rewritten by the next change."""
+    records = load_records(built.workspace)
+    (built.workspace / RECORD_FILE).write_text(json.dumps({"version": 1, "tasks": records}))
+    assert load_records(built.workspace) == records and recorded_keys(built.workspace) == {}
+    assert why_lines(built)[0].startswith("web:build  unchanged")
+    built.run("build")
+    assert recorded_keys(built.workspace) == {name: entry["key"] for name, entry in records.items()}

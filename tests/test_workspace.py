@@ -174,3 +174,59 @@ def test_every_root_setting_is_read_and_checked(pk, ws):
     assert out.returncode == 2 and "polykit.toml:2: timeout must be a positive number" in out.stderr
     (ws / "polykit.toml").write_text('[remote_cache]\nbogus = 1\n')
     assert "unknown [remote_cache] setting 'bogus'" in pk.run("scan", check=False).stderr
+
+
+# --- the configuration kept between runs (configcache) ----------------------------------------
+
+
+@pytest.fixture
+def settled(monkeypatch):
+    """Files written a moment ago count as settled (a real run keeps only what is 2 s old)."""
+    from polykit_client import configcache
+
+    monkeypatch.setattr(configcache, "RACY_SECONDS", -60.0)
+
+
+def kept(ws):
+    from polykit_client.configcache import CACHE_FILE
+
+    return json.loads((ws / CACHE_FILE).read_text())
+
+
+def test_an_unchanged_workspace_is_taken_from_what_was_kept(ws, settled):
+    first = load(ws, {})
+    data = kept(ws)
+    assert set(data["packages"]) == {str(p.config_file) for p in first.packages.values()}
+    assert load(ws, {}) == first  # read back from the kept answers: the same packages, tasks and all
+    web = str(ws / "packages/web/polykit.toml")
+    data["packages"][web]["package"]["tasks"][0][1] = "echo kept"
+    (ws / ".polykit/workspace.json").write_text(json.dumps(data))
+    assert {t.command for t in load(ws, {}).packages["web"].tasks.values()} >= {"echo kept"}
+    text = (ws / "packages/web/polykit.toml").read_text()
+    (ws / "packages/web/polykit.toml").write_text(text)  # the same bytes, a new signature: read again
+    assert load(ws, {}) == first
+
+
+def test_added_moved_and_removed_packages_are_found(ws, settled):
+    load(ws, {})
+    write_pkg(ws, "fresh", 'name = "fresh"\n[tasks]\nbuild = "true"\n')
+    assert "fresh" in load(ws, {}).packages
+    deep = ws / "packages/web/tools/inner"
+    deep.mkdir(parents=True)
+    (deep / "polykit.toml").write_text('name = "inner"\n[tasks]\nbuild = "true"\n')
+    assert load(ws, {}).packages["inner"].path == "packages/web/tools/inner"
+    (deep / "polykit.toml").rename(deep / "moved.toml")
+    assert "inner" not in load(ws, {}).packages
+    (ws / "packages/fresh/polykit.toml").unlink()
+    assert set(load(ws, {}).packages) == {"api-server", "shared-utils", "web"}
+
+
+def test_what_just_changed_is_not_kept_and_a_damaged_file_is_ignored(ws):
+    first = load(ws, {})
+    assert not (ws / ".polykit/workspace.json").exists()  # every folder and file is seconds old
+    (ws / ".polykit").mkdir()
+    for damaged in ("not json", json.dumps({"version": 1, "walk": [], "packages": {"x": 1}}),
+                    json.dumps({"version": 1, "walk": {"top": str(ws / "packages"), "folders": 3},
+                                "packages": {str(ws / "packages/web/polykit.toml"): {"signature": 1, "package": []}}})):
+        (ws / ".polykit/workspace.json").write_text(damaged)
+        assert load(ws, {}) == first
