@@ -27,7 +27,8 @@ RUN pip install /tmp/polykit-src \
     && mkdir -p /var/cache/polykit/tmp/spool \
     && chown -R polykit:polykit /var/cache/polykit
 
-# waitress spools request bodies over 512 KiB to TMPDIR: keep them on the storage volume, not
+# waitress spools request bodies over 512 KiB that do not go straight into the storage folder
+# (chunked ones, or all with a bucket store) to TMPDIR: keep them on the storage volume, not
 # in the container's own layer. `polykit-cache verify` finds the storage through the variable.
 ENV TMPDIR=/var/cache/polykit/tmp/spool \
     POLYKIT_CACHE_STORAGE_DIR=/var/cache/polykit

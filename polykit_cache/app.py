@@ -26,13 +26,13 @@ from .http import SEND_CHUNK, HTTPError, Response, json_response, reason, render
 from .metrics import Metrics
 from .outcomes import parse_length, read_body, refuse
 from .routes import Route, Router
-from .store import Store, StorageFull, StorageUnavailable, entry_name
-from .verification import IncompleteBody, receive
+from .store import Staged, Store, StorageFull, StorageUnavailable, entry_name
+from .verification import SPOOLED, IncompleteBody, receive
 
 log = logging.getLogger("polykit_cache.app")
 access_log = logging.getLogger("polykit_cache.access")
 
-__all__ = ["ADMITTED_WRITE", "CacheApp", "HTTPError", "REFUSED", "Response", "SEND_CHUNK", "json_response", "make_app"]
+__all__ = ["ADMITTED_WRITE", "CacheApp", "HTTPError", "REFUSED", "SPOOLED", "Response", "SEND_CHUNK", "json_response", "make_app"]
 
 # The environ key under which the server layer hands the application an answer it decided before
 # reading the body (an admit() refusal, or an error waitress found itself): an HTTPError.
@@ -180,6 +180,17 @@ class CacheApp:
             raise refuse("storage_full", f"The upload is {length} bytes, more than the whole cache may hold.")
         return length
 
+    def body_spool(self, environ: dict) -> Staged | None:
+        """Where the server writes the body of an upload it admitted (``admit``), before any byte of
+        it arrives: the store's own staged file (:meth:`Store.spool`), or None for its own spool.
+
+        The body is then written once and hashed on the way in; the handler finds it under
+        ``SPOOLED`` and verifies it in place. The server discards it when the request ends in any
+        other way (refused, cut off, failed), and only admitted writes get one: a request without
+        valid credentials never writes to the store.
+        """
+        return self.storage.spool()
+
     def content_length(self, environ: dict) -> int:
         """The length of an admitted upload (a chunked one is measured by the server before the app runs)."""
         return self._check_upload_length(environ.get("CONTENT_LENGTH"))
@@ -326,7 +337,7 @@ class CacheApp:
             raise refuse("exists", exists)
         full = "The cache's storage is full; the artifact was not stored."
         try:
-            staged, manifest = receive(self.storage, environ["wsgi.input"], length, key, self.limits)
+            staged, manifest = receive(self.storage, environ["wsgi.input"], length, key, self.limits, environ.get(SPOOLED))
         except ArtifactError as exc:
             raise refuse("verification_failed", f"The artifact was refused: {exc}", reason=exc.reason, received=length) from None
         except IncompleteBody as exc:

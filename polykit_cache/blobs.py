@@ -14,7 +14,7 @@ from wsgiref.util import FileWrapper
 from .http import SEND_CHUNK, Response, json_response
 from .outcomes import refuse
 from .store import REPLACEABLE, StorageFull
-from .verification import IncompleteBody, receive_blob
+from .verification import SPOOLED, IncompleteBody, receive_blob
 
 SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # WebDAV clients keep files whose names begin with a dot (sccache probes ".sccache_check"): the
@@ -74,7 +74,7 @@ def put_blob(app, environ: dict, space: str, name: str, *, expected_sha256: str 
         return json_response(existing, {"stored": False})
     full = "The cache's storage is full; the blob was not stored."
     try:
-        staged = receive_blob(app.storage, environ["wsgi.input"], length)
+        staged = receive_blob(app.storage, environ["wsgi.input"], length, environ.get(SPOOLED))
     except IncompleteBody as exc:
         raise refuse("incomplete_body", f"The request body is incomplete: {exc}.") from None
     except StorageFull:

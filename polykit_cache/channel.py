@@ -7,6 +7,11 @@ pieces here hook in where a request's head is complete:
 - :class:`HeadParser` asks the application's ``admit`` callable about the head. A refusal
   (no route, no valid token, over the size limit) is answered at once: no ``100 Continue`` is
   sent first (RFC 9110 section 10.1.1) and no byte of the body is spooled.
+- An admitted upload whose body waitress would spool to a file (over ``inbuf_overflow``, with a
+  ``Content-Length``) is written by :class:`StagedBuffer` into the file the application's
+  ``spool`` callable gives (the store's temporary, on the storage's filesystem), hashed on the
+  way in: the handler verifies it there and links it, so a big body is written once, not spooled
+  to ``TMPDIR`` and copied. It is discarded when the request ends any other way.
 - :class:`EarlyAnswerTask` renders those refusals, and every error waitress finds itself, through
   the application under ``REFUSED``: the protocol's own error shape, metrics and the access log.
 - :class:`Channel` reads and drops what a refused client still sends for a bounded while
@@ -30,16 +35,19 @@ from typing import Callable
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError, crack_first_line
+from waitress.receiver import FixedStreamReceiver
 from waitress.server import TcpWSGIServer
 from waitress.task import WSGITask
 from waitress.utilities import Error, RequestEntityTooLarge
 
-from .app import ADMITTED_WRITE, REFUSED
+from .app import ADMITTED_WRITE, REFUSED, SPOOLED
 from .http import HTTPError
+from .store import Staged, StorageFull
 
 log = logging.getLogger("polykit_cache.server")
 
 Admit = Callable[[dict], "HTTPError | None"]
+Spool = Callable[[dict], "Staged | None"]
 
 # A request's head (request line and headers) must arrive within this many seconds of its first
 # byte; clients send it in one go, a slowloris one byte at a time.
@@ -64,12 +72,36 @@ def waitress_error(error: Error, body_limit: int) -> HTTPError:
     return HTTPError(error.code, _WORDS.get(error.code, "bad_request"), f"{error.reason}: {error.body}")
 
 
-def spool_error(exc: OSError) -> HTTPError:
+def spool_error(exc: OSError | StorageFull) -> HTTPError:
     """A failure to spool a request body: a full disk is the spec's 507, anything else a 500."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(exc, StorageFull) or exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return HTTPError(507, "storage_full", "The server's disk is full; the upload was not stored.")
     log.error("cannot spool a request body: %s", exc)
     return HTTPError(500, "internal_error", "The server could not receive the body; see its log.")
+
+
+class StagedBuffer:
+    """waitress's body buffer (the part of its ``OverflowableBuffer`` interface a fixed-length
+    body uses) over a store's staged upload: each piece received is written and hashed at once."""
+
+    def __init__(self, staged: Staged) -> None:
+        self.staged = staged
+
+    def __len__(self) -> int:
+        return self.staged.size
+
+    def __bool__(self) -> bool:
+        return True
+
+    def append(self, data: bytes) -> None:
+        self.staged.write(data)  # StorageFull or OSError: HeadParser.received answers it
+
+    def getfile(self):
+        """The body from its start (``wsgi.input``)."""
+        return self.staged.reader()
+
+    def close(self) -> None:
+        self.staged.discard()  # once committed, there is nothing left to remove
 
 
 class HeadParser(HTTPRequestParser):
@@ -87,6 +119,8 @@ class HeadParser(HTTPRequestParser):
     linger: int | None = 0
     # An admitted write (its token checked): its body is an upload, kept at the connection limit.
     upload = False
+    # The store's staged upload the body is written into (see StagedBuffer), or None.
+    spool: Staged | None = None
 
     def __init__(self, adj, channel: "Channel") -> None:
         super().__init__(adj)
@@ -97,7 +131,7 @@ class HeadParser(HTTPRequestParser):
         in_head = not self.headers_finished and not self.completed
         try:
             consumed = super().received(data)
-        except OSError as exc:  # the spool file could not be written (ENOSPC: a full disk)
+        except (OSError, StorageFull) as exc:  # the spool file could not be written (ENOSPC: a full disk)
             return self._answer_early(spool_error(exc), data, 0, body_left=self._body_left())
         if not in_head:
             # waitress's errors in the body (bad chunking, over the limit) close the connection:
@@ -152,6 +186,7 @@ class HeadParser(HTTPRequestParser):
         self.error = error
         self.completed = True
         self.expect_continue = False  # never invite a body that is refused
+        self.spool = None
         if self.body_rcv is not None:
             try:
                 self.body_rcv.getbuf().close()  # frees the spool file (even when its flush fails)
@@ -170,6 +205,12 @@ class HeadParser(HTTPRequestParser):
 
 class Task(WSGITask):
     """waitress's task, closing the connection after its answer when the server is stopping."""
+
+    def get_environment(self) -> dict:
+        environ = super().get_environment()
+        if self.request.spool is not None:
+            environ[SPOOLED] = self.request.spool
+        return environ
 
     def build_response_header(self) -> bytes:
         if self.channel.draining:
@@ -227,10 +268,27 @@ class Channel(HTTPChannel):
                 environ["HTTP_TRANSFER_ENCODING"] = "chunked"
             refusal = admit(environ)
             request.upload = refusal is None and environ.get(ADMITTED_WRITE) is True
+            if request.upload:
+                self._spool_in_store(request, environ)
             return refusal
+        except StorageFull as exc:
+            return spool_error(exc)
         except Exception:  # a fault here must not take down the I/O thread, which serves everyone
             log.exception("judging the head of %s %s failed", request.command, request.path)
             return HTTPError(500, "internal_error", "The server failed to answer; see its log.")
+
+    def _spool_in_store(self, request: HeadParser, environ: dict) -> None:
+        """Have an admitted upload's body written into the store's file, where waitress would
+        spool it to a file of its own: a ``Content-Length`` body over what it keeps in memory."""
+        spool = self.server.spool
+        if spool is None or request.chunked or request.content_length < self.adj.inbuf_overflow:
+            return
+        staged = spool(environ)
+        if staged is None:
+            return
+        request.spool = staged
+        request.body_rcv.getbuf().close()  # waitress's buffer, still empty: no body byte is read yet
+        request.body_rcv = FixedStreamReceiver(request.content_length, StagedBuffer(staged))
 
     def start_lingering(self, left: int) -> None:
         self.linger_left = left
@@ -275,6 +333,12 @@ class Channel(HTTPChannel):
         """Neither running a request nor sending an answer: may be closed to make room."""
         return not self.requests and not self.total_outbufs_len
 
+    def handle_close(self) -> None:
+        if self.request is not None:  # a body cut off: its spool file goes now, not when collected
+            self.request.close()
+            self.request = None
+        super().handle_close()
+
     def shed(self) -> None:
         """Close at once (the connection limit is reached and this one has waited longest)."""
         if self.request is not None:
@@ -288,8 +352,9 @@ class Listener(TcpWSGIServer):
 
     channel_class = Channel
 
-    def __init__(self, application: Callable, admit: Admit | None, **kwargs: object) -> None:
+    def __init__(self, application: Callable, admit: Admit | None, spool: Spool | None = None, **kwargs: object) -> None:
         self.admit = admit
+        self.spool = spool
         super().__init__(application, **kwargs)
 
     def readable(self) -> bool:

@@ -17,7 +17,7 @@ from waitress import wasyncore
 from waitress.adjustments import Adjustments
 from waitress.task import ThreadedTaskDispatcher
 
-from .channel import Admit, Listener
+from .channel import Admit, Listener, Spool
 from .config import Config
 
 log = logging.getLogger("polykit_cache.server")
@@ -64,14 +64,19 @@ class Server:
     """
 
     def __init__(self, app: Callable, config: Config, admit: Admit | None = None,
-                 sockets: list[socket.socket] | None = None, drain_seconds: float = DRAIN_SECONDS) -> None:
+                 sockets: list[socket.socket] | None = None, drain_seconds: float = DRAIN_SECONDS,
+                 spool: Spool | None = None) -> None:
         """``admit`` judges each request on its head alone (see :meth:`CacheApp.admit`); the app's own by default.
+        ``spool`` gives the file an admitted upload's body is written into (see :meth:`CacheApp.body_spool`);
+        the app's own by default.
 
         ``sockets`` are listening sockets bound already (:func:`bind`), shared by worker processes.
         ``drain_seconds`` bounds the drain when the server stops.
         """
         if admit is None:
             admit = getattr(app, "admit", None)
+        if spool is None:
+            spool = getattr(app, "body_spool", None)
         self.app = app
         self._adj = Adjustments(**waitress_settings(config))
         self._map: dict = {}
@@ -80,12 +85,12 @@ class Server:
         # One listener per address the bind name resolves to (as waitress's create_server does).
         if sockets is None:
             self._listeners = [
-                Listener(app, admit, map=self._map, dispatcher=self._dispatcher, adj=self._adj, sockinfo=sockinfo)
+                Listener(app, admit, spool, map=self._map, dispatcher=self._dispatcher, adj=self._adj, sockinfo=sockinfo)
                 for sockinfo in self._adj.listen
             ]
         else:
             self._listeners = [
-                Listener(app, admit, map=self._map, dispatcher=self._dispatcher, adj=self._adj, _sock=sock,
+                Listener(app, admit, spool, map=self._map, dispatcher=self._dispatcher, adj=self._adj, _sock=sock,
                          bind_socket=False, sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()))
                 for sock in sockets
             ]

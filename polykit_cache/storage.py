@@ -827,6 +827,11 @@ class Storage(Store):
     def stage(self) -> Staged:
         return EntryStaged(str(self.tmp_dir), self._unnamed_temps)
 
+    def spool(self) -> Staged:
+        """An upload's body goes straight into its temporary in ``tmp/``: written once, on this
+        filesystem, and linked as the entry once verified (a crash leaves nothing, see entryfile)."""
+        return EntryStaged(str(self.tmp_dir), self._unnamed_temps)
+
     def commit(self, space: str, name: str, staged: Staged, meta=None) -> bool:
         check_space(space)
         extra = dict(meta or {})

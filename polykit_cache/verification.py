@@ -5,6 +5,9 @@ upload staged in the store and the artifact verifier (zstd -> tar -> manifest), 
 not grow with the artifact and nothing is read twice. Only a body that verified completely is
 handed back for a commit (``finish()`` flushes it; the disk store syncs it in the commit, before
 it is visible); on any failure the staged upload is discarded.
+
+Where the store took the body as it arrived (``spooled``, see :meth:`store.Store.spool`), it is
+staged and hashed already: it is verified where it lies, and never copied.
 """
 
 from __future__ import annotations
@@ -15,15 +18,20 @@ from polykit_client.artifact import ArtifactError, Limits, verify_stream
 
 from .store import Staged, Store, StorageFull, is_disk_full
 
+# The environ key under which the server layer hands a handler the body it wrote into the store as
+# it arrived (see CacheApp.body_spool): the store's Staged, whole and hashed (``wsgi.input`` reads it too).
+SPOOLED = "polykit.spooled"
+
 
 class IncompleteBody(Exception):
     """The request body ended before its Content-Length."""
 
 
 class _Tee:
-    """Reads at most ``length`` bytes of the body, copying them to the staged upload (which hashes them)."""
+    """Reads at most ``length`` bytes of the body, copying them to the staged upload (which hashes
+    them) unless ``out`` is None (the body is the staged upload itself)."""
 
-    def __init__(self, body: BinaryIO, length: int, out: Staged) -> None:
+    def __init__(self, body: BinaryIO, length: int, out: Staged | None) -> None:
         self._body = body
         self._left = length
         self._out = out
@@ -38,7 +46,8 @@ class _Tee:
             raise IncompleteBody(f"body ended after {self.size} of {self.size + self._left} bytes")
         self._left -= len(data)
         self.size += len(data)
-        self._out.write(data)
+        if self._out is not None:
+            self._out.write(data)
         return data
 
     def drain(self) -> None:
@@ -46,9 +55,10 @@ class _Tee:
             pass
 
 
-def receive(store: Store, body: BinaryIO, length: int, key: str, limits: Limits) -> tuple[Staged, dict]:
+def receive(store: Store, body: BinaryIO, length: int, key: str, limits: Limits,
+            spooled: Staged | None = None) -> tuple[Staged, dict]:
     """Stage an artifact body, verified and finished, for a commit, with its manifest; or raise and
-    leave nothing behind.
+    leave nothing behind. ``spooled``: the body, staged in the store as it arrived.
 
     Raises ArtifactError (422), IncompleteBody (400) or StorageFull (507).
     """
@@ -57,21 +67,25 @@ def receive(store: Store, body: BinaryIO, length: int, key: str, limits: Limits)
     def check(tee: _Tee) -> None:
         found["manifest"] = verify_stream(tee, expected_key=key, limits=limits)
 
-    return _spool(store, body, length, check), found["manifest"]
+    return _spool(store, body, length, check, spooled), found["manifest"]
 
 
-def receive_blob(store: Store, body: BinaryIO, length: int) -> Staged:
+def receive_blob(store: Store, body: BinaryIO, length: int, spooled: Staged | None = None) -> Staged:
     """Stage an opaque blob of another protocol the same way, hashed but not otherwise checked."""
-    return _spool(store, body, length, None)
+    return _spool(store, body, length, None, spooled)
 
 
-def _spool(store: Store, body: BinaryIO, length: int, check: Callable[[_Tee], object] | None) -> Staged:
-    staged = store.stage()
+def _spool(store: Store, body: BinaryIO, length: int, check: Callable[[_Tee], object] | None,
+           spooled: Staged | None) -> Staged:
+    staged = store.stage() if spooled is None else spooled
     try:
-        tee = _Tee(body, length, staged)
-        if check is not None:
-            check(tee)
-        tee.drain()  # a checked artifact was read to its end already; this guards the byte count
+        if spooled is None:
+            tee = _Tee(body, length, staged)
+            if check is not None:
+                check(tee)
+            tee.drain()  # a checked artifact was read to its end already; this guards the byte count
+        else:
+            _check_in_place(staged, length, check)
         staged.finish()
         return staged
     except OSError as exc:
@@ -84,4 +98,12 @@ def _spool(store: Store, body: BinaryIO, length: int, check: Callable[[_Tee], ob
         raise
 
 
-__all__ = ["ArtifactError", "IncompleteBody", "receive", "receive_blob"]
+def _check_in_place(staged: Staged, length: int, check: Callable[[_Tee], object] | None) -> None:
+    """Verify a body the store took as it arrived where it lies (it was hashed on the way in)."""
+    if staged.size != length:
+        raise IncompleteBody(f"body ended after {staged.size} of {length} bytes")
+    if check is not None:
+        check(_Tee(staged.reader(), length, None))
+
+
+__all__ = ["ArtifactError", "IncompleteBody", "SPOOLED", "receive", "receive_blob"]

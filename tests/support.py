@@ -230,11 +230,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(storage_dir: Path, drain_seconds: float | None = None, **settings):
+def running_server(storage_dir: Path, drain_seconds: float | None = None, storage_options: dict | None = None,
+                   **settings):
     """The real waitress server on a free loopback port, running in a thread of this process:
-    yields the Server and the thread serving it (which ends once the server has drained)."""
+    yields the Server and the thread serving it (which ends once the server has drained).
+    ``storage_options``: more arguments of :class:`Storage`."""
     config = Config(storage_dir=storage_dir, port=0, **settings)
-    server = Server(new_app(storage_dir, **settings), config,
+    server = Server(new_app(storage_dir, storage_options, **settings), config,
                     **({} if drain_seconds is None else {"drain_seconds": drain_seconds}))
     thread = threading.Thread(target=server.run, kwargs={"install_signals": False}, daemon=True)
     thread.start()

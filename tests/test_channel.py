@@ -108,20 +108,41 @@ def test_a_refusal_comes_in_the_protocol_error_shape(tmp_path):
         assert first.startswith(b"HTTP/1.1 401") and headers["content-type"].startswith("text/plain")  # Nx
 
 
+def chunked_put(port: int, path: str, body: bytes, headers: dict) -> tuple[bytes, bytes]:
+    """PUT ``body`` chunked over a raw socket (waitress spools it itself); (status line, answer body)."""
+    with connect(port) as sock:
+        lines = [f"PUT {path} HTTP/1.1", "Host: cache", "Transfer-Encoding: chunked"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        for start in range(0, len(body), MIB):
+            piece = body[start:start + MIB]
+            sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+        first, _, answer = read_answer(sock)
+    return first, answer
+
+
 def test_unauthenticated_bodies_never_reach_the_spool(tmp_path, monkeypatch):
     """With the spool folder missing, any body that waitress spooled would fail there (a 500, as
-    the control upload shows); a refused body is never spooled, so its answer stays a 401."""
+    the chunked control upload shows); a refused body is never spooled, nor written to the store
+    (which takes admitted bodies with a length), so its answer stays a 401."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-spool"))
     body = b"\0" * (3 * MIB)  # well over waitress's 512 KiB kept in memory
     with thread_server(tmp_path / "store", **token_settings(tmp_path)) as (port, app):
+        spooled = []
+        store_spool = app.storage.spool
+        monkeypatch.setattr(app.storage, "spool", lambda: spooled.append(1) or store_spool())
         status, _, answer = request(port, "PUT", ART, body)  # http.client sends it all, then reads
         assert status == 401 and json.loads(answer)["error"] == "unauthorized"
         status, _, answer = request(port, "PUT", "/kv/gradle/entry", body, {"Authorization": "Bearer wrong-token-1"})
         assert status == 401
         status, _, answer = request(port, "POST", "/no/route", body, AUTH)
         assert status == 404
-        status, _, answer = request(port, "PUT", ART, body, AUTH)  # control: this one is spooled
-        assert status == 500 and json.loads(answer)["error"] == "internal_error"
+        assert spooled == []
+        first, answer = chunked_put(port, ART, body, AUTH)  # control: this one is spooled by waitress
+        assert first.startswith(b"HTTP/1.1 500") and json.loads(answer)["error"] == "internal_error"
+        status, _, answer = request(port, "PUT", ART, body, AUTH)  # control: written into the store
+        assert status == 422 and spooled == [1]
         assert app.storage.lookup(KEY) is None
 
 
@@ -148,10 +169,11 @@ def test_a_refusal_without_a_body_keeps_the_connection(tmp_path):
 
 
 def test_a_full_spool_disk_is_a_json_507(tmp_path, small_tmpfs, monkeypatch):
+    """waitress's own spool (a chunked body) on a full disk."""
     monkeypatch.setattr(tempfile, "tempdir", str(small_tmpfs))
     with thread_server(tmp_path / "store") as (port, app):
-        status, _, body = request(port, "PUT", ART, b"\0" * (3 * MIB))
-        assert status == 507 and json.loads(body)["error"] == "storage_full"
+        first, body = chunked_put(port, ART, b"\0" * (3 * MIB), {})
+        assert first.startswith(b"HTTP/1.1 507") and json.loads(body)["error"] == "storage_full"
         assert request(port, "GET", "/healthz")[0] == 200
         assert app.metrics.requests[("polykit", "PUT", 507)] == 1
         fs = os.statvfs(small_tmpfs)

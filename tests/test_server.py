@@ -155,8 +155,8 @@ def test_sigkill_during_an_upload_leaves_nothing_and_the_key_can_be_uploaded_aga
     server = ServerProcess(store, tmp_path / "server.log")
     uploader = threading.Thread(target=lambda: _ignore_errors(stream_upload, server.port, path, blob), daemon=True)
     uploader.start()
-    # waitress spools the body first; kill once the application is writing its temporary file
-    # (an unnamed file in tmp/, seen among the server's open files).
+    # The body is written as it arrives into the store's temporary file (an unnamed file in tmp/,
+    # seen among the server's open files); kill once it is open, in the middle of the upload.
     deadline = time.monotonic() + 60
     while not _open_files_in(server.proc.pid, store / "tmp"):
         assert time.monotonic() < deadline, "the upload never reached the application"

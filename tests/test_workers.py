@@ -49,8 +49,9 @@ def stats(port: int) -> dict:
 
 
 @WORKERS
-def test_concurrent_uploads_of_one_key_give_exactly_one_201(tmp_path, workers):
-    blobs = [pack_tree(tmp_path / str(i), {"a": os.urandom(200_000)}) for i in range(8)]
+@pytest.mark.parametrize("size", [200_000, 700_000])  # kept in memory by waitress / written into the store as it comes
+def test_concurrent_uploads_of_one_key_give_exactly_one_201(tmp_path, workers, size):
+    blobs = [pack_tree(tmp_path / str(i), {"a": os.urandom(size)}) for i in range(8)]
     server = start(tmp_path, workers)
     try:
         statuses = race_uploads(server.port, ART, blobs)
