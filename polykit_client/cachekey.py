@@ -143,18 +143,27 @@ def _tree_digest(folder: str) -> str:
     for rel in walk_files(Path(folder), Path(folder)):
         if rel == ".git" or rel.startswith(".git/"):
             continue
-        file_digest = blob_id_large(os.path.join(folder, rel)) or "unreadable"
+        path = os.path.join(folder, rel)
+        # A link to a folder in it counts by its target's name (its blob in git), not followed: a loop ends nowhere.
+        file_digest = blob_id_large(path) or (f"link:{os.readlink(path)}" if os.path.islink(path) else "unreadable")
         digest.update(f"{rel}\0{file_digest}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
 def walk_files(top: Path, root: Path) -> list[str]:
-    """Every file under ``top`` (relative to ``root``), skipping VCS and dependency folders."""
+    """Every file under ``top`` (relative to ``root``), skipping VCS and dependency folders.
+
+    A symlink to a folder is one entry, as git lists it (mode 120000) and as it is then hashed:
+    through the link, by the files behind it. os.walk puts such a link among the folders and
+    does not enter it; left out, an edit behind it would leave the key unchanged outside git.
+    """
     found = []
     for folder, dirs, files in os.walk(top):
-        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
         rel = Path(folder).relative_to(root).as_posix()
         prefix = "" if rel == "." else rel + "/"
+        kept = [d for d in dirs if d not in SKIP_DIRS]
+        dirs[:] = [d for d in kept if not os.path.islink(os.path.join(folder, d))]
+        found.extend(prefix + d for d in kept if d not in dirs)
         found.extend(prefix + f for f in files)
     return sorted(found)
 

@@ -591,7 +591,17 @@ class TaskRunner:
             self._forget_record(node)
             for stale in expand_outputs(pkg.dir, task.outputs, strict=False):
                 _remove(pkg.dir / stale)
-            staged.place(pkg.dir)
+            try:
+                staged.place(pkg.dir)
+            except BaseException:
+                # Placing stopped part-way (a full disk, a file in the way that cannot go): what it
+                # placed, a file cut short among it, must not stay for the build that follows to
+                # take as up to date, nor be packed and recorded under this key. The task then
+                # builds from no outputs, as after a clean.
+                for placed in expand_outputs(pkg.dir, task.outputs, strict=False):
+                    with contextlib.suppress(OSError):
+                        _remove(pkg.dir / placed)
+                raise
             if keep is not None:
                 keep(key, path)  # a verified download joins the local cache
             # The record lists what the artifact placed: after the old outputs went, that is what the

@@ -342,3 +342,19 @@ def test_dry_run_json_shows_the_matched_env_and_the_ignored_explicit_input(mws, 
     assert tasks["base:build"]["components"]["env"] == {"CI_RUNNER": env_digest("r1"), "NODE_ENV": None}
     again = pk.keys(NEXT_PUBLIC_API="https://production", CI_RUNNER="r1")
     assert again["app:build"] != tasks["app:build"]["key"] and again["base:build"] == tasks["base:build"]["key"]
+
+
+def test_a_folder_replaced_by_a_symlink_is_a_default_input_with_or_without_git(mws, env, tmp_path):
+    """git lists a symlink to a folder as one entry, hashed through the link (its files); a copy
+    of the tree without ``.git`` must see the same entry, or an edit behind it is a false hit."""
+    write(mws, "lib/real.py", "y = 1\n")
+    shutil.rmtree(mws / "packages/base/src")
+    (mws / "packages/base/src").symlink_to("../../lib")
+    plain = tmp_path / "plain"
+    shutil.copytree(mws, plain, symlinks=True, ignore=shutil.ignore_patterns(".git", ".polykit"))
+    (plain / "packages/base/ignored").rename(tmp_path / "ignored")  # what git ignores, gone from the copy
+    for root in (mws, plain):
+        before = keys(root, env)
+        write(root, "lib/real.py", "y = 2\n")
+        assert {t for t in ALL if keys(root, env)[t] != before[t]} == BASE, root
+    assert keys(plain, env)["base:build"] == keys(mws, env)["base:build"]

@@ -2,6 +2,10 @@
 both placing exactly what was packed and never through a link."""
 
 import os
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +13,7 @@ import pytest
 from polykit_client import restore
 from polykit_client.artifact import ArtifactError, Limits
 from polykit_client.nofollow import LinkInPath
+from sample import Polykit, make_tools
 from support import KEY
 from test_artifact import make_tree, pack
 
@@ -103,3 +108,32 @@ def test_only_an_artifact_within_the_bound_is_held_in_memory(tmp_path):
     assert not isinstance(over, restore.Held) and (over.staging / "outputs" / "dist" / "big").stat().st_size == 5000
     over.discard()
     assert os.listdir(tmp_path / "tmp") == [] and not (tmp_path / "artifact.zst").exists()
+
+
+def test_a_restore_that_fails_midway_leaves_no_output_behind(tmp_path):
+    """A write that fails part-way (here the file size limit, as a full disk would) must not leave
+    a truncated output for the task's own build to take as up to date, nor be recorded as placed."""
+    ws = tmp_path / "ws"
+    (ws / "packages" / "p").mkdir(parents=True)
+    (ws / "polykit.toml").write_text('[workspace]\npackages_dir = "packages"\n')
+    (ws / "packages" / "p" / "polykit.toml").write_text(
+        'name = "p"\n[tasks]\nbuild = { command = "mkdir -p dist && ls dist > ../seen.txt'
+        ' && (test -f dist/big.bin || head -c 1048576 /dev/zero > dist/big.bin)", outputs = ["dist/**"] }\n')
+    pk = Polykit(ws, make_tools(tmp_path / "tools"), tmp_path / "marker")
+    pk.run("build")
+    big = ws / "packages" / "p" / "dist" / "big.bin"
+    big.unlink()
+
+    def limited() -> None:  # writes past 256 KiB fail with EFBIG (SIGXFSZ is ignored, as exec keeps it)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        out = subprocess.run([sys.executable, "-m", "polykit_client", "build"], cwd=ws, env=pk.env,
+                             preexec_fn=limited, capture_output=True, text=True, timeout=120)
+    finally:
+        signal.signal(signal.SIGXFSZ, previous)
+    assert "could not restore" in out.stderr and "p:build  miss" in out.stdout
+    assert (ws / "packages" / "seen.txt").read_text() == ""  # the build found no output left by the restore
+    out = pk.run("build")
+    assert "p:build  hit (local)" in out.stdout and big.stat().st_size == 1 << 20
