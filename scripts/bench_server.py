@@ -579,28 +579,14 @@ class BareApp:
             out = self.local.spool = tempfile.TemporaryFile(dir=self.spool_dir)
         out.seek(0)
         out.truncate()
-        left = int(environ.get("CONTENT_LENGTH") or 0)
-        body = environ["wsgi.input"]
-        while left > 0:
-            data = body.read(min(left, BLOCK))
-            if not data:
-                break
-            out.write(data)
-            left -= len(data)
+        copy_body(environ, out.write)
 
     def store_durably(self, environ: dict, key: str) -> None:
         """The body as a new file, synced before its name appears, its folder synced after."""
         folder = self.durable_dir / key[:2]
         fd = os.open(self.spool_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
         try:
-            left = int(environ.get("CONTENT_LENGTH") or 0)
-            body = environ["wsgi.input"]
-            while left > 0:
-                data = body.read(min(left, BLOCK))
-                if not data:
-                    break
-                os.write(fd, data)
-                left -= len(data)
+            copy_body(environ, lambda data: os.write(fd, data))
             os.fsync(fd)
             try:
                 try:
@@ -630,6 +616,18 @@ class BareApp:
     def answer(start_response: Callable, status: str, body: bytes) -> list[bytes]:
         start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
+
+
+def copy_body(environ: dict, write: Callable[[bytes], object]) -> None:
+    """Hand the request body to ``write`` in blocks, up to its declared length."""
+    left = int(environ.get("CONTENT_LENGTH") or 0)
+    body = environ["wsgi.input"]
+    while left > 0:
+        data = body.read(min(left, BLOCK))
+        if not data:
+            break
+        write(data)
+        left -= len(data)
 
 
 def serve_bare(argv: Sequence[str]) -> int:
