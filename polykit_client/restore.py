@@ -184,6 +184,7 @@ def write_tree(dest: Path, files: dict[str, tuple[int, bytes] | None], links: di
     as it lets each folder go, that it is still the folder written to).
     """
     folders = nofollow.Folders(dest, create=True)
+    listings: dict[str, set[str]] = {}  # a folder's names as it was first found in the way, by its path
     try:
         for rel in sorted(files):
             entry = files[rel]
@@ -192,7 +193,7 @@ def write_tree(dest: Path, files: dict[str, tuple[int, bytes] | None], links: di
                 continue
             mode, body = entry
             parent, name = folders.parent(rel)
-            fd = _replacing(folders, rel, parent, name, lambda: nofollow.create_at(parent, name, mode))
+            fd = _replacing(folders, listings, rel, parent, name, lambda: nofollow.create_at(parent, name, mode))
             try:
                 view = memoryview(body)
                 while view:
@@ -201,20 +202,29 @@ def write_tree(dest: Path, files: dict[str, tuple[int, bytes] | None], links: di
                 os.close(fd)
         for rel in sorted(links):
             parent, name = folders.parent(rel)
-            _replacing(folders, rel, parent, name, lambda: os.symlink(links[rel], name, dir_fd=parent))
+            _replacing(folders, listings, rel, parent, name, lambda: os.symlink(links[rel], name, dir_fd=parent))
         folders.close(check=True)
     finally:
         folders.close(check=False)
 
 
-def _replacing(folders: nofollow.Folders, rel: str, parent: int, name: str, make):
+def _replacing(folders: nofollow.Folders, listings: dict[str, set[str]], rel: str, parent: int, name: str, make):
     """``make()`` a new entry; when something is at its name already, remove that and make it again
-    (only when the folder lists it under this very name: see :func:`write_tree`)."""
+    (only when the folder lists it under this very name: see :func:`write_tree`).
+
+    Each folder is listed once, at its first entry in the way, not once per entry: a restore over
+    a previous build's outputs finds every file in the way. Names this restore made later are not
+    in that listing, which is right: an entry in the way under one of them is another spelling of
+    an entry of this artifact."""
     try:
         return make()
     except FileExistsError:
         pass
-    if name not in os.listdir(parent):
+    folder = os.path.dirname(rel)
+    listing = listings.get(folder)
+    if listing is None:
+        listing = listings[folder] = set(os.listdir(parent))
+    if name not in listing:
         raise ArtifactError("path_conflict", f"{rel!r} names an entry of the package spelled otherwise") from None
     if stat.S_ISDIR(os.lstat(name, dir_fd=parent).st_mode):
         folders.forget(rel)
