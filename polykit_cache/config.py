@@ -301,7 +301,8 @@ def setup_logging(level: str, access_log_format: str = "common") -> None:
     waitress warns "Task queue depth is N" whenever a request waits for a worker thread, which
     under any load is nearly every request: a log line each, written by the thread that should
     be serving. Requests waiting is normal (connections are bounded, see ``--max-connections``),
-    so that warning shows at ``--log-level debug`` only.
+    so that warning shows at ``--log-level debug`` only, and there at most once per
+    ``server.QUEUE_LOG_SECONDS`` (see ``server.QueueDepthLog``).
     """
     logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("waitress.queue").setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
