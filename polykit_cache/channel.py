@@ -132,6 +132,7 @@ class HeadParser(HTTPRequestParser):
 
     def received(self, data: bytes) -> int:
         in_head = not self.headers_finished and not self.completed
+        head_so_far = self.header_plus if in_head else b""
         try:
             consumed = super().received(data)
         except (OSError, StorageFull) as exc:  # the spool file could not be written (ENOSPC: a full disk)
@@ -149,7 +150,9 @@ class HeadParser(HTTPRequestParser):
             if self.error is not None:
                 return self._answer_early(self.error, data, consumed, body_left=self._declared_body())
         elif self.error is not None:
-            self._name_first_line()
+            # The head as received, whichever read waitress gave up in: the answer's version must
+            # not depend on how TCP cut the head into reads.
+            self._name_first_line(head_so_far + data)
             return self._answer_early(self.error, data, consumed, body_left=None)
         return consumed
 
@@ -171,9 +174,9 @@ class HeadParser(HTTPRequestParser):
             return LINGER_BYTES
         return max(self.content_length - self.body_bytes_received, 0)
 
-    def _name_first_line(self) -> None:
+    def _name_first_line(self, head: bytes) -> None:
         """Method, path and version of a head waitress refused, for the answer and the log, where readable."""
-        line = bytes(self.header_plus).split(b"\r\n", 1)[0]
+        line = bytes(head).lstrip().split(b"\r\n", 1)[0]
         try:
             method, uri, version = crack_first_line(line)
         except ParsingError:
