@@ -271,3 +271,20 @@ def test_a_tampered_artifact_in_a_bundle_is_built_and_the_others_restored(tmp_pa
     pk, out, seen = fresh_clone_against(tmp_path, lambda app: rot(tmp_path / "store"))
     assert len(pk.ran()) == 1 and "2 remote hits, 1 miss" in out.stdout
     assert out.stderr.count("warning:") == 1 and "corrupt" in out.stderr
+
+
+def test_bundles_are_served_from_the_s3_store(tmp_path):
+    from polykit_cache.app import make_app
+    from polykit_cache.config import Config
+    from s3support import moto_server, s3_store
+
+    with moto_server(tmp_path) as moto:
+        bucket = moto.make_bucket()
+        writer = make_app(Config(storage_dir=tmp_path / "one"), s3_store(moto, bucket, tmp_path / "tier-one"))
+        blob = store(writer, tmp_path, KEY, {"a.txt": b"in the bucket"})
+        # Another server on the bucket, its local tier empty: the entry comes from the bucket in its turn.
+        reader = make_app(Config(storage_dir=tmp_path / "two"), s3_store(moto, bucket, tmp_path / "tier-two"))
+        reply = ask(reader, [OTHER_KEY, KEY])
+        assert frames(reply.body, [OTHER_KEY, KEY]) == {OTHER_KEY: None, KEY: blob}
+        stats = call(reader, "GET", "/v1/stats").json()
+        assert stats["hits"] == 1 and stats["misses"] == 1
