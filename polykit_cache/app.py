@@ -432,6 +432,11 @@ class CacheApp:
         framed as :mod:`polykit_client.bundle` says, in the order asked. Each entry is opened only
         when the stream reaches it and counted as its ``GET`` would be (a hit, a use, or a miss),
         so the server holds one open entry and one chunk at a time, whatever the list.
+
+        Unlike a ``GET``'s file, which waitress's I/O thread sends, a bundle is written by the worker
+        thread that answers it, into waitress's output buffer (on disk past 1 MiB); the client asks
+        for a few MiB per bundle (under waitress's 16 MiB high-water mark, past which a worker
+        waits for the client to read), so a worker is held about as long as its disk reads take.
         """
         keys = self._keys(environ)
         headers = [("Content-Type", bundle.CONTENT_TYPE), ("Cache-Control", "no-store")]
