@@ -62,6 +62,10 @@ def test_a_bundle_holds_the_keys_in_the_order_asked_and_says_which_are_not_store
     assert "content-length" not in reply.headers  # an entry may go before its turn: the trailer ends it
     assert frames(reply.body, [THIRD_KEY, OTHER_KEY, KEY]) == {THIRD_KEY: three, OTHER_KEY: None, KEY: one}
     assert ask(app, []).body == bundle.trailer(0)
+    # Streamed a chunk at a time: nothing the size of the list, nor of an entry, is held at once.
+    pieces = app(make_environ("POST", "/v1/bundles", json.dumps({"keys": [THIRD_KEY, KEY]}).encode()),
+                 lambda status, headers: None)
+    assert max(len(piece) for piece in pieces) <= SEND_CHUNK
 
 
 def test_a_stream_cut_anywhere_is_told_from_a_whole_one(tmp_path):
