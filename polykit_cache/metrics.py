@@ -107,7 +107,8 @@ class Metrics:
             counts[("namespace", label, hit)] += 1
             if hit:
                 counts[_HITS] += 1
-                counts[_BYTES_OUT] += bytes_out
+                if bytes_out:
+                    counts[_BYTES_OUT] += bytes_out
             else:
                 counts[_MISSES] += 1
         self.history.lookup(protocol, hit, bytes_out)

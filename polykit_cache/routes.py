@@ -111,25 +111,29 @@ class Router:
         if not path.startswith("/"):
             return None
         end = path.find("/", 1)
-        if (path[1:end] if end > 0 else path[1:]) in self._by_root:  # no namespace, the common case
+        patterns = self._by_root.get(path[1:end] if end > 0 else path[1:])
+        if patterns is not None:  # no namespace, the common case
             rest, namespace = path, ""
         else:
             parts = path[1:].split("/")
             root = next((i for i, part in enumerate(parts) if part in self._by_root), None)
             if root is None:
                 return None
+            patterns = self._by_root[parts[root]]
             rest, namespace = "/" + "/".join(parts[root:]), "/".join(parts[:root])
         route = self._exact.get(rest)
         if route is not None:
             return route, {"namespace": namespace}
-        found = [(route, m) for route in self._by_root[rest[1:].partition("/")[0]]
-                 if (m := route.regex.fullmatch(rest)) is not None]
-        if not found:
+        found = None
+        for route in patterns:
+            m = route.regex.fullmatch(rest)
+            if m is not None:
+                if found is not None:  # the declared patterns overlap: a bug, never resolved by order
+                    raise HTTPError(500, "internal_error", "Two routes claim this path.")
+                found = route, m
+        if found is None:
             return None
-        if len(found) > 1:  # the declared patterns overlap: a bug, never resolved by order
-            raise HTTPError(500, "internal_error", "Two routes claim this path.")
-        route, m = found[0]
-        return route, {**m.groupdict(), "namespace": namespace}
+        return found[0], {**found[1].groupdict(), "namespace": namespace}
 
     def owner(self, path: str) -> Route | None:
         """The route a path belongs to, for the error shape of a refusal; None for unknown paths."""

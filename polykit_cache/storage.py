@@ -197,6 +197,8 @@ INFO_CACHE_SIZE = 16384
 # lets another thread take the interpreter). The bound keeps a worker's peak RSS under 100 MiB: with
 # it full and 8 connections reading 64 KiB entries, a worker's peak was 53 MiB (31 MiB idle).
 KEPT_BODY_SIZE = 64 * 1024
+# Blob names whose file path is kept (about 400 bytes each).
+BLOB_PATHS = 4096
 KEPT_BODIES_BYTES = 16 << 20
 
 
@@ -225,6 +227,8 @@ class Storage(Store):
         # Index key (a cache key, or a blob's id) -> its metadata (ArtifactInfo, or a blob's Stat),
         # each used only for the file it was read from (see _info_of and _blob_stat_of).
         self._info: IdentityCache[ArtifactInfo | Stat] = IdentityCache(INFO_CACHE_SIZE)
+        # (space, name) -> a blob's names (see _blob_paths).
+        self._paths: dict[tuple[str, str], tuple[str, str, str]] = {}
         # Index key -> the bytes of a small entry, each used only for the file it was read from.
         self._bodies: IdentityCache[bytes] = IdentityCache(INFO_CACHE_SIZE, KEPT_BODIES_BYTES)
         # Sizes, costs and the least-recently-used order of the entries (keyed by cache key or
@@ -241,6 +245,19 @@ class Storage(Store):
         if not is_cache_key(key):
             raise ValueError(f"invalid cache key {key!r}")
         return f"{self._prefix}{key[0:2]}/{key[2:4]}/{key}.zst"
+
+    def _blob_paths(self, space: str, name: str) -> tuple[str, str, str]:
+        """(blob name, index key, data file) of a blob: the key is a SHA-256 of the name, so the
+        three are kept per name read (at most BLOB_PATHS, all dropped at the bound)."""
+        found = self._paths.get((space, name))
+        if found is None:
+            blob = disk_name(space, name)
+            key = blob_id(blob)
+            found = (blob, key, self._data_path(key))
+            if len(self._paths) >= BLOB_PATHS:
+                self._paths.clear()
+            self._paths[(space, name)] = found
+        return found
 
     def _data_path(self, key: str) -> str:
         """The file of an index key: an artifact (a bare cache key) or a blob's id."""
@@ -745,9 +762,7 @@ class Storage(Store):
                 self._vanished(name)
                 return None
             return self._artifact_stat(name, path, st, use, settled)
-        blob = disk_name(space, name)
-        key = blob_id(blob)
-        path = self._data_path(key)
+        blob, key, path = self._blob_paths(space, name)
         try:
             st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -818,9 +833,7 @@ class Storage(Store):
             key = name
             path = self._zst(name)
         else:
-            blob = disk_name(space, name)
-            key = blob_id(blob)
-            path = self._data_path(key)
+            blob, key, path = self._blob_paths(space, name)
         if key in self._bodies:
             # The bytes kept are this file's if its stat is the one they were read with (see
             # metacache); the metadata is then found as for a HEAD, from the same stat.
