@@ -520,7 +520,7 @@ class Storage(Store):
     def forget(self, name: str) -> None:
         """Drop an artifact (by key) or blob (by name) that vanished from disk from the in-memory state."""
         key = self._key_of(name)
-        if key not in self._info and not self._index.contains(key):
+        if key not in self._info and key not in self._bodies and not self._index.contains(key):
             return  # never stored (an upload's check that its name is free): no write to the index
         with self._lock:
             if os.path.exists(self._data_path(key)):
