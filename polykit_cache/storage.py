@@ -197,9 +197,9 @@ INFO_CACHE_SIZE = 16384
 # lets another thread take the interpreter). The bound keeps a worker's peak RSS under 100 MiB: with
 # it full and 8 connections reading 64 KiB entries, a worker's peak was 53 MiB (31 MiB idle).
 KEPT_BODY_SIZE = 64 * 1024
+KEPT_BODIES_BYTES = 16 << 20
 # Blob names whose file path is kept (about 400 bytes each).
 BLOB_PATHS = 4096
-KEPT_BODIES_BYTES = 16 << 20
 
 
 class Storage(Store):
