@@ -1,4 +1,5 @@
-"""scripts/bench_server.py: the targets it prints beside the figures, and its bare baseline's token check."""
+"""scripts/bench_server.py: the targets it prints beside the figures, its bare baselines (the token check, the
+durable and the journal floors); scripts/bench_sync.py: each way of syncing a small upload."""
 
 from __future__ import annotations
 
@@ -192,3 +193,14 @@ def test_the_log_has_room_for_every_small_upload_measured():
     # Keys used by several measurements are counted once; 1 MiB uploads are not entries.
     assert bench_server.journal_bytes_needed(corpus, 1.0, []) == 30 * _journal.entry_size(60_000)
     assert bench_server.journal_bytes_needed(corpus, 1.0, ["GET 4 KiB"]) == 1024 * 1024  # the least log
+
+
+def test_the_sync_measurement_reports_every_way(tmp_path, capsys):
+    import bench_sync
+
+    assert bench_sync.main(["--count", "3", "--rounds", "2", "--tmp-dir", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert row(table, "new file")[4] == "1.00"
+    for way in ("log, fdatasync", "log, O_DSYNC", "log, sync_file_range", "append, fdatasync", "flush alone"):
+        assert float(row(table, way)[1]) > 0
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is removed
