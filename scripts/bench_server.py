@@ -17,7 +17,7 @@ what our own work costs beyond the syncs, durable/node what the syncs cost on th
 durable the way a database would: an entry appended to one preallocated log, answered after an
 ``fdatasync`` that started after its write, one sync shared by every upload waiting (group
 commit); ``--bare-journal group,each,dsync,range`` adds a column for each other way of syncing
-(see ``_journal.py``).
+(see ``_journal.py``), and ``files`` one whose uploads also go to a file each, unsynced.
 
 Every server gets the same artifacts at the same path, turbo's ``/v8/artifacts/{hash}?teamId=bench``
 with a bearer token that each of them checks (``--api polykit`` measures ours and bare on
@@ -539,14 +539,19 @@ class BareApp:
     entry of that one preallocated log, answered once a sync that started after its write has
     ended (see ``_journal.py``: a group commit by default); larger ones go to ``durable_dir`` as
     above. Its figures are the floor of a store that keeps small entries in a log.
+
+    With ``files_too`` (``--bare-journal files``), such an upload is also written to its file as
+    in ``durable`` but with no sync (the log makes it durable; a replay would rewrite the file):
+    the floor of keeping the store's layout, with the log only making uploads durable.
     """
 
     def __init__(self, serve_dir: Path, spool_dir: Path, durable_dir: Path | None = None,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, files_too: bool = False) -> None:
         self.serve_dir = serve_dir
         self.spool_dir = spool_dir
         self.durable_dir = durable_dir
         self.journal = journal
+        self.files_too = files_too
         self.local = threading.local()
         self.index: dict[str, list] = json.loads((serve_dir / "index.json").read_text())
         self.pattern = re.compile(r"/v[18]/artifacts/([0-9a-f]{64})")
@@ -603,17 +608,22 @@ class BareApp:
 
     def log_durably(self, environ: dict, key: str) -> None:
         """The body as an entry of the log, returning once that entry is durable."""
-        body = bytearray()
-        copy_body(environ, body.extend)  # at most MAX_ENTRY bytes: the caller checked the length
-        self.journal.append(bytes.fromhex(key), bytes(body))
+        data = bytearray()
+        copy_body(environ, data.extend)  # at most MAX_ENTRY bytes: the caller checked the length
+        body = bytes(data)
+        if self.files_too:  # its name first: the link decides which of two uploads is first
+            self.store_durably({"CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}, key, sync=False)
+        self.journal.append(bytes.fromhex(key), body)
 
-    def store_durably(self, environ: dict, key: str) -> None:
-        """The body as a new file, synced before its name appears, its folder synced after."""
+    def store_durably(self, environ: dict, key: str, sync: bool = True) -> None:
+        """The body as a new file, synced before its name appears, its folder synced after
+        (``sync=False``: the file and its name alone, left to the kernel's writeback)."""
         folder = self.durable_dir / key[:2]
         fd = os.open(self.spool_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
         try:
             copy_body(environ, lambda data: os.write(fd, data))
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
             try:
                 try:
                     os.link(f"/proc/self/fd/{fd}", folder / key, src_dir_fd=self.anchor, follow_symlinks=True)
@@ -624,6 +634,8 @@ class BareApp:
                 pass  # first write wins
         finally:
             os.close(fd)
+        if not sync:
+            return
         dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(dir_fd)
@@ -670,13 +682,14 @@ def serve_bare(argv: Sequence[str]) -> int:
     parser.add_argument("--spool-dir", type=Path, required=True)
     parser.add_argument("--durable-dir", type=Path)
     parser.add_argument("--journal-mode", choices=JOURNAL_MODES)
+    parser.add_argument("--files-too", action="store_true")
     parser.add_argument("--journal-bytes", type=int, default=0)
     args = parser.parse_args(list(argv))
     config = Config(bind=LOCALHOST, port=args.port, threads=args.threads, max_artifact_size=1 << 40)
     journal = None
     if args.journal_mode:  # written in full before the server listens, so before any timing
         journal = Journal(args.durable_dir / "journal.log", args.journal_bytes, args.journal_mode)
-    app = BareApp(args.serve_dir, args.spool_dir, args.durable_dir, journal)
+    app = BareApp(args.serve_dir, args.spool_dir, args.durable_dir, journal, args.files_too)
     server = create_server(app, **waitress_settings(config))
     signal.signal(signal.SIGTERM, _raise_exit)
     signal.signal(signal.SIGINT, _raise_exit)
@@ -837,14 +850,19 @@ def start_s3(workdir: Path, cpu: int | None, threads: int, log_level: str, big_b
     return start_server("s3", cmd, port, workdir, cpu, storage, template, env)
 
 
-def journal_kind(mode: str) -> str:
-    """The column of a journal floor: ``journal`` for the group commit, ``journal-MODE`` for the others."""
-    return "journal" if mode == "group" else f"journal-{mode}"
+# --bare-journal's choices: a way of syncing the log (see _journal.py), or "files": the group
+# commit with every upload also written to its file, unsynced.
+JOURNAL_FLOORS = (*JOURNAL_MODES, "files")
 
 
-def journal_mode(kind: str) -> str | None:
-    """The journal mode of a server kind, None when it is not a journal floor."""
-    return next((mode for mode in JOURNAL_MODES if journal_kind(mode) == kind), None)
+def journal_kind(floor: str) -> str:
+    """The column of a journal floor: ``journal`` for the group commit, ``journal-FLOOR`` for the others."""
+    return "journal" if floor == "group" else f"journal-{floor}"
+
+
+def journal_floor(kind: str) -> str | None:
+    """Which journal floor a server kind is, None when it is not one."""
+    return next((floor for floor in JOURNAL_FLOORS if journal_kind(floor) == kind), None)
 
 
 def start_bare(workdir: Path, serve_dir: Path, cpu: int | None, threads: int, template: str,
@@ -855,13 +873,16 @@ def start_bare(workdir: Path, serve_dir: Path, cpu: int | None, threads: int, te
     cmd = [sys.executable, str(Path(__file__).resolve()), "_bare", "--port", str(port), "--threads", str(threads),
            "--serve-dir", str(serve_dir), "--spool-dir", str(workdir / f"spool-{name}")]
     storage = None
-    mode = journal_mode(name)
-    if name == "durable" or mode is not None:
+    floor = journal_floor(name)
+    if name == "durable" or floor is not None:
         storage = workdir / f"storage-{name}"
         storage.mkdir()
         cmd += ["--durable-dir", str(storage)]
-    if mode is not None:
+    if floor is not None:
+        mode = floor if floor in JOURNAL_MODES else "group"
         cmd += ["--journal-mode", mode, "--journal-bytes", str(journal_bytes)]
+        if floor == "files":
+            cmd.append("--files-too")
     return start_server(name, cmd, port, workdir, cpu, storage, template)
 
 
@@ -1446,8 +1467,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
                         help="also measure the bare baseline appending each upload up to 64 KiB to one preallocated "
                              "log, durable before its 201, as a database would: comma-separated modes of making it "
-                             f"durable, of {', '.join(JOURNAL_MODES)} (default: group, one fdatasync for every "
-                             "upload waiting), one column each")
+                             f"durable, of {', '.join(JOURNAL_FLOORS)} (default: group, one fdatasync for every "
+                             "upload waiting; files: group, and each upload also in its own file, unsynced), "
+                             "one column each")
     which.add_argument("--s3", action="store_true",
                        help="measure our server on the S3 store (a local moto bucket), then on the disk store")
     parser.add_argument("--compare-with", type=Path, metavar="CHECKOUT",
@@ -1508,9 +1530,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         or args.threads_sweep)
     if (args.bare_durable or args.bare_journal or args.compare_with) and not side_by_side:
         parser.error("--bare-durable, --bare-journal and --compare-with go with the side-by-side run")
-    unknown = [m for m in args.bare_journal or [] if m not in JOURNAL_MODES]
+    unknown = [m for m in args.bare_journal or [] if m not in JOURNAL_FLOORS]
     if unknown or args.bare_journal == []:
-        parser.error(f"--bare-journal takes modes among {', '.join(JOURNAL_MODES)}, not {','.join(unknown)!r}")
+        parser.error(f"--bare-journal takes modes among {', '.join(JOURNAL_FLOORS)}, not {','.join(unknown)!r}")
     if args.compare_with and not (args.compare_with / "polykit_cache" / "__main__.py").is_file():
         parser.error(f"--compare-with: {args.compare_with} is not a checkout of this project")
     if args.node_dir and not side_by_side:

@@ -139,6 +139,18 @@ def test_the_journal_floor_logs_small_uploads_and_files_large_ones(tmp_path):
     assert (storage / large[:2] / large).stat().st_size == 64 * 1024 + 1
 
 
+def test_the_files_floor_also_writes_each_logged_upload_to_its_file(tmp_path):
+    (tmp_path / "index.json").write_text(json.dumps({}))
+    journal = bench_server.Journal(tmp_path / "journal.log", 1024 * 1024)
+    app = bench_server.BareApp(tmp_path, tmp_path, tmp_path, journal, files_too=True)
+    key = "ef" * 32
+    for body in (b"first", b"second"):
+        assert call(app, "PUT", f"/v8/artifacts/{key}", body, headers=bench_server.AUTH).status == 201
+    journal.close()
+    assert (tmp_path / key[:2] / key).read_bytes() == b"first"
+    assert list(_journal.entries(tmp_path / "journal.log")) == [(bytes.fromhex(key), b"first")]
+
+
 def test_a_full_log_refuses_the_upload(tmp_path):
     (tmp_path / "index.json").write_text(json.dumps({}))
     journal = bench_server.Journal(tmp_path / "journal.log", _journal.entry_size(10))
@@ -177,9 +189,10 @@ def test_the_journal_floors_are_measured_beside_the_durable_one():
     args = bench_server.parse_args(["--bare-durable", "--bare-journal"])
     args.node_cli = "cli.js"
     assert bench_server.chosen_servers(args) == ["ours", "node", "durable", "journal", "bare"]
-    args = bench_server.parse_args(["--bare-journal", "group,dsync,range"])
+    args = bench_server.parse_args(["--bare-journal", "group,dsync,range,files"])
     args.node_cli = None
-    assert bench_server.chosen_servers(args) == ["ours", "journal", "journal-dsync", "journal-range", "bare"]
+    assert bench_server.chosen_servers(args) == ["ours", "journal", "journal-dsync", "journal-range", "journal-files",
+                                                 "bare"]
     for wrong in (["--bare-journal", "fsync"], ["--bare-journal", "group", "--no-baseline"]):
         with pytest.raises(SystemExit):
             bench_server.parse_args(wrong)
