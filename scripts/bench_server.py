@@ -534,7 +534,6 @@ class BareApp:
     layout), ``fsync`` of that folder, then 201. Its figures are the floor the syncs set on this
     disk: what ours loses to it is our own work; what it loses to the Node server is the disk's.
 
-
     With a ``journal`` as well (``--bare-journal``), an upload of up to 64 KiB is instead an
     entry of that one preallocated log, answered once a sync that started after its write has
     ended (see ``_journal.py``: a group commit by default); larger ones go to ``durable_dir`` as
