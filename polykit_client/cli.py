@@ -230,7 +230,8 @@ def _build(ws, task: str, args, git=None) -> int:
     runner.prefetch(order)
     try:
         with phase("tasks: scheduling to the last end"):
-            outcome = run_graph(order, deps, timings.wrap(runner.run), parallel, args.continue_on_error)
+            outcome = run_graph(order, deps, timings.wrap(runner.run), parallel, args.continue_on_error,
+                                quick=timings.wrap(runner.quick))
     finally:
         runner.finish_prefetch()
         with phase("tasks: packing, waiting for the last"):

@@ -253,21 +253,42 @@ def held(fd: int, name: str):
     finishes its task. One of the runs would fail with EDEADLK. Non-blocking attempts (F_SETLK)
     are never judged a deadlock, so a held byte is tried again after a short pause.
     """
-    offset = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+    offset = _lock_offset(name)
     pause = LOCK_PAUSE_FIRST
-    while True:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-            break
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):  # what a byte held elsewhere gives
-                raise
+    while not _try_lock(fd, offset):
         time.sleep(pause)
         pause = min(pause * 2, LOCK_PAUSE_MAX)
     try:
         yield
     finally:
         fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+
+
+@contextlib.contextmanager
+def held_if_free(fd: int, name: str):
+    """Hold ``name``'s byte as ``held`` does if no other process holds it; yields whether it was taken."""
+    offset = _lock_offset(name)
+    if not _try_lock(fd, offset):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+
+
+def _lock_offset(name: str) -> int:
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+
+
+def _try_lock(fd: int, offset: int) -> bool:
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):  # what a byte held elsewhere gives
+            return False
+        raise
 
 
 class TaskRunner:
@@ -347,6 +368,30 @@ class TaskRunner:
         except Exception as exc:  # a bug or an unusable folder fails this task, never the whole run
             self.console.line(f"{node}  failed ({exc.__class__.__name__}: {exc})")
             self.summary.add(node, "failed")
+            return False
+
+    def quick(self, node: Node) -> bool:
+        """The whole turn of a task whose outputs are already in place, or False (then ``run`` it).
+
+        Meant for the scheduler's own thread (see ``graph.run_graph``): it answers at once
+        without a record under the task's key, and never waits for another run holding the
+        task's lock (``run`` does). Under the lock it is the same check and the same report as
+        ``run`` makes; anything unexpected is left to ``run`` too, which reports it.
+        """
+        if self.local is None:
+            return False
+        try:
+            record = self._records().get(str(node))
+            if record is None or record.get("key") != self.keys[node]:
+                return False
+            fd = self._lock_fd()
+            pkg = self.ws.packages[node.package]
+            with held_if_free(fd, str(node)) if fd is not None else contextlib.nullcontext(True) as free:
+                if not free:
+                    return False
+                with phase("tasks: outputs-in-place checks", threads=True):
+                    return self._outputs_in_place(node, pkg, pkg.tasks[node.task], self.keys[node])
+        except Exception:
             return False
 
     @contextlib.contextmanager
