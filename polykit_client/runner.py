@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 from .components import for_manifest
 from .graph import Node
 from .localcache import LocalCache
-from .outputs import OutputError, check_restorable, expand_outputs
+from .outputs import OutputError, check_restorable, expand_outputs, signature, walk_unchanged
 from .prefetch import ABSENT, UNKNOWN, Prefetcher
 from .timing import phase
 from .workspace import Package, Task, Workspace
@@ -228,9 +228,7 @@ def _flat(exc: BaseException) -> str:
 
 
 def _signature(path: Path) -> list[int]:
-    """What changes when a file, folder or link is touched in any way (ctime cannot be set back)."""
-    st = os.lstat(path)
-    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_mode]
+    return signature(os.lstat(path))
 
 
 
@@ -440,6 +438,13 @@ class TaskRunner:
     # (size, mtime, inode, ctime, mode) and its log. When the same key comes back and every output
     # is still exactly as left, nothing needs restoring: only the log is replayed. Records live in
     # one file, read once and written once a run; a lost record only costs a full restore.
+    # A record also keeps the signatures of the folders the outputs' walk listed ("walked", see
+    # expand_outputs): while those are unchanged the walk would find the same outputs, so it is
+    # not done again, only each recorded entry looked at. A record without them (a restore lists
+    # what its artifact placed, without a walk) gets them from the first walk that finds the
+    # outputs in place. Like the files' signatures, they rely on a change moving mtime or ctime:
+    # a change made within the same tick of the filesystem's clock as the build's own last one,
+    # by something other than the build, while polykit records it, is not seen.
 
     def _records(self) -> dict:
         with self._remote_lock:
@@ -468,12 +473,25 @@ class TaskRunner:
         try:
             if record is None or record.get("key") != key:
                 return False
-            current = expand_outputs(pkg.dir, task.outputs, strict=False)
-            if current != sorted(record["files"]) or any(_signature(pkg.dir / rel) != record["files"][rel] for rel in current):
+            walked = record.get("walked")
+            if walked is not None:
+                if not walk_unchanged(pkg.dir, walked):
+                    return False
+                current = record["files"]
+            else:
+                walked = {}
+                current = expand_outputs(pkg.dir, task.outputs, strict=False, walked=walked)
+                if current != sorted(record["files"]):
+                    return False
+            if any(_signature(pkg.dir / rel) != record["files"][rel] for rel in current):
                 return False
             log = base64.b64decode(record["log"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False
+        if "walked" not in record and walked:
+            with self._remote_lock:
+                record["walked"] = walked
+                self._records_changed = True
         self.console.line(f"{node}  hit (local)")
         self.console.log(node, log)
         self.summary.add(node, "hit (local)", int(record.get("duration_ms", 0)))
@@ -492,17 +510,23 @@ class TaskRunner:
             self._keep_record(node, record)
 
     def _record(self, pkg: Package, task: Task, key: str, log: bytes | Path, duration_ms: int,
-                outputs: list[str] | None = None) -> dict | None:
+                outputs: list[str] | None = None, walked: dict | None = None) -> dict | None:
         """The record of a task's outputs as they are now, or None when it cannot be made.
 
-        ``log`` is the task's output, as a file or (from an artifact verified into memory) as bytes."""
+        ``log`` is the task's output, as a file or (from an artifact verified into memory) as bytes.
+        ``walked`` is what the walk that found ``outputs`` noted (see ``expand_outputs``), if it did."""
         try:
             if (len(log) if isinstance(log, bytes) else log.stat().st_size) > RECORD_LOG_LIMIT:
                 return None  # a long log stays in the artifact only; such a task is restored each time
-            outputs = expand_outputs(pkg.dir, task.outputs, strict=False) if outputs is None else outputs
+            if outputs is None:
+                walked = {}
+                outputs = expand_outputs(pkg.dir, task.outputs, strict=False, walked=walked)
             body = log if isinstance(log, bytes) else log.read_bytes()
-            return {"key": key, "duration_ms": duration_ms, "files": {rel: _signature(pkg.dir / rel) for rel in outputs},
-                    "log": base64.b64encode(body).decode()}
+            record = {"key": key, "duration_ms": duration_ms, "files": {rel: _signature(pkg.dir / rel) for rel in outputs},
+                      "log": base64.b64encode(body).decode()}
+            if walked:
+                record["walked"] = walked
+            return record
         except OSError:
             return None
 
@@ -724,13 +748,14 @@ class TaskRunner:
         self._pack_slots.acquire()  # bounds the prepared artifacts (and the bytes they hold) in memory
         try:
             try:
-                outputs = expand_outputs(pkg.dir, task.outputs)
+                walked: dict = {}
+                outputs = expand_outputs(pkg.dir, task.outputs, walked=walked)
                 prepared = artifact.prepare(pkg.dir, outputs, meta, log=log, cache_key=key)
             except (OutputError, artifact.ArtifactError, OSError) as exc:
                 self.console.warn(f"{node}: not cached: {_describe(exc, pkg.dir)}")
                 self._pack_slots.release()
                 return False
-            record = self._record(pkg, task, key, log, duration_ms, outputs)  # the outputs as the build left them
+            record = self._record(pkg, task, key, log, duration_ms, outputs, walked)  # the outputs as the build left them
             self._packer().submit(self._write_artifact, node, key, prepared, log, record)
         except BaseException:
             self._pack_slots.release()
