@@ -231,8 +231,9 @@ def _build(ws, task: str, args, git=None) -> int:
     try:
         with phase("tasks: scheduling to the last end"):
             outcome = run_graph(order, deps, timings.wrap(runner.run), parallel, args.continue_on_error,
-                                quick=timings.wrap(runner.quick))
+                                quick=timings.wrap(runner.quick), before_wait=console.flush)
     finally:
+        console.flush()
         runner.finish_prefetch()
         with phase("tasks: packing, waiting for the last"):
             runner.finish_packing()

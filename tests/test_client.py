@@ -613,3 +613,27 @@ def test_an_artifact_holds_the_outputs_as_their_task_left_them_though_written_be
     out = pk.run("build", "--no-remote-cache")  # a's output is not as a left it: restored from the artifact
     assert status_lines(out.stdout)["a:build"] == "hit (local)"
     assert (ws / "packages" / "a" / "dist" / "out.txt").read_text() == "built\n"
+
+
+def test_held_hit_lines_are_written_in_order_at_the_next_flush_or_line():
+    import io
+
+    from polykit_client.graph import Node
+    from polykit_client.runner import HELD_LIMIT, Console
+
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="utf-8", write_through=False)
+    console = Console(True, out=out, err=io.StringIO())
+    web, api = Node("web", "build"), Node("api", "build")
+    console.hold(web, "web:build  hit (local)", b"built web\n")
+    console.hold(api, "api:build  hit (local)", b"")
+    assert raw.getvalue() == b""  # nothing written yet
+    console.line("lib:build  miss")
+    assert raw.getvalue() == b"web:build  hit (local)\nweb:build: built web\napi:build  hit (local)\nlib:build  miss\n"
+    console.hold(web, "web:build  hit (local)", b"\xff binary\n")
+    console.flush()
+    assert raw.getvalue().endswith(b"web:build  hit (local)\nweb:build: \xff binary\n")
+    before = len(raw.getvalue())
+    for _ in range(HELD_LIMIT // 20):
+        console.hold(api, "api:build  hit (local)", b"")
+    assert before < len(raw.getvalue()) <= before + HELD_LIMIT + 100  # written out past the limit, not kept

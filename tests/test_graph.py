@@ -115,3 +115,19 @@ def test_a_failure_stops_quick_nodes_too():
     outcome = run_graph([a, b, c], deps, lambda node: False, parallel=2, quick=quick)
     assert outcome == {a: "failed", b: "skipped", c: "skipped"}
     assert tried == [a]
+
+
+def test_before_wait_is_called_before_each_wait_and_at_the_end():
+    nodes, deps = diamond()
+    events = []
+
+    def work(node):
+        events.append(node.package)
+        return True
+
+    run_graph(topological(deps), deps, work, parallel=1, quick=lambda node: node.package in "bc",
+              before_wait=lambda: events.append("wait"))
+    # a goes to the pool (the scheduler waits for it), b and c are quick, d goes to the pool: two
+    # waits, then the end; a pool thread may log its node before or after the scheduler's call
+    assert events.count("wait") == 3 and events[-1] == "wait"
+    assert [e for e in events if e != "wait"] == ["a", "d"]
