@@ -141,7 +141,6 @@ def run_graph(
     """
     import heapq
     import queue
-    from concurrent.futures import ThreadPoolExecutor  # only builds need it
 
     waiting = {node: set(deps[node]) for node in order}
     dependents: dict[Node, list[Node]] = {node: [] for node in order}
@@ -178,11 +177,14 @@ def run_graph(
 
     # Ready nodes that ``quick`` could not finish, waiting for a pool thread (by place in ``order``).
     for_pool: list[int] = []
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:  # threads are made on the first submit
+    # Made for the first node that ``quick`` cannot finish: a run of such nodes alone never imports
+    # ``concurrent.futures`` (and the ``logging`` it brings), a tenth of such a run's imports.
+    pool = None
+    try:
         running = 0
 
         def launch() -> None:
-            nonlocal running
+            nonlocal running, pool
             while ready and not stop.is_set():
                 index = heapq.heappop(ready)
                 node = order[index]
@@ -194,6 +196,10 @@ def run_graph(
                     heapq.heappush(for_pool, index)
             while for_pool and running < parallel and not stop.is_set():
                 node = order[heapq.heappop(for_pool)]
+                if pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    pool = ThreadPoolExecutor(max_workers=max(1, parallel))
                 future = pool.submit(work, node)
                 future.add_done_callback(lambda done, node=node: finished.put((node, done)))
                 running += 1
@@ -206,6 +212,9 @@ def run_graph(
             running -= 1
             settle(node, bool(future.result()))  # work() reports failure by returning False
             launch()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     if before_wait is not None:
         before_wait()
     for node in order:

@@ -30,17 +30,18 @@ from .components import for_manifest
 from .graph import Node
 from .localcache import LocalCache
 from .outputs import OutputError, check_restorable, expand_outputs, signature, walk_unchanged
-from .prefetch import ABSENT, UNKNOWN, Prefetcher
 from .timing import phase
 from .workspace import Package, Task, Workspace
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .prefetch import Prefetcher
     from .remote import RemoteCache
     from .restore import Staged
 
 
 # ``artifact`` and ``restore`` (tar, zstd) are imported inside the methods that pack or restore: a build whose
-# outputs are all in place never opens an artifact, and that import is a sizeable share of its time.
+# outputs are all in place never opens an artifact, and that import is a sizeable share of its time. So is
+# ``prefetch`` (``concurrent.futures``, which brings ``logging``): such a build never asks the server.
 
 RECORDS_FILE = ".polykit/outputs.json"
 RECORD_LOG_LIMIT = 64 * 1024
@@ -354,7 +355,7 @@ class TaskRunner:
         self._remote_made = False
         self.remote: RemoteCache | None = None
         self.uploader: Uploader | None = None
-        self.prefetcher: Prefetcher | None = None
+        self.prefetcher: "Prefetcher | None" = None
         self._packing = None  # the packing threads (a ThreadPoolExecutor), made by the first miss
         self._pack_slots = threading.BoundedSemaphore(PACK_THREADS)
 
@@ -393,6 +394,8 @@ class TaskRunner:
         if not wanted:
             return
         label = {self.keys[node]: f"{node}  downloading" for node in order}
+        from .prefetch import Prefetcher
+
         self.prefetcher = Prefetcher(self._get_remote, self.local, self._stage, lambda key: self.console.progress(label[key]))
         self.prefetcher.start(wanted)
 
@@ -618,6 +621,8 @@ class TaskRunner:
             return False
 
     def _try_remote(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
+        from .prefetch import ABSENT, UNKNOWN
+
         known = self.prefetcher.take(key) if self.prefetcher is not None else UNKNOWN
         if known == ABSENT:
             return False  # the batch query said so: no GET
