@@ -64,8 +64,8 @@ class Console:
     Everything is written out and flushed at once, except what ``hold`` is given: the status
     lines and logs of hits whose outputs were in place, reported one after another by the
     scheduler's thread. Those are written in one go at the next ``flush``, at anything else
-    printed, or past HELD_LIMIT bytes: a write (and a reader woken) per line was a tenth of a
-    build of 500 such hits.
+    printed, or past HELD_LIMIT bytes, rather than a write and a flush per line (1,000 of them
+    for 500 such hits, each waking whatever reads the output).
     """
 
     def __init__(self, prefix_logs: bool, out=None, err=None) -> None:
