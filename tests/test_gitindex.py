@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from polykit_client.blobid import blob_id_large, blob_id_of, blob_id_small
-from polykit_client import indexfile
+from polykit_client import gitobjects, indexfile
 from polykit_client.gitindex import KEPT_FILE, GitIndex, converting, converting_macros
 from sample import Polykit, make_tools, make_workspace
 
@@ -177,15 +177,19 @@ def _crlf_behind_a_clean_entry(pk, how: str) -> Path:
     return ws / rel
 
 
+@pytest.mark.parametrize("proof", ["sizes", "hashes"])
 @pytest.mark.parametrize("how", ["attribute removed since", "one-off autocrlf", "sparse checkout"])
-def test_a_file_converted_at_checkout_is_read_whatever_git_says(pk, how):
+def test_a_file_converted_at_checkout_is_read_whatever_git_says(pk, how, proof):
     """git compares a file with the stat data it recorded under the conversions of the checkout:
-    other bytes than the blob's behind a clean entry must still change the key."""
+    other bytes than the blob's behind a clean entry must still change the key, whether the
+    blob's size or the file's hash proves the others."""
     lf_keys = pk.keys()
     path = _crlf_behind_a_clean_entry(pk, how)
     rel = str(path.relative_to(pk.workspace))
-    state = GitIndex(pk.workspace, untracked=True).result()
-    assert rel not in state.blobs
+    (pk.workspace / KEPT_FILE).unlink()  # no blob size known: every entry proven the one way
+    state = GitIndex(pk.workspace, untracked=True, proof=proof).result()
+    assert rel not in state.blobs and state.blobs
+    assert GitIndex(pk.workspace, untracked=True, proof=proof).result().blobs == state.blobs  # the kept verdict
     crlf_keys = pk.keys()
     assert crlf_keys != lf_keys
     path.write_bytes(path.read_bytes().replace(b"\r\n", b"\n"))
@@ -280,3 +284,63 @@ def test_a_split_index_has_its_files_sized_on_disk_and_blob_sizes_kept(pk):
     assert GitIndex(ws, untracked=True).result().blobs == expected
     sizes = json.loads((ws / KEPT_FILE).read_text())["sizes"]
     assert {line.split(" ")[0] for line in sizes.splitlines()} == set(expected.values())
+
+
+def test_files_hashed_instead_of_blob_sizes_looked_up_give_the_same_blob_ids(pk):
+    """A fresh clone's entries proven by hashing their files: the same blob ids as the sizes give,
+    a verdict kept for the next run without blob sizes, and a modified file never vouched for."""
+    ws = pk.workspace
+    by_sizes = GitIndex(ws, untracked=True, proof="sizes").result().blobs
+    (ws / KEPT_FILE).unlink()
+    assert GitIndex(ws, untracked=True, proof="hashes").result().blobs == by_sizes
+    kept = json.loads((ws / KEPT_FILE).read_text())
+    assert kept["doubtful"] == {} and kept["sizes"] == ""  # hashing learns no blob's size
+    assert GitIndex(ws, untracked=True).result().blobs == by_sizes
+    # Same size, same mtime, so git's stat check alone would call it clean: the hash does not.
+    rel = "packages/web/src/app.ts"
+    before = (ws / rel).stat()
+    (ws / rel).write_bytes(bytes(reversed((ws / rel).read_bytes())))
+    os.utime(ws / rel, ns=(before.st_atime_ns, before.st_mtime_ns))
+    (ws / KEPT_FILE).unlink()
+    index = GitIndex(ws, untracked=True, proof="hashes")
+    index._setup_thread.join()
+    assert index._verdict.doubtful == {rel: None}
+    assert rel not in index.result().blobs
+
+
+def test_a_file_gone_before_it_is_hashed_has_the_blob_sizes_looked_up(pk):
+    ws = pk.workspace
+    expected = GitIndex(ws, untracked=True).result().blobs
+    (ws / "packages/web/src/app.ts").unlink()
+    (ws / KEPT_FILE).unlink()
+    state = GitIndex(ws, untracked=True, proof="hashes").result()
+    assert state.blobs == {rel: oid for rel, oid in expected.items() if rel != "packages/web/src/app.ts"}
+    assert json.loads((ws / KEPT_FILE).read_text())["sizes"]  # the look-ups answered instead
+
+
+def test_git_objects_hashed_and_sized_in_two_processes(tmp_path):
+    """Past gitobjects.SPLIT items two processes share the work; every answer lands on its item."""
+    files = {f"f{n:05d}.txt": f"file {n}\n".encode() for n in range(gitobjects.SPLIT + 3)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    git = shutil.which("git")
+    ids = gitobjects.blob_ids(git, str(tmp_path), list(files), 60)
+    assert ids == {name: blob_id_of(data) for name, data in files.items()}
+    committed(tmp_path)
+    sizes = gitobjects.blob_sizes(git, str(tmp_path), list(ids.values()) + ["0" * 40], 60)
+    assert sizes == {blob_id_of(data): len(data) for data in files.values()}  # a missing object: no size
+    assert gitobjects.blob_ids(git, str(tmp_path), ["gone.txt"], 60) is None
+
+
+def test_the_loose_share_of_the_object_store_decides_what_costs_less(tmp_path):
+    repo = committed(make_workspace(tmp_path / "ws"))
+    ids = [line.split()[1] for line in git(repo, "ls-files", "-s").splitlines()]
+    objects = str(repo / ".git/objects")
+    assert gitobjects.loose_share(objects, ids) == 1.0
+    git(repo, "gc", "-q", "--prune=now")
+    assert gitobjects.loose_share(objects, ids) == 0.0
+    # 50,000 files of 1 KiB: hashing beats loose look-ups and loses to packed ones.
+    assert gitobjects.hashing_pays(1.0, 50_000, 50_000, 50_000 << 10)
+    assert not gitobjects.hashing_pays(0.0, 50_000, 50_000, 50_000 << 10)
+    assert not gitobjects.hashing_pays(1.0, 100, 100, 1 << 30)  # a gigabyte to read costs more
+    assert not gitobjects.hashable("a\nb") and not gitobjects.hashable('"quoted"') and gitobjects.hashable("a b")
