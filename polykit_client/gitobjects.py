@@ -38,18 +38,28 @@ SAMPLE_FOLDERS = 4
 def _split_run(args: list[str], cwd: str, lines: list[str], timeout: float) -> list[list[str]] | None:
     """Run ``args`` on ``lines`` (one per input line), in two processes when there are many: each
     process's output lines, in the order of its share (``lines[0::2]``, ``lines[1::2]``). None
-    when a process failed."""
+    when a process failed.
+
+    Input and output are unnamed temporary files, not pipes: ``hash-object --stdin-paths``
+    flushes its output after every line, and a pipe read as it comes woke this process 50,000
+    times for 50,000 files (0.14 s of CPU, a third of git's own).
+    """
+    import tempfile  # only a fresh index without kept sizes comes here
+
     shares = [lines] if len(lines) < SPLIT else [lines[0::2], lines[1::2]]
     answers: list[list[str] | None] = [None] * len(shares)
 
     def ask(index: int) -> None:
         try:
-            out = subprocess.run(args, cwd=cwd, input="".join(f"{line}\n" for line in shares[index]).encode(
-                "utf-8", "surrogateescape"), capture_output=True, timeout=timeout)
+            with tempfile.TemporaryFile() as into, tempfile.TemporaryFile() as out:
+                into.write("".join(f"{line}\n" for line in shares[index]).encode("utf-8", "surrogateescape"))
+                into.seek(0)
+                done = subprocess.run(args, cwd=cwd, stdin=into, stdout=out, stderr=subprocess.DEVNULL, timeout=timeout)
+                if done.returncode == 0:
+                    out.seek(0)
+                    answers[index] = out.read().decode("ascii", "replace").splitlines()
         except (OSError, subprocess.SubprocessError):
             return
-        if out.returncode == 0:
-            answers[index] = out.stdout.decode("ascii", "replace").splitlines()
 
     helper = threading.Thread(target=ask, args=(1,), daemon=True) if len(shares) > 1 else None
     if helper is not None:
