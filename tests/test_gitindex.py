@@ -323,13 +323,22 @@ def test_git_objects_hashed_and_sized_in_two_processes(tmp_path):
     files = {f"f{n:05d}.txt": f"file {n}\n".encode() for n in range(gitobjects.SPLIT + 3)}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    git = shutil.which("git")
-    ids = gitobjects.blob_ids(git, str(tmp_path), list(files), 60)
+    program = shutil.which("git")
+    ids = gitobjects.blob_ids(program, str(tmp_path), list(files), 60)
     assert ids == {name: blob_id_of(data) for name, data in files.items()}
     committed(tmp_path)
-    sizes = gitobjects.blob_sizes(git, str(tmp_path), list(ids.values()) + ["0" * 40], 60)
+    sizes = gitobjects.blob_sizes(program, str(tmp_path), list(ids.values()) + ["0" * 40], 60)
     assert sizes == {blob_id_of(data): len(data) for data in files.values()}  # a missing object: no size
-    assert gitobjects.blob_ids(git, str(tmp_path), ["gone.txt"], 60) is None
+    assert gitobjects.blob_ids(program, str(tmp_path), ["gone.txt"], 60) is None
+    # By default, past gitindex.HASH_FROM entries: loose objects have their files hashed (no size
+    # learnt), packed ones their sizes looked up; the same blob ids either way.
+    expected = {name: blob_id_of(data) for name, data in files.items()}
+    assert GitIndex(tmp_path, untracked=False).result().blobs == expected
+    assert json.loads((tmp_path / KEPT_FILE).read_text())["sizes"] == ""
+    git(tmp_path, "gc", "-q", "--prune=now")
+    (tmp_path / KEPT_FILE).unlink()
+    assert GitIndex(tmp_path, untracked=False).result().blobs == expected
+    assert len(json.loads((tmp_path / KEPT_FILE).read_text())["sizes"].splitlines()) == len(files)
 
 
 def test_the_loose_share_of_the_object_store_decides_what_costs_less(tmp_path):
