@@ -469,7 +469,9 @@ class GitIndex:
         the file is still the one hashed (any write since changes its ctime). An entry of size
         0 is compared by content, under the conversions of that later run, and keeps the size
         check. The blobs' sizes are not learnt this way (the recorded size is the file's modulo
-        2**32), so a later index file has its entries proven again.
+        2**32), so a later index file has its entries proven again. Only files ``ls-files``
+        calls unmodified are opened: one git found changed (a named pipe now, or a file grown
+        to gigabytes) is not read, and its blob's size is looked up instead.
         """
         if self.proof == "sizes":
             return {}
@@ -482,10 +484,23 @@ class GitIndex:
             loose = gitobjects.loose_share(self._setup["objects"], ids)
             if not gitobjects.hashing_pays(loose, len(ids), len(todo), sum(size for _, size in todo.values())):
                 return {}
+        vouched = self._vouched()
+        todo = {rel: entry for rel, entry in todo.items() if rel in vouched}
         if not todo:
             return {}
         found = gitobjects.blob_ids(self._git, str(self.root), list(todo), self.TIMEOUT)
         return found or {}  # no answer (a file gone meanwhile): the sizes are looked up instead
+
+    def _vouched(self) -> set[str]:
+        """The regular files ``ls-files`` lists unmodified (waiting for its listing); none without it."""
+        if not self._readers:
+            return set()
+        self._readers[0].join(self.TIMEOUT)
+        parsed = self._parsed[0]
+        if parsed is None or parsed[2]:
+            return set()
+        entries, rest, _ = parsed
+        return set(entries).difference(r[r.find("\t") + 1:] for r in rest if r.startswith(_MODIFIED))
 
     def _blob_sizes(self, ids: set[str], known: dict[str, int]) -> dict[str, int] | None:
         """The size of each blob: ``known`` (what ``KEPT_FILE`` holds: a blob's size never
