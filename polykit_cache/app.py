@@ -21,7 +21,7 @@ from .auth import Access
 from .blobs import check_segments
 from .config import Config
 from .history import History
-from .http import SEND_CHUNK, HTTPError, Response, file_body, json_response, reason, render_json_error
+from .http import SEND_CHUNK, HTTPError, Response, file_body, json_response, render_json_error, status_line
 from .metrics import Metrics
 from .outcomes import parse_length, read_body, refuse
 from .routes import Route, Router
@@ -150,6 +150,8 @@ class CacheApp:
             # would be spooled up to the artifact size limit before any handler could look.
             if chunked:
                 raise refuse("no_length", f"A {method[:20]} here takes a body only with a Content-Length.", count=False)
+            if raw is None:
+                return  # no body, the common case
             length = parse_length(raw) or 0
             limit = 0 if method in route.bodiless else route.read_body_limit or READ_BODY_LIMIT
             if length > limit:
@@ -229,7 +231,7 @@ class CacheApp:
             error = HTTPError(500, "internal_error", "The server failed to answer; see its log.")
             response = (route.render if route else render_json_error)(error)
         status = response.status
-        start_response(f"{status} {reason(status)}", response.headers)
+        start_response(status_line(status), response.headers)
         elapsed = time.perf_counter() - started
         self.metrics.request(method, status, elapsed, route.protocol if route else None)
         if access_log.isEnabledFor(logging.INFO):

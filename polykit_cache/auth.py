@@ -5,12 +5,15 @@ A token is sent as a bearer token (RFC 6750), or as the password of HTTP basic a
 ``user:password@``, browsers).
 
 Tokens are compared in constant time (``hmac.compare_digest`` against every token, with no early
-exit), and never written to a log or an error message.
+exit), and never written to a log or an error message. A client sends the same ``Authorization``
+value with every request, so each worker keeps the role found for a value (see
+:meth:`Access.role`): the comparison is made once per distinct value, not once per request.
 """
 
 from __future__ import annotations
 
 import binascii
+import hashlib
 import hmac
 import logging
 import threading
@@ -58,6 +61,9 @@ def parse_tokens(text: str, source: str, commas: bool = False) -> list[tuple[str
 
 # A header longer than this holds no token of ours (tokens are short words); it is not decoded.
 MAX_CREDENTIALS = 4096
+# Roles kept per worker process, by Authorization value (see Access.role): a few per client
+# (basic authentication may name any user), far more than a cache's clients send at once.
+KEPT_ROLES = 256
 
 
 def token_of(header: str | None) -> bytes | None:
@@ -93,7 +99,9 @@ class Access:
         self._env_text = environ.get(ENV_TOKENS, "")
         self.allow_anonymous_read = allow_anonymous_read
         self._lock = threading.Lock()
-        self._entries = self._load()
+        # The tokens in force, and the roles kept for Authorization values (by their SHA-256)
+        # among them: one pair, replaced whole by reload(), so a kept role never outlives its token.
+        self._state: tuple[list[tuple[str, bytes]], dict[bytes, str]] = (self._load(), {})
 
     def _load(self) -> list[tuple[str, bytes]]:
         entries: list[tuple[str, bytes]] = []
@@ -118,12 +126,16 @@ class Access:
             log.error("tokens not reloaded: %s", exc)
             return
         with self._lock:
-            self._entries = entries
+            self._state = (entries, {})
         log.info("reloaded %d access tokens", len(entries))
 
     @property
+    def _entries(self) -> list[tuple[str, bytes]]:
+        return self._state[0]
+
+    @property
     def open(self) -> bool:
-        return not self._entries
+        return not self._state[0]
 
     def describe(self) -> str:
         if self.open:
@@ -133,15 +145,34 @@ class Access:
         return f"access tokens: {counts['read']} read, {counts['read-write']} read-write{anon}"
 
     def role(self, header: str | None) -> str | None:
-        """The role of the token in an Authorization header (bearer, or basic's password), or None."""
+        """The role of the token in an Authorization header (bearer, or basic's password), or None.
+
+        The role found for a header is kept under the SHA-256 of the header, so a repeated value
+        is answered by one dictionary lookup. The lookup reveals nothing about a token: its time
+        depends on the digest of the value sent, which an attacker can choose but cannot bring
+        near a valid value's digest without knowing that value. Only valid values are kept, at most
+        KEPT_ROLES (all dropped at the bound), so invalid ones cannot push the valid out, and the
+        kept roles are replaced with the tokens themselves on reload (SIGHUP).
+        """
+        if not header or len(header) > MAX_CREDENTIALS:
+            return None
+        entries, kept = self._state  # one read: the kept roles belong to these tokens (reload() replaces both)
+        digest = hashlib.sha256(header.encode("utf-8", "surrogateescape")).digest()
+        found = kept.get(digest)
+        if found is not None:
+            return found
         given = token_of(header)
         if not given:
             return None
-        found = None
-        entries = self._entries  # replaced whole by reload(), never changed in place: no lock to read it
         for role, known in entries:  # every entry is compared: the time does not tell which matched
             if hmac.compare_digest(given, known) and found is None:
                 found = role
+        if found is not None:
+            with self._lock:
+                if kept is self._state[1]:  # not if a reload replaced the tokens meanwhile
+                    if len(kept) >= KEPT_ROLES:
+                        kept.clear()
+                    kept[digest] = found
         return found
 
     def check(self, header: str | None, write: bool) -> tuple[int, str, str] | None:

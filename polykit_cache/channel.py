@@ -129,8 +129,15 @@ class HeadParser(HTTPRequestParser):
         super().__init__(adj)
         self.channel = channel
         self.started = time.time()
+        channel.head_pending = True  # the head's deadline is watched until it is complete
 
     def received(self, data: bytes) -> int:
+        consumed = self._received(data)
+        if self.headers_finished or self.completed:
+            self.channel.head_pending = False
+        return consumed
+
+    def _received(self, data: bytes) -> int:
         in_head = not self.headers_finished and not self.completed
         head_so_far = self.header_plus if in_head else b""
         try:
@@ -260,6 +267,8 @@ class Channel(HTTPChannel):
     linger_until = 0.0
     # The server is stopping: close once no request is in progress (see Listener.drain).
     draining = False
+    # A request's head has begun and is not complete (set by HeadParser): its deadline is watched.
+    head_pending = False
 
     def parser_class(self, adj) -> HeadParser:  # waitress calls self.parser_class(self.adj)
         return HeadParser(adj, self)
@@ -314,10 +323,10 @@ class Channel(HTTPChannel):
 
     def readable(self) -> bool:
         # asyncore asks every connection at each turn of the loop, several times per request:
-        # the common case (no drain, no lingering, no head under way) costs no clock reading.
-        request = self.request
-        if not self.draining and self.linger_left is None and (request is None or request.headers_finished):
-            return super().readable()
+        # the common case (no drain, no lingering, no head under way) is three attributes and
+        # waitress's own test, called directly (super() costs as much again), and no clock reading.
+        if not (self.draining or self.head_pending or self.linger_left is not None):
+            return HTTPChannel.readable(self)
         now = time.time()
         if self.draining and self.request is None and self.linger_left is None and self.idle() and not self._input_waits():
             self.will_close = True  # writable() now, and handle_write() closes

@@ -47,6 +47,7 @@ MAX_NAME = 200  # a package or task name longer than this is not indexed
 TOP = 10  # tasks listed as saving most and as missing most
 COUNTERS = ("hits", "misses", "uploads", "rejected", "bytes_in", "bytes_out", "saved_ms")
 _COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
+_HITS, _MISSES, _BYTES_OUT = _COUNTER_INDEX["hits"], _COUNTER_INDEX["misses"], _COUNTER_INDEX["bytes_out"]
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS minutes (t INTEGER, protocol TEXT, {", ".join(f"{c} INTEGER DEFAULT 0" for c in COUNTERS)},
@@ -121,12 +122,22 @@ class History:
 
     def count(self, protocol: str, **counters: int) -> None:
         """Add to the current minute's bucket of a protocol (counters named in ``COUNTERS``)."""
+        self._add(protocol, [(_COUNTER_INDEX[name], value) for name, value in counters.items()])
+
+    def lookup(self, protocol: str, hit: bool, bytes_out: int = 0) -> None:
+        """A hit (``bytes_out`` sent) or a miss: :meth:`count` without naming the counters, as
+        every GET and HEAD counts one."""
+        self._add(protocol, ((_HITS, 1), (_BYTES_OUT, bytes_out)) if hit else ((_MISSES, 1),))
+
+    def _add(self, protocol: str, added) -> None:
         now = self._clock()
         bucket = int(now // MINUTE) * MINUTE
         with self._lock:
-            row = self._pending.setdefault((bucket, protocol), [0] * len(COUNTERS))
-            for name, value in counters.items():
-                row[_COUNTER_INDEX[name]] += value
+            row = self._pending.get((bucket, protocol))
+            if row is None:
+                row = self._pending[(bucket, protocol)] = [0] * len(COUNTERS)
+            for index, value in added:
+                row[index] += value
             due = now - self._flushed >= FLUSH_SECONDS
         if due:
             self.flush()

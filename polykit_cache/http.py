@@ -21,11 +21,17 @@ READ_AT_ONCE = 64 * 1024
 
 
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
+_STATUS_LINES = {status: f"{status} {phrase}" for status, phrase in _REASONS.items()}
 
 
 def reason(status: int) -> str:
     """The reason phrase of a status code (RFC 9110 15), from the standard library's table."""
     return _REASONS.get(status, "Unknown")
+
+
+def status_line(status: int) -> str:
+    """WSGI's status string (PEP 3333): the code and its reason phrase, made once per code."""
+    return _STATUS_LINES.get(status) or f"{status} {reason(status)}"
 
 
 def file_body(environ: dict, fh: BinaryIO, size: int) -> Iterable[bytes]:

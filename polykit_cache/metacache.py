@@ -16,7 +16,11 @@ Only a new file of the same size on a reused inode number, linked within one tic
 filesystem's clock of the old one's last change, would match; its ``Content-Length`` is right
 all the same, and clients check the body against its digest.
 
-The cache is bounded: at most ``limit`` copies, the oldest dropped first.
+The same rule keeps the bytes of small entries (see ``Storage``): a GET of a popular entry
+then takes one ``stat`` and no ``open``, ``read`` or ``close``.
+
+The cache is bounded: at most ``limit`` copies and, for bytes, at most ``max_bytes`` of them
+together, the oldest dropped first.
 """
 
 from __future__ import annotations
@@ -36,10 +40,15 @@ def identity(st: os.stat_result) -> Identity:
 
 
 class IdentityCache(Generic[T]):
-    """Values by key, each returned only for a file whose stat has the identity it was stored with."""
+    """Values by key, each returned only for a file whose stat has the identity it was stored with.
 
-    def __init__(self, limit: int) -> None:
+    With ``max_bytes``, the values are ``bytes`` and their lengths together stay within it.
+    """
+
+    def __init__(self, limit: int, max_bytes: int | None = None) -> None:
         self._limit = limit
+        self._max_bytes = max_bytes
+        self._bytes = 0  # the lengths of the values kept, when max_bytes bounds them
         self._lock = threading.Lock()
         self._items: dict[str, tuple[Identity, T]] = {}
 
@@ -51,22 +60,41 @@ class IdentityCache(Generic[T]):
         return None
 
     def put(self, key: str, st: os.stat_result, value: T) -> None:
-        """Keep ``value`` for the file ``st`` describes (the oldest copy makes room at the bound)."""
+        """Keep ``value`` for the file ``st`` describes (the oldest copies make room at the bounds)."""
+        size = 0 if self._max_bytes is None else len(value)  # type: ignore[arg-type]
+        if self._max_bytes is not None and size > self._max_bytes:
+            return
         with self._lock:
-            self._items.pop(key, None)
-            if len(self._items) >= self._limit:
-                self._items.pop(next(iter(self._items)))
+            self._drop(key)
+            while self._items and (len(self._items) >= self._limit
+                                   or self._max_bytes is not None and self._bytes + size > self._max_bytes):
+                self._drop(next(iter(self._items)))
             self._items[key] = (identity(st), value)
+            self._bytes += size
+
+    def _drop(self, key: str) -> T | None:
+        found = self._items.pop(key, None)
+        if found is None:
+            return None
+        if self._max_bytes is not None:
+            self._bytes -= len(found[1])  # type: ignore[arg-type]
+        return found[1]
 
     def pop(self, key: str, default: object = None) -> object:
         """Drop the copy of ``key`` (its entry was removed or replaced)."""
         with self._lock:
-            found = self._items.pop(key, None)
-        return default if found is None else found[1]
+            found = self._drop(key)
+        return default if found is None else found
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._bytes = 0
+
+    @property
+    def bytes(self) -> int:
+        """The lengths of the values kept together (0 unless ``max_bytes`` bounds them)."""
+        return self._bytes
 
     def __contains__(self, key: object) -> bool:
         return key in self._items

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from bisect import bisect_left
 from collections import Counter
 from http import HTTPMethod
 from typing import Callable
@@ -36,6 +37,10 @@ PROTOCOLS = frozenset({"polykit", "turbo", "nx", "bazel", "kv"})
 # their own label, the rest are counted together as "other", so the series stay bounded (each
 # worker process keeps its own first ones: at most this many times --workers in all).
 MAX_NAMESPACE_LABELS = 100
+
+
+# Series every request or lookup counts, made once.
+_DURATION, _HITS, _MISSES, _BYTES_OUT = ("duration",), ("hits",), ("misses",), ("bytes_out",)
 
 
 def namespace_label(namespace: str) -> str:
@@ -79,34 +84,34 @@ class Metrics:
 
     def request(self, method: str, status: int, seconds: float, protocol: str | None = "polykit") -> None:
         """Count one answer; ``protocol`` None is a path no route owns. The last count of a request."""
-        method = method_label(method)
+        method = method if method in METHODS else "OTHER"
         protocol = protocol if protocol in PROTOCOLS else "none"
         status = status if 100 <= status <= 599 else 0
-        index = 0
-        while index < len(BUCKETS) and seconds > BUCKETS[index]:
-            index += 1
+        bucket = ("bucket", bisect_left(BUCKETS, seconds))  # the first bound at or over the duration
         with self._lock:
-            self._counts[("requests", protocol, method, status)] += 1
-            self._counts[("bucket", index)] += 1
-            self._counts[("duration",)] += seconds
+            counts = self._counts
+            counts[("requests", protocol, method, status)] += 1
+            counts[bucket] += 1
+            counts[_DURATION] += seconds
 
     def lookup(self, hit: bool, bytes_out: int = 0, protocol: str = "polykit", namespace: str = "") -> None:
-        label = namespace_label(namespace)
+        label = "/" + namespace  # namespace_label
         with self._lock:
             if label not in self._namespace_labels:
                 if len(self._namespace_labels) < MAX_NAMESPACE_LABELS:
                     self._namespace_labels.add(label)
                 else:
                     label = "other"
-            self._counts[("lookups", protocol, hit)] += 1
-            self._counts[("namespace", label, hit)] += 1
-            self._counts[("hits",) if hit else ("misses",)] += 1
+            counts = self._counts
+            counts[("lookups", protocol, hit)] += 1
+            counts[("namespace", label, hit)] += 1
             if hit:
-                self._counts[("bytes_out",)] += bytes_out
-        if hit:
-            self.history.count(protocol, hits=1, bytes_out=bytes_out)
-        else:
-            self.history.count(protocol, misses=1)
+                counts[_HITS] += 1
+                if bytes_out:
+                    counts[_BYTES_OUT] += bytes_out
+            else:
+                counts[_MISSES] += 1
+        self.history.lookup(protocol, hit, bytes_out)
 
     def upload(self, size: int, protocol: str = "polykit") -> None:
         with self._lock:

@@ -6,6 +6,10 @@ public, its error renderer, and sample paths. Routing does not depend on order: 
 against the routes of its root only, so no two patterns can match one path
 (``tests/test_routes.py`` tries every sample against every pattern).
 
+A pattern without regular expression syntax is a path of its own (``/v1/stats``) and is found by
+one dictionary lookup; the patterns with parameters of the root are then tried. The table is
+checked when it is built: a path of its own that a pattern also matches is refused there.
+
 Namespaces: whatever comes before the leftmost segment that is a root names a namespace, for
 every protocol alike (``/cache-v2/v1/artifacts/<key>`` is the polykit protocol in namespace
 ``cache-v2``; a Bazel instance name is the same thing). So a namespace's parts are never a root.
@@ -56,6 +60,11 @@ class Route:
             raise ValueError(f"{self.protocol} route {self.pattern}: classify {sorted(unclassified)} as reads or writes")
         object.__setattr__(self, "regex", re.compile(self.pattern))
 
+    @property
+    def literal(self) -> bool:
+        """Whether the pattern is a path of its own (no parameters, no regular expression syntax)."""
+        return re.escape(self.pattern) == self.pattern
+
     def is_write(self, method: str) -> bool:
         """Whether the method stores something here (authorisation asks this, never the method name)."""
         return method in self.writes
@@ -70,9 +79,23 @@ class Router:
 
     def __init__(self, routes: list[Route]) -> None:
         self.routes = list(routes)
+        # Root -> the routes with parameters under it; path -> the route that is that path.
         self._by_root: dict[str, list[Route]] = {}
+        self._exact: dict[str, Route] = {}
         for route in self.routes:
-            self._by_root.setdefault(route.root, []).append(route)
+            patterns = self._by_root.setdefault(route.root, [])
+            if not route.literal:
+                patterns.append(route)
+                continue
+            path = route.pattern
+            if path != "/" + route.root and not path.startswith(f"/{route.root}/") or path in self._exact:
+                raise ValueError(f"{route.protocol} route {path}: outside its root {route.root!r}, or declared twice")
+            self._exact[path] = route
+        for path, route in self._exact.items():
+            # Found by the lookup, never by the order of the table: no pattern may claim it too.
+            for other in self._by_root[route.root]:
+                if other.regex.fullmatch(path):
+                    raise ValueError(f"{route.protocol} route {path} is also matched by {other.pattern}")
 
     @property
     def roots(self) -> frozenset[str]:
@@ -87,18 +110,30 @@ class Router:
         """
         if not path.startswith("/"):
             return None
-        parts = path[1:].split("/")
-        root = next((i for i, part in enumerate(parts) if part in self._by_root), None)
-        if root is None:
+        end = path.find("/", 1)
+        patterns = self._by_root.get(path[1:end] if end > 0 else path[1:])
+        if patterns is not None:  # no namespace, the common case
+            rest, namespace = path, ""
+        else:
+            parts = path[1:].split("/")
+            root = next((i for i, part in enumerate(parts) if part in self._by_root), None)
+            if root is None:
+                return None
+            patterns = self._by_root[parts[root]]
+            rest, namespace = "/" + "/".join(parts[root:]), "/".join(parts[:root])
+        route = self._exact.get(rest)
+        if route is not None:
+            return route, {"namespace": namespace}
+        found = None
+        for route in patterns:
+            m = route.regex.fullmatch(rest)
+            if m is not None:
+                if found is not None:  # the declared patterns overlap: a bug, never resolved by order
+                    raise HTTPError(500, "internal_error", "Two routes claim this path.")
+                found = route, m
+        if found is None:
             return None
-        rest = "/" + "/".join(parts[root:])
-        found = [(route, m) for route in self._by_root[parts[root]] if (m := route.regex.fullmatch(rest)) is not None]
-        if not found:
-            return None
-        if len(found) > 1:  # the declared patterns overlap: a bug, never resolved by order
-            raise HTTPError(500, "internal_error", "Two routes claim this path.")
-        route, m = found[0]
-        return route, {**m.groupdict(), "namespace": "/".join(parts[:root])}
+        return found[0], {**found[1].groupdict(), "namespace": namespace}
 
     def owner(self, path: str) -> Route | None:
         """The route a path belongs to, for the error shape of a refusal; None for unknown paths."""

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from polykit_cache.app import make_app
-from polykit_cache.auth import Access, TokenError, parse_tokens
+from polykit_cache.auth import KEPT_ROLES, Access, TokenError, parse_tokens
 from polykit_cache.config import Config
 from polykit_cache.storage import Storage
 from sample import Polykit, copy_workspace, make_tools, make_workspace
@@ -101,6 +101,27 @@ def test_tokens_from_the_environment(tmp_path):
     access = Access(None, {"POLYKIT_CACHE_TOKENS": f"read {READER}, read-write {WRITER}"}, False)
     assert access.role(f"Bearer {READER}") == "read" and access.role(f"bearer {WRITER}") == "read-write"
     assert access.role("Bearer nope-nope-nope") is None
+
+
+def test_a_role_kept_for_a_header_never_outlives_its_token_and_stays_bounded(tmp_path):
+    import base64
+
+    token_file = tmp_path / "tokens"
+    token_file.write_text(TOKENS)
+    access = Access(token_file, {}, False)
+    for _ in range(2):  # the second answer comes from the role kept for the header
+        assert access.role(f"Bearer {READER}") == "read" and access.role(f"Bearer {WRITER}") == "read-write"
+    for n in range(50):  # refused values are never kept: they cannot push the valid ones out
+        assert access.role(f"Bearer wrong-token-{n:04}") is None
+    assert access.role(f"Bearer {WRITER}x") is None and access.role(f"Bearer {WRITER[:-1]}") is None
+    assert access.check(f"Bearer {READER}", write=True)[0] == 403  # the kept role, not a looser one
+    token_file.write_text(f"read-write {READER}\n")
+    access.reload()
+    assert access.role(f"Bearer {WRITER}") is None and access.role(f"Bearer {READER}") == "read-write"
+    for n in range(KEPT_ROLES + 10):  # any user name is accepted with basic: one kept role per header
+        header = "Basic " + base64.b64encode(f"user{n}:{READER}".encode()).decode()
+        assert access.role(header) == "read-write"
+    assert len(access._state[1]) <= KEPT_ROLES
 
 
 def test_real_server_reloads_tokens_on_sighup_and_never_logs_them(tmp_path):

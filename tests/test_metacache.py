@@ -9,7 +9,7 @@ import os
 import pytest
 
 from polykit_cache.metacache import IdentityCache
-from polykit_cache.storage import INFO_CACHE_SIZE
+from polykit_cache.storage import INFO_CACHE_SIZE, KEPT_BODIES_BYTES, KEPT_BODY_SIZE
 from support import KEY, call, key_for, new_app, pack_tree
 
 
@@ -41,6 +41,63 @@ def test_a_copy_is_never_returned_for_another_file(tmp_path):
     cache.put("k", os.stat(path), "second")
     cache.pop("k")
     assert cache.get("k", os.stat(path)) is None and "k" not in cache
+
+
+def test_kept_bytes_stay_within_their_bound(tmp_path):
+    files = []
+    for i in range(4):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(b"x" * 40)
+        files.append(os.stat(path))
+    cache = IdentityCache(10, max_bytes=100)
+    for i, st in enumerate(files):
+        cache.put(f"k{i}", st, b"x" * 40)
+        assert cache.bytes <= 100
+    assert [cache.get(f"k{i}", st) is not None for i, st in enumerate(files)] == [False, False, True, True]
+    cache.put("big", files[0], b"x" * 101)  # over the whole bound: not kept, nothing dropped for it
+    assert "big" not in cache and cache.bytes == 80
+    cache.pop("k2")
+    assert cache.bytes == 40
+    cache.clear()
+    assert cache.bytes == 0 and len(cache) == 0
+
+
+def test_the_bytes_of_small_entries_are_kept_and_bounded(tmp_path):
+    app = new_app(tmp_path / "store")
+    assert app.storage._bodies._max_bytes == KEPT_BODIES_BYTES
+    app.storage._bodies = IdentityCache(INFO_CACHE_SIZE, max_bytes=3 * 1000)
+    bodies = {f"/kv/gradle/k{i}": os.urandom(1000) for i in range(5)}
+    large = os.urandom(KEPT_BODY_SIZE + 1)
+    for path, body in [*bodies.items(), ("/kv/gradle/large", large)]:
+        assert call(app, "PUT", path, body).status == 201
+    for _ in range(2):  # the second round is answered from the bytes kept, as far as they go
+        for path, body in bodies.items():
+            reply = call(app, "GET", path)
+            assert reply.status == 200 and reply.body == body and reply.headers["content-length"] == "1000"
+            assert app.storage._bodies.bytes <= 3 * 1000
+        assert call(app, "GET", "/kv/gradle/large").body == large
+    assert len(app.storage._bodies) == 3  # the large entry is never kept
+    artifact = pack_tree(tmp_path, {"a": b"x"})
+    assert call(app, "PUT", f"/v1/artifacts/{KEY}", artifact).status == 201
+    for _ in range(2):
+        assert call(app, "GET", f"/v1/artifacts/{KEY}").body == artifact
+    assert KEY in app.storage._bodies
+
+
+def test_an_artifact_deleted_and_stored_again_by_another_worker_is_answered_anew(tmp_path):
+    first, second = new_app(tmp_path / "store"), new_app(tmp_path / "store")
+    path = f"/v1/artifacts/{KEY}"
+    one = pack_tree(tmp_path / "one", {"a": b"one"})
+    assert call(first, "PUT", path, one).status == 201
+    for _ in range(2):  # the second answer comes from the bytes kept
+        assert call(first, "GET", path).body == one
+    with open(first.storage.artifact_path(KEY), "rb"):  # held open: the new file gets another inode
+        assert second.storage.delete("polykit", KEY)
+        assert call(first, "GET", path).status == 404
+        two = pack_tree(tmp_path / "two", {"a": b"two"})
+        assert call(second, "PUT", path, two).status == 201
+    got = call(first, "GET", path)
+    assert got.body == two and got.headers["x-artifact-hash"] == call(second, "HEAD", path).headers["x-artifact-hash"]
 
 
 def test_the_storage_keeps_a_bounded_number_of_copies(tmp_path):

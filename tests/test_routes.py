@@ -53,6 +53,24 @@ def test_routing_does_not_depend_on_the_order_of_the_table(app):
             assert reversed_router.match(sample)[0] is route
 
 
+def test_a_table_where_a_path_of_its_own_is_also_matched_by_a_pattern_is_refused():
+    def handler(environ, params):
+        raise AssertionError("never called")
+
+    status = Route("polykit", "v9", r"/v9/things/status", {"GET": handler})
+    thing = Route("polykit", "v9", r"/v9/things/(?P<name>[a-z]+)", {"GET": handler})
+    with pytest.raises(ValueError, match="also matched"):
+        Router([status, thing])
+    with pytest.raises(ValueError, match="declared twice"):
+        Router([status, Route("polykit", "v9", r"/v9/things/status", {"GET": handler})])
+    with pytest.raises(ValueError, match="outside its root"):
+        Router([Route("polykit", "v9", r"/v8/things", {"GET": handler})])
+    router = Router([status, Route("polykit", "v9", r"/v9/things/(?!status$)(?P<name>[a-z]+)", {"GET": handler})])
+    assert router.match("/v9/things/status")[0] is status
+    assert router.match("/ns/v9/things/status") == (status, {"namespace": "ns"})
+    assert router.match("/v9/things/other")[1] == {"name": "other", "namespace": ""}
+
+
 def test_bazel_instance_names_never_swallow_another_protocol_s_root(app):
     digest = hashlib.sha256(b"x").hexdigest()
     assert call(app, "PUT", f"/v8/artifacts/cas/{digest}", b"x").status == 404

@@ -109,6 +109,19 @@ def test_sighup_reloads_the_tokens_of_every_worker(tmp_path, workers):
 
 
 @WORKERS
+def test_a_replaced_entry_is_never_answered_from_any_workers_memory(tmp_path, workers):
+    path = f"/ac/{key_for('action')}"
+    server = start(tmp_path, workers)
+    try:
+        for body in (b"first result", b"other result", b"third result"):  # one size: only the file tells
+            assert request(server.port, "PUT", path, body)[0] == 200
+            for _ in range(12):  # new connections, spread over the workers, each keeping what it read
+                assert request(server.port, "GET", path)[2] == body
+    finally:
+        assert server.stop() == 0
+
+
+@WORKERS
 def test_sigterm_stops_every_worker_cleanly(tmp_path, workers):
     server = start(tmp_path, workers)
     assert request(server.port, "GET", "/healthz")[0] == 200
