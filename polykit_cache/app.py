@@ -58,6 +58,9 @@ READ_BODY_LIMIT = 64 * 1024
 # most QUERY_BODY_LIMIT bytes (1,000 keys take about 67 KB); a client asks in slices of this size.
 MAX_QUERY_KEYS = 1000
 QUERY_BODY_LIMIT = 128 * 1024
+# The artifacts' bytes one bundle carries at most: half of waitress's 16 MiB output high-water
+# mark, so the worker writing a bundle never waits for its reader (see download_artifacts).
+BUNDLE_BYTES = 8 << 20
 
 
 class CacheApp:
@@ -337,9 +340,11 @@ class CacheApp:
         info, fh = opened
         return Response(200, self._artifact_headers(info), file_body(environ, fh, info.size), info.size)
 
-    def _serve(self, environ: dict, key: str) -> tuple[Stat, BinaryIO] | None:
+    def _serve(self, environ: dict, key: str, room: int | None = None) -> tuple[Stat, BinaryIO] | None | bool:
         """Open a stored artifact to send it, counted as a hit (a use, the build time it saves) or
         a miss; None when it is not stored. ``GET`` and each entry of a bundle come through here.
+        With ``room``, an artifact larger than ``room`` bytes is not sent and not counted as a hit or
+        a miss (its open is still a use for eviction): False.
 
         The file opened is the entry's bytes for good: a later eviction or replacement removes or
         renames the name, never the bytes of a file already open, so what is sent is never torn.
@@ -353,6 +358,9 @@ class CacheApp:
             self.metrics.lookup(False, namespace=environ.get("polykit.namespace", ""))
             return None
         info = opened[0]
+        if room is not None and info.size > room:
+            opened[1].close()
+            return False
         self._lookup_hit(environ, info.size)
         namespace = environ.get("polykit.namespace", "")
         self.metrics.saved(self.metrics.history.served(key, lambda: self._manifest(name), namespace, info.created))
@@ -436,9 +444,12 @@ class CacheApp:
         so the server holds one open entry and one chunk at a time, whatever the list.
 
         Unlike a ``GET``'s file, which waitress's I/O thread sends, a bundle is written by the worker
-        thread that answers it, into waitress's output buffer (on disk past 1 MiB); the client asks
-        for a few MiB per bundle (under waitress's 16 MiB high-water mark, past which a worker
-        waits for the client to read), so a worker is held about as long as its disk reads take.
+        thread that answers it, into waitress's output buffer (on disk past 1 MiB). Past waitress's
+        16 MiB high-water mark a worker would wait for the client to read, so a slow reader asking
+        for big artifacts could hold every worker. So a bundle carries at most BUNDLE_BYTES of
+        artifacts: it ends, with a trailer counting the frames sent, before the first artifact
+        that would take it over (even the first one), and the client fetches the rest by ``GET``.
+        A worker is then held about as long as its disk reads take, whatever a client asks.
         """
         keys = self._keys(environ)
         headers = [("Content-Type", bundle.CONTENT_TYPE), ("Cache-Control", "no-store")]
@@ -447,21 +458,27 @@ class CacheApp:
         return Response(200, headers, self._bundle_body(environ, keys), 0)
 
     def _bundle_body(self, environ: dict, keys: list[str]) -> Iterator[bytes]:
+        room = BUNDLE_BYTES
+        frames = 0
         for key in keys:
             try:
-                opened = self._serve(environ, key)
+                opened = self._serve(environ, key, room)
             except (OSError, StorageUnavailable) as exc:
                 # The answer has begun: it cannot become an error now. It ends without its
                 # trailer, which the client takes as a bundle cut short (the rest one by one).
                 log.warning("bundle cut short at %s: %s", key[:12], exc)
                 return
+            if opened is False:
+                break  # over the bundle's bytes: the trailer says how many frames came
+            frames += 1
             if opened is None:
                 yield bundle.missing_head(key)
                 continue
             info, fh = opened
+            room -= info.size
             yield bundle.artifact_head(key, info.size, info.sha256)
             yield from file_chunks(fh, info.size)
-        yield bundle.trailer(len(keys))
+        yield bundle.trailer(frames)
 
     def _manifest(self, name: str) -> dict | None:
         """The manifest of a stored artifact (verified before it was stored), or None if it cannot be read."""

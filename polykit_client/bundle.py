@@ -6,7 +6,10 @@ The server writes, and the client reads, in the order the keys were asked:
   ``size`` bytes (the artifact, SHA-256 ``sha256``), or ``<key> -\\n`` for a key not stored
   (never stored, or evicted or replaced before the stream reached it: an entry is opened only
   in its turn, and an open entry's bytes are fixed, so a body is never torn);
-- last, the trailer line ``end <count>\\n``, ``count`` being the number of key frames.
+- last, the trailer line ``end <count>\\n``, ``count`` being the number of key frames. The
+  server may end a bundle early, in place of a frame, with the trailer counting the frames sent
+  (a bundle carries a bounded number of bytes, see the server's ``BUNDLE_BYTES``): the keys not
+  reached were not sent, which says nothing of whether they are stored.
 
 Every head names its key and its length, so a reader checks each frame against the key it
 expects next and reads exactly the bytes announced; a stream cut short anywhere (in a head, in
@@ -59,6 +62,11 @@ def parse_head(line: bytes, expected: str) -> tuple[int, str] | None:
     if m.group(2) is None:
         return None
     return int(m.group(2)), m.group(3).decode()
+
+
+def is_trailer(line: bytes) -> bool:
+    """Whether ``line`` is a trailer (well-formed or not) rather than a frame's head."""
+    return line.startswith(b"end ")
 
 
 def parse_trailer(line: bytes, count: int) -> None:

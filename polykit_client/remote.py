@@ -487,7 +487,7 @@ class RemoteCache:
         as a GET's would be, and the stream goes on (each frame has its own length).
 
         Returns the keys to fetch one by one: none when the bundle came whole, the ones it did
-        not reach when it broke off (one warning in a run, however many break), or None when the
+        not reach when the server ended it early (its bytes per bundle: quiet) or when it broke off (one warning in a run, however many break), or None when the
         server has no such route (an older server: quiet). A bundle that ran out of its deadline
         ends the rest with ``done(key, False)`` instead: a server that slow would only be as slow
         again per key, so those tasks are built.
@@ -518,7 +518,7 @@ class RemoteCache:
         if not whole:
             return None
         self._succeeded()
-        return []
+        return keys[reached[0]:]  # none, unless the server ended the bundle early (quietly)
 
     def store(self, key: str, path: Path, progress: Progress | None = None, ask_first: bool = True) -> bool:
         """Upload the artifact file at ``path``; True only when the server stored it now.
@@ -679,9 +679,13 @@ class RemoteCache:
                 return False
             if status != 200:
                 raise _Failure(_status_reason(status, answer), transient=_is_transient(status))
-            received = 0
+            received = frames = 0
             for key in keys:
-                frame = self._frame_head(answer, key)
+                line = self._line(answer)
+                if bundle.is_trailer(line):
+                    break  # ended early by the server (its bytes per bundle): the rest one by one
+                frames += 1
+                frame = self._frame_head(line, key)
                 if frame is None:
                     reached[0] += 1
                     done(key, False)
@@ -708,17 +712,26 @@ class RemoteCache:
                     with self._lock:
                         self.bytes_down += length
                 done(key, ok)
+            else:
+                line = self._line(answer)
             try:
-                bundle.parse_trailer(answer.readline(bundle.MAX_HEAD + 1), len(keys))
-            except (OSError, http.client.HTTPException, bundle.BadFrame) as exc:
+                bundle.parse_trailer(line, frames)
+            except bundle.BadFrame as exc:
                 raise _Failure(_describe(exc, self.timeout), transient=True) from None
         return True
 
-    def _frame_head(self, answer: _Answer, key: str) -> tuple[int, str] | None:
-        """The next frame's ``(size, sha256)``, which must be ``key``'s; None for "not stored"."""
+    def _line(self, answer: _Answer) -> bytes:
+        """The next head or trailer line of a bundle (bounded)."""
         try:
-            return bundle.parse_head(answer.readline(bundle.MAX_HEAD + 1), key)
-        except (OSError, http.client.HTTPException, bundle.BadFrame) as exc:
+            return answer.readline(bundle.MAX_HEAD + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Failure(_describe(exc, self.timeout), transient=True) from None
+
+    def _frame_head(self, line: bytes, key: str) -> tuple[int, str] | None:
+        """The ``(size, sha256)`` of the frame ``line`` opens, which must be ``key``'s; None for "not stored"."""
+        try:
+            return bundle.parse_head(line, key)
+        except bundle.BadFrame as exc:
             raise _Failure(_describe(exc, self.timeout), transient=True) from None
 
     def _receive(self, answer: _Answer, download: _Download, length: int, expected: str,

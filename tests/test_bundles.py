@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from polykit_cache import app as app_module
 from polykit_cache.app import MAX_QUERY_KEYS, QUERY_BODY_LIMIT
 from polykit_cache.http import SEND_CHUNK
 from polykit_cache.routes import Router
@@ -27,8 +28,9 @@ def ask(app, keys, path="/v1/bundles", headers=None):
     return call(app, "POST", path, json.dumps({"keys": keys}).encode(), headers)
 
 
-def frames(body: bytes, keys: list[str]) -> dict[str, bytes | None]:
-    """The bundle read as a client reads it: each frame of the expected key, then the trailer."""
+def frames(body: bytes, keys: list[str], trailer: int | None = None) -> dict[str, bytes | None]:
+    """The bundle read as a client reads it: each frame of the expected key, then the trailer
+    (counting ``trailer`` frames: fewer than asked when the server ended the bundle early)."""
     stream = io.BytesIO(body)
     found: dict[str, bytes | None] = {}
     for key in keys:
@@ -39,7 +41,7 @@ def frames(body: bytes, keys: list[str]) -> dict[str, bytes | None]:
         data = stream.read(head[0])
         assert len(data) == head[0] and sha(data) == head[1]
         found[key] = data
-    bundle.parse_trailer(stream.readline(bundle.MAX_HEAD + 1), len(keys))
+    bundle.parse_trailer(stream.readline(bundle.MAX_HEAD + 1), len(keys) if trailer is None else trailer)
     assert stream.read() == b""
     return found
 
@@ -101,6 +103,24 @@ def test_bundles_are_counted_as_the_gets_they_stand_for(tmp_path):
     assert after["hits"] - before["hits"] == 2 and after["misses"] - before["misses"] == 1
     assert after["bytes_out"] - before["bytes_out"] == 2 * len(one)
     assert 'polykit_cache_requests_total{protocol="polykit",method="POST",status="200"}' in call(app, "GET", "/metrics").body.decode()
+
+
+def test_a_bundle_ends_early_at_its_bytes_and_counts_only_what_it_sent(tmp_path, monkeypatch):
+    """A bundle carries at most BUNDLE_BYTES of artifacts, so the worker writing it never waits
+    for a slow reader: it ends, before the first artifact that would take it over, with the
+    trailer counting the frames sent; what it did not send is not counted."""
+    app = new_app(tmp_path / "store")
+    one = store(app, tmp_path, KEY, {"a.txt": b"one"})
+    store(app, tmp_path, THIRD_KEY, {"b.txt": os.urandom(20_000)})
+    monkeypatch.setattr(app_module, "BUNDLE_BYTES", len(one) + 100)
+    before = call(app, "GET", "/v1/stats").json()
+    body = ask(app, [KEY, OTHER_KEY, THIRD_KEY, KEY]).body
+    assert frames(body, [KEY, OTHER_KEY], trailer=2) == {KEY: one, OTHER_KEY: None}
+    after = call(app, "GET", "/v1/stats").json()
+    assert after["hits"] - before["hits"] == 1 and after["misses"] - before["misses"] == 1
+    assert after["bytes_out"] - before["bytes_out"] == len(one)
+    # Even a first artifact over the bound is not sent: the client GETs it (from the I/O thread).
+    assert frames(ask(app, [THIRD_KEY, KEY]).body, [], trailer=0) == {}
 
 
 def test_bundles_are_per_namespace(tmp_path):
@@ -191,6 +211,18 @@ def test_the_client_reads_a_bundle_and_says_once_when_one_breaks_off(tmp_path):
         assert len(warnings) == 1
 
 
+def test_a_bundle_the_server_ends_early_leaves_the_rest_to_gets_quietly(tmp_path, monkeypatch):
+    warnings: list[str] = []
+    with thread_server(tmp_path / "store") as (port, app):
+        one = store(app, tmp_path, KEY, {"a.txt": b"one"})
+        store(app, tmp_path, THIRD_KEY, {"c.txt": os.urandom(20_000)})
+        monkeypatch.setattr(app_module, "BUNDLE_BYTES", len(one))
+        remote = RemoteCache(f"http://127.0.0.1:{port}", environ={}, warn=warnings.append)
+        assert collect(remote, [KEY, OTHER_KEY, THIRD_KEY]) == ([THIRD_KEY], {KEY: one, OTHER_KEY: None})
+        assert collect(remote, [THIRD_KEY, KEY]) == ([THIRD_KEY, KEY], {})
+        assert warnings == [] and remote.enabled
+
+
 def rot(folder, blob: bytes | None = None) -> None:
     """One stored artifact's bytes rot on the server's disk, its recorded digest and mtime kept:
     the one holding ``blob``, or the largest."""
@@ -261,6 +293,13 @@ def test_an_older_server_without_bundles_is_asked_artifact_by_artifact_quietly(t
         app.router = Router([route for route in app.router.routes if route.pattern != "/v1/bundles"])
 
     pk, out, seen = fresh_clone_against(tmp_path, older)
+    assert pk.ran() == [] and "3 remote hits, 0 misses" in out.stdout and out.stderr == ""
+    assert seen[("GET", 200)] == 3
+
+
+def test_bundles_the_server_ends_early_are_completed_by_gets(tmp_path, monkeypatch):
+    monkeypatch.setattr(app_module, "BUNDLE_BYTES", 1)  # not one artifact fits: all by GET
+    pk, out, seen = fresh_clone_against(tmp_path, lambda app: None)
     assert pk.ran() == [] and "3 remote hits, 0 misses" in out.stdout and out.stderr == ""
     assert seen[("GET", 200)] == 3
 
