@@ -231,6 +231,8 @@ class Storage(Store):
         self._paths: dict[tuple[str, str], tuple[str, str, str]] = {}
         # Index key -> the bytes of a small entry, each used only for the file it was read from.
         self._bodies: IdentityCache[bytes] = IdentityCache(INFO_CACHE_SIZE, KEPT_BODIES_BYTES)
+        # The system clock, read before an entry's fstat to tell whether its bytes may be kept.
+        self._clock: Callable[[], int] = time.time_ns
         # Sizes, costs and the least-recently-used order of the entries (keyed by cache key or
         # blob id): in this process, or shared by the worker processes (see share()).
         self._index: MemoryIndex | SharedIndex = MemoryIndex(disk_cost)
@@ -865,6 +867,7 @@ class Storage(Store):
             self.forget(blob)  # a blob's path: its folder or file replaced behind our back
             return None
         try:
+            seen = self._clock()  # before the fstat, the file open (see metacache.settled)
             st = os.fstat(fh.fileno())
             # The metadata of the very file opened (see _info_of): for a blob it is read after the
             # blob was opened (the attribute of that very file), written before the blob was
@@ -886,7 +889,7 @@ class Storage(Store):
             fh.close()
             raise
         if len(data) == st.st_size:  # entries are never written in place; this is only a guard
-            self._bodies.put(key, st, data)
+            self._bodies.put(key, st, data, seen)
         return found, io.BytesIO(data)
 
     def stage(self) -> Staged:
