@@ -198,8 +198,12 @@ INFO_CACHE_SIZE = 16384
 # it full and 8 connections reading 64 KiB entries, a worker's peak was 53 MiB (31 MiB idle).
 KEPT_BODY_SIZE = 64 * 1024
 KEPT_BODIES_BYTES = 16 << 20
-# Blob names whose file path is kept (about 400 bytes each).
+# Blob names whose file path is kept (about 400 bytes each): names up to KEPT_PATH_NAME characters
+# (every digest-named protocol's, and most key-value names), as a peer may ask for as many names of
+# 2 KiB (the longest path app.MAX_PATH lets through) as it likes, ten times more memory each; a
+# longer one's path is worked out per request.
 BLOB_PATHS = 4096
+KEPT_PATH_NAME = 256
 
 
 class Storage(Store):
@@ -250,12 +254,15 @@ class Storage(Store):
 
     def _blob_paths(self, space: str, name: str) -> tuple[str, str, str]:
         """(blob name, index key, data file) of a blob: the key is a SHA-256 of the name, so the
-        three are kept per name read (at most BLOB_PATHS, all dropped at the bound)."""
+        three are kept per name read (at most BLOB_PATHS names of at most KEPT_PATH_NAME
+        characters, all dropped at the bound)."""
         found = self._paths.get((space, name))
         if found is None:
             blob = disk_name(space, name)
             key = blob_id(blob)
             found = (blob, key, self._data_path(key))
+            if len(name) > KEPT_PATH_NAME:
+                return found
             if len(self._paths) >= BLOB_PATHS:
                 self._paths.clear()
             self._paths[(space, name)] = found

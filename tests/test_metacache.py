@@ -221,3 +221,17 @@ def test_a_namespaced_artifact_stored_again_after_eviction_has_its_new_metadata(
     got = call(first, "GET", path)
     assert got.body == two and got.headers["content-length"] == str(len(two))
     assert call(first, "HEAD", path).headers["x-artifact-hash"] == got.headers["x-artifact-hash"]
+
+
+def test_the_paths_kept_per_blob_name_stay_small_whatever_names_a_peer_asks_for(tmp_path):
+    app = new_app(tmp_path / "store")
+    long_name = "/".join(["p" * 255] * 7)  # near the longest path a request may name (2 KiB)
+    assert call(app, "PUT", f"/kv/gradle/{long_name}", b"long").status == 201
+    for i in range(50):  # a flood of distinct long names, every one a miss
+        assert call(app, "HEAD", f"/kv/gradle/{i:03d}{long_name[3:]}").status == 404
+    for _ in range(2):
+        assert call(app, "GET", f"/kv/gradle/{long_name}").body == b"long"
+        assert call(app, "GET", f"/ac/{key_for('short')}").status == 404
+    kept = app.storage._paths
+    assert ("bazel-ac", key_for("short")) in kept  # a digest's path is kept
+    assert sum(len(name) + sum(map(len, paths)) for (_, name), paths in kept.items()) < 1024
