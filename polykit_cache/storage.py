@@ -845,21 +845,22 @@ class Storage(Store):
             blob, key, path = self._blob_paths(space, name)
         if key in self._bodies:
             # The bytes kept are this file's if its stat is the one they were read with (see
-            # metacache); the metadata is then found as for a HEAD, from the same stat.
+            # metacache), and they go out only with the metadata kept for that same stat: read now
+            # by path, the metadata could be a later file's (the entry deleted or evicted and
+            # uploaded anew since the stat), beside the old bytes (a turbo tag that does not sign
+            # them). Without that copy, the file is opened and both are read from it.
             try:
                 st = os.stat(path)
             except OSError:
                 st = None  # gone, or not a file: the open below finds out and forgets it
             data = self._bodies.get(key, st) if st is not None else None
-            if data is not None:
-                if artifact:
-                    found = self._artifact_stat(key, path, st, use, settled)
-                else:
-                    found = self._blob_stat_of(space, name, blob, key, path, st, None, settled)
-                    if use:
-                        self._use(key, st.st_mtime_ns)
-                if found is not None:
-                    return found, io.BytesIO(data)
+            info = self._info.get(key, st) if data is not None else None
+            if info is not None:
+                if use:
+                    self._use(key, st.st_mtime_ns)
+                if isinstance(info, ArtifactInfo):
+                    info = Stat("polykit", key, info.size, info.sha256, info.created, info.meta, path)
+                return info, io.BytesIO(data)
         try:
             fh = open(path, "rb")
         except FileNotFoundError:

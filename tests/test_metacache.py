@@ -235,3 +235,44 @@ def test_the_paths_kept_per_blob_name_stay_small_whatever_names_a_peer_asks_for(
     kept = app.storage._paths
     assert ("bazel-ac", key_for("short")) in kept  # a digest's path is kept
     assert sum(len(name) + sum(map(len, paths)) for (_, name), paths in kept.items()) < 1024
+
+
+class _ReplacedAfterStat:
+    """The ``os`` module as the storage sees it when another worker replaces an entry just after
+    this worker's ``stat`` of it (once): the interleaving a real race takes by chance."""
+
+    def __init__(self, path: str, replace) -> None:
+        self.entry, self.replace = path, replace
+
+    def stat(self, path, *args, **kwargs):
+        st = os.stat(path, *args, **kwargs)
+        if path == self.entry and self.replace is not None:
+            replace, self.replace = self.replace, None
+            replace()
+        return st
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+
+def test_kept_bytes_are_answered_with_the_metadata_of_their_own_file_only(tmp_path, monkeypatch):
+    """The metadata read for kept bytes must be that very file's: a turbo entry's tag signs its
+    body, and the one of a replacement read by path beside the old bytes fails the client's check."""
+    first, second = new_app(tmp_path / "store"), new_app(tmp_path / "store")
+    first.storage._clock = lambda: time.time_ns() + SETTLE_NS + 1  # entries read once settled
+    path = "/v8/artifacts/abc123?team=t"
+    one, two = b"1" * 4096, b"2" * 4096
+    assert call(first, "PUT", path, one, headers={"x-artifact-tag": "signs-one"}).status == 202
+    for _ in range(2):
+        assert call(first, "GET", path).headers["x-artifact-tag"] == "signs-one"
+    first.storage._info.clear()  # its metadata copy pushed out by others' (its bytes still kept)
+    entry = first.storage.stat("turbo", "t/abc123").path
+    first.storage._info.clear()
+
+    def replace():  # evicted (or deleted) and uploaded anew, by another worker
+        assert second.storage.delete("turbo", "t/abc123")
+        assert call(second, "PUT", path, two, headers={"x-artifact-tag": "signs-two"}).status == 202
+
+    monkeypatch.setattr(storage_module, "os", _ReplacedAfterStat(entry, replace))
+    reply = call(first, "GET", path)
+    assert (reply.body, reply.headers["x-artifact-tag"]) in ((one, "signs-one"), (two, "signs-two"))
