@@ -154,8 +154,17 @@ class Staged:
         return self.fh
 
     def discard(self) -> None:
+        """Remove the temporary; never raises for its bytes, which nobody wants any more.
+
+        Closing a buffered file flushes what it still holds, and on a full disk that flush fails
+        again (after a StorageFull the caller is answering): the file is closed all the same
+        (io's close closes the descriptor whatever its flush raised), so the error is dropped
+        rather than turning a 507 into a 500.
+        """
         try:
             self.fh.close()
+        except OSError:
+            pass
         finally:
             if self.path is not None:
                 self.path.unlink(missing_ok=True)

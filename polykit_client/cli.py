@@ -230,11 +230,13 @@ def _build(ws, task: str, args, git=None) -> int:
     runner.prefetch(order)
     try:
         with phase("tasks: scheduling to the last end"):
-            outcome = run_graph(order, deps, timings.wrap(runner.run), parallel, args.continue_on_error)
+            outcome = run_graph(order, deps, timings.wrap(runner.run), parallel, args.continue_on_error,
+                                quick=timings.wrap(runner.quick), before_wait=console.flush)
     finally:
         runner.finish_prefetch()
         with phase("tasks: packing, waiting for the last"):
             runner.finish_packing()
+        console.flush()  # what the hits in place printed, if the scheduler stopped before it did
     def save() -> None:
         with phase("records: saving (beside the last uploads)"):
             runner.save_records()

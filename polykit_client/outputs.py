@@ -34,26 +34,47 @@ def globs_of(patterns: tuple[str, ...] | None) -> GlobSet:
     return GlobSet(patterns or ())
 
 
-def expand_outputs(pkg_dir: Path, patterns: tuple[str, ...] | None, *, strict: bool = True) -> list[str]:
+def signature(st: os.stat_result) -> list[int]:
+    """What changes when a file, folder or link is touched in any way (ctime cannot be set back)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_mode]
+
+
+def expand_outputs(pkg_dir: Path, patterns: tuple[str, ...] | None, *, strict: bool = True,
+                   walked: dict[str, list[int] | None] | None = None) -> list[str]:
     """Files, symlinks and empty folders of the package that the output patterns declare.
 
     Paths are real (relative to the package, never under a symlink); patterns match the path as
     the user sees it, through symlinked folders. ``strict=False`` (to clear old outputs before a
     restore) leaves out a link leaving the package, and stops at a loop, instead of raising.
+
+    ``walked``, when given, receives what the answer depends on besides the files it lists: the
+    signature of each entry on the way to a pattern's folder (None where it is missing) and of
+    every folder listed ("." for the package), each taken before the folder is listed. While all
+    of them are unchanged, no entry was added, removed, renamed or changed in type in any folder
+    the walk looked at (each of those changes its folder's mtime and ctime), so the same walk
+    would list the same paths: see ``walk_unchanged``. A walk that meets a symlink depends on
+    more than that (where the link leads); it leaves ``walked`` empty.
     """
     globs = globs_of(tuple(patterns) if patterns is not None else None)
     if not globs:
         return []
     root = os.path.realpath(pkg_dir)
     found: set[str] = set()
+    seen: dict[str, list[int] | None] = {}
+    links = False
 
-    def visit(view: str, real: str, chain: frozenset[str]) -> None:
+    def visit(view: str, real: str, chain: frozenset[str], base: bool = False) -> None:
+        nonlocal links
         full = os.path.join(root, real)
         try:
             st = os.lstat(full)
         except OSError:
+            seen[real] = None
             return
+        if base:
+            seen[real] = signature(st)
         if stat.S_ISLNK(st.st_mode):
+            links = True
             under = globs.may_match_under(view)
             if not (under or globs.matches(view)):
                 return
@@ -71,9 +92,12 @@ def expand_outputs(pkg_dir: Path, patterns: tuple[str, ...] | None, *, strict: b
                 folder(view, os.path.relpath(target, root).replace(os.sep, "/"), chain | {target})
         elif stat.S_ISDIR(st.st_mode):
             if globs.may_match_under(view):
+                seen[real] = signature(st)
                 folder(view, real, chain)
-            elif globs.matches(view) and not os.listdir(full):
-                found.add(real)
+            elif globs.matches(view):
+                seen[real] = signature(st)
+                if not os.listdir(full):
+                    found.add(real)
         elif globs.matches(view):
             found.add(real)
 
@@ -90,20 +114,44 @@ def expand_outputs(pkg_dir: Path, patterns: tuple[str, ...] | None, *, strict: b
 
     for base in globs.bases():
         if base:
-            _descend(root, base, visit, strict)
+            _descend(root, base, visit, seen)
         else:
+            try:
+                seen["."] = signature(os.lstat(root))
+            except OSError:
+                seen["."] = None
             folder("", "", frozenset({root}))
+    if walked is not None and not links:
+        walked.update(seen)
     return sorted(found)
 
 
-def _descend(root: str, base: str, visit, strict: bool) -> None:
-    """Visit ``base`` (the literal folders a pattern starts with), resolving links on the way."""
+def walk_unchanged(pkg_dir: Path, walked: dict[str, list[int] | None]) -> bool:
+    """Whether every entry ``expand_outputs`` noted in ``walked`` still has its signature (or is still missing)."""
+    for rel, sig in walked.items():
+        try:
+            now = signature(os.lstat(os.path.join(pkg_dir, rel)))
+        except (FileNotFoundError, NotADirectoryError):
+            now = None
+        if now != sig:
+            return False
+    return True
+
+
+def _descend(root: str, base: str, visit, seen: dict) -> None:
+    """Visit ``base`` (the literal folders a pattern starts with), resolving links on the way.
+
+    Notes in ``seen`` the signature of each entry on the way (a link among them is visited)."""
     parts = base.split("/")
     real = ""
     chain = frozenset({root})
     for i, part in enumerate(parts[:-1]):
         entry = f"{real}/{part}" if real else part
         full = os.path.join(root, entry)
+        try:
+            seen[entry] = signature(os.lstat(full))
+        except OSError:
+            seen[entry] = None
         if os.path.islink(full):
             visit("/".join(parts[: i + 1]), entry, chain)  # records the link (or refuses it)
             target = os.path.realpath(full)
@@ -115,7 +163,7 @@ def _descend(root: str, base: str, visit, strict: bool) -> None:
             real = entry
         else:
             return
-    visit(base, f"{real}/{parts[-1]}" if real else parts[-1], chain)
+    visit(base, f"{real}/{parts[-1]}" if real else parts[-1], chain, base=True)
 
 
 def linked_folders(pkg_dir: Path, patterns: Iterable[str]) -> list[str]:

@@ -29,18 +29,19 @@ from typing import TYPE_CHECKING, Callable, Mapping
 from .components import for_manifest
 from .graph import Node
 from .localcache import LocalCache
-from .outputs import OutputError, check_restorable, expand_outputs
-from .prefetch import ABSENT, UNKNOWN, Prefetcher
+from .outputs import OutputError, check_restorable, expand_outputs, signature, walk_unchanged
 from .timing import phase
 from .workspace import Package, Task, Workspace
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .prefetch import Prefetcher
     from .remote import RemoteCache
     from .restore import Staged
 
 
 # ``artifact`` and ``restore`` (tar, zstd) are imported inside the methods that pack or restore: a build whose
-# outputs are all in place never opens an artifact, and that import is a sizeable share of its time.
+# outputs are all in place never opens an artifact, and that import is a sizeable share of its time. So is
+# ``prefetch`` (``concurrent.futures``, which brings ``logging``): such a build never asks the server.
 
 RECORDS_FILE = ".polykit/outputs.json"
 RECORD_LOG_LIMIT = 64 * 1024
@@ -53,40 +54,84 @@ LOCK_PAUSE_MAX = 0.05
 LINE_LIMIT = 64 * 1024
 
 
+# What ``Console.hold`` keeps before writing it out: a bound on memory, and on how long a line waits.
+HELD_LIMIT = 64 * 1024
+
+
 class Console:
-    """Serialises what tasks print; warnings go to stderr as ``warning: ...`` lines."""
+    """Serialises what tasks print; warnings go to stderr as ``warning: ...`` lines.
+
+    Everything is written out and flushed at once, except what ``hold`` is given: the status
+    lines and logs of hits whose outputs were in place, reported one after another by the
+    scheduler's thread. Those are written in one go at the next ``flush``, at anything else
+    printed, or past HELD_LIMIT bytes, rather than a write and a flush per line (1,000 of them
+    for 500 such hits, each waking whatever reads the output).
+    """
 
     def __init__(self, prefix_logs: bool, out=None, err=None) -> None:
         self.prefix_logs = prefix_logs
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self._lock = threading.Lock()
+        self._held: list[bytes] = []
+        self._held_size = 0
 
     def line(self, text: str) -> None:
         with self._lock:
+            self._write_held()
             self.out.write(text + "\n")
             self.out.flush()
 
     def warn(self, message: str) -> None:
         with self._lock:
+            self._write_held()
             self.err.write(f"warning: {message}\n")
             self.err.flush()
+
+    def _prefixed(self, node: Node, data: bytes) -> bytes:
+        if self.prefix_logs and data:
+            return b"".join(b"%s: %s\n" % (str(node).encode(), line) for line in data.splitlines())
+        return data
 
     def log(self, node: Node, data: bytes) -> None:
         """Write a task's output (live or replayed), prefixed with the task when tasks run side by side."""
         if not data:
             return
-        if self.prefix_logs:
-            data = b"".join(b"%s: %s\n" % (str(node).encode(), line) for line in data.splitlines())
-        buffer = getattr(self.out, "buffer", None)
+        data = self._prefixed(node, data)
         with self._lock:
-            if buffer is not None:  # the task's bytes as they are, whatever the terminal's encoding
-                self.out.flush()
-                buffer.write(data)
-                buffer.flush()
-            else:
-                self.out.write(data.decode("utf-8", "replace"))
-                self.out.flush()
+            self._write_held()
+            self._write(data)
+
+    def hold(self, node: Node, text: str, log: bytes) -> None:
+        """A status line and its task's log, written out with the next ``flush`` or anything else printed."""
+        data = (text + "\n").encode() + self._prefixed(node, log)
+        with self._lock:
+            self._held.append(data)
+            self._held_size += len(data)
+            if self._held_size > HELD_LIMIT:
+                self._write_held()
+
+    def flush(self) -> None:
+        """Write out what ``hold`` kept."""
+        with self._lock:
+            self._write_held()
+
+    def _write_held(self) -> None:
+        if self._held:
+            data = b"".join(self._held)
+            self._held.clear()
+            self._held_size = 0
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        buffer = getattr(self.out, "buffer", None)
+        if buffer is not None:  # the task's bytes as they are, whatever the terminal's encoding
+            self.out.flush()
+            buffer.write(data)
+            buffer.flush()
+        else:
+            self.out.write(data.decode("utf-8", "replace"))
+            self.out.flush()
 
     def log_file(self, node: Node, path: Path) -> None:
         """Replay a captured log line by line, so a long one never sits in memory."""
@@ -228,9 +273,7 @@ def _flat(exc: BaseException) -> str:
 
 
 def _signature(path: Path) -> list[int]:
-    """What changes when a file, folder or link is touched in any way (ctime cannot be set back)."""
-    st = os.lstat(path)
-    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_mode]
+    return signature(os.lstat(path))
 
 
 
@@ -253,21 +296,42 @@ def held(fd: int, name: str):
     finishes its task. One of the runs would fail with EDEADLK. Non-blocking attempts (F_SETLK)
     are never judged a deadlock, so a held byte is tried again after a short pause.
     """
-    offset = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+    offset = _lock_offset(name)
     pause = LOCK_PAUSE_FIRST
-    while True:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-            break
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):  # what a byte held elsewhere gives
-                raise
+    while not _try_lock(fd, offset):
         time.sleep(pause)
         pause = min(pause * 2, LOCK_PAUSE_MAX)
     try:
         yield
     finally:
         fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+
+
+@contextlib.contextmanager
+def held_if_free(fd: int, name: str):
+    """Hold ``name``'s byte as ``held`` does if no other process holds it; yields whether it was taken."""
+    offset = _lock_offset(name)
+    if not _try_lock(fd, offset):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+
+
+def _lock_offset(name: str) -> int:
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+
+
+def _try_lock(fd: int, offset: int) -> bool:
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):  # what a byte held elsewhere gives
+            return False
+        raise
 
 
 class TaskRunner:
@@ -291,7 +355,7 @@ class TaskRunner:
         self._remote_made = False
         self.remote: RemoteCache | None = None
         self.uploader: Uploader | None = None
-        self.prefetcher: Prefetcher | None = None
+        self.prefetcher: "Prefetcher | None" = None
         self._packing = None  # the packing threads (a ThreadPoolExecutor), made by the first miss
         self._pack_slots = threading.BoundedSemaphore(PACK_THREADS)
 
@@ -330,6 +394,8 @@ class TaskRunner:
         if not wanted:
             return
         label = {self.keys[node]: f"{node}  downloading" for node in order}
+        from .prefetch import Prefetcher
+
         self.prefetcher = Prefetcher(self._get_remote, self.local, self._stage, lambda key: self.console.progress(label[key]))
         self.prefetcher.start(wanted)
 
@@ -347,6 +413,30 @@ class TaskRunner:
         except Exception as exc:  # a bug or an unusable folder fails this task, never the whole run
             self.console.line(f"{node}  failed ({exc.__class__.__name__}: {exc})")
             self.summary.add(node, "failed")
+            return False
+
+    def quick(self, node: Node) -> bool:
+        """The whole turn of a task whose outputs are already in place, or False (then ``run`` it).
+
+        Meant for the scheduler's own thread (see ``graph.run_graph``): it answers at once
+        without a record under the task's key, and never waits for another run holding the
+        task's lock (``run`` does). Under the lock it is the same check and the same report as
+        ``run`` makes; anything unexpected is left to ``run`` too, which reports it.
+        """
+        if self.local is None:
+            return False
+        try:
+            record = self._records().get(str(node))
+            if record is None or record.get("key") != self.keys[node]:
+                return False
+            fd = self._lock_fd()
+            pkg = self.ws.packages[node.package]
+            with held_if_free(fd, str(node)) if fd is not None else contextlib.nullcontext(True) as free:
+                if not free:
+                    return False
+                with phase("tasks: outputs-in-place checks", threads=True):
+                    return self._outputs_in_place(node, pkg, pkg.tasks[node.task], self.keys[node], hold=True)
+        except Exception:
             return False
 
     @contextlib.contextmanager
@@ -395,6 +485,13 @@ class TaskRunner:
     # (size, mtime, inode, ctime, mode) and its log. When the same key comes back and every output
     # is still exactly as left, nothing needs restoring: only the log is replayed. Records live in
     # one file, read once and written once a run; a lost record only costs a full restore.
+    # A record also keeps the signatures of the folders the outputs' walk listed ("walked", see
+    # expand_outputs): while those are unchanged the walk would find the same outputs, so it is
+    # not done again, only each recorded entry looked at. A record without them (a restore lists
+    # what its artifact placed, without a walk) gets them from the first walk that finds the
+    # outputs in place. Like the files' signatures, they rely on a change moving mtime or ctime:
+    # a change made within the same tick of the filesystem's clock as the build's own last one,
+    # by something other than the build, while polykit records it, is not seen.
 
     def _records(self) -> dict:
         with self._remote_lock:
@@ -418,19 +515,35 @@ class TaskRunner:
         except OSError:
             pass
 
-    def _outputs_in_place(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
+    def _outputs_in_place(self, node: Node, pkg: Package, task: Task, key: str, hold: bool = False) -> bool:
         record = self._records().get(str(node))
         try:
             if record is None or record.get("key") != key:
                 return False
-            current = expand_outputs(pkg.dir, task.outputs, strict=False)
-            if current != sorted(record["files"]) or any(_signature(pkg.dir / rel) != record["files"][rel] for rel in current):
+            walked = record.get("walked")
+            if walked is not None:
+                if not walk_unchanged(pkg.dir, walked):
+                    return False
+                current = record["files"]
+            else:
+                walked = {}
+                current = expand_outputs(pkg.dir, task.outputs, strict=False, walked=walked)
+                if current != sorted(record["files"]):
+                    return False
+            if any(_signature(pkg.dir / rel) != record["files"][rel] for rel in current):
                 return False
             log = base64.b64decode(record["log"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False
-        self.console.line(f"{node}  hit (local)")
-        self.console.log(node, log)
+        if "walked" not in record and walked:
+            with self._remote_lock:
+                record["walked"] = walked
+                self._records_changed = True
+        if hold:  # the scheduler's thread: written out when it next waits (see Console)
+            self.console.hold(node, f"{node}  hit (local)", log)
+        else:
+            self.console.line(f"{node}  hit (local)")
+            self.console.log(node, log)
         self.summary.add(node, "hit (local)", int(record.get("duration_ms", 0)))
         return True
 
@@ -447,17 +560,23 @@ class TaskRunner:
             self._keep_record(node, record)
 
     def _record(self, pkg: Package, task: Task, key: str, log: bytes | Path, duration_ms: int,
-                outputs: list[str] | None = None) -> dict | None:
+                outputs: list[str] | None = None, walked: dict | None = None) -> dict | None:
         """The record of a task's outputs as they are now, or None when it cannot be made.
 
-        ``log`` is the task's output, as a file or (from an artifact verified into memory) as bytes."""
+        ``log`` is the task's output, as a file or (from an artifact verified into memory) as bytes.
+        ``walked`` is what the walk that found ``outputs`` noted (see ``expand_outputs``), if it did."""
         try:
             if (len(log) if isinstance(log, bytes) else log.stat().st_size) > RECORD_LOG_LIMIT:
                 return None  # a long log stays in the artifact only; such a task is restored each time
-            outputs = expand_outputs(pkg.dir, task.outputs, strict=False) if outputs is None else outputs
+            if outputs is None:
+                walked = {}
+                outputs = expand_outputs(pkg.dir, task.outputs, strict=False, walked=walked)
             body = log if isinstance(log, bytes) else log.read_bytes()
-            return {"key": key, "duration_ms": duration_ms, "files": {rel: _signature(pkg.dir / rel) for rel in outputs},
-                    "log": base64.b64encode(body).decode()}
+            record = {"key": key, "duration_ms": duration_ms, "files": {rel: _signature(pkg.dir / rel) for rel in outputs},
+                      "log": base64.b64encode(body).decode()}
+            if walked:
+                record["walked"] = walked
+            return record
         except OSError:
             return None
 
@@ -502,6 +621,8 @@ class TaskRunner:
             return False
 
     def _try_remote(self, node: Node, pkg: Package, task: Task, key: str) -> bool:
+        from .prefetch import ABSENT, UNKNOWN
+
         known = self.prefetcher.take(key) if self.prefetcher is not None else UNKNOWN
         if known == ABSENT:
             return False  # the batch query said so: no GET
@@ -679,13 +800,14 @@ class TaskRunner:
         self._pack_slots.acquire()  # bounds the prepared artifacts (and the bytes they hold) in memory
         try:
             try:
-                outputs = expand_outputs(pkg.dir, task.outputs)
+                walked: dict = {}
+                outputs = expand_outputs(pkg.dir, task.outputs, walked=walked)
                 prepared = artifact.prepare(pkg.dir, outputs, meta, log=log, cache_key=key)
             except (OutputError, artifact.ArtifactError, OSError) as exc:
                 self.console.warn(f"{node}: not cached: {_describe(exc, pkg.dir)}")
                 self._pack_slots.release()
                 return False
-            record = self._record(pkg, task, key, log, duration_ms, outputs)  # the outputs as the build left them
+            record = self._record(pkg, task, key, log, duration_ms, outputs, walked)  # the outputs as the build left them
             self._packer().submit(self._write_artifact, node, key, prepared, log, record)
         except BaseException:
             self._pack_slots.release()

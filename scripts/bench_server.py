@@ -12,7 +12,12 @@ where we stand against the server most turbo users run (it neither verifies nor 
 buffers every upload whole in memory); the absolute figures only describe this machine. With
 ``--bare-durable`` a fourth column, ``durable``, is the bare app making each upload as durable
 as ours does (a new file synced, linked, its folder synced) and nothing else: ours/durable is
-what our own work costs beyond the syncs, durable/node what the syncs cost on this disk.
+what our own work costs beyond the syncs, durable/node what the syncs cost on this disk. With
+``--bare-journal`` a column ``journal`` is the bare app making each upload of up to 64 KiB
+durable the way a database would: an entry appended to one preallocated log, answered after an
+``fdatasync`` that started after its write, one sync shared by every upload waiting (group
+commit); ``--bare-journal group,each,dsync,range`` adds a column for each other way of syncing
+(see ``_journal.py``), and ``files`` one whose uploads also go to a file each, unsynced.
 
 Every server gets the same artifacts at the same path, turbo's ``/v8/artifacts/{hash}?teamId=bench``
 with a bearer token that each of them checks (``--api polykit`` measures ours and bare on
@@ -25,6 +30,7 @@ to the bare app beside the target it has, and says whether it is met.
     python scripts/bench_server.py --quick         # smoke run for CI (small sizes, 1 s each)
     python scripts/bench_server.py --bare          # the baseline alone
     python scripts/bench_server.py --bare-durable  # also the baseline that syncs each upload as ours must
+    python scripts/bench_server.py --bare-journal group,dsync  # also baselines logging small uploads, synced
     python scripts/bench_server.py --compare-with ../old-checkout  # also ours as an earlier version has it
     python scripts/bench_server.py --workers-sweep # ours with 1, 2 and one worker per CPU, unpinned
     python scripts/bench_server.py --threads-sweep 4,8,16  # ours with each number of threads
@@ -86,6 +92,7 @@ from typing import BinaryIO, Callable, Iterable, Sequence
 
 # scripts/ is on sys.path when a script runs
 from _bench import find_node_tool, load_average, machine_line, node_server_env, stop_process, usable_cpus
+from _journal import MAX_ENTRY, MODES as JOURNAL_MODES, Journal, LogFull, entry_size
 
 ROOT = Path(__file__).resolve().parent.parent
 try:
@@ -526,12 +533,24 @@ class BareApp:
     ``fsync``, ``linkat`` to ``<durable_dir>/<key[0:2]>/<key>`` (256 folders, as our blob
     layout), ``fsync`` of that folder, then 201. Its figures are the floor the syncs set on this
     disk: what ours loses to it is our own work; what it loses to the Node server is the disk's.
+
+    With a ``journal`` as well (``--bare-journal``), an upload of up to 64 KiB is instead an
+    entry of that one preallocated log, answered once a sync that started after its write has
+    ended (see ``_journal.py``: a group commit by default); larger ones go to ``durable_dir`` as
+    above. Its figures are the floor of a store that keeps small entries in a log.
+
+    With ``files_too`` (``--bare-journal files``), such an upload is also written to its file as
+    in ``durable`` but with no sync (the log makes it durable; a replay would rewrite the file):
+    the floor of keeping the store's layout, with the log only making uploads durable.
     """
 
-    def __init__(self, serve_dir: Path, spool_dir: Path, durable_dir: Path | None = None) -> None:
+    def __init__(self, serve_dir: Path, spool_dir: Path, durable_dir: Path | None = None,
+                 journal: Journal | None = None, files_too: bool = False) -> None:
         self.serve_dir = serve_dir
         self.spool_dir = spool_dir
         self.durable_dir = durable_dir
+        self.journal = journal
+        self.files_too = files_too
         self.local = threading.local()
         self.index: dict[str, list] = json.loads((serve_dir / "index.json").read_text())
         self.pattern = re.compile(r"/v[18]/artifacts/([0-9a-f]{64})")
@@ -549,7 +568,12 @@ class BareApp:
             return self.answer(start_response, "401 Unauthorized", b'{"error":"unauthorized"}\n')
         key = match.group(1)
         if method == "PUT":
-            if self.durable_dir is not None:
+            if self.journal is not None and int(environ.get("CONTENT_LENGTH") or 0) <= MAX_ENTRY:
+                try:
+                    self.log_durably(environ, key)
+                except LogFull:
+                    return self.answer(start_response, "507 Insufficient Storage", b'{"error":"log_full"}\n')
+            elif self.durable_dir is not None:
                 self.store_durably(environ, key)
             else:
                 self.discard(environ)
@@ -581,13 +605,24 @@ class BareApp:
         out.truncate()
         copy_body(environ, out.write)
 
-    def store_durably(self, environ: dict, key: str) -> None:
-        """The body as a new file, synced before its name appears, its folder synced after."""
+    def log_durably(self, environ: dict, key: str) -> None:
+        """The body as an entry of the log, returning once that entry is durable."""
+        data = bytearray()
+        copy_body(environ, data.extend)  # at most MAX_ENTRY bytes: the caller checked the length
+        body = bytes(data)
+        if self.files_too:  # its name first: the link decides which of two uploads is first
+            self.store_durably({"CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}, key, sync=False)
+        self.journal.append(bytes.fromhex(key), body)
+
+    def store_durably(self, environ: dict, key: str, sync: bool = True) -> None:
+        """The body as a new file, synced before its name appears, its folder synced after
+        (``sync=False``: the file and its name alone, left to the kernel's writeback)."""
         folder = self.durable_dir / key[:2]
         fd = os.open(self.spool_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
         try:
             copy_body(environ, lambda data: os.write(fd, data))
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
             try:
                 try:
                     os.link(f"/proc/self/fd/{fd}", folder / key, src_dir_fd=self.anchor, follow_symlinks=True)
@@ -598,6 +633,8 @@ class BareApp:
                 pass  # first write wins
         finally:
             os.close(fd)
+        if not sync:
+            return
         dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(dir_fd)
@@ -643,9 +680,16 @@ def serve_bare(argv: Sequence[str]) -> int:
     parser.add_argument("--serve-dir", type=Path, required=True)
     parser.add_argument("--spool-dir", type=Path, required=True)
     parser.add_argument("--durable-dir", type=Path)
+    parser.add_argument("--journal-mode", choices=JOURNAL_MODES)
+    parser.add_argument("--files-too", action="store_true")
+    parser.add_argument("--journal-bytes", type=int, default=0)
     args = parser.parse_args(list(argv))
     config = Config(bind=LOCALHOST, port=args.port, threads=args.threads, max_artifact_size=1 << 40)
-    server = create_server(BareApp(args.serve_dir, args.spool_dir, args.durable_dir), **waitress_settings(config))
+    journal = None
+    if args.journal_mode:  # written in full before the server listens, so before any timing
+        journal = Journal(args.durable_dir / "journal.log", args.journal_bytes, args.journal_mode)
+    app = BareApp(args.serve_dir, args.spool_dir, args.durable_dir, journal, args.files_too)
+    server = create_server(app, **waitress_settings(config))
     signal.signal(signal.SIGTERM, _raise_exit)
     signal.signal(signal.SIGINT, _raise_exit)
     try:
@@ -805,18 +849,47 @@ def start_s3(workdir: Path, cpu: int | None, threads: int, log_level: str, big_b
     return start_server("s3", cmd, port, workdir, cpu, storage, template, env)
 
 
+# --bare-journal's choices: a way of syncing the log (see _journal.py), or "files": the group
+# commit with every upload also written to its file, unsynced.
+JOURNAL_FLOORS = (*JOURNAL_MODES, "files")
+
+
+def journal_kind(floor: str) -> str:
+    """The column of a journal floor: ``journal`` for the group commit, ``journal-FLOOR`` for the others."""
+    return "journal" if floor == "group" else f"journal-{floor}"
+
+
+def journal_floor(kind: str) -> str | None:
+    """Which journal floor a server kind is, None when it is not one."""
+    return next((floor for floor in JOURNAL_FLOORS if journal_kind(floor) == kind), None)
+
+
 def start_bare(workdir: Path, serve_dir: Path, cpu: int | None, threads: int, template: str,
-               name: str = "bare") -> Target:
-    """The bare baseline; named ``durable``, it stores every upload durably (see BareApp)."""
+               name: str = "bare", journal_bytes: int = 0) -> Target:
+    """The bare baseline; named ``durable`` it stores every upload durably, named as a journal floor
+    it logs small ones in a log of ``journal_bytes`` (see BareApp)."""
     port = free_port()
     cmd = [sys.executable, str(Path(__file__).resolve()), "_bare", "--port", str(port), "--threads", str(threads),
            "--serve-dir", str(serve_dir), "--spool-dir", str(workdir / f"spool-{name}")]
     storage = None
-    if name == "durable":
-        storage = workdir / "storage-durable"
+    floor = journal_floor(name)
+    if name == "durable" or floor is not None:
+        storage = workdir / f"storage-{name}"
         storage.mkdir()
         cmd += ["--durable-dir", str(storage)]
+    if floor is not None:
+        mode = floor if floor in JOURNAL_MODES else "group"
+        cmd += ["--journal-mode", mode, "--journal-bytes", str(journal_bytes)]
+        if floor == "files":
+            cmd.append("--files-too")
     return start_server(name, cmd, port, workdir, cpu, storage, template)
+
+
+def journal_bytes_needed(corpus: Corpus, seconds: float, only: Sequence[str]) -> int:
+    """A log with room for every small upload the chosen measurements can make (each at most once)."""
+    items = {item.key: item for _, phase in phases(corpus, seconds, "", only) if phase.method == "PUT"
+             for item in phase.items if item.size <= MAX_ENTRY}
+    return max(MIB, sum(entry_size(item.size) for item in items.values()))
 
 
 def stop_server(target: Target) -> None:
@@ -824,7 +897,7 @@ def stop_server(target: Target) -> None:
 
 
 def start_kind(kind: str, args: argparse.Namespace, workdir: Path, artifacts: Path, cpu: int | None,
-               big_bytes: int) -> Target:
+               big_bytes: int, journal_bytes: int = 0) -> Target:
     """Start one of the servers chosen_servers() names."""
     template = API_TEMPLATES[args.api]
     if kind == "ours":
@@ -842,7 +915,7 @@ def start_kind(kind: str, args: argparse.Namespace, workdir: Path, artifacts: Pa
         return start_s3(workdir, cpu, args.threads, args.server_log_level, big_bytes, template)
     if kind == "node":
         return start_node(workdir, cpu, args.node_cli, big_bytes, template)
-    return start_bare(workdir, artifacts, cpu, args.threads, template, kind)
+    return start_bare(workdir, artifacts, cpu, args.threads, template, kind, journal_bytes)
 
 
 def discard_state(workdir: Path, target: Target) -> None:
@@ -1389,6 +1462,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--bare-durable", action="store_true",
                         help="also measure the bare baseline storing every upload durably as ours must (new file, "
                              "fsync, link, fsync of its folder) and nothing else: the floor the syncs set")
+    parser.add_argument("--bare-journal", nargs="?", const=["group"], metavar="MODES",
+                        type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
+                        help="also measure the bare baseline appending each upload up to 64 KiB to one preallocated "
+                             "log, durable before its 201, as a database would: comma-separated modes of making it "
+                             f"durable, of {', '.join(JOURNAL_FLOORS)} (default: group, one fdatasync for every "
+                             "upload waiting; files: group, and each upload also in its own file, unsynced), "
+                             "one column each")
     which.add_argument("--s3", action="store_true",
                        help="measure our server on the S3 store (a local moto bucket), then on the disk store")
     parser.add_argument("--compare-with", type=Path, metavar="CHECKOUT",
@@ -1447,8 +1527,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--threads-sweep measures our server alone")
     side_by_side = not (args.url or args.bare or args.no_baseline or args.s3 or args.workers_sweep
                         or args.threads_sweep)
-    if (args.bare_durable or args.compare_with) and not side_by_side:
-        parser.error("--bare-durable and --compare-with go with the side-by-side run")
+    if (args.bare_durable or args.bare_journal or args.compare_with) and not side_by_side:
+        parser.error("--bare-durable, --bare-journal and --compare-with go with the side-by-side run")
+    unknown = [m for m in args.bare_journal or [] if m not in JOURNAL_FLOORS]
+    if unknown or args.bare_journal == []:
+        parser.error(f"--bare-journal takes modes among {', '.join(JOURNAL_FLOORS)}, not {','.join(unknown)!r}")
     if args.compare_with and not (args.compare_with / "polykit_cache" / "__main__.py").is_file():
         parser.error(f"--compare-with: {args.compare_with} is not a checkout of this project")
     if args.node_dir and not side_by_side:
@@ -1483,6 +1566,8 @@ def chosen_servers(args: argparse.Namespace) -> list[str]:
     kinds = ["ours", "node", "bare"] if args.node_cli is not None else ["ours", "bare"]
     if args.bare_durable:
         kinds.insert(-1, "durable")
+    for mode in dict.fromkeys(args.bare_journal or []):
+        kinds.insert(-1, journal_kind(mode))
     if args.compare_with:
         kinds.insert(1, "before")
     return kinds
@@ -1535,6 +1620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         artifacts.mkdir()
         corpus = build_corpus(artifacts, args.seconds, big_bytes, usable_cpus(), args.max_puts)
         progress(f"packed in {time.monotonic() - started:.1f} s")
+        log_bytes = journal_bytes_needed(corpus, args.seconds, args.only) if args.bare_journal else 0
         if load_cpu is not None:
             os.sched_setaffinity(0, {load_cpu})
         runs: list[TargetReport] = []
@@ -1545,7 +1631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shift = round_index % len(kinds)
             for kind in kinds[shift:] + kinds[:shift]:
                 target = external if kind == "target" else start_kind(kind, args, workdir, artifacts, server_cpu,
-                                                                      big_bytes)
+                                                                      big_bytes, log_bytes)
                 targets.append(target)
                 runs.append(measure(target, corpus, args.seconds, big_label, progress, args.only))
                 if target is not external:

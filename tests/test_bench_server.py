@@ -1,15 +1,21 @@
-"""scripts/bench_server.py: the targets it prints beside the figures, and its bare baseline's token check."""
+"""scripts/bench_server.py: the targets it prints beside the figures, its bare baselines (the token check, the
+durable and the journal floors); scripts/bench_sync.py: each way of syncing a small upload."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from wsgiref.util import FileWrapper
 
+import pytest
 from support import ROOT, call
 
 sys.path.insert(0, str(ROOT / "scripts"))
+import _journal  # noqa: E402
 import bench_server  # noqa: E402  (a script, imported from its folder)
 from bench_server import PhaseResult, TargetReport, target_table  # noqa: E402
 
@@ -116,3 +122,98 @@ def test_only_keeps_the_named_lines_and_what_they_need():
     assert labels(["PUT 4 KiB"]) == [(True, "PUT 4 KiB, 1 connection"), (True, "PUT 4 KiB, 8 connections")]
     # The big download reads what the big upload stored: the upload runs, unreported.
     assert labels(["GET one"]) == [(False, "PUT one 512 MiB"), (True, "GET one 512 MiB")]
+
+
+def test_the_journal_floor_logs_small_uploads_and_files_large_ones(tmp_path):
+    (tmp_path / "index.json").write_text(json.dumps({}))
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    journal = bench_server.Journal(storage / "journal.log", 1024 * 1024)
+    app = bench_server.BareApp(tmp_path, tmp_path, storage, journal)
+    small, large = "ab" * 32, "cd" * 32
+    for key, body in ((small, b"first"), (small, b"second"), (large, b"x" * (64 * 1024 + 1))):
+        assert call(app, "PUT", f"/v8/artifacts/{key}", body, headers=bench_server.AUTH).status == 201
+    journal.close()
+    # First write wins: the second upload of a key is answered, not logged.
+    assert list(_journal.entries(storage / "journal.log")) == [(bytes.fromhex(small), b"first")]
+    assert (storage / large[:2] / large).stat().st_size == 64 * 1024 + 1
+
+
+def test_the_files_floor_also_writes_each_logged_upload_to_its_file(tmp_path):
+    (tmp_path / "index.json").write_text(json.dumps({}))
+    journal = bench_server.Journal(tmp_path / "journal.log", 1024 * 1024)
+    app = bench_server.BareApp(tmp_path, tmp_path, tmp_path, journal, files_too=True)
+    key = "ef" * 32
+    for body in (b"first", b"second"):
+        assert call(app, "PUT", f"/v8/artifacts/{key}", body, headers=bench_server.AUTH).status == 201
+    journal.close()
+    assert (tmp_path / key[:2] / key).read_bytes() == b"first"
+    assert list(_journal.entries(tmp_path / "journal.log")) == [(bytes.fromhex(key), b"first")]
+
+
+def test_a_full_log_refuses_the_upload(tmp_path):
+    (tmp_path / "index.json").write_text(json.dumps({}))
+    journal = bench_server.Journal(tmp_path / "journal.log", _journal.entry_size(10))
+    app = bench_server.BareApp(tmp_path, tmp_path, tmp_path, journal)
+    assert call(app, "PUT", f"/v8/artifacts/{'01' * 32}", b"x" * 10, headers=bench_server.AUTH).status == 201
+    assert call(app, "PUT", f"/v8/artifacts/{'02' * 32}", b"y", headers=bench_server.AUTH).status == 507
+    journal.close()
+    assert [body for _, body in _journal.entries(tmp_path / "journal.log")] == [b"x" * 10]
+
+
+@pytest.mark.parametrize("mode", _journal.MODES)
+def test_concurrent_appends_are_each_logged_whole_once(tmp_path, mode):
+    journal = _journal.Journal(tmp_path / "journal.log", 1024 * 1024, mode)
+    expected = {hashlib.sha256(b"%d" % n).digest(): os.urandom(100 + n) for n in range(64)}
+    keys = list(expected) * 2  # each key twice: the second waits for the first, logs nothing
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: journal.append(key, expected[key]), keys))
+    journal.close()
+    logged = list(_journal.entries(tmp_path / "journal.log"))
+    assert sorted(logged) == sorted(expected.items())
+
+
+def test_replay_stops_at_a_torn_entry(tmp_path):
+    path = tmp_path / "journal.log"
+    journal = _journal.Journal(path, 4096)
+    journal.append(b"k" * 32, b"whole")
+    journal.append(b"l" * 32, b"torn")
+    journal.close()
+    data = bytearray(path.read_bytes())
+    data[_journal.entry_size(5) + _journal.HEADER.size] ^= 1  # a bit of the second body
+    path.write_bytes(bytes(data))
+    assert list(_journal.entries(path)) == [(b"k" * 32, b"whole")]
+
+
+def test_the_journal_floors_are_measured_beside_the_durable_one():
+    args = bench_server.parse_args(["--bare-durable", "--bare-journal"])
+    args.node_cli = "cli.js"
+    assert bench_server.chosen_servers(args) == ["ours", "node", "durable", "journal", "bare"]
+    args = bench_server.parse_args(["--bare-journal", "group,dsync,range,files"])
+    args.node_cli = None
+    assert bench_server.chosen_servers(args) == ["ours", "journal", "journal-dsync", "journal-range", "journal-files",
+                                                 "bare"]
+    for wrong in (["--bare-journal", "fsync"], ["--bare-journal", "group", "--no-baseline"]):
+        with pytest.raises(SystemExit):
+            bench_server.parse_args(wrong)
+
+
+def test_the_log_has_room_for_every_small_upload_measured():
+    small = [bench_server.Item(f"s{n}", "pool", 60_000, "sha") for n in range(30)]
+    large = bench_server.Item("m", "pool", 1024 * 1024, "sha")
+    corpus = bench_server.Corpus(small[:10], small[10:], small[:5], [large], [large], large)
+    assert bench_server.journal_bytes_needed(corpus, 1.0, ["PUT 4 KiB"]) == 30 * _journal.entry_size(60_000)
+    # Keys used by several measurements are counted once; 1 MiB uploads are not entries.
+    assert bench_server.journal_bytes_needed(corpus, 1.0, []) == 30 * _journal.entry_size(60_000)
+    assert bench_server.journal_bytes_needed(corpus, 1.0, ["GET 4 KiB"]) == 1024 * 1024  # the least log
+
+
+def test_the_sync_measurement_reports_every_way(tmp_path, capsys):
+    import bench_sync
+
+    assert bench_sync.main(["--count", "3", "--rounds", "2", "--tmp-dir", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert row(table, "new file")[4] == "1.00"
+    for way in ("log, fdatasync", "log, O_DSYNC", "log, sync_file_range", "append, fdatasync", "flush alone"):
+        assert float(row(table, way)[1]) > 0
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is removed

@@ -541,6 +541,57 @@ def test_outputs_already_in_place_are_not_restored_again(pk):
     assert "3 local hits" in out.stdout and app_js.read_bytes() == original
 
 
+CHANGER = """
+import os, sys
+from polykit_client.runner import held
+fd = os.open(sys.argv[1], os.O_RDWR)
+with held(fd, "web:build"):
+    print("holding web:build", flush=True)
+    sys.stdin.readline()
+    with open(sys.argv[2], "ab") as fh:
+        fh.write(b"// changed by the other run")
+"""
+
+
+def test_a_task_held_by_another_run_is_checked_once_that_run_is_done_though_its_outputs_were_in_place(pk):
+    # A hit whose outputs are in place is reported by the scheduler itself, which never waits
+    # for a task's lock: a task another run holds goes the long way, which waits for it, and only
+    # then looks at its outputs. Here the other run changes them before it lets go: they are restored.
+    import subprocess
+    import sys
+
+    pk.run("build", "--no-remote-cache")
+    app_js = pk.workspace / "packages/web/dist/app.js"
+    original = app_js.read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", CHANGER, str(pk.workspace / ".polykit/tasks.lock"), str(app_js)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=pk.env,
+                              cwd=Path(__file__).resolve().parent.parent)
+    build = None
+    try:
+        assert holder.stdout.readline() == "holding web:build\n"
+        build = subprocess.Popen([sys.executable, "-m", "polykit_client", "build", "--no-remote-cache"], cwd=pk.workspace,
+                                 env=pk.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen = set()
+        while len(seen) < 2:
+            line = build.stdout.readline()
+            assert line, build.stderr.read()
+            if line.endswith("  hit (local)\n"):
+                seen.add(line.split()[0])
+        assert seen == {"shared-utils:build", "api-server:build"}
+        holder.stdin.write("\n")
+        holder.stdin.close()
+        assert holder.wait(60) == 0
+        rest, err = build.communicate(timeout=120)
+        assert build.returncode == 0, err
+        assert "web:build  hit (local)" in rest and "3 local hits" in rest
+        assert app_js.read_bytes() == original
+    finally:
+        for proc in (holder, build):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_an_artifact_holds_the_outputs_as_their_task_left_them_though_written_beside_the_next_task(tmp_path):
     # The artifact is compressed and stored on a packing thread while the next tasks run; its
     # bytes are still those hashed when the task ended, whatever a later task does to them.
@@ -562,3 +613,27 @@ def test_an_artifact_holds_the_outputs_as_their_task_left_them_though_written_be
     out = pk.run("build", "--no-remote-cache")  # a's output is not as a left it: restored from the artifact
     assert status_lines(out.stdout)["a:build"] == "hit (local)"
     assert (ws / "packages" / "a" / "dist" / "out.txt").read_text() == "built\n"
+
+
+def test_held_hit_lines_are_written_in_order_at_the_next_flush_or_line():
+    import io
+
+    from polykit_client.graph import Node
+    from polykit_client.runner import HELD_LIMIT, Console
+
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="utf-8", write_through=False)
+    console = Console(True, out=out, err=io.StringIO())
+    web, api = Node("web", "build"), Node("api", "build")
+    console.hold(web, "web:build  hit (local)", b"built web\n")
+    console.hold(api, "api:build  hit (local)", b"")
+    assert raw.getvalue() == b""  # nothing written yet
+    console.line("lib:build  miss")
+    assert raw.getvalue() == b"web:build  hit (local)\nweb:build: built web\napi:build  hit (local)\nlib:build  miss\n"
+    console.hold(web, "web:build  hit (local)", b"\xff binary\n")
+    console.flush()
+    assert raw.getvalue().endswith(b"web:build  hit (local)\nweb:build: \xff binary\n")
+    before = len(raw.getvalue())
+    for _ in range(HELD_LIMIT // 20):
+        console.hold(api, "api:build  hit (local)", b"")
+    assert before < len(raw.getvalue()) <= before + HELD_LIMIT + 100  # written out past the limit, not kept

@@ -78,3 +78,56 @@ def test_local_cache_trims_least_recently_used_first(tmp_path):
     assert cache.get(keys[0]) is not None  # a use refreshes it
     assert cache.trim() == 2000
     assert [cache.get(k) is not None for k in keys] == [True, False, False, True]
+
+
+def test_quick_nodes_finish_on_the_scheduler_thread_in_dependency_order():
+    # A node `quick` can finish (a hit whose outputs are in place) never reaches a pool thread;
+    # its dependents become ready after it, whichever way they are then run.
+    nodes, deps = diamond()
+    a, b, c, d = nodes
+    seen = []
+
+    def quick(node):
+        seen.append((node.package, threading.current_thread() is threading.main_thread()))
+        return node != c
+
+    def work(node):
+        seen.append((node.package, threading.current_thread() is threading.main_thread()))
+        return True
+
+    outcome = run_graph(topological(deps), deps, work, parallel=4, quick=quick)
+    assert outcome == {n: "ok" for n in nodes}
+    assert seen[0] == ("a", True)
+    assert ("c", False) in seen  # quick said no: a pool thread ran it
+    assert [p for p, main in seen if not main] == ["c"]
+    assert seen.index(("d", True)) > seen.index(("c", False))  # d waited for c, though b was quick
+
+
+def test_a_failure_stops_quick_nodes_too():
+    a, b, c = Node("a", "t"), Node("b", "t"), Node("c", "t")
+    deps = {a: [], b: [a], c: [b]}
+    tried = []
+
+    def quick(node):
+        tried.append(node)
+        return node != a
+
+    outcome = run_graph([a, b, c], deps, lambda node: False, parallel=2, quick=quick)
+    assert outcome == {a: "failed", b: "skipped", c: "skipped"}
+    assert tried == [a]
+
+
+def test_before_wait_is_called_before_each_wait_and_at_the_end():
+    nodes, deps = diamond()
+    events = []
+
+    def work(node):
+        events.append(node.package)
+        return True
+
+    run_graph(topological(deps), deps, work, parallel=1, quick=lambda node: node.package in "bc",
+              before_wait=lambda: events.append("wait"))
+    # a goes to the pool (the scheduler waits for it), b and c are quick, d goes to the pool: two
+    # waits, then the end; a pool thread may log its node before or after the scheduler's call
+    assert events.count("wait") == 3 and events[-1] == "wait"
+    assert [e for e in events if e != "wait"] == ["a", "d"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from polykit_client import artifact
-from polykit_client.outputs import OutputError, check_restorable, expand_outputs
+from polykit_client.outputs import OutputError, check_restorable, expand_outputs, walk_unchanged
 from sample import Polykit, make_tools
 from support import craft, request, thread_server
 from test_client import snapshot, stats, status_lines
@@ -196,3 +196,87 @@ def test_a_remote_hit_leaves_its_outputs_in_place_for_the_next_build(tmp_path, c
     before = {p: (os.lstat(p).st_ino, os.lstat(p).st_ctime_ns) for p in site.rglob("*")}
     assert build(b) == ("hit (local)", "")
     assert {p: (os.lstat(p).st_ino, os.lstat(p).st_ctime_ns) for p in site.rglob("*")} == before  # nothing restored again
+
+
+def walked_tree(pkg: Path) -> None:
+    (pkg / "dist/sub").mkdir(parents=True)
+    (pkg / "dist/empty").mkdir()
+    (pkg / "dist/sub/a.js").write_text("a")
+    (pkg / "dist/b.js").write_text("b")
+    (pkg / "dist/b.map").write_text("m")
+    (pkg / "src").mkdir()
+    (pkg / "src/x.ts").write_text("x")
+
+
+CHANGES = {
+    "a file added": lambda pkg: (pkg / "dist/sub/new.js").write_text("n"),
+    "an empty folder added": lambda pkg: (pkg / "dist/sub/new").mkdir(),
+    "a file removed": lambda pkg: (pkg / "dist/b.js").unlink(),
+    "a file renamed": lambda pkg: (pkg / "dist/b.js").rename(pkg / "dist/c.js"),
+    "an excluded file renamed to a matched name": lambda pkg: (pkg / "dist/b.map").rename(pkg / "dist/m.js"),
+    "a file added to the empty folder": lambda pkg: (pkg / "dist/empty/e.js").write_text("e"),
+    "the output folder swapped for a copy": lambda pkg: (shutil.copytree(pkg / "dist", pkg / "copy"),
+                                                         shutil.rmtree(pkg / "dist"), (pkg / "copy").rename(pkg / "dist")),
+    "a file swapped for a folder": lambda pkg: ((pkg / "dist/b.js").unlink(), (pkg / "dist/b.js").mkdir()),
+    "a folder's mode": lambda pkg: os.chmod(pkg / "dist/sub", 0o700),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_walk_of_the_outputs_notes_every_folder_whose_change_could_change_its_answer(tmp_path, change):
+    pkg = tmp_path / "pkg"
+    walked_tree(pkg)
+    walked: dict = {}
+    assert expand_outputs(pkg, ("dist/**", "!dist/*.map"), walked=walked) == ["dist/b.js", "dist/empty", "dist/sub/a.js"]
+    assert sorted(walked) == ["dist", "dist/empty", "dist/sub"]
+    assert walk_unchanged(pkg, walked)
+    (pkg / "src/y.ts").write_text("y")  # outside the outputs' folders: not looked at
+    (pkg / "dist/sub/a.js").write_text("changed")  # a file's own change is its signature's to see, not the walk's
+    assert walk_unchanged(pkg, walked)
+    CHANGES[change](pkg)
+    assert not walk_unchanged(pkg, walked)
+
+
+def test_a_walk_notes_missing_folders_and_gives_up_on_links(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    walked: dict = {}
+    assert expand_outputs(pkg, ("target/release/**", "out"), walked=walked) == []
+    assert walked == {"target": None, "out": None}
+    (pkg / "out").write_text("now a file")  # a pattern naming a file matches it: the walk's answer changed
+    assert not walk_unchanged(pkg, walked)
+    walked = {}
+    (pkg / "target").mkdir()
+    assert expand_outputs(pkg, ("target/release/**",), walked=walked) == []
+    assert walked["target/release"] is None and walk_unchanged(pkg, walked)
+    (pkg / "target/release").mkdir()
+    assert not walk_unchanged(pkg, walked)
+    walked_tree(pkg)
+    os.symlink("b.js", pkg / "dist/latest.js")
+    walked = {}
+    assert "dist/latest.js" in expand_outputs(pkg, ("dist/**",), walked=walked)
+    assert walked == {}  # where a link leads is not in the folders' signatures: such outputs are walked each time
+
+
+@pytest.mark.parametrize("source", ["built", "restored"])
+def test_outputs_changed_after_a_hit_left_them_in_place_are_restored(tmp_path, source):
+    # Builds of hits whose outputs are in place no longer walk the output folders: what the last
+    # walk listed is looked at instead, so an entry added anywhere in them must still be seen.
+    command = "mkdir -p dist/sub && echo a > dist/a && echo b > dist/sub/b"
+    a = checkout(tmp_path / "a", tmp_path, task(command, ["dist/**"]))
+    b = checkout(tmp_path / "b", tmp_path, task(command, ["dist/**"]))
+    with thread_server(tmp_path / "store") as (port, _):
+        assert build(a, port)[0] == "miss"
+        assert build(b, port)[0] == "hit (remote)"
+    pk = a if source == "built" else b
+    site = pk.workspace / "packages/site"
+    expected = snapshot(site / "dist")
+    for change in (lambda: (site / "dist/sub/extra").write_text("x"), lambda: (site / "dist/sub/new").mkdir(),
+                   lambda: (site / "dist/a").unlink()):
+        inode = (site / "dist/sub/b").stat().st_ino
+        assert build(pk) == ("hit (local)", "")
+        assert build(pk) == ("hit (local)", "")
+        assert (site / "dist/sub/b").stat().st_ino == inode  # left in place twice
+        change()
+        assert build(pk) == ("hit (local)", "")
+        assert snapshot(site / "dist") == expected

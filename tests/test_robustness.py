@@ -7,6 +7,7 @@ bounded in count and in time, and every server, thread and socket stops by itsel
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
@@ -25,7 +26,7 @@ import pytest
 
 from polykit_cache.entryfile import read_meta
 
-from support import ROOT, ServerProcess, key_for, pack_tree, request, sha
+from support import ROOT, ServerProcess, call, key_for, new_app, pack_tree, request, sha
 
 SOAK_SECONDS = float(os.environ.get("POLYKIT_SOAK_SECONDS", "20"))
 MIB = 1 << 20
@@ -539,3 +540,29 @@ def test_a_full_disk_under_load_is_507_and_reads_go_on(tmp_path, small_tmpfs):
     assert server.proc.returncode == 0
     assert set(stored_on_disk(store)) == set(stored)
     assert_verified(store)
+
+
+def test_a_small_upload_onto_a_full_disk_is_507_and_leaves_nothing(tmp_path, small_tmpfs):
+    """A body small enough to stay in the temporary's buffer meets the full disk at its flush: the
+    answer is the JSON 507 (the discarded temporary's close flushes again and fails again, which
+    must not turn it into a 500), and once space is freed the same upload is stored."""
+    app = new_app(small_tmpfs)
+    key = key_for("small-onto-full")
+    blob = pack_tree(tmp_path / "src", {"out.txt": os.urandom(1000)}, key=key)
+    assert len(blob) < 4096  # within one buffer: nothing reaches the disk before the flush
+    filler = small_tmpfs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    reply = call(app, "PUT", f"/v1/artifacts/{key}", blob)
+    assert reply.status == 507, reply
+    assert json.loads(reply.body)["error"] == "storage_full"
+    assert os.listdir(small_tmpfs / "tmp") == []
+    filler.unlink()
+    assert call(app, "PUT", f"/v1/artifacts/{key}", blob).status == 201
+    assert call(app, "GET", f"/v1/artifacts/{key}").body == blob
