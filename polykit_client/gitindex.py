@@ -24,7 +24,9 @@ git's answer is taken only where it describes the bytes on disk:
   attribute in a ``.gitattributes`` leaves the files under its folder to be read; in
   ``info/attributes``, the global or the system attributes file, or ``core.autocrlf``, all files;
 - only where the file on disk has its blob's size, which the size git recorded in its index file
-  tells for almost every entry (read by :mod:`indexfile`, see :meth:`GitIndex._sized`).
+  tells for almost every entry (read by :mod:`indexfile`, see :meth:`GitIndex._sized`), or its
+  bytes hash to its blob id, where that costs less than looking up the blobs' sizes (a fresh
+  clone of a local folder, whose objects are loose: see :mod:`gitobjects`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import indexfile
+from . import gitobjects, indexfile
 
 # Attributes that make a checked-out file differ from its blob (gitattributes(5), "Effects").
 CONVERSIONS = frozenset({"text", "eol", "crlf", "filter", "ident", "working-tree-encoding"})
@@ -46,8 +48,9 @@ ATTRIBUTES_FILE = ".gitattributes"
 KEPT_FILE = ".polykit/git-index.json"  # the index file's doubtful entries and the blobs' sizes, see GitIndex._index_verdict
 KEPT_VERSION = 1
 OLD_BLOB_SIZES_FILE = ".polykit/blob-sizes"  # what held the blobs' sizes before KEPT_FILE; removed when it is written
-# Blob sizes to ask git for past which two cat-file processes share them.
-BATCH_SPLIT = 4096
+# Entries without a kept blob size from which hashing their files may be chosen over looking up
+# the sizes (below, either costs little: the look-ups keep the sizes for a later index).
+HASH_FROM = 4096
 
 STRICT = ("-c", "core.quotepath=off", "-c", "core.checkStat=default", "-c", "core.trustctime=true",
           "-c", "core.fsmonitor=false")
@@ -83,14 +86,10 @@ class SizeVerdict:
     ids: dict[str, str] | None = None
 
 
-def _run(args: list[str], cwd: Path, timeout: float, found_nothing: int | None = None,
-         stdin: bytes | None = None) -> bytes | None:
+def _run(args: list[str], cwd: Path, timeout: float, found_nothing: int | None = None) -> bytes | None:
     """The command's output; None when it failed (``found_nothing``: an exit status meaning an empty answer)."""
     try:
-        if stdin is None:
-            out = subprocess.run(args, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-        else:
-            out = subprocess.run(args, cwd=cwd, input=stdin, capture_output=True, timeout=timeout)
+        out = subprocess.run(args, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode == found_nothing:
@@ -154,8 +153,11 @@ class GitIndex:
 
     TIMEOUT = 60.0
 
-    def __init__(self, root: Path, untracked: bool, environ=None) -> None:
+    def __init__(self, root: Path, untracked: bool, environ=None, proof: str | None = None) -> None:
+        """``proof``: how entries without a kept blob size are proven, "sizes" or "hashes";
+        None (the default) for whichever costs less (see :meth:`_hashed`)."""
         self.root = root
+        self.proof = proof
         self.environ = os.environ if environ is None else environ
         self._procs: list[subprocess.Popen] = []
         self._setup: dict = {}
@@ -221,23 +223,24 @@ class GitIndex:
     def _find_setup(self) -> None:
         """The work tree's top, the attributes files outside the tree, and ``core.autocrlf``."""
         paths = _run([self._git, "rev-parse", "--path-format=absolute", "--show-toplevel", "--git-path",
-                      "info/attributes", "--git-path", "index", "--show-prefix"], self.root, self.TIMEOUT)
+                      "info/attributes", "--git-path", "index", "--git-path", "objects", "--show-prefix"],
+                     self.root, self.TIMEOUT)
         config = _run([self._git, "config", "-z", "--get-regexp", r"^core\.(autocrlf|attributesfile)$"],
                       self.root, self.TIMEOUT, found_nothing=1)
         if paths is None or config is None:
             return  # no answer: no blob id is trusted
         lines = paths.decode("utf-8", "surrogateescape").splitlines()
-        if len(lines) != 4:
+        if len(lines) != 5:
             return
         settings = {}
         for entry in config.decode("utf-8", "surrogateescape").split("\0"):
             name, separator, value = entry.partition("\n")
             if name:
                 settings[name.lower()] = value if separator else "true"  # a bare "autocrlf" line is true
-        self._setup = {"top": lines[0], "info": lines[1], "index": lines[2], "prefix": lines[3],
+        self._setup = {"top": lines[0], "info": lines[1], "index": lines[2], "objects": lines[3], "prefix": lines[4],
                        "autocrlf": settings.get("core.autocrlf", "false"), "global": settings.get("core.attributesfile")}
         # While git lists the files: what the index file says of their sizes (see _sized).
-        self._verdict = self._index_verdict(lines[2], lines[3])
+        self._verdict = self._index_verdict(lines[2], lines[4])
 
     def result(self) -> GitState | None:
         """The listing and trusted blob ids; None outside a git work tree (or when git failed)."""
@@ -414,10 +417,17 @@ class GitIndex:
             cut = len(prefix)
             entries = {rel[cut:]: entry for rel, entry in entries.items() if rel.startswith(prefix)}
         ids = {oid for oid, _ in entries.values()}
-        sizes = self._blob_sizes(ids, _kept_sizes(kept, ids))
+        known = _kept_sizes(kept, ids)
+        hashed = self._hashed(entries, known)
+        if hashed:
+            ids = {oid for rel, (oid, _) in entries.items() if rel not in hashed}
+        sizes = self._blob_sizes(ids, known)
         if sizes is None:
             return None
-        doubtful = {rel: sizes.get(oid) for rel, (oid, size) in entries.items() if not size or sizes.get(oid) != size}
+        # A hashed entry is doubtful when its bytes are not its blob (None: no size to compare with).
+        doubtful = {rel: None for rel, (oid, _) in entries.items() if rel in hashed and hashed[rel] != oid}
+        doubtful.update({rel: sizes.get(oid) for rel, (oid, size) in entries.items()
+                         if rel not in hashed and (not size or sizes.get(oid) != size)})
         self._keep({"version": KEPT_VERSION, "index": checksum.hex() if checksum.strip(b"\0") else "",
                     "doubtful": doubtful, "sizes": "".join(f"{oid} {size}\n" for oid, size in sizes.items())})
         return SizeVerdict(ident, doubtful, {rel: oid for rel, (oid, _) in entries.items()})
@@ -449,36 +459,61 @@ class GitIndex:
         except OSError:
             pass
 
+    def _hashed(self, entries: dict[str, tuple[str, int]], known: dict[str, int]) -> dict[str, str]:
+        """The blob ids of the files of entries without a kept blob size, from their bytes, when
+        that costs less than looking the sizes up (see :mod:`gitobjects`); nothing otherwise.
+
+        A file whose bytes hash to its entry's blob id is its blob: exact, whatever conversion
+        wrote it. Only entries with a recorded size are hashed: git compares those by their
+        stat data, so in a later run with this same index file git calling one unmodified means
+        the file is still the one hashed (any write since changes its ctime). An entry of size
+        0 is compared by content, under the conversions of that later run, and keeps the size
+        check. The blobs' sizes are not learnt this way (the recorded size is the file's modulo
+        2**32), so a later index file has its entries proven again. Only files ``ls-files``
+        calls unmodified are opened: one git found changed (a named pipe now, or a file grown
+        to gigabytes) is not read, and its blob's size is looked up instead.
+        """
+        if self.proof == "sizes":
+            return {}
+        todo = {rel: (oid, size) for rel, (oid, size) in entries.items()
+                if oid not in known and size and gitobjects.hashable(rel)}
+        if self.proof is None:
+            if len(todo) < HASH_FROM:
+                return {}
+            ids = list({oid for oid, _ in todo.values()})
+            loose = gitobjects.loose_share(self._setup["objects"], ids)
+            if not gitobjects.hashing_pays(loose, len(ids), len(todo), sum(size for _, size in todo.values())):
+                return {}
+        vouched = self._vouched()
+        todo = {rel: entry for rel, entry in todo.items() if rel in vouched}
+        if not todo:
+            return {}
+        found = gitobjects.blob_ids(self._git, str(self.root), list(todo), self.TIMEOUT)
+        return found or {}  # no answer (a file gone meanwhile): the sizes are looked up instead
+
+    def _vouched(self) -> set[str]:
+        """The regular files ``ls-files`` lists unmodified (waiting for its listing); none without it."""
+        if not self._readers:
+            return set()
+        self._readers[0].join(self.TIMEOUT)
+        parsed = self._parsed[0]
+        if parsed is None or parsed[2]:
+            return set()
+        entries, rest, _ = parsed
+        return set(entries).difference(r[r.find("\t") + 1:] for r in rest if r.startswith(_MODIFIED))
+
     def _blob_sizes(self, ids: set[str], known: dict[str, int]) -> dict[str, int] | None:
         """The size of each blob: ``known`` (what ``KEPT_FILE`` holds: a blob's size never
         changes, its id is the hash of its size and bytes), then ``git cat-file --batch-check``
-        for the ids it lacks, which costs some 15 us a blob in a pack and more for loose objects
-        (a file each, opened and inflated): many are shared between two processes. None when
-        git gives no answer."""
+        for the ids it lacks (see :mod:`gitobjects`). None when git gives no answer."""
         known = dict(known)
         missing = [oid for oid in ids if oid not in known]
         if not missing:
             return known
-        shares = [missing] if len(missing) < BATCH_SPLIT else [missing[0::2], missing[1::2]]
-        answers: list[bytes | None] = [None] * len(shares)
-
-        def ask(index: int) -> None:
-            answers[index] = _run([self._git, "cat-file", "--buffer", "--batch-check=%(objectname) %(objectsize)"],
-                                  self.root, self.TIMEOUT, stdin="".join(f"{oid}\n" for oid in shares[index]).encode())
-
-        helper = threading.Thread(target=ask, args=(1,), daemon=True) if len(shares) > 1 else None
-        if helper is not None:
-            helper.start()
-        ask(0)
-        if helper is not None:
-            helper.join()
-        for out in answers:
-            if out is None:
-                return None
-            for line in out.decode("ascii", "replace").splitlines():
-                oid, _, size = line.partition(" ")
-                if size.isdigit():  # "<id> missing" for an object the repository lacks
-                    known[oid] = int(size)
+        found = gitobjects.blob_sizes(self._git, str(self.root), missing, self.TIMEOUT)
+        if found is None:
+            return None
+        known.update(found)
         return known
 
     def close(self) -> None:

@@ -76,7 +76,9 @@ def create_file(root: Path | str | int, rel: str, mode: int) -> int:
 def create_at(parent: int, name: str, mode: int) -> int:
     """A new file ``name`` in the open folder ``parent``, as :func:`create_file` makes it."""
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
-    os.fchmod(fd, mode)  # the umask must not change the mode asked for
+    # The umask must not change the mode asked for, nor a default ACL of the folder, which takes
+    # the umask's place (acl(5)) and cannot be told without another system call: so always set.
+    os.fchmod(fd, mode)
     return fd
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from polykit_client.blobid import blob_id_large, blob_id_of, blob_id_small
-from polykit_client import indexfile
+from polykit_client import gitobjects, indexfile
 from polykit_client.gitindex import KEPT_FILE, GitIndex, converting, converting_macros
 from sample import Polykit, make_tools, make_workspace
 
@@ -177,15 +177,19 @@ def _crlf_behind_a_clean_entry(pk, how: str) -> Path:
     return ws / rel
 
 
+@pytest.mark.parametrize("proof", ["sizes", "hashes"])
 @pytest.mark.parametrize("how", ["attribute removed since", "one-off autocrlf", "sparse checkout"])
-def test_a_file_converted_at_checkout_is_read_whatever_git_says(pk, how):
+def test_a_file_converted_at_checkout_is_read_whatever_git_says(pk, how, proof):
     """git compares a file with the stat data it recorded under the conversions of the checkout:
-    other bytes than the blob's behind a clean entry must still change the key."""
+    other bytes than the blob's behind a clean entry must still change the key, whether the
+    blob's size or the file's hash proves the others."""
     lf_keys = pk.keys()
     path = _crlf_behind_a_clean_entry(pk, how)
     rel = str(path.relative_to(pk.workspace))
-    state = GitIndex(pk.workspace, untracked=True).result()
-    assert rel not in state.blobs
+    (pk.workspace / KEPT_FILE).unlink()  # no blob size known: every entry proven the one way
+    state = GitIndex(pk.workspace, untracked=True, proof=proof).result()
+    assert rel not in state.blobs and state.blobs
+    assert GitIndex(pk.workspace, untracked=True, proof=proof).result().blobs == state.blobs  # the kept verdict
     crlf_keys = pk.keys()
     assert crlf_keys != lf_keys
     path.write_bytes(path.read_bytes().replace(b"\r\n", b"\n"))
@@ -280,3 +284,70 @@ def test_a_split_index_has_its_files_sized_on_disk_and_blob_sizes_kept(pk):
     assert GitIndex(ws, untracked=True).result().blobs == expected
     sizes = json.loads((ws / KEPT_FILE).read_text())["sizes"]
     assert {line.split(" ")[0] for line in sizes.splitlines()} == set(expected.values())
+
+
+def test_files_hashed_instead_of_blob_sizes_looked_up_give_the_same_blob_ids(pk):
+    """A fresh clone's entries proven by hashing their files: the same blob ids as the sizes give,
+    and a verdict kept for the next run without blob sizes (a file whose bytes are not its
+    blob's is in test_a_file_converted_at_checkout_is_read_whatever_git_says)."""
+    ws = pk.workspace
+    by_sizes = GitIndex(ws, untracked=True, proof="sizes").result().blobs
+    (ws / KEPT_FILE).unlink()
+    assert GitIndex(ws, untracked=True, proof="hashes").result().blobs == by_sizes
+    kept = json.loads((ws / KEPT_FILE).read_text())
+    assert kept["doubtful"] == {} and kept["sizes"] == ""  # hashing learns no blob's size
+    assert GitIndex(ws, untracked=True).result().blobs == by_sizes
+
+
+def test_a_file_git_finds_changed_is_not_hashed_and_its_blob_size_is_looked_up(pk):
+    """Only files git calls unmodified are opened: a named pipe in a file's place would block the
+    hashing, a file gone would stop it."""
+    ws = pk.workspace
+    expected = GitIndex(ws, untracked=True).result().blobs
+    gone, pipe = "packages/web/src/app.ts", "packages/web/src/big.bin"
+    (ws / gone).unlink()
+    (ws / pipe).unlink()
+    os.mkfifo(ws / pipe)
+    (ws / KEPT_FILE).unlink()
+    state = GitIndex(ws, untracked=True, proof="hashes").result()
+    assert state.blobs == {rel: oid for rel, oid in expected.items() if rel not in (gone, pipe)}
+    kept = json.loads((ws / KEPT_FILE).read_text())
+    assert {line.split(" ")[0] for line in kept["sizes"].splitlines()} == {expected[gone], expected[pipe]}
+    assert set(kept["doubtful"]) == set()  # their sizes are their blobs': git's own check refuses them
+
+
+def test_git_objects_hashed_and_sized_in_two_processes(tmp_path):
+    """Past gitobjects.SPLIT items two processes share the work; every answer lands on its item."""
+    files = {f"f{n:05d}.txt": f"file {n}\n".encode() for n in range(gitobjects.SPLIT + 3)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    program = shutil.which("git")
+    ids = gitobjects.blob_ids(program, str(tmp_path), list(files), 60)
+    assert ids == {name: blob_id_of(data) for name, data in files.items()}
+    committed(tmp_path)
+    sizes = gitobjects.blob_sizes(program, str(tmp_path), list(ids.values()) + ["0" * 40], 60)
+    assert sizes == {blob_id_of(data): len(data) for data in files.values()}  # a missing object: no size
+    assert gitobjects.blob_ids(program, str(tmp_path), ["gone.txt"], 60) is None
+    # By default, past gitindex.HASH_FROM entries: loose objects have their files hashed (no size
+    # learnt), packed ones their sizes looked up; the same blob ids either way.
+    expected = {name: blob_id_of(data) for name, data in files.items()}
+    assert GitIndex(tmp_path, untracked=False).result().blobs == expected
+    assert json.loads((tmp_path / KEPT_FILE).read_text())["sizes"] == ""
+    git(tmp_path, "gc", "-q", "--prune=now")
+    (tmp_path / KEPT_FILE).unlink()
+    assert GitIndex(tmp_path, untracked=False).result().blobs == expected
+    assert len(json.loads((tmp_path / KEPT_FILE).read_text())["sizes"].splitlines()) == len(files)
+
+
+def test_the_loose_share_of_the_object_store_decides_what_costs_less(tmp_path):
+    repo = committed(make_workspace(tmp_path / "ws"))
+    ids = [line.split()[1] for line in git(repo, "ls-files", "-s").splitlines()]
+    objects = str(repo / ".git/objects")
+    assert gitobjects.loose_share(objects, ids) == 1.0
+    git(repo, "gc", "-q", "--prune=now")
+    assert gitobjects.loose_share(objects, ids) == 0.0
+    # 50,000 files of 1 KiB: hashing beats loose look-ups and loses to packed ones.
+    assert gitobjects.hashing_pays(1.0, 50_000, 50_000, 50_000 << 10)
+    assert not gitobjects.hashing_pays(0.0, 50_000, 50_000, 50_000 << 10)
+    assert not gitobjects.hashing_pays(1.0, 100, 100, 1 << 30)  # a gigabyte to read costs more
+    assert not gitobjects.hashable("a\nb") and not gitobjects.hashable('"quoted"') and gitobjects.hashable("a b")
