@@ -226,6 +226,7 @@ CHANGES = {
 def settled(monkeypatch):
     """The walks below stand for walks made long after the folders last changed (see SETTLE_NS)."""
     monkeypatch.setattr(outputs, "SETTLE_NS", -(10**18))
+    monkeypatch.setattr(outputs, "SETTLE_WHOLE_SECONDS_NS", -(10**18))
 
 
 @pytest.mark.parametrize("change", sorted(CHANGES))
@@ -250,6 +251,7 @@ def test_a_walk_of_folders_changed_within_the_settling_time_is_not_kept(tmp_path
     pkg = tmp_path / "pkg"
     walked_tree(pkg)
     monkeypatch.setattr(outputs, "SETTLE_NS", 10**18)  # every change counts as recent
+    monkeypatch.setattr(outputs, "SETTLE_WHOLE_SECONDS_NS", 10**18)
     walked: dict = {}
     assert expand_outputs(pkg, ("dist/**", "!dist/*.map"), walked=walked) == ["dist/b.js", "dist/empty", "dist/sub/a.js"]
     assert walked == {}
@@ -257,9 +259,21 @@ def test_a_walk_of_folders_changed_within_the_settling_time_is_not_kept(tmp_path
     assert expand_outputs(pkg, ("target/release/**",), walked=walked) == []
     assert walked == {"target": None}  # nothing there to change unseen: a missing folder's appearance is seen
     monkeypatch.setattr(outputs, "SETTLE_NS", -(10**18))  # the same walk, long after: kept
+    monkeypatch.setattr(outputs, "SETTLE_WHOLE_SECONDS_NS", -(10**18))
     walked = {}
     expand_outputs(pkg, ("dist/**", "!dist/*.map"), walked=walked)
     assert sorted(walked) == ["dist", "dist/empty", "dist/sub"]
+
+
+def test_a_timestamp_in_whole_seconds_waits_for_the_longer_tick():
+    started = 10**19
+    fine = started - outputs.SETTLE_NS - 1  # an odd nanosecond: a fine clock
+    assert outputs._settled([0, fine, 0, fine, 0], started)
+    assert not outputs._settled([0, started - outputs.SETTLE_NS, 0, fine, 0], started)
+    second = (started - outputs.SETTLE_NS - 1) // 10**9 * 10**9  # past the short wait, in whole seconds
+    assert not outputs._settled([0, second, 0, fine, 0], started)
+    old = (started - outputs.SETTLE_WHOLE_SECONDS_NS - 1) // 10**9 * 10**9
+    assert outputs._settled([0, old, 0, old, 0], started) and outputs._settled(None, started)
 
 
 def test_a_walk_notes_missing_folders_and_gives_up_on_links(tmp_path, settled):
