@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Callable, Iterable
+from typing import BinaryIO, Callable, Iterable, Iterator
 from urllib.parse import parse_qsl
 
+from polykit_client import bundle
 from polykit_client.artifact import ArtifactError, Limits, is_cache_key, read_metadata
 
 from . import bazel, kv, nx, statuspage, turbo
@@ -21,11 +22,11 @@ from .auth import Access
 from .blobs import check_segments
 from .config import Config
 from .history import History
-from .http import SEND_CHUNK, HTTPError, Response, file_body, json_response, render_json_error, status_line
+from .http import SEND_CHUNK, HTTPError, Response, file_body, file_chunks, json_response, render_json_error, status_line
 from .metrics import Metrics
 from .outcomes import parse_length, read_body, refuse
 from .routes import Route, Router
-from .store import Staged, Store, StorageFull, StorageUnavailable, entry_name
+from .store import Stat, Staged, Store, StorageFull, StorageUnavailable, entry_name
 from .verification import SPOOLED, IncompleteBody, receive
 
 log = logging.getLogger("polykit_cache.app")
@@ -57,6 +58,9 @@ READ_BODY_LIMIT = 64 * 1024
 # most QUERY_BODY_LIMIT bytes (1,000 keys take about 67 KB); a client asks in slices of this size.
 MAX_QUERY_KEYS = 1000
 QUERY_BODY_LIMIT = 128 * 1024
+# The artifacts' bytes one bundle carries at most: half of waitress's 16 MiB output high-water
+# mark, so the worker writing a bundle never waits for its reader (see download_artifacts).
+BUNDLE_BYTES = 8 << 20
 
 
 class CacheApp:
@@ -83,6 +87,10 @@ class CacheApp:
             # The batch query only reads, whatever its method (RFC 9110 9.3.3: a POST may be a query).
             Route("polykit", "v1", r"/v1/artifacts", {"POST": self.query_artifacts}, reads=frozenset({"POST"}),
                   read_body_limit=QUERY_BODY_LIMIT, samples=("/v1/artifacts",)),
+            # Many artifacts in one answer. Not under /v1/artifacts/: every path there names a key
+            # (a bad one is 400 bad_key), so no name of this route could be told from a key's.
+            Route("polykit", "v1", r"/v1/bundles", {"POST": self.download_artifacts}, reads=frozenset({"POST"}),
+                  read_body_limit=QUERY_BODY_LIMIT, samples=("/v1/bundles",)),
             Route("polykit", "v1", r"/v1/stats", {"GET": self.stats}, samples=("/v1/stats",)),
             Route("polykit", "healthz", r"/healthz", {"GET": self.healthz}, public=True, samples=("/healthz",)),
             Route("polykit", "metrics", r"/metrics", {"GET": self.prometheus}, samples=("/metrics",)),
@@ -326,17 +334,37 @@ class CacheApp:
             cached = self._not_modified(environ, info) if info is not None and info.sha256 else None
             if cached is not None:
                 return cached
+        opened = self._serve(environ, key)
+        if opened is None:
+            raise refuse("not_found", f"No artifact is stored under {key}.")
+        info, fh = opened
+        return Response(200, self._artifact_headers(info), file_body(environ, fh, info.size), info.size)
+
+    def _serve(self, environ: dict, key: str, room: int | None = None) -> tuple[Stat, BinaryIO] | None | bool:
+        """Open a stored artifact to send it, counted as a hit (a use, the build time it saves) or
+        a miss; None when it is not stored. ``GET`` and each entry of a bundle come through here.
+        With ``room``, an artifact larger than ``room`` bytes is not sent and not counted as a hit or
+        a miss (its open is still a use for eviction): False.
+
+        The file opened is the entry's bytes for good: a later eviction or replacement removes or
+        renames the name, never the bytes of a file already open, so what is sent is never torn.
+        """
+        name = self._name(environ, key)
         opened = self.storage.open("polykit", name)
         if opened is not None and opened[0].sha256 is None:
             opened[1].close()
             opened = None
         if opened is None:
-            raise self._missing(environ, key)
-        info, fh = opened
+            self.metrics.lookup(False, namespace=environ.get("polykit.namespace", ""))
+            return None
+        info = opened[0]
+        if room is not None and info.size > room:
+            opened[1].close()
+            return False
         self._lookup_hit(environ, info.size)
         namespace = environ.get("polykit.namespace", "")
         self.metrics.saved(self.metrics.history.served(key, lambda: self._manifest(name), namespace, info.created))
-        return Response(200, self._artifact_headers(info), file_body(environ, fh, info.size), info.size)
+        return opened
 
     def put_artifact(self, environ: dict, params: dict) -> Response:
         key = self._key(params)
@@ -384,6 +412,14 @@ class CacheApp:
         task. Answered from the storage's metadata; no artifact is opened, and it is not a use
         for eviction (the ``GET`` that follows a hit is).
         """
+        found: dict[str, dict | None] = {}
+        for key in self._keys(environ):
+            info = self.storage.stat("polykit", self._name(environ, key))  # not a use: the GET that follows is
+            found[key] = {"size": info.size, "sha256": info.sha256} if info is not None and info.sha256 else None
+        return json_response(200, {"artifacts": found})
+
+    def _keys(self, environ: dict) -> list[str]:
+        """The keys of a batch query or a bundle: ``{"keys": [...]}``, at most MAX_QUERY_KEYS of them."""
         shape = f'The body must be {{"keys": ["<64 hex>", ...]}} with at most {MAX_QUERY_KEYS} keys.'
         try:
             # RecursionError: deeply nested arrays make the json module recurse once per level.
@@ -396,11 +432,53 @@ class CacheApp:
         if bad is not None:
             shown = bad if len(bad) <= 70 else bad[:70] + "..."
             raise refuse("bad_key", f"{shown!r} is not a cache key (64 lowercase hexadecimal characters).")
-        found: dict[str, dict | None] = {}
+        return keys
+
+    def download_artifacts(self, environ: dict, params: dict) -> Response:
+        """``POST /v1/bundles``: the artifacts stored under a list of keys, in one streamed answer.
+
+        A fresh checkout's hundreds of hits then cost a few requests instead of a ``GET`` each.
+        The keys are checked as the batch query's are, before the answer starts; the body is then
+        framed as :mod:`polykit_client.bundle` says, in the order asked. Each entry is opened only
+        when the stream reaches it and counted as its ``GET`` would be (a hit, a use, or a miss),
+        so the server holds one open entry and one chunk at a time, whatever the list.
+
+        Unlike a ``GET``'s file, which waitress's I/O thread sends, a bundle is written by the worker
+        thread that answers it, into waitress's output buffer (on disk past 1 MiB). Past waitress's
+        16 MiB high-water mark a worker would wait for the client to read, so a slow reader asking
+        for big artifacts could hold every worker. So a bundle carries at most BUNDLE_BYTES of
+        artifacts: it ends, with a trailer counting the frames sent, before the first artifact
+        that would take it over (even the first one), and the client fetches the rest by ``GET``.
+        A worker is then held about as long as its disk reads take, whatever a client asks.
+        """
+        keys = self._keys(environ)
+        headers = [("Content-Type", bundle.CONTENT_TYPE), ("Cache-Control", "no-store")]
+        # No Content-Length: an entry may go before its turn; HTTP/1.1 sends the body chunked,
+        # and the bundle's trailer is what tells a whole one (bundle.py).
+        return Response(200, headers, self._bundle_body(environ, keys), 0)
+
+    def _bundle_body(self, environ: dict, keys: list[str]) -> Iterator[bytes]:
+        room = BUNDLE_BYTES
+        frames = 0
         for key in keys:
-            info = self.storage.stat("polykit", self._name(environ, key))  # not a use: the GET that follows is
-            found[key] = {"size": info.size, "sha256": info.sha256} if info is not None and info.sha256 else None
-        return json_response(200, {"artifacts": found})
+            try:
+                opened = self._serve(environ, key, room)
+            except (OSError, StorageUnavailable) as exc:
+                # The answer has begun: it cannot become an error now. It ends without its
+                # trailer, which the client takes as a bundle cut short (the rest one by one).
+                log.warning("bundle cut short at %s: %s", key[:12], exc)
+                return
+            if opened is False:
+                break  # over the bundle's bytes: the trailer says how many frames came
+            frames += 1
+            if opened is None:
+                yield bundle.missing_head(key)
+                continue
+            info, fh = opened
+            room -= info.size
+            yield bundle.artifact_head(key, info.size, info.sha256)
+            yield from file_chunks(fh, info.size)
+        yield bundle.trailer(frames)
 
     def _manifest(self, name: str) -> dict | None:
         """The manifest of a stored artifact (verified before it was stored), or None if it cannot be read."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, Iterator
 from wsgiref.util import FileWrapper
 
 # Bodies are sent in chunks of this size (from disk by waitress's I/O thread).
@@ -41,9 +41,22 @@ def file_body(environ: dict, fh: BinaryIO, size: int) -> Iterable[bytes]:
     ``wsgi.file_wrapper`` (PEP 3333), so waitress's I/O thread sends it and the worker is free.
     """
     if size <= READ_AT_ONCE:
-        with fh:
-            return [fh.read(size)]
+        return list(file_chunks(fh, size))
     return environ.get("wsgi.file_wrapper", FileWrapper)(fh, SEND_CHUNK)
+
+
+def file_chunks(fh: BinaryIO, size: int) -> Iterator[bytes]:
+    """Exactly ``size`` bytes of an open file, in pieces of at most SEND_CHUNK; it takes the file
+    over (and closes it). A file that ends early raises OSError: an answer whose length was
+    announced must then be cut off, never padded or ended short as if whole."""
+    with fh:
+        left = size
+        while left:
+            data = fh.read(min(SEND_CHUNK, left))
+            if not data:
+                raise OSError(f"the stored file ended {left} bytes short of its {size} bytes")
+            left -= len(data)
+            yield data
 
 
 class HTTPError(Exception):

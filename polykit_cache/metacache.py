@@ -17,7 +17,9 @@ filesystem's clock of the old one's last change, would match; its ``Content-Leng
 all the same, and clients check the body against its digest.
 
 The same rule keeps the bytes of small entries (see ``Storage``): a GET of a popular entry
-then takes one ``stat`` and no ``open``, ``read`` or ``close``.
+then takes one ``stat`` and no ``open``, ``read`` or ``close``. Wrong bytes would be a wrong
+answer (a Bazel action result or a key-value entry carries no digest a client checks), so bytes
+are kept only for a file whose ctime is older than its stat by ``SETTLE_NS`` (see :func:`settled`).
 
 The cache is bounded: at most ``limit`` copies and, for bytes, at most ``max_bytes`` of them
 together, the oldest dropped first.
@@ -32,6 +34,23 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 Identity = tuple[int, int, int, int]
+
+# Timestamps come from a clock that ticks coarsely (the kernel's coarse clock, some milliseconds;
+# whole seconds on some filesystems), so a change within one tick of the last one (a file
+# rewritten in place, a new file on a reused inode number) can leave the ctime as it was. Two
+# seconds cover both ticks and the coarse clock's lag behind the system clock.
+SETTLE_NS = 2 * 10**9
+
+
+def settled(st: os.stat_result, seen_ns: int) -> bool:
+    """Whether any later change of the file ``st`` describes must give it another ctime.
+
+    ``seen_ns``: the system clock read before the stat was taken, the file then open (so its inode
+    cannot be reused meanwhile). A change after the stat is stamped at least ``seen_ns`` less a
+    tick; if the ctime seen is older than that by more than a tick, the new ctime differs from it.
+    This is git's rule for "racily clean" index entries.
+    """
+    return st.st_ctime_ns < seen_ns - SETTLE_NS
 
 
 def identity(st: os.stat_result) -> Identity:
@@ -59,10 +78,15 @@ class IdentityCache(Generic[T]):
             return found[1]
         return None
 
-    def put(self, key: str, st: os.stat_result, value: T) -> None:
-        """Keep ``value`` for the file ``st`` describes (the oldest copies make room at the bounds)."""
+    def put(self, key: str, st: os.stat_result, value: T, seen_ns: int | None = None) -> None:
+        """Keep ``value`` for the file ``st`` describes (the oldest copies make room at the bounds).
+
+        With ``seen_ns`` (see :func:`settled`), a file changed too recently for its identity to
+        tell a later change is not kept (a GET reads it again until it has settled).
+        """
         size = 0 if self._max_bytes is None else len(value)  # type: ignore[arg-type]
-        if self._max_bytes is not None and size > self._max_bytes:
+        if self._max_bytes is not None and size > self._max_bytes or seen_ns is not None and not settled(st, seen_ns):
+            self.pop(key)
             return
         with self._lock:
             self._drop(key)

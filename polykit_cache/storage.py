@@ -198,8 +198,12 @@ INFO_CACHE_SIZE = 16384
 # it full and 8 connections reading 64 KiB entries, a worker's peak was 53 MiB (31 MiB idle).
 KEPT_BODY_SIZE = 64 * 1024
 KEPT_BODIES_BYTES = 16 << 20
-# Blob names whose file path is kept (about 400 bytes each).
+# Blob names whose file path is kept (about 400 bytes each): names up to KEPT_PATH_NAME characters
+# (every digest-named protocol's, and most key-value names), as a peer may ask for as many names of
+# 2 KiB (the longest path app.MAX_PATH lets through) as it likes, ten times more memory each; a
+# longer one's path is worked out per request.
 BLOB_PATHS = 4096
+KEPT_PATH_NAME = 256
 
 
 class Storage(Store):
@@ -231,6 +235,8 @@ class Storage(Store):
         self._paths: dict[tuple[str, str], tuple[str, str, str]] = {}
         # Index key -> the bytes of a small entry, each used only for the file it was read from.
         self._bodies: IdentityCache[bytes] = IdentityCache(INFO_CACHE_SIZE, KEPT_BODIES_BYTES)
+        # The system clock, read before an entry's fstat to tell whether its bytes may be kept.
+        self._clock: Callable[[], int] = time.time_ns
         # Sizes, costs and the least-recently-used order of the entries (keyed by cache key or
         # blob id): in this process, or shared by the worker processes (see share()).
         self._index: MemoryIndex | SharedIndex = MemoryIndex(disk_cost)
@@ -248,12 +254,15 @@ class Storage(Store):
 
     def _blob_paths(self, space: str, name: str) -> tuple[str, str, str]:
         """(blob name, index key, data file) of a blob: the key is a SHA-256 of the name, so the
-        three are kept per name read (at most BLOB_PATHS, all dropped at the bound)."""
+        three are kept per name read (at most BLOB_PATHS names of at most KEPT_PATH_NAME
+        characters, all dropped at the bound)."""
         found = self._paths.get((space, name))
         if found is None:
             blob = disk_name(space, name)
             key = blob_id(blob)
             found = (blob, key, self._data_path(key))
+            if len(name) > KEPT_PATH_NAME:
+                return found
             if len(self._paths) >= BLOB_PATHS:
                 self._paths.clear()
             self._paths[(space, name)] = found
@@ -836,21 +845,22 @@ class Storage(Store):
             blob, key, path = self._blob_paths(space, name)
         if key in self._bodies:
             # The bytes kept are this file's if its stat is the one they were read with (see
-            # metacache); the metadata is then found as for a HEAD, from the same stat.
+            # metacache), and they go out only with the metadata kept for that same stat: read now
+            # by path, the metadata could be a later file's (the entry deleted or evicted and
+            # uploaded anew since the stat), beside the old bytes (a turbo tag that does not sign
+            # them). Without that copy, the file is opened and both are read from it.
             try:
                 st = os.stat(path)
             except OSError:
                 st = None  # gone, or not a file: the open below finds out and forgets it
             data = self._bodies.get(key, st) if st is not None else None
-            if data is not None:
-                if artifact:
-                    found = self._artifact_stat(key, path, st, use, settled)
-                else:
-                    found = self._blob_stat_of(space, name, blob, key, path, st, None, settled)
-                    if use:
-                        self._use(key, st.st_mtime_ns)
-                if found is not None:
-                    return found, io.BytesIO(data)
+            info = self._info.get(key, st) if data is not None else None
+            if info is not None:
+                if use:
+                    self._use(key, st.st_mtime_ns)
+                if isinstance(info, ArtifactInfo):
+                    info = Stat("polykit", key, info.size, info.sha256, info.created, info.meta, path)
+                return info, io.BytesIO(data)
         try:
             fh = open(path, "rb")
         except FileNotFoundError:
@@ -865,6 +875,7 @@ class Storage(Store):
             self.forget(blob)  # a blob's path: its folder or file replaced behind our back
             return None
         try:
+            seen = self._clock()  # before the fstat, the file open (see metacache.settled)
             st = os.fstat(fh.fileno())
             # The metadata of the very file opened (see _info_of): for a blob it is read after the
             # blob was opened (the attribute of that very file), written before the blob was
@@ -886,7 +897,7 @@ class Storage(Store):
             fh.close()
             raise
         if len(data) == st.st_size:  # entries are never written in place; this is only a guard
-            self._bodies.put(key, st, data)
+            self._bodies.put(key, st, data, seen)
         return found, io.BytesIO(data)
 
     def stage(self) -> Staged:

@@ -1,4 +1,5 @@
-"""The remote cache backend: ``HEAD``/``GET``/``PUT`` of artifacts over plain ``urllib.request``.
+"""The remote cache backend: ``HEAD``/``GET``/``PUT`` of artifacts, the batch query and bundles of
+downloads, over plain ``urllib.request``.
 
 A remote cache only ever saves time, so nothing here may fail a build: every problem becomes a
 ``False`` answer and at most one warning line, and the caller builds the task locally. After
@@ -33,7 +34,7 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO, Callable, Mapping, TypeVar
 
-from . import __version__
+from . import __version__, bundle
 from .artifact import MAX_COMPONENTS
 from .connections import KeepAliveMixin, Pool, StaleConnection, release
 from .deadline import Deadline, Watchdog
@@ -384,6 +385,7 @@ class RemoteCache:
         self.bytes_down = 0
         self.bytes_up = 0
         self._failures = 0
+        self._bundle_warned = False  # a broken bundle is said once a run (the rest are fetched one by one)
         self._lock = threading.Lock()
         self._pool = Pool()
         self._opener = _build_opener(self._pool)
@@ -426,8 +428,9 @@ class RemoteCache:
         self._succeeded()
         return found
 
-    def which(self, keys: list[str]) -> dict[str, bool] | None:
-        """Which of ``keys`` the server holds, asked in one request per QUERY_BATCH keys.
+    def which(self, keys: list[str]) -> dict[str, int | None] | None:
+        """Which of ``keys`` the server holds, asked in one request per QUERY_BATCH keys: the size
+        the server gives for each one it holds (0 when it gives none), None for each it lacks.
 
         A key the answer leaves out is not in the result. None when the server cannot say: one
         that predates the batch query (404 or 405), or any failure. That is quiet and tried once:
@@ -439,7 +442,7 @@ class RemoteCache:
             _check_key(key)
         if not self.enabled:
             return None
-        found: dict[str, bool] = {}
+        found: dict[str, int | None] = {}
         try:
             for start in range(0, len(keys), QUERY_BATCH):
                 answer = self._attempt(0, lambda deadline: self._query(keys[start:start + QUERY_BATCH], deadline))
@@ -472,6 +475,50 @@ class RemoteCache:
         with self._lock:
             self.bytes_down += size
         return True
+
+    def fetch_bundle(self, keys: list[str], size: int, open_dest: Callable[[str], tuple[BinaryIO, Progress | None]],
+                     done: Callable[[str, bool], None]) -> list[str] | None:
+        """Download the artifacts of ``keys`` in one request (``POST /v1/bundles``, see ``bundle.py``).
+
+        ``size`` is what the batch query said they weigh together (for the deadline). For each key
+        the stream reaches, in order, ``open_dest(key)`` gives the file its body is written to and
+        a progress display or None (not called for a key the server no longer holds), then ``done(key, ok)`` is called: ok
+        only for a whole body matching its SHA-256. A body that fails its digest is warned about
+        as a GET's would be, and the stream goes on (each frame has its own length).
+
+        Returns the keys to fetch one by one: none when the bundle came whole, the ones it did
+        not reach when the server ended it early (its bytes per bundle: quiet) or when it broke off (one warning in a run, however many break), or None when the
+        server has no such route (an older server: quiet). A bundle that ran out of its deadline
+        ends the rest with ``done(key, False)`` instead: a server that slow would only be as slow
+        again per key, so those tasks are built.
+        """
+        for key in keys:
+            _check_key(key)
+        if not self.enabled:
+            return list(keys)
+        reached = [0]
+        try:
+            whole = self._attempt(size, lambda deadline: self._bundle(keys, reached, open_dest, done, deadline))
+        except Exception as exc:
+            failure = _as_failure(exc)
+            with self._lock:
+                first, self._bundle_warned = not self._bundle_warned, True
+            rest = keys[reached[0]:]
+            if not failure.retry:
+                if first:
+                    self._say(f"remote cache {self.url}: a bundle of downloads broke off ({failure.reason}); "
+                              f"{len(rest)} tasks will be built locally")
+                for key in rest:
+                    done(key, False)
+                return []
+            if first:
+                self._say(f"remote cache {self.url}: a bundle of downloads broke off ({failure.reason}); "
+                          "the rest are downloaded one by one")
+            return rest
+        if not whole:
+            return None
+        self._succeeded()
+        return keys[reached[0]:]  # none, unless the server ended the bundle early (quietly)
 
     def store(self, key: str, path: Path, progress: Progress | None = None, ask_first: bool = True) -> bool:
         """Upload the artifact file at ``path``; True only when the server stored it now.
@@ -588,7 +635,7 @@ class RemoteCache:
                 return False
             raise _Failure(_status_reason(status, answer), transient=_is_transient(status))
 
-    def _query(self, keys: list[str], deadline: Deadline) -> dict[str, bool] | None:
+    def _query(self, keys: list[str], deadline: Deadline) -> dict[str, int | None] | None:
         """One batch query; None when the server has no such endpoint (an older server)."""
         body = json.dumps({"keys": keys}, separators=(",", ":")).encode()
         request = self._request("POST", "/v1/artifacts", deadline, body)
@@ -619,8 +666,78 @@ class RemoteCache:
             deadline.extend(self.deadline_for(length))
             return self._receive(answer, download, length, expected)
 
-    def _receive(self, answer: _Answer, download: _Download, length: int, expected: str) -> int:
-        """Stream the body chunk by chunk: an artifact may be far larger than memory allows."""
+    def _bundle(self, keys: list[str], reached: list[int], open_dest: Callable[[str], tuple[BinaryIO, Progress | None]],
+                done: Callable[[str, bool], None], deadline: Deadline) -> bool:
+        """One bundle request; False when the server has no such route. ``reached[0]`` counts
+        the keys whose frames were read (and ``done`` called), for the caller to go on from."""
+        body = json.dumps({"keys": keys}, separators=(",", ":")).encode()
+        request = self._request("POST", "/v1/bundles", deadline, body)
+        request.add_header("Content-Type", "application/json")
+        with self._open(request) as answer:
+            status = answer.status
+            if status in (404, 405):
+                return False
+            if status != 200:
+                raise _Failure(_status_reason(status, answer), transient=_is_transient(status))
+            received = frames = 0
+            for key in keys:
+                line = self._line(answer)
+                if bundle.is_trailer(line):
+                    break  # ended early by the server (its bytes per bundle): the rest one by one
+                frames += 1
+                frame = self._frame_head(line, key)
+                if frame is None:
+                    reached[0] += 1
+                    done(key, False)
+                    continue
+                length, expected = frame
+                if self.max_artifact_size is not None and length > self.max_artifact_size:
+                    raise _Failure(f"{key[:12]} is {length} bytes, over the max_artifact_size of "
+                                   f"{self.max_artifact_size} bytes", transient=False)
+                received += length
+                deadline.extend(self.deadline_for(received))
+                ok = False
+                dest, progress = open_dest(key)
+                with dest:
+                    download = _Download(dest, progress)
+                    try:
+                        self._receive(answer, download, length, expected, "the SHA-256 of its bundle frame")
+                        ok = True
+                    except _Failure as failure:
+                        if download.written != length:
+                            raise  # cut short: the frames that follow cannot be found
+                        self._failed(failure, f"download of {key[:12]} failed", "; the task will be built locally")
+                reached[0] += 1
+                if ok:
+                    with self._lock:
+                        self.bytes_down += length
+                done(key, ok)
+            else:
+                line = self._line(answer)
+            try:
+                bundle.parse_trailer(line, frames)
+            except bundle.BadFrame as exc:
+                raise _Failure(_describe(exc, self.timeout), transient=True) from None
+        return True
+
+    def _line(self, answer: _Answer) -> bytes:
+        """The next head or trailer line of a bundle (bounded)."""
+        try:
+            return answer.readline(bundle.MAX_HEAD + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Failure(_describe(exc, self.timeout), transient=True) from None
+
+    def _frame_head(self, line: bytes, key: str) -> tuple[int, str] | None:
+        """The ``(size, sha256)`` of the frame ``line`` opens, which must be ``key``'s; None for "not stored"."""
+        try:
+            return bundle.parse_head(line, key)
+        except bundle.BadFrame as exc:
+            raise _Failure(_describe(exc, self.timeout), transient=True) from None
+
+    def _receive(self, answer: _Answer, download: _Download, length: int, expected: str,
+                 claim: str = "its X-Artifact-Hash") -> int:
+        """Stream the body chunk by chunk: an artifact may be far larger than memory allows.
+        ``claim`` names where ``expected`` came from, for the warning."""
         digest = hashlib.sha256()
         buf = memoryview(bytearray(CHUNK))
         while download.written < length:
@@ -637,7 +754,7 @@ class RemoteCache:
             # RFC 9112 section 6.3: a body shorter than its Content-Length is incomplete.
             raise _Failure(f"the body ended after {download.written} of {length} bytes", transient=True)
         if digest.hexdigest() != expected:
-            raise _Failure("the body does not match its X-Artifact-Hash (corrupt artifact)", transient=False)
+            raise _Failure(f"the body does not match {claim} (corrupt artifact)", transient=False)
         return length
 
     def _announced(self, answer: _Answer) -> tuple[int, str]:
@@ -789,6 +906,9 @@ class _Answer:
     def readinto(self, buf: memoryview) -> int:
         return self.response.readinto(buf)
 
+    def readline(self, limit: int) -> bytes:
+        return self.response.readline(limit)
+
     @property
     def reason(self) -> str:
         return str(getattr(self.response, "reason", "") or "")
@@ -830,11 +950,12 @@ class _Download:
         return True
 
 
-def _query_answer(raw: bytes, keys: list[str]) -> dict[str, bool]:
-    """``{"artifacts": {key: {...} or null}}`` read for the keys asked; anything else is refused.
+def _query_answer(raw: bytes, keys: list[str]) -> dict[str, int | None]:
+    """``{"artifacts": {key: {"size", ...} or null}}`` read for the keys asked; anything else is refused.
 
     Only the keys asked count; a yes is only a reason to download (the download is verified as
-    ever), a no only a reason to build and upload without asking again (a 409 is harmless).
+    ever), a no only a reason to build and upload without asking again (a 409 is harmless). The
+    size only groups downloads into bundles: a size that is not a byte count counts as 0.
     """
     try:
         payload = json.loads(raw)
@@ -843,13 +964,14 @@ def _query_answer(raw: bytes, keys: list[str]) -> dict[str, bool]:
     listing = payload.get("artifacts") if isinstance(payload, dict) else None
     if not isinstance(listing, dict):
         raise _Failure("the answer to the batch query is not {\"artifacts\": {...}}", transient=False)
-    found: dict[str, bool] = {}
+    found: dict[str, int | None] = {}
     for key in keys:
         if key in listing:
             entry = listing[key]
             if entry is not None and not isinstance(entry, dict):
                 raise _Failure("the answer to the batch query is malformed", transient=False)
-            found[key] = entry is not None
+            size = entry.get("size") if entry is not None else None
+            found[key] = None if entry is None else size if type(size) is int and 0 <= size < 1 << 63 else 0
     return found
 
 

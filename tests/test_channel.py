@@ -283,6 +283,24 @@ def test_a_request_head_has_a_deadline(tmp_path, monkeypatch):
             assert wait_closed(sock)
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_half_sent_head_after_an_answered_request_has_a_deadline_too(tmp_path, monkeypatch, pipelined):
+    """The deadline is watched from each head's first byte: also on a kept-alive connection, and
+    for a head that arrived in the same read as the end of the request before it."""
+    monkeypatch.setattr(channel, "HEAD_TIMEOUT", 0.5)
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with thread_server(tmp_path / "store") as (port, _):
+        with connect(port) as sock:
+            if pipelined:
+                sock.sendall(first + b"GET /healthz HTTP/1.1\r\nHo")
+                assert read_answer(sock)[0].startswith(b"HTTP/1.1 200")
+            else:
+                sock.sendall(first)
+                assert read_answer(sock)[0].startswith(b"HTTP/1.1 200")
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+            assert wait_closed(sock)
+
+
 def test_an_idle_connection_is_closed_after_the_idle_timeout(tmp_path):
     with thread_server(tmp_path / "store", idle_timeout=1) as (port, _):
         with connect(port) as sock:

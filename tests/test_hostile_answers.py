@@ -207,6 +207,26 @@ def test_a_trickling_body_ends_at_the_deadline():
     assert len(warnings) == 1 and "longer than its deadline of 1 s" in warnings[0], warnings
 
 
+def test_a_trickling_bundle_ends_at_the_deadline_and_its_tasks_build():
+    """A bundle is one transfer under one deadline; a server that slow would be as slow per GET,
+    so the keys it did not reach are built (``done`` False), not fetched again one by one."""
+    other = "cd" * 32
+    head = f"{KEY} 300 {sha(b'x' * 300)}\n".encode()
+    header = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(head) + head + b"12c\r\n"
+    sent: list = []
+    outcomes: list = []
+    warnings: list = []
+    with serve_raw(trickle(header, 300, 0.1, sent)) as server:
+        remote = RemoteCache(f"http://127.0.0.1:{server.port}", timeout=2, deadline=1, environ={}, warn=warnings.append)
+        rest = remote.fetch_bundle([KEY, other], 300, lambda key: (io.BytesIO(), None),
+                                   lambda key, ok: outcomes.append((key, ok)))
+        assert rest == [] and outcomes == [(KEY, False), (other, False)]
+        assert len(server.heads) == 1  # no retry, and no GET
+        wait_for(sent)
+    assert sent and sent[0] < 150, sent
+    assert len(warnings) == 1 and "deadline of 1 s" in warnings[0] and "built locally" in warnings[0], warnings
+
+
 def test_endless_interim_answers_end_at_the_deadline():
     """``100 Continue`` after ``100 Continue``: no body ever starts, yet the transfer ends."""
     sent: list = []

@@ -5,10 +5,12 @@ must never answer from its copy.
 """
 
 import os
+import time
 
 import pytest
 
-from polykit_cache.metacache import IdentityCache
+from polykit_cache import storage as storage_module
+from polykit_cache.metacache import SETTLE_NS, IdentityCache
 from polykit_cache.storage import INFO_CACHE_SIZE, KEPT_BODIES_BYTES, KEPT_BODY_SIZE
 from support import KEY, call, key_for, new_app, pack_tree
 
@@ -62,8 +64,62 @@ def test_kept_bytes_stay_within_their_bound(tmp_path):
     assert cache.bytes == 0 and len(cache) == 0
 
 
+class _CoarseStat:
+    """A stat whose ctime is the filesystem clock's last tick, however the file changed since."""
+
+    def __init__(self, st: os.stat_result, tick_ns: int) -> None:
+        self._st = st
+        self.st_ctime_ns = tick_ns
+        self.st_ctime = tick_ns / 1e9
+
+    def __getattr__(self, name: str):
+        return getattr(self._st, name)
+
+
+class _CoarseClockOs:
+    """The ``os`` module as the storage sees it on a filesystem whose clock has not ticked since
+    ``tick_ns`` (whole seconds on some filesystems; the kernel's coarse clock otherwise)."""
+
+    def __init__(self, tick_ns: int) -> None:
+        self.tick_ns = tick_ns
+
+    def stat(self, path, *args, **kwargs):
+        return _CoarseStat(os.stat(path, *args, **kwargs), self.tick_ns)
+
+    def fstat(self, fd):
+        return _CoarseStat(os.fstat(fd), self.tick_ns)
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+
+@pytest.mark.parametrize("protocol", ["bazel-ac", "kv"])
+def test_an_entry_rewritten_within_one_tick_of_the_filesystem_clock_is_never_answered_from_kept_bytes(
+        tmp_path, monkeypatch, protocol):
+    """A file rewritten in place (or a new file on a reused inode) within one tick keeps its
+    identity: its bytes must not have been kept (they carry no digest a client checks)."""
+    app = new_app(tmp_path / "store")
+    path, space, name = ((f"/ac/{key_for('action')}", "bazel-ac", key_for("action")) if protocol == "bazel-ac"
+                         else ("/kv/gradle/k", "kv", "gradle/k"))
+    assert call(app, "PUT", path, b"first result").status in (200, 201)
+    tick = time.time_ns()
+    monkeypatch.setattr(storage_module, "os", _CoarseClockOs(tick))
+    app.storage._clock = lambda: tick + SETTLE_NS // 2  # read within the settling time
+    for _ in range(2):
+        assert call(app, "GET", path).body == b"first result"
+    with open(app.storage.stat(space, name).path, "r+b") as fh:
+        fh.write(b"other result")  # the same size, the same inode, the same (coarse) ctime
+    assert call(app, "GET", path).body == b"other result"
+    assert len(app.storage._bodies) == 0
+    app.storage._clock = lambda: tick + SETTLE_NS + 1  # once settled, the bytes are kept
+    for _ in range(2):
+        assert call(app, "GET", path).body == b"other result"
+    assert len(app.storage._bodies) == 1
+
+
 def test_the_bytes_of_small_entries_are_kept_and_bounded(tmp_path):
     app = new_app(tmp_path / "store")
+    app.storage._clock = lambda: time.time_ns() + SETTLE_NS + 1  # entries read once settled
     assert app.storage._bodies._max_bytes == KEPT_BODIES_BYTES
     app.storage._bodies = IdentityCache(INFO_CACHE_SIZE, max_bytes=3 * 1000)
     bodies = {f"/kv/gradle/k{i}": os.urandom(1000) for i in range(5)}
@@ -86,6 +142,7 @@ def test_the_bytes_of_small_entries_are_kept_and_bounded(tmp_path):
 
 def test_an_artifact_deleted_and_stored_again_by_another_worker_is_answered_anew(tmp_path):
     first, second = new_app(tmp_path / "store"), new_app(tmp_path / "store")
+    first.storage._clock = lambda: time.time_ns() + SETTLE_NS + 1  # entries read once settled
     path = f"/v1/artifacts/{KEY}"
     one = pack_tree(tmp_path / "one", {"a": b"one"})
     assert call(first, "PUT", path, one).status == 201
@@ -117,6 +174,7 @@ def test_the_storage_keeps_a_bounded_number_of_copies(tmp_path):
 def test_a_turbo_entry_deleted_and_stored_again_by_another_worker_is_answered_anew(tmp_path, method):
     first, second = new_app(tmp_path / "store"), new_app(tmp_path / "store")
     path = "/v8/artifacts/abc123?team=t"
+    first.storage._clock = lambda: time.time_ns() + SETTLE_NS + 1  # entries read once settled
     body = os.urandom(4096)
     assert call(first, "PUT", path, body, headers={"x-artifact-duration": "7", "x-artifact-tag": "one"}).status == 202
     for _ in range(2):  # the second answer comes from the copy
@@ -163,3 +221,58 @@ def test_a_namespaced_artifact_stored_again_after_eviction_has_its_new_metadata(
     got = call(first, "GET", path)
     assert got.body == two and got.headers["content-length"] == str(len(two))
     assert call(first, "HEAD", path).headers["x-artifact-hash"] == got.headers["x-artifact-hash"]
+
+
+def test_the_paths_kept_per_blob_name_stay_small_whatever_names_a_peer_asks_for(tmp_path):
+    app = new_app(tmp_path / "store")
+    long_name = "/".join(["p" * 255] * 7)  # near the longest path a request may name (2 KiB)
+    assert call(app, "PUT", f"/kv/gradle/{long_name}", b"long").status == 201
+    for i in range(50):  # a flood of distinct long names, every one a miss
+        assert call(app, "HEAD", f"/kv/gradle/{i:03d}{long_name[3:]}").status == 404
+    for _ in range(2):
+        assert call(app, "GET", f"/kv/gradle/{long_name}").body == b"long"
+        assert call(app, "GET", f"/ac/{key_for('short')}").status == 404
+    kept = app.storage._paths
+    assert ("bazel-ac", key_for("short")) in kept  # a digest's path is kept
+    assert sum(len(name) + sum(map(len, paths)) for (_, name), paths in kept.items()) < 1024
+
+
+class _ReplacedAfterStat:
+    """The ``os`` module as the storage sees it when another worker replaces an entry just after
+    this worker's ``stat`` of it (once): the interleaving a real race takes by chance."""
+
+    def __init__(self, path: str, replace) -> None:
+        self.entry, self.replace = path, replace
+
+    def stat(self, path, *args, **kwargs):
+        st = os.stat(path, *args, **kwargs)
+        if path == self.entry and self.replace is not None:
+            replace, self.replace = self.replace, None
+            replace()
+        return st
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+
+def test_kept_bytes_are_answered_with_the_metadata_of_their_own_file_only(tmp_path, monkeypatch):
+    """The metadata read for kept bytes must be that very file's: a turbo entry's tag signs its
+    body, and the one of a replacement read by path beside the old bytes fails the client's check."""
+    first, second = new_app(tmp_path / "store"), new_app(tmp_path / "store")
+    first.storage._clock = lambda: time.time_ns() + SETTLE_NS + 1  # entries read once settled
+    path = "/v8/artifacts/abc123?team=t"
+    one, two = b"1" * 4096, b"2" * 4096
+    assert call(first, "PUT", path, one, headers={"x-artifact-tag": "signs-one"}).status == 202
+    for _ in range(2):
+        assert call(first, "GET", path).headers["x-artifact-tag"] == "signs-one"
+    first.storage._info.clear()  # its metadata copy pushed out by others' (its bytes still kept)
+    entry = first.storage.stat("turbo", "t/abc123").path
+    first.storage._info.clear()
+
+    def replace():  # evicted (or deleted) and uploaded anew, by another worker
+        assert second.storage.delete("turbo", "t/abc123")
+        assert call(second, "PUT", path, two, headers={"x-artifact-tag": "signs-two"}).status == 202
+
+    monkeypatch.setattr(storage_module, "os", _ReplacedAfterStat(entry, replace))
+    reply = call(first, "GET", path)
+    assert (reply.body, reply.headers["x-artifact-tag"]) in ((one, "signs-one"), (two, "signs-two"))
