@@ -88,9 +88,10 @@ def blob_sizes(git: str, cwd: str, ids: list[str], timeout: float) -> dict[str, 
 
 
 def hashable(path: str) -> bool:
-    """Whether ``git hash-object --stdin-paths`` takes the path as it is (a line; one starting
-    with a double quote would be read as a C-quoted name)."""
-    return "\n" not in path and not path.startswith('"')
+    """Whether ``git hash-object --stdin-paths`` takes the path as it is: a line (read as text,
+    so a carriage return before its end is dropped: "a\\r" would be answered with the hash of
+    "a"), not starting with a double quote (read as a C-quoted name)."""
+    return "\n" not in path and "\r" not in path and not path.startswith('"')
 
 
 def blob_ids(git: str, cwd: str, paths: list[str], timeout: float) -> dict[str, str] | None:

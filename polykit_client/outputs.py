@@ -16,6 +16,7 @@ import itertools
 import os
 import posixpath
 import stat
+import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -23,6 +24,14 @@ from .globs import GlobSet
 
 # A restore maps a file back through at most this many symlinked folders (a chain of links).
 MAX_LINK_VIEWS = 64
+# A walk is kept (see expand_outputs) only when every folder it noted last changed at least this
+# long before it began: a folder's timestamps come from a clock that ticks every few ms, so an
+# entry added in the same tick as a noted change leaves them as they were. Git's index has the
+# same "racy" rule (Documentation/technical/racy-git.txt). A filesystem that stamps whole
+# seconds (2 s for FAT's mtime) has a tick of up to 2 s: a timestamp with no fraction of a
+# second takes the longer wait.
+SETTLE_NS = 100_000_000
+SETTLE_WHOLE_SECONDS_NS = 2_000_000_000
 
 
 class OutputError(Exception):
@@ -53,11 +62,16 @@ def expand_outputs(pkg_dir: Path, patterns: tuple[str, ...] | None, *, strict: b
     of them are unchanged, no entry was added, removed, renamed or changed in type in any folder
     the walk looked at (each of those changes its folder's mtime and ctime), so the same walk
     would list the same paths: see ``walk_unchanged``. A walk that meets a symlink depends on
-    more than that (where the link leads); it leaves ``walked`` empty.
+    more than that (where the link leads); it leaves ``walked`` empty. So does a walk that noted
+    a folder changed less than a tick of the filesystem's clock before it began (``SETTLE_NS``): an entry added after the folder was
+    listed, in the same tick of the filesystem's clock, would leave its signature as noted (a
+    late file from a build's own background process, say). Such outputs are walked in full
+    again, and the first walk that finds them settled is kept.
     """
     globs = globs_of(tuple(patterns) if patterns is not None else None)
     if not globs:
         return []
+    started = time.time_ns()
     root = os.path.realpath(pkg_dir)
     found: set[str] = set()
     seen: dict[str, list[int] | None] = {}
@@ -121,9 +135,19 @@ def expand_outputs(pkg_dir: Path, patterns: tuple[str, ...] | None, *, strict: b
             except OSError:
                 seen["."] = None
             folder("", "", frozenset({root}))
-    if walked is not None and not links:
+    if walked is not None and not links and all(_settled(sig, started) for sig in seen.values()):
         walked.update(seen)
     return sorted(found)
+
+
+def _settled(sig: list[int] | None, started: int) -> bool:
+    """Whether an entry noted by a walk that began at ``started`` last changed a whole tick of
+    its filesystem's clock before (see SETTLE_NS); a missing entry has nothing to change unseen."""
+    if sig is None:
+        return True
+    mtime, ctime = sig[1], sig[3]
+    whole = mtime % 1_000_000_000 == 0 or ctime % 1_000_000_000 == 0
+    return max(mtime, ctime) < started - (SETTLE_WHOLE_SECONDS_NS if whole else SETTLE_NS)
 
 
 def walk_unchanged(pkg_dir: Path, walked: dict[str, list[int] | None]) -> bool:

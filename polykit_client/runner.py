@@ -489,9 +489,10 @@ class TaskRunner:
     # expand_outputs): while those are unchanged the walk would find the same outputs, so it is
     # not done again, only each recorded entry looked at. A record without them (a restore lists
     # what its artifact placed, without a walk) gets them from the first walk that finds the
-    # outputs in place. Like the files' signatures, they rely on a change moving mtime or ctime:
-    # a change made within the same tick of the filesystem's clock as the build's own last one,
-    # by something other than the build, while polykit records it, is not seen.
+    # outputs in place, when its folders have settled (see SETTLE_NS in outputs.py). The files'
+    # signatures rely on a change moving mtime or ctime: a same-size rewrite made within the same
+    # tick of the filesystem's clock as the build's own last write, by something other than the
+    # build, while polykit records it, is not seen.
 
     def _records(self) -> dict:
         with self._remote_lock:

@@ -316,6 +316,29 @@ def test_a_file_git_finds_changed_is_not_hashed_and_its_blob_size_is_looked_up(p
     assert set(kept["doubtful"]) == set()  # their sizes are their blobs': git's own check refuses them
 
 
+def test_a_tracked_name_ending_in_a_carriage_return_is_never_proven_by_another_files_hash(pk):
+    """``hash-object --stdin-paths`` reads its lines as text: a carriage return before the line's
+    end is dropped, so "app.ts\r" would be answered with the hash of "app.ts". A CRLF copy behind
+    a clean "app.ts\r" must change the key though "app.ts" holds its blob's bytes."""
+    ws = pk.workspace
+    src = ws / "packages/web/src"
+    twin = src / "app.ts\r"
+    twin.write_bytes((src / "app.ts").read_bytes())
+    git(ws, "add", "-A")
+    git(ws, "commit", "-qm", "twin")
+    twin.unlink()
+    git(ws, "-c", "core.autocrlf=true", "checkout", "--", "packages/web/src/app.ts\r")
+    past = twin.stat().st_mtime - 10  # recorded well after it was written: not racily clean
+    os.utime(twin, (past, past))
+    git(ws, "-c", "core.autocrlf=true", "update-index", "-q", "--refresh")
+    assert b"\r\n" in twin.read_bytes() and b"\r\n" not in (src / "app.ts").read_bytes()
+    assert git(ws, "status", "--porcelain", "--untracked-files=no") == ""  # git calls it clean
+    (ws / KEPT_FILE).unlink(missing_ok=True)  # no blob size known: every entry is hashed
+    state = GitIndex(ws, untracked=True, proof="hashes").result()
+    assert "packages/web/src/app.ts\r" not in state.blobs and "packages/web/src/app.ts" in state.blobs
+    assert not gitobjects.hashable("a\rb") and not gitobjects.hashable("a\r")
+
+
 def test_git_objects_hashed_and_sized_in_two_processes(tmp_path):
     """Past gitobjects.SPLIT items two processes share the work; every answer lands on its item."""
     files = {f"f{n:05d}.txt": f"file {n}\n".encode() for n in range(gitobjects.SPLIT + 3)}

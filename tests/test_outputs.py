@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from polykit_client import artifact
+from polykit_client import artifact, outputs
 from polykit_client.outputs import OutputError, check_restorable, expand_outputs, walk_unchanged
 from sample import Polykit, make_tools
 from support import craft, request, thread_server
@@ -222,8 +222,15 @@ CHANGES = {
 }
 
 
+@pytest.fixture
+def settled(monkeypatch):
+    """The walks below stand for walks made long after the folders last changed (see SETTLE_NS)."""
+    monkeypatch.setattr(outputs, "SETTLE_NS", -(10**18))
+    monkeypatch.setattr(outputs, "SETTLE_WHOLE_SECONDS_NS", -(10**18))
+
+
 @pytest.mark.parametrize("change", sorted(CHANGES))
-def test_a_walk_of_the_outputs_notes_every_folder_whose_change_could_change_its_answer(tmp_path, change):
+def test_a_walk_of_the_outputs_notes_every_folder_whose_change_could_change_its_answer(tmp_path, change, settled):
     pkg = tmp_path / "pkg"
     walked_tree(pkg)
     walked: dict = {}
@@ -237,7 +244,39 @@ def test_a_walk_of_the_outputs_notes_every_folder_whose_change_could_change_its_
     assert not walk_unchanged(pkg, walked)
 
 
-def test_a_walk_notes_missing_folders_and_gives_up_on_links(tmp_path):
+def test_a_walk_of_folders_changed_within_the_settling_time_is_not_kept(tmp_path, monkeypatch):
+    # An entry added to a folder in the same tick of the filesystem's clock as the folder's last
+    # noted change leaves the folder's signature as noted: a walk kept then would hide the new
+    # entry from every later run. So a walk that noted such a recent change is not kept at all.
+    pkg = tmp_path / "pkg"
+    walked_tree(pkg)
+    monkeypatch.setattr(outputs, "SETTLE_NS", 10**18)  # every change counts as recent
+    monkeypatch.setattr(outputs, "SETTLE_WHOLE_SECONDS_NS", 10**18)
+    walked: dict = {}
+    assert expand_outputs(pkg, ("dist/**", "!dist/*.map"), walked=walked) == ["dist/b.js", "dist/empty", "dist/sub/a.js"]
+    assert walked == {}
+    walked = {}
+    assert expand_outputs(pkg, ("target/release/**",), walked=walked) == []
+    assert walked == {"target": None}  # nothing there to change unseen: a missing folder's appearance is seen
+    monkeypatch.setattr(outputs, "SETTLE_NS", -(10**18))  # the same walk, long after: kept
+    monkeypatch.setattr(outputs, "SETTLE_WHOLE_SECONDS_NS", -(10**18))
+    walked = {}
+    expand_outputs(pkg, ("dist/**", "!dist/*.map"), walked=walked)
+    assert sorted(walked) == ["dist", "dist/empty", "dist/sub"]
+
+
+def test_a_timestamp_in_whole_seconds_waits_for_the_longer_tick():
+    started = 10**19
+    fine = started - outputs.SETTLE_NS - 1  # an odd nanosecond: a fine clock
+    assert outputs._settled([0, fine, 0, fine, 0], started)
+    assert not outputs._settled([0, started - outputs.SETTLE_NS, 0, fine, 0], started)
+    second = (started - outputs.SETTLE_NS - 1) // 10**9 * 10**9  # past the short wait, in whole seconds
+    assert not outputs._settled([0, second, 0, fine, 0], started)
+    old = (started - outputs.SETTLE_WHOLE_SECONDS_NS - 1) // 10**9 * 10**9
+    assert outputs._settled([0, old, 0, old, 0], started) and outputs._settled(None, started)
+
+
+def test_a_walk_notes_missing_folders_and_gives_up_on_links(tmp_path, settled):
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     walked: dict = {}
