@@ -31,8 +31,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Mapping, TypeVar
+from typing import BinaryIO, Callable, Iterator, Mapping, TypeVar
 
 from . import __version__, bundle
 from .artifact import MAX_COMPONENTS
@@ -637,15 +638,9 @@ class RemoteCache:
 
     def _query(self, keys: list[str], deadline: Deadline) -> dict[str, int | None] | None:
         """One batch query; None when the server has no such endpoint (an older server)."""
-        body = json.dumps({"keys": keys}, separators=(",", ":")).encode()
-        request = self._request("POST", "/v1/artifacts", deadline, body)
-        request.add_header("Content-Type", "application/json")
-        with self._open(request) as answer:
-            status = answer.status
-            if status in (404, 405):
+        with self._post_keys("/v1/artifacts", keys, deadline) as answer:
+            if answer is None:
                 return None
-            if status != 200:
-                raise _Failure(_status_reason(status, answer), transient=_is_transient(status))
             try:
                 raw = answer.read(MAX_QUERY_ANSWER + 1)
             except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -653,6 +648,22 @@ class RemoteCache:
             if len(raw) > MAX_QUERY_ANSWER:
                 raise _Failure(f"the answer to the batch query is over {MAX_QUERY_ANSWER} bytes", transient=False)
             return _query_answer(raw, keys)
+
+    @contextmanager
+    def _post_keys(self, path: str, keys: list[str], deadline: Deadline) -> Iterator[_Answer | None]:
+        """``POST {"keys": [...]}`` to ``path`` (the batch query, a bundle): its ``200`` answer, or
+        None when the server has no such route (an older server: 404 or 405); other statuses fail."""
+        body = json.dumps({"keys": keys}, separators=(",", ":")).encode()
+        request = self._request("POST", path, deadline, body)
+        request.add_header("Content-Type", "application/json")
+        with self._open(request) as answer:
+            status = answer.status
+            if status in (404, 405):
+                yield None
+                return
+            if status != 200:
+                raise _Failure(_status_reason(status, answer), transient=_is_transient(status))
+            yield answer
 
     def _get(self, key: str, download: _Download, deadline: Deadline) -> int | None:
         """One GET; the size of a verified body, or None for a plain miss."""
@@ -670,15 +681,9 @@ class RemoteCache:
                 done: Callable[[str, bool], None], deadline: Deadline) -> bool:
         """One bundle request; False when the server has no such route. ``reached[0]`` counts
         the keys whose frames were read (and ``done`` called), for the caller to go on from."""
-        body = json.dumps({"keys": keys}, separators=(",", ":")).encode()
-        request = self._request("POST", "/v1/bundles", deadline, body)
-        request.add_header("Content-Type", "application/json")
-        with self._open(request) as answer:
-            status = answer.status
-            if status in (404, 405):
+        with self._post_keys("/v1/bundles", keys, deadline) as answer:
+            if answer is None:
                 return False
-            if status != 200:
-                raise _Failure(_status_reason(status, answer), transient=_is_transient(status))
             received = frames = 0
             for key in keys:
                 line = self._line(answer)
