@@ -32,9 +32,35 @@ from . import artifact, nofollow
 from .artifact import LOGS_PREFIX, OUTPUTS_PREFIX, ArtifactError, Limits
 
 # The unpacked bytes (files and log, as the manifest declares them) of an artifact verified into
-# memory; a larger one goes through a staging folder. With the download threads of prefetch.py
-# this bounds what restores hold in memory at once (8 x 8 MiB).
+# memory; a larger one goes through a staging folder.
 HOLD_UNPACKED = 8 << 20
+# What all artifacts held in memory hold together, at most. The prefetcher verifies every hit as
+# it arrives and each waits for its task's turn, so without this bound a fresh checkout's hits
+# would all wait in memory at once; past it, a small artifact waits in a staging folder too.
+HOLD_TOTAL = 64 << 20
+
+
+class Budget:
+    """Bytes that held artifacts may still take; thread-safe."""
+
+    def __init__(self, total: int) -> None:
+        self._left = total
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes; False (nothing reserved) when fewer are left."""
+        with self._lock:
+            if size > self._left:
+                return False
+            self._left -= size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self._left += size
+
+
+HELD = Budget(HOLD_TOTAL)  # the process's: every restore shares it
 
 
 class Staged:
@@ -67,9 +93,10 @@ class Held(Staged):
     for an empty folder; ``links`` maps each symlink to its target."""
 
     def __init__(self, path: Path, meta: dict, files: dict[str, tuple[int, bytes] | None], links: dict[str, str],
-                 log: bytes) -> None:
+                 log: bytes, budget: Budget, reserved: int) -> None:
         self.path, self.meta, self.files, self.links = path, meta, files, links
         self._log = log
+        self._budget, self._reserved = budget, reserved
 
     @property
     def log(self) -> bytes:  # type: ignore[override]
@@ -82,26 +109,31 @@ class Held(Staged):
 
     def release(self) -> None:
         self.files, self.links, self._log = {}, {}, b""
+        self._budget.give(self._reserved)
+        self._reserved = 0
 
 
-def stage(path: Path, key: str, limits: Limits, tmp: Path, hold: int = HOLD_UNPACKED) -> Staged:
+def stage(path: Path, key: str, limits: Limits, tmp: Path, hold: int = HOLD_UNPACKED,
+          budget: Budget = HELD) -> Staged:
     """Verify the artifact file ``path`` completely; its members wait in memory (at most ``hold``
-    bytes) or in a staging folder under ``tmp``.
+    bytes, taken from ``budget`` until the result is released) or in a staging folder under ``tmp``.
 
     Raises :class:`artifact.ArtifactError` (nothing is kept) when the artifact fails verification.
     """
     staging = tmp / f"restore-{key[:16]}-{os.getpid()}-{threading.get_ident()}"
-    sink = _Choosing(staging, hold)
+    sink = _Choosing(staging, hold, budget)
     try:
         with open(path, "rb", buffering=0) as fh, sink:  # the decompressor reads in large blocks of its own
             meta = artifact.verify_stream(fh, expected_key=key, limits=limits, sink=sink)
     except BaseException:
+        budget.give(sink.reserved)
         if sink.dir is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     if sink.dir is not None:
         return Staged(path, staging, meta)
-    return Held(path, meta, sink.files, sink.links, sink.logs.get(artifact.LOG_NAME, (0, b""))[1])
+    return Held(path, meta, sink.files, sink.links, sink.logs.get(artifact.LOG_NAME, (0, b""))[1],
+                budget, sink.reserved)
 
 
 class _Body:
@@ -120,10 +152,11 @@ class _Body:
 
 class _Choosing:
     """The sink of :func:`stage`: memory when the checked manifest declares at most ``hold``
-    bytes, else a :class:`artifact.DirSink` in a fresh staging folder."""
+    bytes and ``budget`` still has them, else a :class:`artifact.DirSink` in a fresh staging folder."""
 
-    def __init__(self, staging: Path, hold: int) -> None:
-        self._staging, self._hold = staging, hold
+    def __init__(self, staging: Path, hold: int, budget: Budget) -> None:
+        self._staging, self._hold, self._budget = staging, hold, budget
+        self.reserved = 0  # taken from the budget, for the Held (or given back on failure)
         self.dir: artifact.DirSink | None = None
         self.files: dict[str, tuple[int, bytes] | None] = {}
         self.links: dict[str, str] = {}
@@ -132,7 +165,8 @@ class _Choosing:
     def begin(self, meta: dict) -> None:
         declared = sum(entry.get("size", 0) for entry in meta["files"].values())
         declared += sum(entry["size"] for entry in meta["logs"].values())
-        if declared <= self._hold:
+        if declared <= self._hold and self._budget.take(declared):
+            self.reserved = declared
             return
         if self._staging.exists():
             shutil.rmtree(self._staging)

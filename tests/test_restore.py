@@ -43,6 +43,32 @@ def staged_from(tmp_path: Path, src: Path, hold: int, blob: bytes | None = None)
     return restore.stage(path, KEY, Limits(), tmp_path / "tmp", hold=hold)
 
 
+def test_artifacts_held_in_memory_share_one_bound(tmp_path):
+    """Hits are verified ahead of their tasks' turns; those waiting in memory hold at most the
+    budget together, the rest wait in staging folders, and a release gives back."""
+    src = tmp_path / "src"
+    make_tree(src)
+    blob = pack(src)
+    (tmp_path / "probe").mkdir()
+    one = staged_from(tmp_path / "probe", src, restore.HOLD_UNPACKED, blob)
+    size = one._reserved
+    one.release()
+    budget = restore.Budget(2 * size)
+
+    def stage(n: int) -> restore.Staged:
+        folder = tmp_path / f"s{n}"
+        folder.mkdir()
+        (folder / "tmp").mkdir()
+        (folder / "artifact.zst").write_bytes(blob)
+        return restore.stage(folder / "artifact.zst", KEY, Limits(), folder / "tmp", budget=budget)
+
+    first, second, third = stage(1), stage(2), stage(3)
+    assert [type(s) for s in (first, second, third)] == [restore.Held, restore.Held, restore.Staged]
+    third.release()
+    first.release()
+    assert isinstance(stage(4), restore.Held)  # the first's bytes were given back
+
+
 @pytest.mark.parametrize("way", WAYS)
 def test_a_restore_places_exactly_what_was_packed(tmp_path, way):
     src = tmp_path / "src"
