@@ -463,21 +463,21 @@ class CacheApp:
         for key in keys:
             try:
                 opened = self._serve(environ, key, room)
+                if opened is False:
+                    break  # over the bundle's bytes: the trailer says how many frames came
+                frames += 1
+                if opened is None:
+                    yield bundle.missing_head(key)
+                    continue
+                info, fh = opened
+                room -= info.size
+                yield bundle.artifact_head(key, info.size, info.sha256)
+                yield from file_chunks(fh, info.size)
             except (OSError, StorageUnavailable) as exc:
-                # The answer has begun: it cannot become an error now. It ends without its
-                # trailer, which the client takes as a bundle cut short (the rest one by one).
+                # The answer has begun (its 200 is sent): it cannot become an error now. It ends
+                # without its trailer, which the client takes as a bundle cut short (the rest by GET).
                 log.warning("bundle cut short at %s: %s", key[:12], exc)
                 return
-            if opened is False:
-                break  # over the bundle's bytes: the trailer says how many frames came
-            frames += 1
-            if opened is None:
-                yield bundle.missing_head(key)
-                continue
-            info, fh = opened
-            room -= info.size
-            yield bundle.artifact_head(key, info.size, info.sha256)
-            yield from file_chunks(fh, info.size)
         yield bundle.trailer(frames)
 
     def _manifest(self, name: str) -> dict | None:

@@ -11,6 +11,7 @@ import pytest
 
 from polykit_cache import app as app_module
 from polykit_cache.app import MAX_QUERY_KEYS, QUERY_BODY_LIMIT
+from polykit_cache.store import StorageUnavailable
 from polykit_cache.http import SEND_CHUNK
 from polykit_cache.routes import Router
 from polykit_client import bundle
@@ -121,6 +122,40 @@ def test_a_bundle_ends_early_at_its_bytes_and_counts_only_what_it_sent(tmp_path,
     assert after["bytes_out"] - before["bytes_out"] == len(one)
     # Even a first artifact over the bound is not sent: the client GETs it (from the I/O thread).
     assert frames(ask(app, [THIRD_KEY, KEY]).body, [], trailer=0) == {}
+
+
+@pytest.mark.parametrize("fails", ["open", "read"])
+def test_a_storage_failing_mid_bundle_ends_it_without_its_trailer(tmp_path, fails):
+    """The 200 is sent before the entries are opened, so a storage that fails then (a bucket out
+    of reach, a disk error) cannot become a 503: the bundle ends at the last whole frame, without
+    its trailer, which the client reads as a bundle cut short."""
+    app = new_app(tmp_path / "store")
+    one = store(app, tmp_path, KEY, {"a.txt": b"one"})
+    store(app, tmp_path, THIRD_KEY, {"c.txt": b"three"})
+    opened = app.storage.open
+
+    def failing(space, name, use=True):
+        if not name.endswith(THIRD_KEY):
+            return opened(space, name, use)
+        if fails == "open":
+            raise StorageUnavailable("the bucket cannot be reached")
+        info, fh = opened(space, name, use)
+        with fh:
+            return info, io.BytesIO(fh.read()[:-1])  # the stored file ends short of its size
+
+    app.storage.open = failing
+    reply = ask(app, [KEY, THIRD_KEY, OTHER_KEY])
+    assert reply.status == 200
+    stream = io.BytesIO(reply.body)
+    size, digest = bundle.parse_head(stream.readline(bundle.MAX_HEAD + 1), KEY)
+    assert stream.read(size) == one
+    rest = stream.read()
+    if fails == "open":
+        assert rest == b""  # nothing of the entry that could not be opened, and no trailer
+    else:  # its head, then its body cut short: no trailer can follow
+        head, _, body = rest.partition(b"\n")
+        assert len(body) < bundle.parse_head(head + b"\n", THIRD_KEY)[0]
+    assert call(app, "GET", "/healthz").status == 200
 
 
 def test_bundles_are_per_namespace(tmp_path):
