@@ -43,16 +43,6 @@ MAX_NAMESPACE_LABELS = 100
 _DURATION, _HITS, _MISSES, _BYTES_OUT = ("duration",), ("hits",), ("misses",), ("bytes_out",)
 
 
-def namespace_label(namespace: str) -> str:
-    """A namespace as the URL prefix that names it: ``/`` for none, ``/cache-v2`` for ``cache-v2``."""
-    return "/" + namespace
-
-
-def method_label(method: str) -> str:
-    """The ``method`` label of a request: a known method's name, else ``OTHER``."""
-    return method if method in METHODS else "OTHER"
-
-
 class Metrics:
     """All counters of one server; ``stored`` reports (artifacts, bytes, evictions) from the storage.
 
@@ -84,7 +74,7 @@ class Metrics:
 
     def request(self, method: str, status: int, seconds: float, protocol: str | None = "polykit") -> None:
         """Count one answer; ``protocol`` None is a path no route owns. The last count of a request."""
-        method = method if method in METHODS else "OTHER"
+        method = method if method in METHODS else "OTHER"  # a bounded label: unknown methods are one
         protocol = protocol if protocol in PROTOCOLS else "none"
         status = status if 100 <= status <= 599 else 0
         bucket = ("bucket", bisect_left(BUCKETS, seconds))  # the first bound at or over the duration
@@ -95,7 +85,7 @@ class Metrics:
             counts[_DURATION] += seconds
 
     def lookup(self, hit: bool, bytes_out: int = 0, protocol: str = "polykit", namespace: str = "") -> None:
-        label = "/" + namespace  # namespace_label
+        label = "/" + namespace  # the URL prefix that names it: "/" for none, "/cache-v2"
         with self._lock:
             if label not in self._namespace_labels:
                 if len(self._namespace_labels) < MAX_NAMESPACE_LABELS:

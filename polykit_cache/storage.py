@@ -50,6 +50,7 @@ from typing import BinaryIO, Callable
 from polykit_client.artifact import hash_file, is_cache_key
 
 from .entryfile import REFUSED, SETXATTR, UNSUPPORTED, EntryStaged, has_meta, read_meta, set_meta
+from .http import READ_AT_ONCE
 from .lru import PERSIST_USE_NS, MemoryIndex, SharedIndex
 from .metacache import IdentityCache
 from .store import REPLACEABLE, RESERVED_META, Staged, Stat, Store, StorageFull, Usage, check_space, is_disk_full
@@ -196,7 +197,7 @@ INFO_CACHE_SIZE = 16384
 # one then costs a stat instead of an open, a stat, a read and a close (each a system call that
 # lets another thread take the interpreter). The bound keeps a worker's peak RSS under 100 MiB: with
 # it full and 8 connections reading 64 KiB entries, a worker's peak was 53 MiB (31 MiB idle).
-KEPT_BODY_SIZE = 64 * 1024
+KEPT_BODY_SIZE = READ_AT_ONCE
 KEPT_BODIES_BYTES = 16 << 20
 # Blob names whose file path is kept (about 400 bytes each): names up to KEPT_PATH_NAME characters
 # (every digest-named protocol's, and most key-value names), as a peer may ask for as many names of
