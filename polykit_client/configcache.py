@@ -22,12 +22,18 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import fields
 from pathlib import Path
 
+from . import __version__
 from .workspace import ROOT_FILE, SKIP_DIRS, Package, Task, parse_package
 
 CACHE_FILE = ".polykit/workspace.json"
 VERSION = 1
+# What the kept file must have been written by: this layout, this release of polykit (which may
+# parse a polykit.toml otherwise) and these fields of a task and a package. Anything else is read
+# afresh, so an upgrade never serves packages parsed by older rules.
+_WRITER = f"{VERSION} {__version__} " + ",".join(f.name for f in (*fields(Task), *fields(Package)))
 RACY_SECONDS = 2.0
 
 
@@ -45,7 +51,7 @@ class ConfigCache:
         self._changed = False
         try:
             data = json.loads(self._path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or data.get("version") != VERSION:
+            if not isinstance(data, dict) or data.get("version") != _WRITER:
                 data = {}
         except (OSError, ValueError):
             data = {}
@@ -122,7 +128,7 @@ class ConfigCache:
         tmp = self._path.with_name(f"{self._path.name}.{os.getpid()}.tmp")
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"version": VERSION, "walk": self._walk, "packages": self._used},
+            tmp.write_text(json.dumps({"version": _WRITER, "walk": self._walk, "packages": self._used},
                                       separators=(",", ":")), encoding="utf-8")
             os.replace(tmp, self._path)
         except OSError:

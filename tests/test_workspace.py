@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from polykit_client import configcache
 from polykit_client.workspace import load
 from sample import Polykit, make_tools, make_workspace
 
@@ -182,8 +183,6 @@ def test_every_root_setting_is_read_and_checked(pk, ws):
 @pytest.fixture
 def settled(monkeypatch):
     """Files written a moment ago count as settled (a real run keeps only what is 2 s old)."""
-    from polykit_client import configcache
-
     monkeypatch.setattr(configcache, "RACY_SECONDS", -60.0)
 
 
@@ -225,8 +224,9 @@ def test_what_just_changed_is_not_kept_and_a_damaged_file_is_ignored(ws):
     first = load(ws, {})
     assert not (ws / ".polykit/workspace.json").exists()  # every folder and file is seconds old
     (ws / ".polykit").mkdir()
-    for damaged in ("not json", json.dumps({"version": 1, "walk": [], "packages": {"x": 1}}),
-                    json.dumps({"version": 1, "walk": {"top": str(ws / "packages"), "folders": 3},
+    writer = configcache._WRITER
+    for damaged in ("not json", json.dumps({"version": writer, "walk": [], "packages": {"x": 1}}),
+                    json.dumps({"version": writer, "walk": {"top": str(ws / "packages"), "folders": 3},
                                 "packages": {str(ws / "packages/web/polykit.toml"): {"signature": 1, "package": []}}})):
         (ws / ".polykit/workspace.json").write_text(damaged)
         assert load(ws, {}) == first
