@@ -7,7 +7,8 @@ even begun. So every transfer also gets a deadline. When it passes, the watchdog
 transfer's sockets down (shutdown(2) makes a ``recv`` or ``send`` blocked in another thread
 return at once); the blocked call then fails like a dropped connection, and the transfer, seeing
 ``expired``, reports the deadline instead. A watchdog costs one thread, which exists only while
-transfers are in flight or were until :data:`LINGER` seconds ago.
+transfers are in flight and, after the last, until the deadline it last waited for has passed,
+plus :data:`LINGER` seconds (a transfer that ends does not wake it).
 
 The thread is woken only when it has to be: by a deadline sooner than the one it waits for, not
 by every transfer that starts or ends. A run's downloads are many and short, and each wake-up
